@@ -1,0 +1,49 @@
+"""What every dataset module provides: a DatasetSpec for the registry and the three retrieval splits."""
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch.utils.data import Dataset
+
+
+class RetrievalSplits(NamedTuple):
+    """Train, query and database datasets; each item is (image tensor, multi-hot float label tensor)."""
+    train: Dataset
+    query: Dataset
+    database: Dataset
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    num_classes: int
+    default_topk: int  # K of mAP@K when --retrieve is 0; 0 means the whole database
+    build: Callable[..., RetrievalSplits]  # build(root, seed, input_size) -> RetrievalSplits
+    summary: str
+    in_memory: bool = False  # in-memory datasets gain nothing from DataLoader worker processes
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in memory as a uint8 (N, 3, H, W) tensor, transformed a whole batch at a time.
+
+    `transform` maps a uint8 batch to a float batch; DataLoader calls __getitems__ with a batch of
+    indices, so per-sample Python overhead disappears.
+    """
+
+    def __init__(self, images, labels, transform):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} label rows")
+        self.images = torch.as_tensor(images)
+        self.labels = torch.as_tensor(labels, dtype=torch.float32)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.transform(self.images[index:index + 1])[0], self.labels[index]
+
+    def __getitems__(self, indices):
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        images = self.transform(self.images[indices])
+        return list(zip(images.unbind(0), self.labels[indices].unbind(0)))

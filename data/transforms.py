@@ -1,0 +1,34 @@
+"""Image transforms of the paper's recipe: resize to a square, random horizontal flip when training,
+ImageNet mean/std normalisation."""
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_transform(input_size, train, hflip=True):
+    """Per-image transform for datasets read from files (PIL images)."""
+    steps = [v2.ToImage(), v2.Resize((input_size, input_size), antialias=True)]
+    if train and hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+class BatchTransform:
+    """The same recipe applied to a uint8 (B, 3, H, W) batch, with an independent flip per image."""
+
+    def __init__(self, input_size, train, hflip=True):
+        self.input_size = input_size
+        self.flip = train and hflip
+
+    def __call__(self, images):
+        images = TF.to_dtype(images, torch.float32, scale=True)
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            images = TF.resize(images, [self.input_size, self.input_size], antialias=True)
+        if self.flip:
+            flipped = torch.rand(len(images)) < 0.5
+            images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+        return TF.normalize(images, IMAGENET_MEAN, IMAGENET_STD)

@@ -1,0 +1,95 @@
+"""Expected mistakes end with one clear line on stderr and a non-zero exit status, never a traceback."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import retrieval
+from network import build_network
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DIGITS = ["--dataset", "digits", "--backbone", "small", "--device", "cpu"]
+
+
+def cli_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        retrieval.cli(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0
+    assert "Traceback" not in err
+    return exit_info.value.code, err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--hash_bit", "0"], "--hash_bit: must be a positive integer, got 0"),
+    (["--hash_bit", "twelve"], "--hash_bit: 'twelve' is not an integer"),
+    (["--dataset", "imagenet21k"], "--dataset: invalid choice: 'imagenet21k'"),
+    (["--backbone", "vgg"], "--backbone: invalid choice: 'vgg'"),
+    (["--retrieve", "-5"], "--retrieve: must be an integer >= 0"),
+    (["--epochs", "1.5"], "--epochs: '1.5' is not an integer"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_flags_are_rejected_by_argparse(argv, expected, capsys):
+    code, err = cli_error(argv, capsys)
+    assert code == 2 and expected in err
+
+
+def test_dataset_not_available_yet_is_one_line(capsys):
+    code, err = cli_error(["--dataset", "voc2007", "--backbone", "small", "--device", "cpu"], capsys)
+    assert code == 1 and err.strip().count("\n") == 0
+    assert "dataset 'voc2007' is not available" in err
+
+
+def test_hash_bit_outside_the_code_table(capsys, tmp_path):
+    code, err = cli_error(DIGITS + ["--hash_bit", "300", "--output_dir", str(tmp_path)], capsys)
+    assert code == 1 and "--hash_bit 300" in err and "--zeta" in err
+
+
+def test_test_without_checkpoint(capsys, tmp_path):
+    code, err = cli_error(DIGITS + ["--test", "--output_dir", str(tmp_path)], capsys)
+    assert code == 1 and f"no checkpoint at {tmp_path}/digits_small_48.ckpt" in err
+
+
+def test_test_with_a_checkpoint_of_other_bits(capsys, tmp_path):
+    torch.save(build_network("small", 16).state_dict(), tmp_path / "digits_small_48.ckpt")
+    code, err = cli_error(DIGITS + ["--test", "--output_dir", str(tmp_path)], capsys)
+    assert code == 1
+    assert "hash_layer.weight is (16, 128) in the checkpoint but (48, 128) in the model" in err
+    assert "Pass the --backbone and --hash_bit it was trained with" in err
+
+
+def test_test_with_a_truncated_checkpoint(capsys, tmp_path):
+    path = tmp_path / "digits_small_48.ckpt"
+    torch.save(build_network("small", 48).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:100])
+    code, err = cli_error(DIGITS + ["--test", "--output_dir", str(tmp_path)], capsys)
+    assert code == 1 and "cannot read checkpoint" in err and "truncated" in err
+
+
+def test_cuda_requested_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, err = cli_error(["--dataset", "digits", "--backbone", "small", "--device", "cuda"], capsys)
+    assert code == 1 and "--device cuda asks for CUDA" in err
+
+
+def test_real_process_exit_status_and_message():
+    result = subprocess.run([sys.executable, "retrieval.py", "--dataset", "flickr", "--backbone", "small"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: dataset 'flickr' is not available") and "Traceback" not in result.stderr
+
+
+def test_help_lists_the_papers_flags():
+    help_text = retrieval.get_args_parser().format_help()
+    for flag in ["--dataset", "--backbone", "--hash_bit", "--batch_size", "--epochs", "--beta", "--rate", "--seed",
+                 "--retrieve", "--no_save", "--test", "--cuda", "--data_root", "--workers", "--lr", "--eval_every",
+                 "--device"]:
+        assert flag in help_text
+    defaults = retrieval.get_args_parser().parse_args([])
+    assert (defaults.dataset, defaults.backbone, defaults.hash_bit, defaults.batch_size, defaults.epochs,
+            defaults.beta, defaults.rate, defaults.seed, defaults.retrieve) == (
+        "voc2007", "googlenet", 48, 100, 100, 0.5, 0.02, 0, 0)

@@ -1,0 +1,119 @@
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from utils import codetable
+
+REFERENCE_CSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "best_known_min_distance.csv"
+
+
+def griesmer_bound(n, k):
+    """Largest d with sum_{i<k} ceil(d / 2^i) <= n (an upper bound on d of any [n, k] code)."""
+    d = 0
+    while sum(math.ceil((d + 1) / 2 ** i) for i in range(k)) <= n:
+        d += 1
+    return d
+
+
+@pytest.mark.parametrize("hash_bit, num_classes, expected", [
+    (48, 20, 0.0),          # VOC: k = 5, d(48, 5) = 24
+    (24, 38, 1 - 20 / 24),  # Flickr: k = 6, d(24, 6) = 10
+    (12, 21, 1 - 8 / 12),   # NUS-WIDE: k = 5, d(12, 5) = 4
+    (16, 20, 1 - 16 / 16),  # d(16, 5) = 8
+    (64, 80, 0.0),          # COCO: k = 7, d(64, 7) = 32
+    (32, 10, 1 - 32 / 32),  # digits: k = 4, d(32, 4) = 16
+])
+def test_zeta_hand_worked(hash_bit, num_classes, expected):
+    assert codetable.zeta(hash_bit, num_classes) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("n, k, table", [(12, 5, 4), (16, 6, 6), (24, 6, 10), (32, 7, 14), (48, 7, 22),
+                                         (64, 8, 29)])
+def test_griesmer_mismatches_use_the_table(n, k, table):
+    assert codetable.min_distance(n, k) == table
+    assert griesmer_bound(n, k) > table
+
+
+def test_known_code_families():
+    for n in range(1, 257):
+        assert codetable.min_distance(n, 1) == n                 # repetition code
+        if n >= 2:
+            assert codetable.min_distance(n, 2) == 2 * n // 3    # optimal two-dimensional codes
+    for m in range(2, 9):
+        assert codetable.min_distance(2 ** m - 1, m) == 2 ** (m - 1)   # simplex codes
+        if m + 1 <= 10:
+            assert codetable.min_distance(2 ** m, m + 1) == 2 ** (m - 1)   # first-order Reed-Muller
+
+
+def test_table_is_consistent():
+    for k in range(1, 11):
+        previous = 0
+        for n in range(k, 257):
+            d = codetable.min_distance(n, k)
+            assert previous <= d <= griesmer_bound(n, k)
+            previous = d
+        if k > 1:
+            assert all(codetable.min_distance(n, k) <= codetable.min_distance(n, k - 1) for n in range(k, 257))
+
+
+@pytest.mark.skipif(not REFERENCE_CSV.exists(), reason="reference table not next to this checkout")
+def test_matches_the_reference_table():
+    with open(REFERENCE_CSV) as handle:
+        rows = [row for row in csv.reader(handle) if row and not row[0].startswith("#")][1:]
+    for row in rows:
+        for k, cell in enumerate(row[1:], start=1):
+            if cell:
+                assert codetable.min_distance(int(row[0]), k) == int(cell), (row[0], k)
+
+
+@pytest.mark.parametrize("hash_bit, num_classes", [(257, 20), (48, 2000), (4, 100), (0, 20)])
+def test_out_of_range_is_a_clear_error(hash_bit, num_classes):
+    with pytest.raises(ValueError, match="table covers|positive integer"):
+        codetable.zeta(hash_bit, num_classes)
+
+
+def test_single_class_uses_k_1():
+    assert codetable.zeta(8, 1) == -1.0
+
+
+def _paper_style_workbook(path, overrides=()):
+    """A codetable.xlsx laid out like the paper's: row n, column k holds zeta; row 0 and column 0 are headers."""
+    openpyxl = pytest.importorskip("openpyxl")
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.cell(row=1, column=1, value="n \\ k")
+    for k in range(1, 11):
+        sheet.cell(row=1, column=k + 1, value=f"k={k}")
+    for n in range(1, 65):
+        sheet.cell(row=n + 1, column=1, value=n)
+        for k in range(1, min(n, 10) + 1):
+            sheet.cell(row=n + 1, column=k + 1, value=1 - 2 * codetable.min_distance(n, k) / n)
+    for (n, k), value in dict(overrides).items():
+        sheet.cell(row=n + 1, column=k + 1, value=value)
+    book.save(path)
+    return path
+
+
+def test_reads_the_papers_workbook_without_xlrd(tmp_path):
+    path = _paper_style_workbook(tmp_path / "codetable.xlsx")
+    for n, classes in [(48, 20), (24, 38), (12, 21), (64, 80)]:
+        assert codetable.zeta_from_xlsx(path, n, classes) == pytest.approx(codetable.zeta(n, classes))
+
+
+def test_workbook_disagreement_warns_and_uses_the_workbook(tmp_path):
+    path = _paper_style_workbook(tmp_path / "codetable.xlsx", overrides={(48, 5): 0.125})
+    with pytest.warns(UserWarning, match="built-in table gives 0.000000"):
+        assert codetable.resolve_zeta(48, 20, xlsx_path=path) == 0.125
+    assert codetable.resolve_zeta(48, 20, override=0.3, xlsx_path=path) == 0.3
+
+
+def test_workbook_errors_name_the_file(tmp_path):
+    bad = tmp_path / "not_a_workbook.xlsx"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match="not_a_workbook.xlsx"):
+        codetable.zeta_from_xlsx(bad, 48, 20)
+    path = _paper_style_workbook(tmp_path / "codetable.xlsx")
+    with pytest.raises(ValueError, match="no value at row 128"):
+        codetable.zeta_from_xlsx(path, 128, 20)

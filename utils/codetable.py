@@ -1,0 +1,216 @@
+"""The threshold zeta of HyP2/HHF from the best known binary linear codes.
+
+zeta(n, C) = 1 - 2 d(n, k) / n with k = ceil(log2 C): the cosine between two +-1 codes of n bits at
+Hamming distance d, where d(n, k) is the best known minimum distance of a binary linear [n, k] code
+(Grassl's tables, n <= 256, k <= 10). The Griesmer bound is not a substitute: it overestimates d for
+(12, 5), (16, 6), (24, 6), (32, 7), (48, 7) and (64, 8), among others.
+
+The table is stored as differences: d(k, k) = 1, and _STEPS[k][n - k - 1] = d(n, k) - d(n - 1, k),
+one digit per code length n = k+1 .. 256. The paper's code reads it from codetable.xlsx through xlrd,
+which no longer reads .xlsx files; `zeta_from_xlsx` reads that workbook with the standard library
+for cross-checking.
+"""
+import math
+import re
+import warnings
+import zipfile
+from functools import lru_cache
+from xml.etree import ElementTree
+
+MAX_BITS = 256
+MAX_DIMENSION = 10
+
+_STEPS = {
+    1: (
+        "11111111111111111111111111111111111111111111111111111111111111111111111111111111"
+        "11111111111111111111111111111111111111111111111111111111111111111111111111111111"
+        "11111111111111111111111111111111111111111111111111111111111111111111111111111111"
+        "111111111111111"
+    ),
+    2: (
+        "10110110110110110110110110110110110110110110110110110110110110110110110110110110"
+        "11011011011011011011011011011011011011011011011011011011011011011011011011011011"
+        "01101101101101101101101101101101101101101101101101101101101101101101101101101101"
+        "10110110110110"
+    ),
+    3: (
+        "10110011011001101100110110011011001101100110110011011001101100110110011011001101"
+        "10011011001101100110110011011001101100110110011011001101100110110011011001101100"
+        "11011001101100110110011011001101100110110011011001101100110110011011001101100110"
+        "1100110110011"
+    ),
+    4: (
+        "10110011011000110110011011000110110011011000110110011011000110110011011000110110"
+        "01101100011011001101100011011001101100011011001101100011011001101100011011001101"
+        "10001101100110110001101100110110001101100110110001101100110110001101100110110001"
+        "101100110110"
+    ),
+    5: (
+        "10011001111000110110011011000011011001101100011011001101100001101100110110001101"
+        "10011011000011011001101100011011001101100001101100110110001101100110110000110110"
+        "01101100011011001101100001101100110110001101100110110000110110011011000110110011"
+        "01100001101"
+    ),
+    6: (
+        "10011001101100011011001111000011001101101100011011001101100000110110011011000110"
+        "11001101100001101100110110001101100110110000011011001101100011011001101100001101"
+        "10011011000110110011011000001101100110110001101100110110000110110011011000110110"
+        "0110110000"
+    ),
+    7: (
+        "10011001101100011011000110110001101100110110000110110111100000110011001101100011"
+        "01101101100001101100110110001101100110110000001101100110110001101100110110000110"
+        "11001101100011011001101100000110110011011000110110011011000011011001101100011011"
+        "001101100"
+    ),
+    8: (
+        "10011001101100001101100110110000110110110110000011011001101100001101100110110001"
+        "10110011011000011011001101100011001111110000001100110011011000110110011011000011"
+        "01100110110001101101101100000110011001101100110110011011000011011001101100011011"
+        "00110110"
+    ),
+    9: (
+        "10011001101100001101100011011000110110001101100011011000200110000200200020020000"
+        "11011000200200001101100020020000200200020011000002002000200200002001100200200000"
+        "11011002002000020011001101100000200110011011000200200020011000011011000200200020"
+        "0111111"
+    ),
+    10: (
+        "10011000111100001101100002001100020020000200200002002000110110000110110011011000"
+        "02002000110110000200200020020000110020001101100001011010110110001011010101011000"
+        "10110100110110002002000110110000011011001101100020020002002000001011001101010101"
+        "011010"
+    ),
+}
+
+
+@lru_cache(maxsize=None)
+def _distances(k):
+    """d(n, k) for n = k .. MAX_BITS as a tuple (index n - k)."""
+    d = [1]
+    for step in _STEPS[k]:
+        d.append(d[-1] + int(step))
+    return tuple(d)
+
+
+def code_dimension(num_classes):
+    """k = ceil(log2 C): the number of information bits needed to give every class its own code."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return max(1, math.ceil(math.log2(num_classes)))
+
+
+def min_distance(hash_bit, k):
+    """Best known minimum distance d(n, k) of a binary linear [n, k] code."""
+    if not 1 <= k <= MAX_DIMENSION:
+        raise ValueError(f"the built-in code table covers dimensions k = 1..{MAX_DIMENSION}, got k = {k}")
+    if not k <= hash_bit <= MAX_BITS:
+        raise ValueError(
+            f"the built-in code table covers {k} <= n <= {MAX_BITS} for k = {k}, got n = {hash_bit}")
+    return _distances(k)[hash_bit - k]
+
+
+def zeta(hash_bit, num_classes):
+    """HyP2's threshold: 1 - 2 d(n, ceil(log2 C)) / n.
+
+    Raises ValueError (naming the limits) outside n <= 256, C <= 1024, or when n < ceil(log2 C).
+    """
+    if not isinstance(hash_bit, int) or hash_bit < 1:
+        raise ValueError(f"hash_bit must be a positive integer, got {hash_bit!r}")
+    k = code_dimension(num_classes)
+    if k > MAX_DIMENSION or hash_bit > MAX_BITS or hash_bit < k:
+        raise ValueError(
+            f"no best-known code distance for n = {hash_bit} bits and k = {k} (C = {num_classes} classes): "
+            f"the built-in table covers {k} <= n <= {MAX_BITS} and C <= {2 ** MAX_DIMENSION}")
+    return 1.0 - 2.0 * min_distance(hash_bit, k) / hash_bit
+
+
+_XLSX_NS = {
+    "m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main",
+    "r": "http://schemas.openxmlformats.org/officeDocument/2006/relationships",
+    "rel": "http://schemas.openxmlformats.org/package/2006/relationships",
+}
+
+
+def _first_sheet_path(archive):
+    workbook = ElementTree.fromstring(archive.read("xl/workbook.xml"))
+    sheet = workbook.find("m:sheets/m:sheet", _XLSX_NS)
+    if sheet is None:
+        raise ValueError("the workbook has no sheet")
+    rel_id = sheet.get(f"{{{_XLSX_NS['r']}}}id")
+    rels = ElementTree.fromstring(archive.read("xl/_rels/workbook.xml.rels"))
+    for rel in rels.findall("rel:Relationship", _XLSX_NS):
+        if rel.get("Id") == rel_id:
+            target = rel.get("Target").lstrip("/")
+            return target if target.startswith("xl/") else "xl/" + target
+    raise ValueError(f"the workbook names sheet {rel_id} but does not contain it")
+
+
+def _column_index(cell_ref):
+    letters = re.match(r"[A-Z]+", cell_ref).group(0)
+    index = 0
+    for letter in letters:
+        index = index * 26 + ord(letter) - ord("A") + 1
+    return index - 1
+
+
+def read_xlsx_cell(path, row, column):
+    """Value of the first sheet's cell at 0-based (row, column), as xlrd's sheet.row(row)[column]."""
+    with zipfile.ZipFile(path) as archive:
+        shared = []
+        if "xl/sharedStrings.xml" in archive.namelist():
+            root = ElementTree.fromstring(archive.read("xl/sharedStrings.xml"))
+            shared = ["".join(t.text or "" for t in si.iter(f"{{{_XLSX_NS['m']}}}t"))
+                      for si in root.findall("m:si", _XLSX_NS)]
+        sheet = ElementTree.fromstring(archive.read(_first_sheet_path(archive)))
+    for row_el in sheet.iterfind("m:sheetData/m:row", _XLSX_NS):
+        if int(row_el.get("r")) != row + 1:
+            continue
+        for cell in row_el.findall("m:c", _XLSX_NS):
+            if _column_index(cell.get("r")) != column:
+                continue
+            value = cell.find("m:v", _XLSX_NS)
+            if value is None:
+                inline = cell.find("m:is/m:t", _XLSX_NS)
+                return None if inline is None else inline.text
+            return shared[int(value.text)] if cell.get("t") == "s" else value.text
+    return None
+
+
+def zeta_from_xlsx(path, hash_bit, num_classes):
+    """zeta as the paper's code reads it: row n, column ceil(log2 C) of codetable.xlsx's first sheet.
+
+    The paper's workbook holds zeta itself; a cell holding a distance (> 1) is converted to zeta.
+    """
+    k = code_dimension(num_classes)
+    try:
+        raw = read_xlsx_cell(path, hash_bit, k)
+    except (OSError, KeyError, zipfile.BadZipFile, ElementTree.ParseError) as exc:
+        raise ValueError(f"cannot read {path} as an .xlsx workbook ({exc})") from None
+    if raw is None:
+        raise ValueError(f"{path} has no value at row {hash_bit}, column {k} (n = {hash_bit}, k = {k})")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{path} row {hash_bit}, column {k} holds {raw!r}, not a number") from None
+    return 1.0 - 2.0 * value / hash_bit if value > 1 else value
+
+
+def resolve_zeta(hash_bit, num_classes, override=None, xlsx_path=None):
+    """The zeta a run uses: --zeta if given, else --codetable's value if given, else the built-in table.
+
+    When both a workbook and the built-in table have a value and they differ, warn and use the workbook.
+    """
+    if override is not None:
+        return float(override)
+    if xlsx_path is None:
+        return zeta(hash_bit, num_classes)
+    from_workbook = zeta_from_xlsx(xlsx_path, hash_bit, num_classes)
+    try:
+        built_in = zeta(hash_bit, num_classes)
+    except ValueError:
+        return from_workbook
+    if abs(from_workbook - built_in) > 1e-6:
+        warnings.warn(f"{xlsx_path} gives zeta = {from_workbook:.6f} for n = {hash_bit}, C = {num_classes}; "
+                      f"the built-in table gives {built_in:.6f}. Using the workbook's value.", stacklevel=2)
+    return from_workbook
