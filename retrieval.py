@@ -4,25 +4,33 @@
     python retrieval.py --dataset digits --backbone small --hash_bit 48 --test         # re-evaluate
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from data import DATASETS, get_dataset_spec
 from loss import build_loss
 from network import BACKBONES, build_network
 from utils import codetable
-from utils.checkpoint import load_network_weights, save_state_dict
+from utils.atomic import ensure_writable_dir
+from utils.checkpoint import load_network_weights, read_train_state, save_state_dict, save_train_state
 from utils.device import select_device
-from utils.errors import UserError
+from utils.dist import (DistContext, all_true, broadcast_object, gather_objects, gather_rows, init_distributed,
+                        shard_bounds, shutdown, state_fingerprint, sum_over_ranks, sync_buffers)
+from utils.errors import TrainingInterrupted, UserError
 from utils.metrics import map_at_k
-from utils.reproducibility import loader_generator, seed_everything, seed_worker
+from utils.reproducibility import (capture_rng_state, loader_generator, restore_rng_state, seed_everything,
+                                   seed_worker)
 from utils.runlog import RunLog
 
 
@@ -76,6 +84,12 @@ def get_args_parser():
                         help="read zeta from the paper's codetable.xlsx (cross-check with the built-in table)")
     parser.add_argument("--subset", type=non_negative_int, default=0,
                         help="use only the first N images of each split (smoke tests); 0 = all")
+    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                        help="continue an interrupted run from its training state (default "
+                             "OUTPUT_DIR/{run}.last.pt, written after every epoch)")
+    parser.add_argument("--amp", nargs="?", const="auto", choices=["auto", "bf16", "fp16"], default=None,
+                        help="mixed precision on CUDA (bf16 if supported, else fp16 with loss scaling); "
+                             "ignored on the CPU")
     return parser
 
 
@@ -93,14 +107,35 @@ def build_splits(spec, args, input_size):
     return splits
 
 
-def make_loaders(splits, args, spec, device):
+def make_loaders(splits, args, spec, device, context):
+    """Train loader (each rank a 1/world share of every global batch) and per-rank eval shards.
+
+    Shuffling and worker seeds are functions of (--seed, epoch) via set_epoch(), and every loader has
+    its own generator, so evaluation never draws from the global RNG and a resumed run replays the
+    same batches.
+    """
     workers = args.workers if args.workers >= 0 else (0 if spec.in_memory else min(8, os.cpu_count() or 1))
-    common = dict(batch_size=args.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                  worker_init_fn=seed_worker, persistent_workers=workers > 0)
-    train = DataLoader(splits.train, shuffle=True, generator=loader_generator(args.seed), **common)
-    query = DataLoader(splits.query, shuffle=False, **common)
-    database = DataLoader(splits.database, shuffle=False, **common)
-    return train, query, database
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
+                  persistent_workers=workers > 0)
+    sampler = DistributedSampler(splits.train, num_replicas=context.world_size, rank=context.rank,
+                                 shuffle=True, seed=args.seed)
+    train = DataLoader(splits.train, batch_size=max(1, args.batch_size // context.world_size), sampler=sampler,
+                       generator=loader_generator(args.seed), **common)
+
+    def eval_loader(dataset):
+        start, stop = shard_bounds(len(dataset), args.batch_size, context)
+        shard = dataset if (start, stop) == (0, len(dataset)) else Subset(dataset, range(start, stop))
+        return DataLoader(shard, batch_size=args.batch_size, shuffle=False,
+                          generator=loader_generator(args.seed), **common)
+
+    return train, eval_loader(splits.query), eval_loader(splits.database)
+
+
+def set_epoch(train_loader, criterion, seed, epoch):
+    train_loader.sampler.set_epoch(epoch)
+    train_loader.generator.manual_seed(seed * 1_000_003 + epoch)  # worker seeds of this epoch
+    if hasattr(criterion, "set_epoch"):
+        criterion.set_epoch(epoch)
 
 
 def warn_if_data_differs_from_training(checkpoint, args):
@@ -116,128 +151,299 @@ def warn_if_data_differs_from_training(checkpoint, args):
                   f"--{flag} {getattr(args, flag)}; the splits may differ and so may the mAP", file=sys.stderr)
 
 
-def train_one_epoch(model, criterion, loader, optimizer, device, epoch, epochs):
-    """One pass over the training set; returns the mean loss per sample."""
-    model.train()
-    criterion.train()
+class HashingObjective(nn.Module):
+    """Network and loss as one module, so DDP also synchronises the loss's learnable state (proxies)."""
+
+    def __init__(self, network, criterion):
+        super().__init__()
+        self.network = network
+        self.criterion = criterion
+
+    def forward(self, images, labels):
+        codes = self.network(images)
+        with torch.autocast(device_type=codes.device.type, enabled=False):  # the loss in float32
+            return self.criterion(codes.float(), labels)
+
+
+@dataclass
+class MixedPrecision:
+    """--amp: autocast dtype (None = off) and the gradient scaler fp16 needs."""
+    dtype: torch.dtype = None
+    scaler: torch.amp.GradScaler = None
+
+    @classmethod
+    def from_flag(cls, amp, device):
+        if amp is None or device.type != "cuda":
+            return cls()  # autocast and scaling only pay off on a GPU
+        if amp == "auto":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        return cls(dtype, torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
+
+    def autocast(self, device):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, value, epoch, step):
+        super().__init__(f"the loss became {value} in epoch {epoch}, iteration {step}")
+
+
+def train_one_epoch(objective, loader, optimizer, device, epoch, epochs, precision, context):
+    """One pass over the training set; returns the mean loss per sample over all ranks."""
+    objective.train()
     total = torch.zeros((), device=device)
     seen = 0
-    progress = tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch", dynamic_ncols=True)
-    for step, (images, labels) in enumerate(progress):
-        images = images.to(device, non_blocking=True)
+    progress = tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, unit="batch", dynamic_ncols=True,
+                    disable=not context.is_main)
+    for step, (images, labels) in enumerate(progress, start=1):
+        images = to_device(images, device)
         labels = labels.to(device, non_blocking=True)
-        loss = criterion(model(images), labels)
+        with precision.autocast(device):
+            loss = objective(images, labels)
+        if not all_true(context, torch.isfinite(loss).item(), device):
+            raise NonFiniteLoss(loss.item(), epoch, step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if precision.scaler is not None:
+            precision.scaler.scale(loss).backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         total += loss.detach() * len(images)
         seen += len(images)
-        if step % 10 == 0:
+        if step % 10 == 1:
             progress.set_postfix(loss=f"{loss.item():.4f}")
-    mean_loss = (total / max(seen, 1)).item()
-    if not torch.isfinite(torch.tensor(mean_loss)):
-        raise UserError(f"the loss became {mean_loss} in epoch {epoch}: lower --lr or --rate")
-    return mean_loss
+    total, seen = sum_over_ranks(context, [total.item(), seen], device)
+    return total / max(seen, 1)
 
 
-@torch.no_grad()
-def encode(model, loader, device, desc):
-    """Real-valued codes (N, n) and labels (N, C) of a dataset, on the CPU."""
-    model.eval()
+def to_device(images, device):
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+@torch.inference_mode()
+def encode(network, loader, device, desc, context=DistContext()):
+    """Real-valued codes (N, n) and labels (N, C) of a dataset, on the CPU, gathered over ranks."""
+    network.eval()
     codes, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, leave=False, unit="batch", dynamic_ncols=True):
-        codes.append(model(images.to(device, non_blocking=True)).float().cpu())
-        labels.append(targets)
-    return torch.cat(codes), torch.cat(labels)
+    for images, targets in tqdm(loader, desc=desc, leave=False, unit="batch", dynamic_ncols=True,
+                                disable=not context.is_main):
+        codes.append(network(to_device(images, device)).float().cpu())
+        labels.append(targets.float())
+    if not codes:  # a rank whose shard is empty
+        codes, labels = [torch.empty(0, 0)], [torch.empty(0, 0)]
+    return gather_rows(context, torch.cat(codes), device), gather_rows(context, torch.cat(labels), device)
 
 
-def evaluate(model, query_loader, database_loader, device, topk):
-    """mAP@topk of the query set against the database by Hamming ranking."""
-    query_codes, query_labels = encode(model, query_loader, device, "encode queries")
-    db_codes, db_labels = encode(model, database_loader, device, "encode database")
-    return map_at_k(query_codes, query_labels, db_codes, db_labels, topk)
+def evaluate(network, query_loader, database_loader, device, topk, context=DistContext()):
+    """mAP@topk of the query set against the database by Hamming ranking (the same on every rank)."""
+    query_codes, query_labels = encode(network, query_loader, device, "encode queries", context)
+    db_codes, db_labels = encode(network, database_loader, device, "encode database", context)
+    mean_ap = map_at_k(query_codes, query_labels, db_codes, db_labels, topk) if context.is_main else None
+    return broadcast_object(context, mean_ap)
 
 
-def train(model, criterion, optimizer, scheduler, loaders, device, args, topk, checkpoint, log):
-    """The training loop: evaluate every --eval_every epochs and keep the best checkpoint."""
+@dataclass
+class Progress:
+    """Where training stands after the last completed epoch (saved in .last.pt)."""
+    epoch: int = 0
+    best_map: float = -1.0
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+
+
+def train(trainable, optimizer, scheduler, precision, loaders, device, args, topk, paths, log, progress, context):
+    """The training loop: evaluate every --eval_every epochs, keep the best checkpoint, and write the
+    resumable state after every epoch. `trainable` is the HashingObjective, DDP-wrapped when distributed."""
     train_loader, query_loader, database_loader = loaders
-    best_map, best_epoch, train_seconds = -1.0, 0, 0.0
-    for epoch in range(1, args.epochs + 1):
+    objective = trainable.module if isinstance(trainable, DistributedDataParallel) else trainable
+    network, criterion = objective.network, objective.criterion
+    writes = context.is_main and not args.no_save
+    for epoch in range(progress.epoch + 1, args.epochs + 1):
         started = time.perf_counter()
-        loss = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, args.epochs)
+        set_epoch(train_loader, criterion, args.seed, epoch)
+        loss = train_one_epoch(trainable, train_loader, optimizer, device, epoch, args.epochs, precision,
+                               context)
+        sync_buffers(context, objective)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        train_seconds += time.perf_counter() - started
-        message = f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  lr {lr:.3g}  train {train_seconds:.1f}s"
+        progress.train_seconds += time.perf_counter() - started
+        message = (f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  lr {lr:.3g}  "
+                   f"train {progress.train_seconds:.1f}s")
 
         mean_ap = None
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            mean_ap = evaluate(model, query_loader, database_loader, device, topk)
-            if mean_ap > best_map:
-                best_map, best_epoch = mean_ap, epoch
-                if not args.no_save:
-                    save_state_dict(model, checkpoint)
-                log.best(best_map, best_epoch, str(checkpoint))
-            message += f"  mAP@{topk} {mean_ap:.4f}  (best {best_map:.4f} @ epoch {best_epoch})"
-        tqdm.write(message)
+            mean_ap = evaluate(network, query_loader, database_loader, device, topk, context)
+            if mean_ap > progress.best_map:
+                progress.best_map, progress.best_epoch = mean_ap, epoch
+                if writes:
+                    save_state_dict(network, paths.checkpoint)
+                log.best(mean_ap, epoch, str(paths.checkpoint))
+            message += f"  mAP@{topk} {mean_ap:.4f}  (best {progress.best_map:.4f} @ epoch {progress.best_epoch})"
+        if context.is_main:
+            tqdm.write(message)
         log.line(message)
-        log.epoch(epoch, loss, lr, train_seconds, mean_ap)
-        log.save()
-    return best_map, best_epoch, train_seconds
+        log.epoch(epoch, loss, lr, progress.train_seconds, mean_ap)
+        progress.epoch = epoch
+        if writes:
+            save_train_state(paths.last, {
+                "network": network.state_dict(), "loss": criterion.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": precision.scaler.state_dict() if precision.scaler else None,
+                "progress": asdict(progress), "log": {"record": log.record, "lines": log.lines},
+                "rng": capture_rng_state()}, vars(args))
+            log.save()
+    return progress
+
+
+def resume(paths, args, objective, optimizer, scheduler, precision, log, device):
+    """Restore everything train() saved in .last.pt; returns the Progress to continue from."""
+    state, changed = read_train_state(Path(args.resume) if args.resume else paths.last, vars(args))
+    for change in changed:
+        print(f"warning: resuming with {change}; the result will differ from an uninterrupted run",
+              file=sys.stderr)
+    objective.network.load_state_dict(state["network"])
+    objective.criterion.load_state_dict(state["loss"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if precision.scaler is not None and state["scaler"] is not None:
+        precision.scaler.load_state_dict(state["scaler"])
+    progress = Progress(**state["progress"])
+    saved_log = state["log"]
+    log.record.update({key: saved_log["record"][key] for key in ("epochs", "best", "train_seconds")})
+    log.lines = list(saved_log["lines"]) + [f"resumed after epoch {progress.epoch}"]
+    restore_rng_state(state["rng"])
+    objective.to(device)
+    return progress
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    checkpoint: Path
+    last: Path
+
+
+def run_paths(args):
+    prefix = run_prefix(args)
+    return RunPaths(checkpoint=Path(args.checkpoint) if args.checkpoint else prefix.with_suffix(".ckpt"),
+                    last=prefix.with_suffix(".last.pt"))
 
 
 def main(args):
     device = select_device(args.device, args.cuda)
+    context = init_distributed(device.type)
+    if context.enabled and device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
+    try:
+        return run(args, device, context)
+    finally:
+        shutdown(context)
+
+
+def run(args, device, context):
     seed_everything(args.seed)
+    say = print if context.is_main else (lambda *a, **k: None)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     spec = get_dataset_spec(args.dataset)
     backbone = BACKBONES[args.backbone]
     splits = build_splits(spec, args, backbone.input_size)
-    topk = min(args.retrieve or spec.default_topk or len(splits.database), len(splits.database))
-    loaders = make_loaders(splits, args, spec, device)
+    topk = retrieval_depth(args, spec, len(splits.database), say)
+    loaders = make_loaders(splits, args, spec, device, context)
     try:
-        model = build_network(args.backbone, args.hash_bit).to(device)
+        network = build_network(args.backbone, args.hash_bit).to(device)
     except NotImplementedError as exc:
         raise UserError(str(exc)) from None
-    checkpoint = Path(args.checkpoint) if args.checkpoint else run_prefix(args).with_suffix(".ckpt")
+    if device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last)
+    paths = run_paths(args)
 
     if args.test:
-        load_network_weights(model, checkpoint, hint="Pass the --backbone and --hash_bit it was trained with.")
-        warn_if_data_differs_from_training(checkpoint, args)
-        mean_ap = evaluate(model, loaders[1], loaders[2], device, topk)
-        print(f"mAP@{topk}: {mean_ap:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, {checkpoint})")
+        load_network_weights(network, paths.checkpoint,
+                             hint="Pass the --backbone and --hash_bit it was trained with.")
+        if context.is_main:
+            warn_if_data_differs_from_training(paths.checkpoint, args)
+        mean_ap = evaluate(network, loaders[1], loaders[2], device, topk, context)
+        say(f"mAP@{topk}: {mean_ap:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, "
+            f"{paths.checkpoint})")
         return {"map": mean_ap, "topk": topk}
 
     try:
         zeta = codetable.resolve_zeta(args.hash_bit, spec.num_classes, args.zeta, args.codetable)
     except ValueError as exc:
         raise UserError(f"--hash_bit {args.hash_bit}: {exc}; or pass --zeta VALUE") from None
-    criterion = build_loss("hyp2", spec.num_classes, args.hash_bit, beta=args.beta, zeta=zeta).to(device)
+    criterion = build_loss("hyp2", spec.num_classes, args.hash_bit, beta=args.beta, zeta=zeta)
+    objective = HashingObjective(network, criterion).to(device)
     lr = args.lr or backbone.default_lr
-    optimizer = torch.optim.SGD([{"params": model.parameters(), "lr": lr},
+    optimizer = torch.optim.SGD([{"params": network.parameters(), "lr": lr},
                                  {"params": criterion.parameters(), "lr": args.rate}],
                                 momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
+    precision = MixedPrecision.from_flag(args.amp, device)
 
-    if not args.no_save:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if not args.no_save and context.is_main:
+        ensure_writable_dir(args.output_dir)
+        ensure_writable_dir(paths.checkpoint.parent, "--checkpoint")
     info = {"num_classes": spec.num_classes, "topk": topk, "zeta": zeta, "device": str(device),
+            "world_size": context.world_size, "amp": str(precision.dtype),
             "sizes": {name: len(part) for name, part in splits._asdict().items()}}
-    log = RunLog(run_prefix(args), vars(args), info, enabled=not args.no_save)
+    log = RunLog(run_prefix(args), vars(args), info, enabled=not args.no_save and context.is_main)
+    progress = Progress()
+    if args.resume is not None:
+        progress = resume(paths, args, objective, optimizer, scheduler, precision, log, device)
+        say(f"resuming after epoch {progress.epoch} "
+            f"(best mAP@{topk} {progress.best_map:.4f} at epoch {progress.best_epoch})")
+    trainable = objective
+    if context.enabled:
+        trainable = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     header = (f"{args.dataset} / {args.backbone} / {args.hash_bit} bits: {info['sizes']}, "
-              f"zeta {zeta:.4f}, lr {lr:g} (proxies {args.rate:g}), device {device}")
-    print(header)
+              f"zeta {zeta:.4f}, lr {lr:g} (proxies {args.rate:g}), device {device}"
+              + (f" x {context.world_size} processes" if context.enabled else ""))
+    say(header)
     log.line(header)
 
-    best_map, best_epoch, train_seconds = train(
-        model, criterion, optimizer, scheduler, loaders, device, args, topk, checkpoint, log)
-    summary = (f"best mAP@{topk} {best_map:.4f} at epoch {best_epoch}; "
-               f"checkpoint {'not saved (--no_save)' if args.no_save else checkpoint}; "
-               f"training {train_seconds:.1f}s")
-    print(summary)
+    try:
+        progress = train(trainable, optimizer, scheduler, precision, loaders, device, args, topk, paths, log,
+                         progress, context)
+    except NonFiniteLoss as exc:
+        best = (f"the best checkpoint {paths.checkpoint} (epoch {progress.best_epoch}, mAP {progress.best_map:.4f}) "
+                "is intact" if progress.best_epoch else "no checkpoint was saved yet")
+        raise UserError(f"{exc}: lower --lr (now {lr:g}) or --rate (now {args.rate:g}); {best}") from None
+    except KeyboardInterrupt:
+        if progress.epoch and not args.no_save:
+            raise TrainingInterrupted(f"interrupted; the state after epoch {progress.epoch} is in {paths.last}: "
+                                      "rerun the same command with --resume to continue") from None
+        raise TrainingInterrupted("interrupted before the first epoch finished; nothing to resume") from None
+
+    fingerprints = gather_objects(context, state_fingerprint(objective))
+    if context.enabled:
+        log.record["rank_fingerprints"] = fingerprints
+        if len(set(fingerprints)) > 1:
+            say("warning: the ranks ended with different models", file=sys.stderr)
+    summary = (f"best mAP@{topk} {progress.best_map:.4f} at epoch {progress.best_epoch}; "
+               f"checkpoint {'not saved (--no_save)' if args.no_save else paths.checkpoint}; "
+               f"training {progress.train_seconds:.1f}s")
+    say(summary)
     log.line(summary)
     log.finish()
-    return {"map": best_map, "epoch": best_epoch, "topk": topk, "train_seconds": train_seconds}
+    return {"map": progress.best_map, "epoch": progress.best_epoch, "topk": topk,
+            "train_seconds": progress.train_seconds}
+
+
+def retrieval_depth(args, spec, database_size, say):
+    """K of mAP@K: --retrieve, else the dataset's default, else the whole database; clamped to it."""
+    topk = args.retrieve or spec.default_topk or database_size
+    if topk > database_size:
+        if args.retrieve:
+            say(f"warning: --retrieve {args.retrieve} exceeds the database ({database_size} items); "
+                f"using K = {database_size}", file=sys.stderr)
+        topk = database_size
+    return topk
 
 
 def cli(argv=None):
@@ -246,7 +452,7 @@ def cli(argv=None):
         main(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

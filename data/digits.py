@@ -7,6 +7,8 @@ two disjoint pools: queries are built from one, train/database mosaics from the 
 never reuses a scan seen in training. The database is the training set, as in VOC2007's protocol.
 Everything is a function of the seed.
 """
+from functools import lru_cache
+
 import numpy as np
 
 from .base import ArrayImageDataset, DatasetSpec, RetrievalSplits
@@ -21,12 +23,15 @@ CELL = 8      # side of a source digit
 SCALE = 2     # mosaic side 2 * CELL = 16, upscaled to 32
 
 
+@lru_cache(maxsize=1)
 def load_source_digits():
-    """scikit-learn's digits as uint8 (N, 8, 8) images in 0..255 and their class indices."""
+    """scikit-learn's digits as uint8 (N, 8, 8) images in 0..255 and their class indices (read-only)."""
     from sklearn.datasets import load_digits
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    return images, digits.target.astype(np.int64)
+    targets = digits.target.astype(np.int64)
+    images.flags.writeable = targets.flags.writeable = False  # shared by every caller through the cache
+    return images, targets
 
 
 def split_pools(targets, rng, query_fraction=QUERY_POOL_FRACTION):

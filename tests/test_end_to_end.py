@@ -8,7 +8,7 @@ import torch
 import retrieval
 
 TINY = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "600",
-        "--batch_size", "20", "--epochs", "3", "--eval_every", "2", "--device", "cpu"]
+        "--batch_size", "20", "--epochs", "8", "--eval_every", "4", "--device", "cpu"]
 
 
 def run(argv):
@@ -30,9 +30,9 @@ def test_training_writes_checkpoint_and_logs(trained):
 
     record = json.loads(prefix.with_suffix(".json").read_text())
     assert record["finished"] and record["args"]["hash_bit"] == 16
-    assert [e["epoch"] for e in record["epochs"]] == [1, 2, 3]
+    assert [e["epoch"] for e in record["epochs"]] == list(range(1, 9))
     evaluated = {e["epoch"]: e["map"] for e in record["epochs"] if "map" in e}
-    assert sorted(evaluated) == [2, 3]  # every 2 epochs and at the end
+    assert sorted(evaluated) == [4, 8]  # every 4 epochs
     best_epoch = max(evaluated, key=evaluated.get)
     assert record["best"]["epoch"] == best_epoch == summary["epoch"]
     assert record["best"]["map"] == evaluated[best_epoch] == summary["map"]
@@ -67,7 +67,7 @@ def test_learning_beats_random_codes(trained):
     chance = np.mean([map_at_k(rng.standard_normal((500, 16)), query_labels,
                                rng.standard_normal((600, 16)), train_labels[:600]) for _ in range(3)])
     _, summary = trained
-    assert summary["map"] > chance + 0.05
+    assert summary["map"] > chance + 0.15
 
 
 def test_no_save_writes_nothing(tmp_path):

@@ -5,19 +5,32 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 
 def atomic_write(path, write, binary=False):
-    """Call write(file) on a temporary file next to `path`, then atomically rename it to `path`."""
+    """Call write(file) on a temporary file next to `path`, then atomically rename it to `path`.
+
+    An OSError (disk full, permission denied) becomes a UserError; the previous file is untouched.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb" if binary else "w") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = "the previous file is intact" if path.exists() else "nothing was written"
+        raise UserError(f"could not write {path} ({exc.strerror or exc}); {kept}. "
+                        "Free disk space or choose another --output_dir") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -27,3 +40,15 @@ def write_json(path, obj):
 
 def write_text(path, text):
     atomic_write(path, lambda f: f.write(text))
+
+
+def ensure_writable_dir(path, flag="--output_dir"):
+    """Create `path` if needed and check that files can be created in it, before any work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"{flag} {path} is not a writable folder ({exc.strerror or exc}); "
+                        f"pass a {flag} you can write to") from None

@@ -1,5 +1,8 @@
-"""Network checkpoints in the paper code's format: the plain state_dict of the network, saved as
-result/{dataset}_{backbone}_{bits}.ckpt. Written atomically, read with weights_only=True."""
+"""Checkpoints, read with weights_only=True and written atomically.
+
+- result/{run}.ckpt: the best network as a plain state_dict, the paper code's format.
+- result/{run}.last.pt: the whole training state after the latest epoch, for --resume.
+"""
 import pickle
 import zipfile
 
@@ -8,23 +11,37 @@ import torch
 from .atomic import atomic_write
 from .errors import UserError
 
+TRAIN_STATE_FORMAT = "hyp2-retrieval/train-state/1"
+# Flags that define what is trained; a state saved under other values cannot be resumed.
+IDENTITY_FLAGS = ("dataset", "backbone", "hash_bit", "loss")
+# Flags that change the result when they differ on resume; allowed, but the user is told.
+RECIPE_FLAGS = ("batch_size", "lr", "rate", "beta", "seed", "subset", "amp")
 
-def save_state_dict(module, path):
-    state = {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}
-    atomic_write(path, lambda f: torch.save(state, f), binary=True)
+
+def save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
-def read_state_dict(path):
-    """The state_dict stored at `path`, with a UserError for a missing or unreadable file."""
+def _load(path, missing_hint):
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}: train first (the same command without --test) "
-                        "or pass --checkpoint PATH") from None
+        raise UserError(f"no checkpoint at {path}: {missing_hint}") from None
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}): the file is truncated, "
                         "corrupt or not a PyTorch checkpoint; retrain or point --checkpoint to a good copy"
                         ) from None
+
+
+def save_state_dict(module, path):
+    save({name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}, path)
+
+
+def read_state_dict(path):
+    """The state_dict stored at `path`, with a UserError for a missing or unreadable file."""
+    state = _load(path, "train first (the same command without --test) or pass --checkpoint PATH")
+    if isinstance(state, dict) and state.get("format") == TRAIN_STATE_FORMAT:
+        state = state["network"]  # a .last.pt holds the network too
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} does not hold a network state_dict")
     return state
@@ -53,3 +70,22 @@ def load_network_weights(module, path, hint=""):
     if mismatch:
         raise UserError(f"checkpoint {path} does not fit this network: {mismatch}. {hint}".strip())
     module.load_state_dict(state)
+
+
+def save_train_state(path, state, args):
+    save({"format": TRAIN_STATE_FORMAT, "args": dict(args), **state}, path)
+
+
+def read_train_state(path, args):
+    """The training state at `path`, refused (UserError) when it belongs to another experiment."""
+    state = _load(path, "nothing to resume (it is written after every epoch); start without --resume")
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        raise UserError(f"{path} is not a training state written by this tool; start without --resume")
+    saved = state["args"]
+    for flag in IDENTITY_FLAGS:
+        if flag in saved and saved[flag] != args.get(flag, saved[flag]):
+            raise UserError(f"{path} was saved by a run with --{flag} {saved[flag]}, this run has "
+                            f"--{flag} {args[flag]}; resume with the same --{flag} or start without --resume")
+    changed = [f"--{flag} {args[flag]} (saved run: {saved[flag]})" for flag in RECIPE_FLAGS
+               if flag in saved and flag in args and saved[flag] != args[flag]]
+    return state, changed
