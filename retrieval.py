@@ -2,6 +2,7 @@
 
     python retrieval.py --dataset digits --backbone small --hash_bit 48 --epochs 30    # train
     python retrieval.py --dataset digits --backbone small --hash_bit 48 --test         # re-evaluate
+    python retrieval.py --dataset digits --backbone small --hash_bit 48 --query a.png  # search
 """
 import argparse
 import json
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -17,11 +19,14 @@ from tqdm import tqdm
 from data import DATASETS, get_dataset_spec
 from loss import build_loss
 from network import BACKBONES, build_network
-from utils import codetable
+from utils import codes_cache, codetable
+from utils.atomic import write_json
 from utils.checkpoint import load_network_weights, save_state_dict
 from utils.device import select_device
 from utils.errors import UserError
-from utils.metrics import map_at_k
+from utils.metrics import map_at_k, retrieval_metrics
+from utils.query_images import item_names, query_batch
+from utils.search import search, write_index
 from utils.reproducibility import loader_generator, seed_everything, seed_worker
 from utils.runlog import RunLog
 
@@ -76,6 +81,16 @@ def get_args_parser():
                         help="read zeta from the paper's codetable.xlsx (cross-check with the built-in table)")
     parser.add_argument("--subset", type=non_negative_int, default=0,
                         help="use only the first N images of each split (smoke tests); 0 = all")
+    # Evaluation suite, figures and search.
+    parser.add_argument("--top_n", type=positive_int, nargs="+", default=None, metavar="N",
+                        help="N of precision@top-N (default: 100, 200, ..., 1000, or ten steps up to a smaller database)")
+    parser.add_argument("--plots", action="store_true",
+                        help="draw the figures (top-N, PR, convergence, t-SNE) as OUTPUT_DIR/{run}.*.png")
+    parser.add_argument("--query", nargs="+", default=None, metavar="IMAGE",
+                        help="search the database with these images using the saved checkpoint")
+    parser.add_argument("--topk", type=positive_int, default=10, help="matches printed per --query image")
+    parser.add_argument("--export_index", default=None, metavar="PATH",
+                        help="write the database codes as a FAISS IndexBinaryFlat to PATH")
     return parser
 
 
@@ -114,6 +129,135 @@ def warn_if_data_differs_from_training(checkpoint, args):
         if flag in trained_args and trained_args[flag] != getattr(args, flag):
             print(f"warning: {checkpoint} was trained with --{flag} {trained_args[flag]}, this run uses "
                   f"--{flag} {getattr(args, flag)}; the splits may differ and so may the mAP", file=sys.stderr)
+
+
+def check_output_flags(args):
+    if args.plots and args.no_save:
+        raise UserError("--plots writes figures and --no_save writes nothing: drop one of them")
+
+
+def codes_of_checkpoint(model, loaders, device, args, checkpoint, weights_loaded=False):
+    """Query and database codes of `checkpoint`: (CodeSet, cache key, whether they came from the cache).
+
+    They come from OUTPUT_DIR/{run}.codes.npz when it was computed from the same checkpoint bytes and data
+    flags; otherwise the network encodes both splits and the file is (re)written, unless --no_save.
+    """
+    key = codes_cache.cache_key(checkpoint, args.dataset, args.backbone, args.hash_bit, args.seed, args.subset,
+                                args.data_root)
+    cache_path = run_prefix(args).with_suffix(".codes.npz")
+    codes = codes_cache.load(cache_path, key)
+    if codes is not None:
+        return codes, key, True
+    if not weights_loaded:
+        load_network_weights(model, checkpoint, hint="Pass the --backbone and --hash_bit it was trained with.")
+    query_codes, query_labels = encode(model, loaders[1], device, "encode queries")
+    database_codes, database_labels = encode(model, loaders[2], device, "encode database")
+    codes = codes_cache.CodeSet.from_outputs(query_codes, query_labels, database_codes, database_labels)
+    if not args.no_save:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        codes_cache.save(cache_path, codes, key)
+    return codes, key, False
+
+
+def checkpoint_metrics(codes, key, cached, args, topk, checkpoint):
+    """Every metric of the codes (utils.metrics.retrieval_metrics) with a "run" record, written to
+    OUTPUT_DIR/{run}.metrics.json unless --no_save."""
+    try:
+        metrics = retrieval_metrics(codes.query_codes(), codes.query_labels, codes.database_codes(),
+                                    codes.database_labels, topk=topk, top_ns=args.top_n)
+    except ValueError as exc:
+        raise UserError(f"--top_n: {exc}") from None
+    prefix = run_prefix(args)
+    metrics["run"] = {"dataset": args.dataset, "backbone": args.backbone, "hash_bit": args.hash_bit,
+                      "loss": getattr(args, "loss", "hyp2"), "seed": args.seed, "subset": args.subset,
+                      "checkpoint": str(checkpoint), "checkpoint_sha256": key["checkpoint_sha256"],
+                      "codes": str(prefix.with_suffix(".codes.npz")), "codes_from_cache": cached}
+    if not args.no_save:
+        write_json(prefix.with_suffix(".metrics.json"), metrics)
+    return metrics
+
+
+def report_evaluation(metrics, codes, args):
+    """Print the metrics besides mAP and where they went; with --plots, draw the figures."""
+    top_n = metrics["precision_at_top_n"]
+    within = metrics["precision_within_radius"]
+    print("precision@top-N: " + ", ".join(f"{n} {p:.4f}" for n, p in zip(top_n["n"], top_n["precision"])))
+    print(f"precision within Hamming radius {within['radius']}: {within['precision']:.4f} "
+          f"({within['retrieving']:.1%} of queries retrieve an item)")
+    if not args.no_save:
+        source = "reused (same checkpoint)" if metrics["run"]["codes_from_cache"] else "written"
+        print(f"metrics {run_prefix(args).with_suffix('.metrics.json')}; codes {source} {metrics['run']['codes']}")
+    if args.plots:
+        draw_figures(args, metrics, codes)
+
+
+def draw_figures(args, metrics, codes):
+    """The paper's figures for this run as OUTPUT_DIR/{run}.{topn,pr,convergence,tsne}.png."""
+    from utils import plots
+    prefix = run_prefix(args)
+    title = plots.describe_run(metrics["run"])
+    runs = [(metrics["run"]["loss"], metrics)]
+    paths = [plots.plot_top_n_precision(runs, prefix.with_suffix(".topn.png"), title),
+             plots.plot_precision_recall(runs, prefix.with_suffix(".pr.png"), title)]
+    log_path = prefix.with_suffix(".json")
+    try:
+        log = json.loads(log_path.read_text())
+        paths.append(plots.plot_convergence([(metrics["run"]["loss"], log)], prefix.with_suffix(".convergence.png"),
+                                            title))
+    except (OSError, ValueError, KeyError):
+        print(f"note: no readable training log {log_path}, so no convergence figure", file=sys.stderr)
+    print(f"t-SNE of up to {plots.TSNE_SAMPLE} database codes...", file=sys.stderr)
+    paths.append(plots.plot_tsne(codes.database_codes(), codes.database_labels, prefix.with_suffix(".tsne.png"),
+                                 title, seed=args.seed))
+    print("figures: " + ", ".join(str(path) for path in paths))
+
+
+def search_images(model, codes, database, device, args, input_size):
+    """--query: the --topk nearest database items of each image, printed and returned."""
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(args.query), args.batch_size):
+            images = query_batch(args.query[start:start + args.batch_size], database, input_size)
+            outputs.append(model(images.to(device)).float().cpu().numpy())
+    distances, indices = search(codes_cache.pack_sign_bits(np.concatenate(outputs)), codes.database_bits, args.topk)
+    name = item_names(database)
+    results = []
+    for path, row_distances, row_indices in zip(args.query, distances, indices):
+        print(f"{path}: {len(row_indices)} nearest of {len(codes.database_bits)} database items "
+              f"({args.hash_bit} bits)")
+        print(f"  {'rank':>4}  {'hamming':>7}  {'labels':<12}  item")
+        matches = []
+        for rank, (distance, index) in enumerate(zip(row_distances, row_indices), start=1):
+            labels = np.flatnonzero(codes.database_labels[index]).tolist()
+            matches.append({"rank": rank, "index": int(index), "distance": int(distance), "labels": labels,
+                            "item": name(int(index))})
+            print(f"  {rank:>4}  {distance:>7}  {','.join(map(str, labels)):<12}  {name(int(index))}")
+        results.append({"query": path, "matches": matches})
+    return results
+
+
+def use_checkpoint(model, database, loaders, device, args, topk, checkpoint, input_size):
+    """--test (metrics), --query (search) and --export_index (FAISS index) with the saved checkpoint."""
+    if args.test:
+        warn_if_data_differs_from_training(checkpoint, args)
+    if args.query:  # queries need the network even when the database codes are cached
+        load_network_weights(model, checkpoint, hint="Pass the --backbone and --hash_bit it was trained with.")
+    codes, key, cached = codes_of_checkpoint(model, loaders, device, args, checkpoint, weights_loaded=bool(args.query))
+    result = {"topk": topk}
+    if args.test:
+        metrics = checkpoint_metrics(codes, key, cached, args, topk, checkpoint)
+        print(f"mAP@{topk}: {metrics['map']:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, "
+              f"{checkpoint})")
+        report_evaluation(metrics, codes, args)
+        result.update(map=metrics["map"], metrics=metrics)
+    if args.query:
+        result["matches"] = search_images(model, codes, database, device, args, input_size)
+    if args.export_index:
+        write_index(codes.database_bits, args.export_index)
+        print(f"FAISS IndexBinaryFlat of {len(codes.database_bits)} database codes written to {args.export_index}")
+        result["index"] = args.export_index
+    return result
 
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, epochs):
@@ -187,6 +331,7 @@ def train(model, criterion, optimizer, scheduler, loaders, device, args, topk, c
 
 
 def main(args):
+    check_output_flags(args)
     device = select_device(args.device, args.cuda)
     seed_everything(args.seed)
     spec = get_dataset_spec(args.dataset)
@@ -200,12 +345,8 @@ def main(args):
         raise UserError(str(exc)) from None
     checkpoint = Path(args.checkpoint) if args.checkpoint else run_prefix(args).with_suffix(".ckpt")
 
-    if args.test:
-        load_network_weights(model, checkpoint, hint="Pass the --backbone and --hash_bit it was trained with.")
-        warn_if_data_differs_from_training(checkpoint, args)
-        mean_ap = evaluate(model, loaders[1], loaders[2], device, topk)
-        print(f"mAP@{topk}: {mean_ap:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, {checkpoint})")
-        return {"map": mean_ap, "topk": topk}
+    if args.test or args.query or args.export_index:
+        return use_checkpoint(model, splits.database, loaders, device, args, topk, checkpoint, backbone.input_size)
 
     try:
         zeta = codetable.resolve_zeta(args.hash_bit, spec.num_classes, args.zeta, args.codetable)
@@ -231,6 +372,9 @@ def main(args):
 
     best_map, best_epoch, train_seconds = train(
         model, criterion, optimizer, scheduler, loaders, device, args, topk, checkpoint, log)
+    if not args.no_save and best_epoch:  # the best checkpoint's metrics and cached codes
+        codes, key, cached = codes_of_checkpoint(model, loaders, device, args, checkpoint)
+        report_evaluation(checkpoint_metrics(codes, key, cached, args, topk, checkpoint), codes, args)
     summary = (f"best mAP@{topk} {best_map:.4f} at epoch {best_epoch}; "
                f"checkpoint {'not saved (--no_save)' if args.no_save else checkpoint}; "
                f"training {train_seconds:.1f}s")
