@@ -146,7 +146,9 @@ def codes_of_checkpoint(model, loaders, device, args, checkpoint, weights_loaded
                                 args.data_root)
     cache_path = run_prefix(args).with_suffix(".codes.npz")
     codes = codes_cache.load(cache_path, key)
-    if codes is not None:
+    # Same flags but other split sizes means the data on disk changed since the codes were cached.
+    if codes is not None and (len(codes.query_bits), len(codes.database_bits)) == (
+            len(loaders[1].dataset), len(loaders[2].dataset)):
         return codes, key, True
     if not weights_loaded:
         load_network_weights(model, checkpoint, hint="Pass the --backbone and --hash_bit it was trained with.")

@@ -155,3 +155,25 @@ def test_mistakes_are_one_line_errors(trained, argv, message, capsys):
         retrieval.cli(SHORT + ["--output_dir", str(out)] + argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and message in err and "Traceback" not in err
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """Stands in for a file-based dataset: lists .paths and transforms PIL images."""
+
+    def __init__(self, paths):
+        from data.transforms import image_transform
+        self.paths = paths
+        self.transform = image_transform(24, train=False)
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def test_file_datasets_name_items_by_path_and_preprocess_pil_images(tmp_path):
+    from utils.query_images import item_names, query_batch
+    paths, _ = save_query_mosaics(tmp_path, 3)
+    database = torch.utils.data.Subset(FileDataset([f"images/{i}.jpg" for i in range(10)]), [7, 2, 5])
+    assert [item_names(database)(i) for i in range(3)] == ["images/7.jpg", "images/2.jpg", "images/5.jpg"]
+    batch = query_batch(paths, database, input_size=24)
+    assert batch.shape == (3, 3, 24, 24) and batch.dtype == torch.float32
+    assert abs(batch.mean().item()) < 3  # normalised, not raw 0..255 pixels

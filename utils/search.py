@@ -5,12 +5,15 @@ FAISS's IndexBinaryFlat is used when faiss is installed. It is exact and, as che
 and by tests/test_search.py, already orders ties by database index: it scans the database in index
 order, admits a new item only when it is strictly closer than the current k-th, and its heap compares
 (distance, index) pairs. Search still re-sorts each result row by (distance, index), a no-op with the
-FAISS version pinned in requirements.txt that keeps the rule should a future version order ties
-otherwise. Without faiss, the same ranking comes from utils.metrics (popcount and radix sort).
+FAISS version pinned in requirements.txt. Which tied items a FAISS version keeps at the k-th distance
+no re-sort can repair, so tests/test_search.py checks FAISS alone against brute force too. Without
+faiss, the same ranking comes from utils.metrics (popcount and radix sort).
 
 Codes are np.packbits bytes (utils/codes_cache.py). FAISS needs a whole number of bytes, so an index of
 n-bit codes has ceil(n / 8) * 8 dimensions; the padding bits are 0 in every code and add no distance.
 """
+import importlib.util
+
 import numpy as np
 
 from .atomic import atomic_write
@@ -23,11 +26,7 @@ _CHUNK_ELEMENTS = 1 << 20
 
 
 def faiss_available():
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("faiss") is not None
 
 
 def _faiss():
