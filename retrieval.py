@@ -2,6 +2,7 @@
 
     python retrieval.py --dataset digits --backbone small --hash_bit 48 --epochs 30    # train
     python retrieval.py --dataset digits --backbone small --hash_bit 48 --test         # re-evaluate
+    python retrieval.py --dataset digits --backbone small --hash_bit 48 --query a.png  # search
 """
 import argparse
 import contextlib
@@ -12,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -21,16 +23,18 @@ from tqdm import tqdm
 from data import DATASETS, get_dataset_spec
 from loss import build_loss
 from network import BACKBONES, build_network
-from utils import codetable
-from utils.atomic import ensure_writable_dir
+from utils import codes_cache, codetable
+from utils.atomic import ensure_writable_dir, write_json
 from utils.checkpoint import load_network_weights, read_train_state, save_state_dict, save_train_state
 from utils.device import select_device
-from utils.dist import (DistContext, all_true, broadcast_object, gather_objects, gather_rows, init_distributed,
-                        shard_bounds, shutdown, state_fingerprint, sum_over_ranks, sync_buffers)
+from utils.dist import (DistContext, all_true, barrier, broadcast_object, gather_objects, gather_rows,
+                        init_distributed, shard_bounds, shutdown, state_fingerprint, sum_over_ranks, sync_buffers)
 from utils.errors import TrainingInterrupted, UserError
-from utils.metrics import map_at_k
+from utils.metrics import map_at_k, retrieval_metrics
+from utils.query_images import item_names, query_batch
 from utils.reproducibility import (capture_rng_state, loader_generator, restore_rng_state, seed_everything,
                                    seed_worker)
+from utils.search import search, write_index
 from utils.runlog import RunLog
 
 
@@ -90,6 +94,16 @@ def get_args_parser():
     parser.add_argument("--amp", nargs="?", const="auto", choices=["auto", "bf16", "fp16"], default=None,
                         help="mixed precision on CUDA (bf16 if supported, else fp16 with loss scaling); "
                              "ignored on the CPU")
+    # Evaluation suite, figures and search.
+    parser.add_argument("--top_n", type=positive_int, nargs="+", default=None, metavar="N",
+                        help="N of precision@top-N (default: 100, 200, ..., 1000, or ten steps up to a smaller database)")
+    parser.add_argument("--plots", action="store_true",
+                        help="draw the figures (top-N, PR, convergence, t-SNE) as OUTPUT_DIR/{run}.*.png")
+    parser.add_argument("--query", nargs="+", default=None, metavar="IMAGE",
+                        help="search the database with these images using the saved checkpoint")
+    parser.add_argument("--topk", type=positive_int, default=10, help="matches printed per --query image")
+    parser.add_argument("--export_index", default=None, metavar="PATH",
+                        help="write the database codes as a FAISS IndexBinaryFlat to PATH")
     return parser
 
 
@@ -107,7 +121,7 @@ def build_splits(spec, args, input_size):
     return splits
 
 
-def make_loaders(splits, args, spec, device, context):
+def make_loaders(splits, args, spec, device, context=DistContext()):
     """Train loader (each rank a 1/world share of every global batch) and per-rank eval shards.
 
     Shuffling and worker seeds are functions of (--seed, epoch) via set_epoch(), and every loader has
@@ -149,6 +163,153 @@ def warn_if_data_differs_from_training(checkpoint, args):
         if flag in trained_args and trained_args[flag] != getattr(args, flag):
             print(f"warning: {checkpoint} was trained with --{flag} {trained_args[flag]}, this run uses "
                   f"--{flag} {getattr(args, flag)}; the splits may differ and so may the mAP", file=sys.stderr)
+
+
+def check_output_flags(args):
+    if args.plots and args.no_save:
+        raise UserError("--plots writes figures and --no_save writes nothing: drop one of them")
+
+
+def writes_files(args, context):
+    return context.is_main and not args.no_save
+
+
+def save_codes(codes, args, checkpoint):
+    """Write OUTPUT_DIR/{run}.codes.npz keyed by the checkpoint's bytes and the data flags; returns the key."""
+    key = codes_cache.cache_key(checkpoint, args.dataset, args.backbone, args.hash_bit, args.seed, args.subset,
+                                args.data_root)
+    run_prefix(args).parent.mkdir(parents=True, exist_ok=True)
+    codes_cache.save(run_prefix(args).with_suffix(".codes.npz"), codes, key)
+    return key
+
+
+def codes_of_checkpoint(network, split_sizes, loaders, device, args, checkpoint, context, weights_loaded=False):
+    """Query and database codes of `checkpoint`: (CodeSet, cache key, whether they came from the cache).
+
+    They come from OUTPUT_DIR/{run}.codes.npz when it was computed from the same checkpoint bytes and data
+    flags; otherwise the network encodes both splits (sharded over ranks) and rank 0 rewrites the file,
+    unless --no_save.
+    """
+    key = codes_cache.cache_key(checkpoint, args.dataset, args.backbone, args.hash_bit, args.seed, args.subset,
+                                args.data_root)
+    codes = codes_cache.load(run_prefix(args).with_suffix(".codes.npz"), key)
+    # Same flags but other split sizes means the data on disk changed since the codes were cached.
+    fresh = codes is not None and (len(codes.query_bits), len(codes.database_bits)) == split_sizes
+    if broadcast_object(context, fresh):
+        return codes, key, True
+    if not weights_loaded:
+        load_network_weights(network, checkpoint, hint="Pass the --backbone and --hash_bit it was trained with.")
+    codes = codes_cache.CodeSet.from_outputs(*encode_splits(network, loaders[1], loaders[2], device, context))
+    if writes_files(args, context):
+        save_codes(codes, args, checkpoint)
+    return codes, key, False
+
+
+def checkpoint_metrics(codes, key, cached, args, topk, checkpoint):
+    """Every metric of the codes (utils.metrics.retrieval_metrics) with a "run" record, written to
+    OUTPUT_DIR/{run}.metrics.json unless --no_save."""
+    try:
+        metrics = retrieval_metrics(codes.query_codes(), codes.query_labels, codes.database_codes(),
+                                    codes.database_labels, topk=topk, top_ns=args.top_n)
+    except ValueError as exc:
+        raise UserError(f"--top_n: {exc}") from None
+    prefix = run_prefix(args)
+    metrics["run"] = {"dataset": args.dataset, "backbone": args.backbone, "hash_bit": args.hash_bit,
+                      "loss": getattr(args, "loss", "hyp2"), "seed": args.seed, "subset": args.subset,
+                      "checkpoint": str(checkpoint), "checkpoint_sha256": key["checkpoint_sha256"],
+                      "codes": str(prefix.with_suffix(".codes.npz")), "codes_from_cache": cached}
+    if not args.no_save:
+        write_json(prefix.with_suffix(".metrics.json"), metrics)
+    return metrics
+
+
+def report_evaluation(metrics, codes, args):
+    """Print the metrics besides mAP and where they went; with --plots, draw the figures."""
+    top_n = metrics["precision_at_top_n"]
+    within = metrics["precision_within_radius"]
+    print("precision@top-N: " + ", ".join(f"{n} {p:.4f}" for n, p in zip(top_n["n"], top_n["precision"])))
+    print(f"precision within Hamming radius {within['radius']}: {within['precision']:.4f} "
+          f"({within['retrieving']:.1%} of queries retrieve an item)")
+    if not args.no_save:
+        source = "reused (same checkpoint)" if metrics["run"]["codes_from_cache"] else "written"
+        print(f"metrics {run_prefix(args).with_suffix('.metrics.json')}; codes {source} {metrics['run']['codes']}")
+    if args.plots:
+        draw_figures(args, metrics, codes)
+
+
+def draw_figures(args, metrics, codes):
+    """The paper's figures for this run as OUTPUT_DIR/{run}.{topn,pr,convergence,tsne}.png."""
+    from utils import plots
+    prefix = run_prefix(args)
+    title = plots.describe_run(metrics["run"])
+    runs = [(metrics["run"]["loss"], metrics)]
+    paths = [plots.plot_top_n_precision(runs, prefix.with_suffix(".topn.png"), title),
+             plots.plot_precision_recall(runs, prefix.with_suffix(".pr.png"), title)]
+    log_path = prefix.with_suffix(".json")
+    try:
+        log = json.loads(log_path.read_text())
+        paths.append(plots.plot_convergence([(metrics["run"]["loss"], log)], prefix.with_suffix(".convergence.png"),
+                                            title))
+    except (OSError, ValueError, KeyError):
+        print(f"note: no readable training log {log_path}, so no convergence figure", file=sys.stderr)
+    print(f"t-SNE of up to {plots.TSNE_SAMPLE} database codes...", file=sys.stderr)
+    paths.append(plots.plot_tsne(codes.database_codes(), codes.database_labels, prefix.with_suffix(".tsne.png"),
+                                 title, seed=args.seed))
+    print("figures: " + ", ".join(str(path) for path in paths))
+
+
+def search_images(model, codes, database, device, args, input_size):
+    """--query: the --topk nearest database items of each image, printed and returned."""
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(args.query), args.batch_size):
+            images = query_batch(args.query[start:start + args.batch_size], database, input_size)
+            outputs.append(model(images.to(device)).float().cpu().numpy())
+    distances, indices = search(codes_cache.pack_sign_bits(np.concatenate(outputs)), codes.database_bits, args.topk)
+    name = item_names(database)
+    results = []
+    for path, row_distances, row_indices in zip(args.query, distances, indices):
+        print(f"{path}: {len(row_indices)} nearest of {len(codes.database_bits)} database items "
+              f"({args.hash_bit} bits)")
+        print(f"  {'rank':>4}  {'hamming':>7}  {'labels':<12}  item")
+        matches = []
+        for rank, (distance, index) in enumerate(zip(row_distances, row_indices), start=1):
+            labels = np.flatnonzero(codes.database_labels[index]).tolist()
+            matches.append({"rank": rank, "index": int(index), "distance": int(distance), "labels": labels,
+                            "item": name(int(index))})
+            print(f"  {rank:>4}  {distance:>7}  {','.join(map(str, labels)):<12}  {name(int(index))}")
+        results.append({"query": path, "matches": matches})
+    return results
+
+
+def use_checkpoint(network, splits, loaders, device, args, topk, checkpoint, input_size, context):
+    """--test (metrics), --query (search) and --export_index (FAISS index) with the saved checkpoint.
+
+    Under torchrun every rank encodes its shard; rank 0 computes, prints and writes.
+    """
+    if args.test and context.is_main:
+        warn_if_data_differs_from_training(checkpoint, args)
+    if args.query:  # queries need the network even when the database codes are cached
+        load_network_weights(network, checkpoint, hint="Pass the --backbone and --hash_bit it was trained with.")
+    codes, key, cached = codes_of_checkpoint(network, (len(splits.query), len(splits.database)), loaders, device,
+                                             args, checkpoint, context, weights_loaded=bool(args.query))
+    result = {"topk": topk}
+    if not context.is_main:
+        return result
+    if args.test:
+        metrics = checkpoint_metrics(codes, key, cached, args, topk, checkpoint)
+        print(f"mAP@{topk}: {metrics['map']:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, "
+              f"{checkpoint})")
+        report_evaluation(metrics, codes, args)
+        result.update(map=metrics["map"], metrics=metrics)
+    if args.query:
+        result["matches"] = search_images(network, codes, splits.database, device, args, input_size)
+    if args.export_index:
+        write_index(codes.database_bits, args.export_index)
+        print(f"FAISS IndexBinaryFlat of {len(codes.database_bits)} database codes written to {args.export_index}")
+        result["index"] = args.export_index
+    return result
 
 
 class HashingObjective(nn.Module):
@@ -240,12 +401,18 @@ def encode(network, loader, device, desc, context=DistContext()):
     return gather_rows(context, torch.cat(codes), device), gather_rows(context, torch.cat(labels), device)
 
 
+def encode_splits(network, query_loader, database_loader, device, context=DistContext()):
+    """(query codes, query labels, database codes, database labels), gathered over ranks."""
+    return (*encode(network, query_loader, device, "encode queries", context),
+            *encode(network, database_loader, device, "encode database", context))
+
+
 def evaluate(network, query_loader, database_loader, device, topk, context=DistContext()):
-    """mAP@topk of the query set against the database by Hamming ranking (the same on every rank)."""
-    query_codes, query_labels = encode(network, query_loader, device, "encode queries", context)
-    db_codes, db_labels = encode(network, database_loader, device, "encode database", context)
-    mean_ap = map_at_k(query_codes, query_labels, db_codes, db_labels, topk) if context.is_main else None
-    return broadcast_object(context, mean_ap)
+    """mAP@topk of the query set against the database by Hamming ranking (the same on every rank),
+    and the codes it was computed from."""
+    outputs = encode_splits(network, query_loader, database_loader, device, context)
+    mean_ap = map_at_k(*outputs, topk) if context.is_main else None
+    return broadcast_object(context, mean_ap), outputs
 
 
 @dataclass
@@ -259,11 +426,15 @@ class Progress:
 
 def train(trainable, optimizer, scheduler, precision, loaders, device, args, topk, paths, log, progress, context):
     """The training loop: evaluate every --eval_every epochs, keep the best checkpoint, and write the
-    resumable state after every epoch. `trainable` is the HashingObjective, DDP-wrapped when distributed."""
+    resumable state after every epoch. `trainable` is the HashingObjective, DDP-wrapped when distributed.
+
+    Returns the Progress and the codes of the best epoch's evaluation (None if it predates a resume).
+    """
     train_loader, query_loader, database_loader = loaders
     objective = trainable.module if isinstance(trainable, DistributedDataParallel) else trainable
     network, criterion = objective.network, objective.criterion
-    writes = context.is_main and not args.no_save
+    writes = writes_files(args, context)
+    best_outputs = None
     for epoch in range(progress.epoch + 1, args.epochs + 1):
         started = time.perf_counter()
         set_epoch(train_loader, criterion, args.seed, epoch)
@@ -278,9 +449,10 @@ def train(trainable, optimizer, scheduler, precision, loaders, device, args, top
 
         mean_ap = None
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            mean_ap = evaluate(network, query_loader, database_loader, device, topk, context)
+            mean_ap, outputs = evaluate(network, query_loader, database_loader, device, topk, context)
             if mean_ap > progress.best_map:
                 progress.best_map, progress.best_epoch = mean_ap, epoch
+                best_outputs = outputs
                 if writes:
                     save_state_dict(network, paths.checkpoint)
                 log.best(mean_ap, epoch, str(paths.checkpoint))
@@ -298,7 +470,7 @@ def train(trainable, optimizer, scheduler, precision, loaders, device, args, top
                 "progress": asdict(progress), "log": {"record": log.record, "lines": log.lines},
                 "rng": capture_rng_state()}, vars(args))
             log.save()
-    return progress
+    return progress, best_outputs
 
 
 def resume(paths, args, objective, optimizer, scheduler, precision, log, device):
@@ -335,6 +507,7 @@ def run_paths(args):
 
 
 def main(args):
+    check_output_flags(args)
     device = select_device(args.device, args.cuda)
     context = init_distributed(device.type)
     if context.enabled and device.type == "cuda":
@@ -363,15 +536,9 @@ def run(args, device, context):
         network = network.to(memory_format=torch.channels_last)
     paths = run_paths(args)
 
-    if args.test:
-        load_network_weights(network, paths.checkpoint,
-                             hint="Pass the --backbone and --hash_bit it was trained with.")
-        if context.is_main:
-            warn_if_data_differs_from_training(paths.checkpoint, args)
-        mean_ap = evaluate(network, loaders[1], loaders[2], device, topk, context)
-        say(f"mAP@{topk}: {mean_ap:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, "
-            f"{paths.checkpoint})")
-        return {"map": mean_ap, "topk": topk}
+    if args.test or args.query or args.export_index:
+        return use_checkpoint(network, splits, loaders, device, args, topk, paths.checkpoint,
+                              backbone.input_size, context)
 
     try:
         zeta = codetable.resolve_zeta(args.hash_bit, spec.num_classes, args.zeta, args.codetable)
@@ -408,8 +575,8 @@ def run(args, device, context):
     log.line(header)
 
     try:
-        progress = train(trainable, optimizer, scheduler, precision, loaders, device, args, topk, paths, log,
-                         progress, context)
+        progress, best_outputs = train(trainable, optimizer, scheduler, precision, loaders, device, args, topk,
+                                       paths, log, progress, context)
     except NonFiniteLoss as exc:
         best = (f"the best checkpoint {paths.checkpoint} (epoch {progress.best_epoch}, mAP {progress.best_map:.4f}) "
                 "is intact" if progress.best_epoch else "no checkpoint was saved yet")
@@ -425,6 +592,8 @@ def run(args, device, context):
         log.record["rank_fingerprints"] = fingerprints
         if len(set(fingerprints)) > 1:
             say("warning: the ranks ended with different models", file=sys.stderr)
+    if progress.best_epoch and not args.no_save:
+        report_best_checkpoint(best_outputs, network, splits, loaders, device, args, topk, paths, context)
     summary = (f"best mAP@{topk} {progress.best_map:.4f} at epoch {progress.best_epoch}; "
                f"checkpoint {'not saved (--no_save)' if args.no_save else paths.checkpoint}; "
                f"training {progress.train_seconds:.1f}s")
@@ -433,6 +602,20 @@ def run(args, device, context):
     log.finish()
     return {"map": progress.best_map, "epoch": progress.best_epoch, "topk": topk,
             "train_seconds": progress.train_seconds}
+
+
+def report_best_checkpoint(best_outputs, network, splits, loaders, device, args, topk, paths, context):
+    """Every metric and the cached codes of the best checkpoint, from its evaluation's codes when this
+    process computed them, else by encoding the saved checkpoint."""
+    barrier(context)  # rank 0 has finished writing the checkpoint
+    if best_outputs is None:
+        codes, key, _ = codes_of_checkpoint(network, (len(splits.query), len(splits.database)), loaders, device,
+                                            args, paths.checkpoint, context)
+    else:
+        codes = codes_cache.CodeSet.from_outputs(*best_outputs)
+        key = save_codes(codes, args, paths.checkpoint) if context.is_main else None
+    if context.is_main:
+        report_evaluation(checkpoint_metrics(codes, key, False, args, topk, paths.checkpoint), codes, args)
 
 
 def retrieval_depth(args, spec, database_size, say):

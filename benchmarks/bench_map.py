@@ -56,23 +56,34 @@ def paper_loop_map(query_codes, query_labels, db_codes, db_labels, topk):
     return aps.mean()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def benchmark_parser(description, repeats):
+    """The flags every evaluation benchmark shares: scale, bits, kind of codes, repeats, baseline queries, seed."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=SCALES, default="voc2007")
     parser.add_argument("--bits", type=int, default=48)
     parser.add_argument("--codes", choices=["clustered", "random"], default="clustered")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of map_at_k (best is reported)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed runs of ours (best is reported)")
     parser.add_argument("--baseline_queries", type=int, default=-1,
-                        help="queries the paper loop runs on (-1: all; fewer: its time is extrapolated)")
+                        help="queries the straightforward loop runs on (-1: all; fewer: its time is extrapolated)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
 
+
+def make_problem(args):
+    """(query_codes, query_labels, db_codes, db_labels, K) at the scale and seed of benchmark_parser's flags."""
     queries, items, classes, topk = SCALES[args.scale]
     rng = np.random.default_rng(args.seed)
     query_labels, db_labels = make_labels(rng, queries, classes), make_labels(rng, items, classes)
     centres = rng.standard_normal((classes, args.bits))
     query_codes = make_codes(rng, query_labels, centres, args.codes)
     db_codes = make_codes(rng, db_labels, centres, args.codes)
+    return query_codes, query_labels, db_codes, db_labels, topk
+
+
+def main():
+    args = benchmark_parser(__doc__, repeats=5).parse_args()
+    query_codes, query_labels, db_codes, db_labels, topk = make_problem(args)
+    queries, items = len(query_codes), len(db_codes)
     print(f"{args.scale}: {queries} queries x {items} database items, {args.bits} bits, K = {topk}, "
           f"{args.codes} codes")
 

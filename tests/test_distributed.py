@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import retrieval
 from utils.dist import DistContext, shard_bounds
 
@@ -26,10 +28,18 @@ def test_torchrun_two_processes(tmp_path):
     first, second = record["rank_fingerprints"]
     assert first == second  # both ranks hold the same parameters and buffers
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "digits_small_16.ckpt", "digits_small_16.json", "digits_small_16.last.pt", "digits_small_16.txt"]
+        "digits_small_16.ckpt", "digits_small_16.codes.npz", "digits_small_16.json", "digits_small_16.last.pt",
+        "digits_small_16.metrics.json", "digits_small_16.txt"]
 
+    # A single process re-encodes the checkpoint (the distributed run's codes are moved out of its way).
+    distributed_codes = tmp_path / "digits_small_16.codes.npz"
+    distributed = dict(np.load(distributed_codes.rename(tmp_path / "distributed.npz")))
     single = retrieval.main(retrieval.get_args_parser().parse_args(RUN + ["--output_dir", str(tmp_path), "--test"]))
     assert single["map"] == record["best"]["map"]
+    assert not single["metrics"]["run"]["codes_from_cache"]
+    reencoded = np.load(distributed_codes)
+    for name in ("query_bits", "database_bits"):
+        np.testing.assert_array_equal(reencoded[name], distributed[name])
 
 
 def test_shards_cover_the_dataset_at_batch_boundaries():

@@ -1,8 +1,12 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from utils.metrics import average_precisions, hamming_distances, map_at_k, pack_codes, rank_top_k
+from utils.metrics import (average_precisions, default_top_ns, hamming_distances, map_at_k, pack_codes,
+                           precision_at_top_n, precision_recall_curve, precision_within_radius, rank_top_k,
+                           retrieval_metrics)
 
 
 def brute_force_average_precisions(query_codes, query_labels, db_codes, db_labels, topk):
@@ -104,3 +108,125 @@ def test_bad_shapes_are_rejected():
         map_at_k(codes, labels, np.ones((3, 9)), labels)
     with pytest.raises(ValueError, match="at least one"):
         map_at_k(codes[:0], labels[:0], codes, labels)
+
+
+# --- precision@top-N, precision-recall over Hamming radii, precision within a Hamming radius ---------------
+
+def brute_force_hamming(code, db_codes):
+    code, db_codes = np.where(np.asarray(code) >= 0, 1, -1), np.where(np.asarray(db_codes) >= 0, 1, -1)
+    return (len(code) - db_codes @ code) // 2
+
+
+def brute_force_precision_at_top_n(query_codes, query_labels, db_codes, db_labels, top_ns):
+    """One query and one rank at a time, ranking by (distance, database index)."""
+    means = []
+    for n in top_ns:
+        precisions = []
+        for code, label in zip(query_codes, query_labels):
+            order = sorted(range(len(db_codes)), key=lambda j, h=brute_force_hamming(code, db_codes): (h[j], j))
+            hits = sum(1 for j in order[:n] if np.dot(label, db_labels[j]) > 0)
+            precisions.append(hits / n)
+        means.append(np.mean(precisions))
+    return np.array(means)
+
+
+def brute_force_radius(query_codes, query_labels, db_codes, db_labels, radii):
+    """Per radius: (PR precision over queries retrieving something, recall over queries with a relevant
+    item, precision with empty retrievals as 0 over all queries); one query and one radius at a time."""
+    precisions, recalls, all_precisions = ({r: [] for r in radii} for _ in range(3))
+    for code, label in zip(query_codes, query_labels):
+        dist = brute_force_hamming(code, db_codes)
+        relevant = [np.dot(label, db_labels[j]) > 0 for j in range(len(db_codes))]
+        for radius in radii:
+            retrieved = [j for j in range(len(db_codes)) if dist[j] <= radius]
+            hits = sum(relevant[j] for j in retrieved)
+            if retrieved:
+                precisions[radius].append(hits / len(retrieved))
+            all_precisions[radius].append(hits / len(retrieved) if retrieved else 0.0)
+            if sum(relevant):
+                recalls[radius].append(hits / sum(relevant))
+    mean = lambda values: np.mean(values) if values else np.nan  # noqa: E731
+    return {r: (mean(precisions[r]), mean(recalls[r]), np.mean(all_precisions[r])) for r in radii}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_curves_match_brute_force_with_ties(seed):
+    rng = np.random.default_rng(100 + seed)
+    bits, classes = [8, 48, 130][seed], [4, 21, 38][seed]
+    problem = tied_problem(rng, queries=23, items=157, bits=bits, classes=classes, distinct_codes=7)
+    top_ns = [1, 5, 50, 156, 157]
+    np.testing.assert_allclose(precision_at_top_n(*problem, top_ns=top_ns),
+                               brute_force_precision_at_top_n(*problem, top_ns), rtol=0, atol=1e-12)
+    curves = precision_recall_curve(*problem)
+    assert len(curves.precision) == bits + 1
+    expected = brute_force_radius(*problem, range(bits + 1))
+    for radius in range(bits + 1):
+        precision, recall, empty_as_zero = expected[radius]
+        np.testing.assert_allclose([curves.precision[radius], curves.recall[radius]], [precision, recall],
+                                   rtol=0, atol=1e-12)
+        assert curves.precision_empty_as_zero[radius] == pytest.approx(empty_as_zero, abs=1e-12)
+        assert precision_within_radius(*problem, radius=radius) == pytest.approx(empty_as_zero, abs=1e-12)
+    assert curves.recall[-1] == 1.0 and curves.retrieving[-1] == 1.0
+
+
+def two_query_example():
+    # Query A = 1111, label {0}: database distances [2, 0, 2, 1, 0], relevant items {0, 3, 4}.
+    # Query B = -1-1-1-1, label {1}: distances [2, 4, 2, 3, 4], relevant items {1, 2, 3}.
+    queries = np.array([[1, 1, 1, 1], [-1, -1, -1, -1]])
+    db = np.array([[-1, -1, 1, 1], [1, 1, 1, 1], [-1, -1, 1, 1], [-1, 1, 1, 1], [1, 1, 1, 1]])
+    q_labels = np.array([[1, 0], [0, 1]])
+    db_labels = np.array([[1, 0], [0, 1], [0, 1], [1, 1], [1, 0]])
+    return queries, q_labels, db, db_labels
+
+
+def test_hand_worked_precision_at_top_n():
+    # A ranks items 1, 4, 3, 0, 2 (relevance 0 1 1 1 0); B ranks 0, 2, 3, 1, 4 (relevance 0 1 1 1 0).
+    got = precision_at_top_n(*two_query_example(), top_ns=[1, 2, 3, 5])
+    np.testing.assert_allclose(got, [0, 1 / 2, 2 / 3, 3 / 5])
+
+
+def test_hand_worked_radius_metrics():
+    # Radius 0: A retrieves {1, 4} (1 relevant of 3), B nothing. Radius 1: A {1, 4, 3}, B nothing.
+    # Radius 2: A everything (3 of 5), B {0, 2} (1 relevant of 3).
+    curves = precision_recall_curve(*two_query_example())
+    np.testing.assert_allclose(curves.precision[:3], [1 / 2, 2 / 3, (3 / 5 + 1 / 2) / 2])
+    np.testing.assert_allclose(curves.recall[:3], [(1 / 3) / 2, (2 / 3) / 2, (1 + 1 / 3) / 2])
+    np.testing.assert_allclose(curves.retrieving[:3], [1 / 2, 1 / 2, 1])
+    # An empty retrieval counts as precision 0 within a radius.
+    assert precision_within_radius(*two_query_example(), radius=1) == pytest.approx((2 / 3 + 0) / 2)
+    assert precision_within_radius(*two_query_example()) == pytest.approx((3 / 5 + 1 / 2) / 2)
+
+
+def test_undefined_curve_points_are_nan_and_null_in_json():
+    queries, q_labels, db, db_labels = two_query_example()
+    far = -db[:1]  # one query at distance 4 from item 0
+    curves = precision_recall_curve(far, np.zeros((1, 2)), db[:1], db_labels[:1])
+    assert np.isnan(curves.precision[:4]).all() and curves.precision[4] == 0.0
+    assert np.isnan(curves.recall).all()  # no query has a relevant item
+    metrics = retrieval_metrics(far, np.zeros((1, 2)), db[:1], db_labels[:1])
+    assert metrics["precision_recall"]["precision"][:4] == [None] * 4
+    json.dumps(metrics, allow_nan=False)
+
+
+def test_retrieval_metrics_agree_with_each_metric_and_do_not_depend_on_chunking(monkeypatch):
+    import utils.metrics as metrics_module
+    problem = tied_problem(np.random.default_rng(9), 41, 230, 24, 8, distinct_codes=10)
+    together = retrieval_metrics(*problem, topk=100, top_ns=[10, 100, 200])
+    assert together["map"] == pytest.approx(map_at_k(*problem, topk=100), abs=1e-12)
+    assert together["map_topk"] == 100
+    np.testing.assert_allclose(together["precision_at_top_n"]["precision"],
+                               precision_at_top_n(*problem, top_ns=[10, 100, 200]), atol=1e-12)
+    assert together["precision_within_radius"]["precision"] == pytest.approx(precision_within_radius(*problem))
+    monkeypatch.setattr(metrics_module, "_CHUNK_ELEMENTS", 500)  # two queries per chunk
+    assert retrieval_metrics(*problem, topk=100, top_ns=[10, 100, 200], threads=3) == together
+
+
+def test_default_top_ns_and_bad_arguments():
+    assert default_top_ns(5011) == list(range(100, 1001, 100))
+    assert default_top_ns(300) == list(range(30, 301, 30))
+    assert default_top_ns(3) == [1, 2, 3]
+    problem = two_query_example()
+    with pytest.raises(ValueError, match="between 1 and the database size 5"):
+        precision_at_top_n(*problem, top_ns=[6])
+    with pytest.raises(ValueError, match="Hamming radius"):
+        precision_within_radius(*problem, radius=5)

@@ -9,14 +9,25 @@ distance is a popcount of an XOR and relevance a bitwise AND. Distances are smal
 chunk of queries is ranked by numpy's stable radix sort on uint8/uint16 keys, and for K < N a per-row
 histogram of distances finds the boundary distance first, so only about K candidates per query are
 ranked. Chunks run on a few threads (numpy releases the GIL) and memory stays bounded by the chunk.
+
+The other standard figures (METHODS.md section 3) reuse that pass: precision@top-N reads the same
+ranking, and the precision-recall curve over Hamming radii and the precision within Hamming radius 2
+need no ranking at all, only per-query histograms of the distances of all items and of the relevant
+ones (the set "every item within radius r" is the same whatever the tie rule). retrieval_metrics()
+computes all of them in one pass, with the same memory bound.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
 # Elements (queries x database items) per chunk: a few MB per working array, cache friendly.
 _CHUNK_ELEMENTS = 1 << 20
+
+# The paper's top-N precision curve (N = 100, 200, ..., 1000) and the usual table radius.
+PAPER_TOP_NS = tuple(range(100, 1001, 100))
+HAMMING_RADIUS = 2
 
 
 def as_numpy(array):
@@ -111,14 +122,12 @@ def rank_top_k(dist, k):
     return np.take_along_axis(kept_cols, order, axis=1)
 
 
-def _average_precision_chunk(query_words, query_labels, db_words, db_labels, num_bits, k):
-    dist = hamming_distances(query_words, db_words, num_bits)
-    ranked = rank_top_k(dist, k)
-    relevant = _relevance(query_labels, db_labels, ranked)
+def _average_precision_of_ranking(relevant):
+    """AP of each row of a (m, k) relevance matrix in rank order; 0 for a row with no relevant item."""
     hits = np.flatnonzero(relevant)
-    hit_row = hits // ranked.shape[1]
-    hit_rank = hits - hit_row * ranked.shape[1] + 1
-    num_rows = ranked.shape[0]
+    hit_row = hits // relevant.shape[1]
+    hit_rank = hits - hit_row * relevant.shape[1] + 1
+    num_rows = relevant.shape[0]
     num_relevant = np.bincount(hit_row, minlength=num_rows)
     first_hit = np.cumsum(num_relevant) - num_relevant
     relevant_so_far = np.arange(1, len(hits) + 1) - first_hit[hit_row]
@@ -126,12 +135,32 @@ def _average_precision_chunk(query_words, query_labels, db_words, db_labels, num
     return np.where(num_relevant > 0, precision_sum / np.maximum(num_relevant, 1), 0.0)
 
 
-def average_precisions(query_codes, query_labels, db_codes, db_labels, topk=None, threads=None):
-    """AP@K of every query (METHODS.md section 3), as a float64 array of length Q.
+def _distance_histograms(dist, query_labels, db_labels, num_bits):
+    """Per query, the number of database items at each Hamming distance 0..n and the number of relevant
+    ones among them: two (m, n + 1) integer arrays, from one bincount per row of 2 * distance + relevant
+    (small unsigned keys: half the passes of int64 keys with row offsets)."""
+    # Indexing the database words with [None, :] relates every query to every item without a gather.
+    relevant = _relevance(query_labels, db_labels, np.s_[None, :])
+    keys = dist.astype(np.uint8 if num_bits < 128 else np.uint16)
+    keys <<= 1
+    keys |= relevant
+    counts = np.stack([np.bincount(row, minlength=2 * (num_bits + 1)) for row in keys])
+    counts = counts.reshape(len(keys), num_bits + 1, 2)
+    return counts.sum(axis=2), counts[:, :, 1]
 
-    Codes are real-valued or +-1 (binarised with sign, 0 -> +1); labels are multi-hot. topk <= 0 or
-    None means the whole database; a topk above the database size is clamped to it.
-    """
+
+class _PackedProblem(NamedTuple):
+    query_codes: list
+    query_labels: list
+    db_codes: list
+    db_labels: list
+    num_queries: int
+    num_items: int
+    num_bits: int
+
+
+def _pack_problem(query_codes, query_labels, db_codes, db_labels):
+    """Validate shapes and pack codes and labels into bit words."""
     q_codes, d_codes = pack_codes(query_codes), pack_codes(db_codes)
     q_labels, d_labels = pack_labels(query_labels), pack_labels(db_labels)
     num_queries, num_bits = as_numpy(query_codes).shape
@@ -143,24 +172,189 @@ def average_precisions(query_codes, query_labels, db_codes, db_labels, topk=None
     if len(q_labels[0]) != num_queries or len(d_labels[0]) != num_items:
         raise ValueError("codes and labels disagree on the number of items")
     if num_queries == 0 or num_items == 0:
-        raise ValueError("mAP needs at least one query and one database item")
-    k = num_items if topk is None or topk <= 0 else min(int(topk), num_items)
+        raise ValueError("retrieval metrics need at least one query and one database item")
+    return _PackedProblem(q_codes, q_labels, d_codes, d_labels, num_queries, num_items, num_bits)
 
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // num_items)
-    starts = range(0, num_queries, rows_per_chunk)
+
+def _per_query_statistics(problem, map_depth=0, top_ns=(), histograms=False, threads=None):
+    """One chunked pass over the queries. Returns a dict of per-query arrays, each present on request:
+    average_precision (AP@map_depth), hits_at_top_n (relevant items among the first N, one column per N),
+    items_at_distance and relevant_at_distance (the histograms of _distance_histograms)."""
+    rank_depth = max(map_depth, max(top_ns, default=0))
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // problem.num_items)
+    starts = range(0, problem.num_queries, rows_per_chunk)
 
     def chunk(start):
         part = slice(start, start + rows_per_chunk)
-        return _average_precision_chunk([w[part] for w in q_codes], [w[part] for w in q_labels],
-                                        d_codes, d_labels, num_bits, k)
+        query_labels = [w[part] for w in problem.query_labels]
+        dist = hamming_distances([w[part] for w in problem.query_codes], problem.db_codes, problem.num_bits)
+        stats = {}
+        if rank_depth:
+            ranked = rank_top_k(dist, rank_depth)
+            relevant = _relevance(query_labels, problem.db_labels, ranked)
+            if map_depth:
+                stats["average_precision"] = _average_precision_of_ranking(relevant[:, :map_depth])
+            if top_ns:
+                hits = np.cumsum(relevant[:, :max(top_ns)], axis=1)
+                stats["hits_at_top_n"] = hits[:, np.asarray(top_ns) - 1]
+        if histograms:
+            stats["items_at_distance"], stats["relevant_at_distance"] = _distance_histograms(
+                dist, query_labels, problem.db_labels, problem.num_bits)
+        return stats
 
     threads = threads or min(4, os.cpu_count() or 1)
     if threads == 1 or len(starts) == 1:
-        return np.concatenate([chunk(s) for s in starts])
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return np.concatenate(list(pool.map(chunk, starts)))
+        parts = [chunk(s) for s in starts]
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            parts = list(pool.map(chunk, starts))
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _map_depth(topk, num_items):
+    return num_items if topk is None or topk <= 0 else min(int(topk), num_items)
+
+
+def _check_top_ns(top_ns, num_items):
+    top_ns = [int(n) for n in top_ns]
+    if not top_ns or min(top_ns) < 1 or max(top_ns) > num_items:
+        raise ValueError(f"every N of precision@top-N must be between 1 and the database size {num_items}, "
+                         f"got {top_ns}")
+    return top_ns
+
+
+def _check_radius(radius, num_bits):
+    if not 0 <= radius <= num_bits:
+        raise ValueError(f"the Hamming radius must be between 0 and the code length {num_bits}, got {radius}")
+    return int(radius)
+
+
+def default_top_ns(num_items):
+    """The paper's N = 100, 200, ..., 1000; ten even steps up to the database size when it is smaller."""
+    if num_items >= PAPER_TOP_NS[-1]:
+        return list(PAPER_TOP_NS)
+    return sorted({max(1, round(num_items * step / 10)) for step in range(1, 11)})
+
+
+class RadiusCurves(NamedTuple):
+    """Retrieval of every item within Hamming radius r, for r = 0..n (arrays of length n + 1).
+
+    precision: mean over the queries that retrieve at least one item within r (the precision of an empty
+        set is undefined); NaN where no query retrieves anything.
+    recall: mean over the queries that have at least one relevant database item (the others have no
+        recall); 1 at r = n. NaN when no query has a relevant item.
+    retrieving: fraction of the queries that retrieve at least one item within r.
+    precision_empty_as_zero: mean over all queries, an empty retrieval counting as precision 0 (the
+        convention of precision within Hamming radius 2). It equals precision * retrieving.
+    """
+    precision: np.ndarray
+    recall: np.ndarray
+    retrieving: np.ndarray
+    precision_empty_as_zero: np.ndarray
+
+
+def _radius_curves(items_at_distance, relevant_at_distance):
+    retrieved = np.cumsum(items_at_distance, axis=1)
+    relevant = np.cumsum(relevant_at_distance, axis=1)
+    num_queries, num_radii = retrieved.shape
+    precision = np.divide(relevant, retrieved, out=np.zeros(retrieved.shape), where=retrieved > 0)
+    retrieving = np.count_nonzero(retrieved, axis=0)
+    total_relevant = relevant[:, -1]
+    with_relevant = total_relevant > 0
+    recall = (relevant[with_relevant] / total_relevant[with_relevant, None]).mean(axis=0) \
+        if with_relevant.any() else np.full(num_radii, np.nan)
+    return RadiusCurves(
+        precision=np.divide(precision.sum(axis=0), retrieving, out=np.full(num_radii, np.nan), where=retrieving > 0),
+        recall=recall,
+        retrieving=retrieving / num_queries,
+        precision_empty_as_zero=precision.mean(axis=0))
+
+
+def average_precisions(query_codes, query_labels, db_codes, db_labels, topk=None, threads=None):
+    """AP@K of every query (METHODS.md section 3), as a float64 array of length Q.
+
+    Codes are real-valued or +-1 (binarised with sign, 0 -> +1); labels are multi-hot. topk <= 0 or
+    None means the whole database; a topk above the database size is clamped to it.
+    """
+    problem = _pack_problem(query_codes, query_labels, db_codes, db_labels)
+    k = _map_depth(topk, problem.num_items)
+    return _per_query_statistics(problem, map_depth=k, threads=threads)["average_precision"]
 
 
 def map_at_k(query_codes, query_labels, db_codes, db_labels, topk=None):
     """mAP@K by Hamming ranking with ties broken by database index (see average_precisions)."""
     return float(np.mean(average_precisions(query_codes, query_labels, db_codes, db_labels, topk)))
+
+
+def precision_at_top_n(query_codes, query_labels, db_codes, db_labels, top_ns=PAPER_TOP_NS, threads=None):
+    """Mean precision@N for each N in top_ns (float64 array, same order).
+
+    precision@N of a query = relevant items among its first N in the ranking (Hamming distance, then
+    database index) / N. Every N must lie in 1..database size (ValueError otherwise: beyond it the
+    "first N" do not exist). A query with no relevant item scores 0, as in mAP.
+    """
+    problem = _pack_problem(query_codes, query_labels, db_codes, db_labels)
+    top_ns = _check_top_ns(top_ns, problem.num_items)
+    hits = _per_query_statistics(problem, top_ns=top_ns, threads=threads)["hits_at_top_n"]
+    return hits.mean(axis=0) / np.asarray(top_ns)
+
+
+def precision_recall_curve(query_codes, query_labels, db_codes, db_labels, threads=None):
+    """Precision and recall of retrieving every item within Hamming radius r, r = 0..n: RadiusCurves.
+
+    The retrieved set within a radius does not depend on how ties are ordered; see RadiusCurves for
+    how queries that retrieve nothing, or have no relevant item, are averaged.
+    """
+    problem = _pack_problem(query_codes, query_labels, db_codes, db_labels)
+    stats = _per_query_statistics(problem, histograms=True, threads=threads)
+    return _radius_curves(stats["items_at_distance"], stats["relevant_at_distance"])
+
+
+def precision_within_radius(query_codes, query_labels, db_codes, db_labels, radius=HAMMING_RADIUS, threads=None):
+    """Mean precision of retrieving every item within Hamming radius `radius` (default 2).
+
+    A query that retrieves nothing within the radius scores 0, as in HashNet's and DCH's evaluation: with
+    long codes the Hamming ball empties, and the figure is meant to show it. The mean is over all queries.
+    """
+    problem = _pack_problem(query_codes, query_labels, db_codes, db_labels)
+    radius = _check_radius(radius, problem.num_bits)
+    stats = _per_query_statistics(problem, histograms=True, threads=threads)
+    return float(_radius_curves(stats["items_at_distance"], stats["relevant_at_distance"])
+                 .precision_empty_as_zero[radius])
+
+
+def _json_floats(values):
+    """A list of floats with NaN (undefined) as None, so the JSON file stays standard."""
+    return [None if np.isnan(v) else float(v) for v in np.asarray(values, dtype=np.float64)]
+
+
+def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, topk=None, top_ns=None,
+                      radius=HAMMING_RADIUS, threads=None):
+    """Every metric above in one pass over the distances, as a JSON-ready dict:
+
+    map, map_topk; precision_at_top_n {n, precision} (top_ns None: default_top_ns of the database size);
+    precision_recall {radius, precision, recall, retrieving} over radii 0..n (RadiusCurves; undefined
+    values are None); precision_within_radius {radius, precision, retrieving}; sizes and code length.
+    """
+    problem = _pack_problem(query_codes, query_labels, db_codes, db_labels)
+    k = _map_depth(topk, problem.num_items)
+    top_ns = _check_top_ns(default_top_ns(problem.num_items) if top_ns is None else top_ns, problem.num_items)
+    radius = _check_radius(radius, problem.num_bits)
+    stats = _per_query_statistics(problem, map_depth=k, top_ns=top_ns, histograms=True, threads=threads)
+    curves = _radius_curves(stats["items_at_distance"], stats["relevant_at_distance"])
+    return {
+        "num_queries": problem.num_queries,
+        "num_database": problem.num_items,
+        "num_bits": problem.num_bits,
+        "map": float(stats["average_precision"].mean()),
+        "map_topk": k,
+        "precision_at_top_n": {"n": top_ns,
+                               "precision": _json_floats(stats["hits_at_top_n"].mean(axis=0) / np.asarray(top_ns))},
+        "precision_recall": {"radius": list(range(problem.num_bits + 1)),
+                             "precision": _json_floats(curves.precision),
+                             "recall": _json_floats(curves.recall),
+                             "retrieving": _json_floats(curves.retrieving)},
+        "precision_within_radius": {"radius": radius,
+                                    "precision": float(curves.precision_empty_as_zero[radius]),
+                                    "retrieving": float(curves.retrieving[radius])},
+    }

@@ -1,0 +1,131 @@
+"""The paper's figures as PNG files: precision@top-N curve, precision-recall curve over Hamming radii,
+mAP against training seconds (convergence), and a t-SNE of database codes coloured by their first label.
+
+Every curve function takes a list of (legend label, data) pairs, so one run and an overlay of several
+runs (one line per loss, as in the paper's figures) are drawn by the same code. Figures are built on
+matplotlib's object API with the Agg canvas, so importing this module changes no global backend.
+"""
+import io
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+from .atomic import atomic_write
+
+FIGURE_SIZE = (6.4, 4.8)
+DPI = 120
+MARKERS = "osD^v<>px*h"
+TSNE_SAMPLE = 1000  # database codes in the t-SNE figure; Barnes-Hut t-SNE takes ~10 s for 1,000 on 2 cores
+
+
+def describe_run(run):
+    """'voc2007 · googlenet · 48 bits · hyp2' from a metrics file's "run" section (missing parts left out)."""
+    parts = [run.get("dataset"), run.get("backbone"),
+             f"{run['hash_bit']} bits" if run.get("hash_bit") is not None else None, run.get("loss")]
+    return " · ".join(str(part) for part in parts if part)
+
+
+def _save(figure, path):
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()), binary=True)
+
+
+def _axes(title, xlabel, ylabel):
+    figure = Figure(figsize=FIGURE_SIZE)
+    axes = figure.subplots()
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(True, alpha=0.3)
+    return figure, axes
+
+
+def _as_floats(values):
+    """JSON lists may hold None for undefined points; matplotlib leaves NaN out of a line."""
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _finish(figure, axes, path, legend=True):
+    if legend and axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="best", fontsize="small")
+    _save(figure, path)
+    return path
+
+
+def plot_top_n_precision(runs, path, title):
+    """runs: [(label, metrics)] with metrics as written to {run}.metrics.json."""
+    figure, axes = _axes(f"precision@top-N — {title}", "N (number of top-ranked items)", "precision")
+    for (label, metrics), marker in zip(runs, MARKERS * len(runs)):
+        curve = metrics["precision_at_top_n"]
+        axes.plot(curve["n"], _as_floats(curve["precision"]), marker=marker, markersize=4, label=label)
+    # Autoscaled, unlike the PR curve: runs of different losses differ by a few points near the top.
+    return _finish(figure, axes, path)
+
+
+def plot_precision_recall(runs, path, title):
+    """runs: [(label, metrics)]; one point per Hamming radius 0..n, radius 2 ringed."""
+    figure, axes = _axes(f"precision–recall over Hamming radii — {title}", "recall", "precision")
+    for (label, metrics), marker in zip(runs, MARKERS * len(runs)):
+        curve = metrics["precision_recall"]
+        recall, precision = _as_floats(curve["recall"]), _as_floats(curve["precision"])
+        line, = axes.plot(recall, precision, marker=marker, markersize=3, label=label)
+        radius = metrics["precision_within_radius"]["radius"]
+        axes.plot(recall[radius], precision[radius], "o", markersize=9, fillstyle="none", color=line.get_color())
+    radii = {metrics["precision_within_radius"]["radius"] for _, metrics in runs}
+    axes.plot([], [], "o", markersize=9, fillstyle="none", color="gray",
+              label=f"Hamming radius {radii.pop()}" if len(radii) == 1 else "table radius")
+    axes.set_xlim(-0.02, 1.02)
+    axes.set_ylim(0, 1.02)
+    return _finish(figure, axes, path)
+
+
+def plot_convergence(runs, path, title):
+    """runs: [(label, run log)] with run logs as written to {run}.json: mAP of the evaluated epochs
+    against the cumulative training seconds (evaluation time excluded)."""
+    figure, axes = _axes(f"convergence — {title}", "training time (s)", "mAP")
+    topks = {log.get("topk") for _, log in runs}
+    for (label, log), marker in zip(runs, MARKERS * len(runs)):
+        evaluated = [epoch for epoch in log["epochs"] if epoch.get("map") is not None]
+        axes.plot([e["train_seconds"] for e in evaluated], [e["map"] for e in evaluated], marker=marker,
+                  markersize=4, label=label if len(topks) == 1 else f"{label} (mAP@{log.get('topk')})")
+    if len(topks) == 1 and None not in topks:
+        axes.set_ylabel(f"mAP@{topks.pop()}")
+    return _finish(figure, axes, path)
+
+
+def tsne_embedding(codes, seed=0):
+    """2-D t-SNE of +-1 codes (euclidean distance on +-1 codes is 2 * sqrt(Hamming distance))."""
+    from sklearn.manifold import TSNE
+    perplexity = min(30.0, max(2.0, (len(codes) - 1) / 3))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        np.asarray(codes, dtype=np.float32))
+
+
+def plot_tsne(codes, labels, path, title, sample=TSNE_SAMPLE, seed=0):
+    """t-SNE of a seeded random sample of database codes, coloured by each item's first label."""
+    labels = np.asarray(labels) > 0
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(codes), size=min(sample, len(codes)), replace=False))
+    points = tsne_embedding(np.asarray(codes)[chosen], seed)
+    first_label = np.where(labels[chosen].any(axis=1), labels[chosen].argmax(axis=1), -1)
+
+    distinct = len(np.unique(np.asarray(codes)[chosen], axis=0))
+    figure, axes = _axes(f"t-SNE of {len(chosen)} database codes ({distinct} distinct) — {title}",
+                         "t-SNE 1", "t-SNE 2")
+    num_classes = labels.shape[1]
+    if num_classes <= 20:
+        palette = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"]
+        for cls in np.unique(first_label):
+            members = first_label == cls
+            axes.scatter(points[members, 0], points[members, 1], s=6,
+                         color=palette(cls) if cls >= 0 else "gray", label=f"class {cls}" if cls >= 0 else "no label")
+        axes.legend(title="first label", fontsize="x-small", markerscale=2, loc="center left",
+                    bbox_to_anchor=(1.01, 0.5))
+    else:
+        scatter = axes.scatter(points[:, 0], points[:, 1], s=6, c=first_label, cmap="turbo")
+        figure.colorbar(scatter, ax=axes, label="first label (class index)")
+    axes.set_xticks([])
+    axes.set_yticks([])
+    return _finish(figure, axes, path, legend=False)

@@ -1,0 +1,52 @@
+"""Images given on the command line (--query), preprocessed exactly as the database they are searched
+against, and names for database items in search results."""
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Subset
+
+from data.transforms import BatchTransform, image_transform
+
+from .errors import UserError
+
+
+def unwrap_subset(dataset):
+    """(underlying dataset, positions in it of the items of `dataset`, or None when it is not a Subset)."""
+    if isinstance(dataset, Subset):
+        return dataset.dataset, list(dataset.indices)
+    return dataset, None
+
+
+def read_rgb(path):
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"no query image at {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"cannot read query image {path}: {exc}") from None
+
+
+def query_batch(paths, database, input_size):
+    """Float (B, 3, S, S) batch of the images at `paths`, preprocessed with the database's own eval
+    transform: a BatchTransform (in-memory datasets) gets a uint8 tensor, any other transform the PIL
+    image; a dataset without one gets the paper's eval recipe (resize, ImageNet normalisation)."""
+    transform = getattr(unwrap_subset(database)[0], "transform", None)
+    images = []
+    for path in paths:
+        image = read_rgb(path)
+        if isinstance(transform, BatchTransform):
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+            images.append(transform(pixels[None])[0])
+        else:
+            images.append((transform or image_transform(input_size, train=False))(image))
+    return torch.stack(images)
+
+
+def item_names(database):
+    """name(i) for database item i: its file path when the dataset lists `.paths`, else 'database #i'."""
+    base, positions = unwrap_subset(database)
+    paths = getattr(base, "paths", None)
+    if paths is None:
+        return lambda index: f"database #{index}"
+    return lambda index: str(paths[positions[index] if positions is not None else index])
