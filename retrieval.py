@@ -22,6 +22,7 @@ from utils.checkpoint import load_network_weights, save_state_dict
 from utils.device import select_device
 from utils.errors import UserError
 from utils.metrics import map_at_k
+from utils.pretrained import imagenet_state_dict
 from utils.reproducibility import loader_generator, seed_everything, seed_worker
 from utils.runlog import RunLog
 
@@ -76,6 +77,14 @@ def get_args_parser():
                         help="read zeta from the paper's codetable.xlsx (cross-check with the built-in table)")
     parser.add_argument("--subset", type=non_negative_int, default=0,
                         help="use only the first N images of each split (smoke tests); 0 = all")
+    parser.add_argument("--cache", action="store_true",
+                        help="decode each image once, resized, into a uint8 memory-mapped file under the data root, "
+                             "reused by later epochs and runs")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", default=None, metavar="PATH",
+                         help="the backbone's ImageNet weights (a torchvision state_dict file); default: torchvision's "
+                              "file from the torch hub cache, downloaded if missing")
+    weights.add_argument("--no_pretrained", action="store_true", help="train the backbone from scratch")
     return parser
 
 
@@ -85,12 +94,26 @@ def run_prefix(args):
 
 def build_splits(spec, args, input_size):
     try:
-        splits = spec.build(Path(args.data_root), args.seed, input_size)
+        splits = spec.build(Path(args.data_root), args.seed, input_size, cache=args.cache)
     except NotImplementedError as exc:
         raise UserError(str(exc)) from None
     if args.subset:
         splits = type(splits)(*(Subset(part, range(min(args.subset, len(part)))) for part in splits))
     return splits
+
+
+def make_network(args, backbone):
+    """The hash network, starting from ImageNet weights when training (--test loads a whole checkpoint)."""
+    if args.weights and not backbone.pretrained_available:
+        raise UserError(f"--weights: the {args.backbone} backbone has no ImageNet weights to load")
+    if not backbone.pretrained_available or args.no_pretrained or args.test:
+        return build_network(args.backbone, args.hash_bit)
+    state, source = imagenet_state_dict(backbone.imagenet_weights, args.backbone, args.weights)
+    print(f"{args.backbone}: ImageNet weights from {source}")
+    try:
+        return build_network(args.backbone, args.hash_bit, pretrained=state)
+    except ValueError as exc:
+        raise UserError(f"cannot use {source} for --backbone {args.backbone}: {exc}") from None
 
 
 def make_loaders(splits, args, spec, device):
@@ -192,12 +215,10 @@ def main(args):
     spec = get_dataset_spec(args.dataset)
     backbone = BACKBONES[args.backbone]
     splits = build_splits(spec, args, backbone.input_size)
+    spec = spec.with_classes_of(splits)
     topk = min(args.retrieve or spec.default_topk or len(splits.database), len(splits.database))
     loaders = make_loaders(splits, args, spec, device)
-    try:
-        model = build_network(args.backbone, args.hash_bit).to(device)
-    except NotImplementedError as exc:
-        raise UserError(str(exc)) from None
+    model = make_network(args, backbone).to(device)
     checkpoint = Path(args.checkpoint) if args.checkpoint else run_prefix(args).with_suffix(".ckpt")
 
     if args.test:

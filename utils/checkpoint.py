@@ -14,17 +14,18 @@ def save_state_dict(module, path):
     atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
-def read_state_dict(path):
-    """The state_dict stored at `path`, with a UserError for a missing or unreadable file."""
+def read_state_dict(path, what="checkpoint",
+                    missing="train first (the same command without --test) or pass --checkpoint PATH",
+                    unreadable="retrain or point --checkpoint to a good copy"):
+    """The state_dict stored at `path`, with a UserError for a missing or unreadable file; `what` names
+    the kind of file and `missing`/`unreadable` say what to do, in the messages."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}: train first (the same command without --test) "
-                        "or pass --checkpoint PATH") from None
+        raise UserError(f"no {what} at {path}: {missing}") from None
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}): the file is truncated, "
-                        "corrupt or not a PyTorch checkpoint; retrain or point --checkpoint to a good copy"
-                        ) from None
+        raise UserError(f"cannot read {what} {path} ({type(exc).__name__}): the file is truncated, "
+                        f"corrupt or not a PyTorch checkpoint; {unreadable}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} does not hold a network state_dict")
     return state
