@@ -42,6 +42,7 @@ def md5_of(path):
 
 def download(url, path):
     """Stream `url` to `path` through a temporary file, so a failed download leaves no file behind."""
+    started = time.perf_counter()
     with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
         size = int(response.headers.get("Content-Length") or 0) or None
 
@@ -53,6 +54,8 @@ def download(url, path):
                     bar.update(len(chunk))
 
         atomic_write(path, copy, binary=True)
+    print(f"downloaded {url} to {path} ({tqdm.format_sizeof(Path(path).stat().st_size, 'B')}) "
+          f"in {time.perf_counter() - started:.1f}s")
 
 
 def checked_members(tar, archive_path, destination):
@@ -117,7 +120,7 @@ def ensure_extracted(root, folder, archives):
         return target
     root.mkdir(parents=True, exist_ok=True)
     how_to_fix = (f"put {' and '.join(a.describe() for a in archives)} into {root} and rerun, "
-                  f"or extract them there yourself so that {target} exists")
+                  f"or extract {'them' if len(archives) > 1 else 'it'} there yourself so that {target} exists")
     paths = [fetch(archive, root, how_to_fix) for archive in archives]
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}.", suffix=".partial"))
     try:
