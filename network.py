@@ -2,7 +2,12 @@
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
+from torchvision import models
+from torchvision.models.inception import InceptionOutputs
+
+from utils.checkpoint import describe_mismatch
 
 
 class SmallHashNet(nn.Module):
@@ -24,41 +29,97 @@ class SmallHashNet(nn.Module):
         return self.hash_layer(self.features(images))
 
 
+class AlexNetHash(nn.Module):
+    """The paper's AlexNet: torchvision AlexNet's conv features, then a hash_layer holding its fc6 and
+    fc7 (with their dropouts) and a Linear(4096, hash_bit). Input 224x224 (6x6x256 features)."""
+
+    def __init__(self, features, fc6, fc7, hash_bit):
+        super().__init__()
+        self.features = features
+        self.hash_layer = nn.Sequential(nn.Dropout(), fc6, nn.ReLU(inplace=True), nn.Dropout(), fc7,
+                                        nn.ReLU(inplace=True), nn.Linear(fc7.out_features, hash_bit))
+
+    def forward(self, images):
+        return self.hash_layer(torch.flatten(self.features(images), 1))
+
+
+class InceptionV3Hash(models.Inception3):
+    """torchvision's inception_v3 as the paper's "googlenet": fc -> Linear(2048, hash_bit), the auxiliary
+    classifier kept (as in the pretrained model, so the state_dict names match the paper's checkpoints)
+    and the codes returned in training mode too, where torchvision returns (logits, aux_logits)."""
+
+    def __init__(self, hash_bit, imagenet_state=None):
+        # transform_input=True as torchvision sets it for the ImageNet weights, which the paper used.
+        super().__init__(aux_logits=True, transform_input=True, init_weights=imagenet_state is None)
+        load_trunk(self, imagenet_state)
+        self.fc = nn.Linear(self.fc.in_features, hash_bit)
+
+    def forward(self, images):
+        outputs = super().forward(images)
+        return outputs.logits if isinstance(outputs, InceptionOutputs) else outputs
+
+
+def load_trunk(module, imagenet_state):
+    """Load a torchvision ImageNet state_dict into the unmodified torchvision model `module`."""
+    if imagenet_state is None:
+        return
+    try:
+        module.load_state_dict(imagenet_state)
+    except RuntimeError as exc:
+        mismatch = describe_mismatch(module.state_dict(), imagenet_state)
+        raise ValueError(f"they are not {type(module).__name__} ImageNet weights: "
+                         f"{mismatch or str(exc).splitlines()[0]}") from None
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """How to build a backbone and the paper's per-backbone defaults."""
-    build: Callable[..., nn.Module]  # build(hash_bit, pretrained) -> module returning (B, hash_bit)
+    build: Callable[..., nn.Module]  # build(hash_bit, imagenet_state=None) -> module returning (B, hash_bit)
     input_size: int                  # square input side the images are resized to
     default_lr: float                # network learning rate when --lr is 0
     pretrained_available: bool       # whether ImageNet weights exist for it
+    imagenet_weights: object = None  # the torchvision weights enum member the paper's code used
 
 
-def _build_small(hash_bit, pretrained=False):
-    if pretrained:
+def _build_small(hash_bit, imagenet_state=None):
+    if imagenet_state is not None:
         raise ValueError("the small backbone has no pretrained weights")
     return SmallHashNet(hash_bit)
 
 
-def _not_yet(name):
-    def build(hash_bit, pretrained=True):
-        raise NotImplementedError(
-            f"backbone {name!r} is not available in this version yet; use --backbone small")
-    return build
+def _build_alexnet(hash_bit, imagenet_state=None):
+    trunk = models.alexnet()
+    load_trunk(trunk, imagenet_state)
+    return AlexNetHash(trunk.features, trunk.classifier[1], trunk.classifier[4], hash_bit)
+
+
+def _build_resnet(hash_bit, imagenet_state=None):
+    network = models.resnet50()
+    load_trunk(network, imagenet_state)
+    network.fc = nn.Linear(network.fc.in_features, hash_bit)
+    return network
 
 
 BACKBONES = {
     "small": BackboneSpec(_build_small, input_size=32, default_lr=0.05, pretrained_available=False),
-    "alexnet": BackboneSpec(_not_yet("alexnet"), input_size=224, default_lr=0.01, pretrained_available=True),
-    "googlenet": BackboneSpec(_not_yet("googlenet"), input_size=448, default_lr=0.02, pretrained_available=True),
-    "resnet": BackboneSpec(_not_yet("resnet"), input_size=224, default_lr=0.01, pretrained_available=True),
+    "alexnet": BackboneSpec(_build_alexnet, input_size=224, default_lr=0.01, pretrained_available=True,
+                            imagenet_weights=models.AlexNet_Weights.IMAGENET1K_V1),
+    "googlenet": BackboneSpec(InceptionV3Hash, input_size=448, default_lr=0.02, pretrained_available=True,
+                              imagenet_weights=models.Inception_V3_Weights.IMAGENET1K_V1),
+    # The paper's code has no learning rate for resnet (it crashes there); 0.01 as for AlexNet, the
+    # other 224-input backbone trained with the same SGD recipe.
+    "resnet": BackboneSpec(_build_resnet, input_size=224, default_lr=0.01, pretrained_available=True,
+                           imagenet_weights=models.ResNet50_Weights.IMAGENET1K_V1),
 }
 
 
 def build_network(name, hash_bit, pretrained=None):
-    """The hash network `name` with a hash_bit-wide output; pretrained=None means "if weights exist"."""
+    """The hash network `name` with a hash_bit-wide output.
+
+    pretrained: a torchvision ImageNet state_dict of the backbone (see utils/pretrained.py), loaded
+    before the last layer is replaced by the hash layer; None or False for random initialisation.
+    A state_dict that does not fit the backbone raises ValueError.
+    """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    spec = BACKBONES[name]
-    if pretrained is None:
-        pretrained = spec.pretrained_available
-    return spec.build(hash_bit, pretrained=pretrained)
+    return BACKBONES[name].build(hash_bit, imagenet_state=pretrained or None)

@@ -31,6 +31,7 @@ from utils.dist import (DistContext, all_true, barrier, broadcast_object, gather
                         init_distributed, shard_bounds, shutdown, state_fingerprint, sum_over_ranks, sync_buffers)
 from utils.errors import TrainingInterrupted, UserError
 from utils.metrics import map_at_k, retrieval_metrics
+from utils.pretrained import imagenet_state_dict
 from utils.query_images import item_names, query_batch
 from utils.reproducibility import (capture_rng_state, loader_generator, restore_rng_state, seed_everything,
                                    seed_worker)
@@ -104,6 +105,14 @@ def get_args_parser():
     parser.add_argument("--topk", type=positive_int, default=10, help="matches printed per --query image")
     parser.add_argument("--export_index", default=None, metavar="PATH",
                         help="write the database codes as a FAISS IndexBinaryFlat to PATH")
+    parser.add_argument("--cache", action="store_true",
+                        help="decode each image once, resized, into a uint8 memory-mapped file under the data root, "
+                             "reused by later epochs and runs")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", default=None, metavar="PATH",
+                         help="the backbone's ImageNet weights (a torchvision state_dict file); default: torchvision's "
+                              "file from the torch hub cache, downloaded if missing")
+    weights.add_argument("--no_pretrained", action="store_true", help="train the backbone from scratch")
     return parser
 
 
@@ -113,12 +122,31 @@ def run_prefix(args):
 
 def build_splits(spec, args, input_size):
     try:
-        splits = spec.build(Path(args.data_root), args.seed, input_size)
+        splits = spec.build(Path(args.data_root), args.seed, input_size, cache=args.cache)
     except NotImplementedError as exc:
         raise UserError(str(exc)) from None
     if args.subset:
         splits = type(splits)(*(Subset(part, range(min(args.subset, len(part)))) for part in splits))
     return splits
+
+
+def uses_checkpoint(args):
+    """--test, --query and --export_index work with the saved checkpoint instead of training."""
+    return bool(args.test or args.query or args.export_index)
+
+
+def make_network(args, backbone, say=print):
+    """The hash network, starting from ImageNet weights when training (--test loads a whole checkpoint)."""
+    if args.weights and not backbone.pretrained_available:
+        raise UserError(f"--weights: the {args.backbone} backbone has no ImageNet weights to load")
+    if not backbone.pretrained_available or args.no_pretrained or uses_checkpoint(args):
+        return build_network(args.backbone, args.hash_bit)
+    state, source = imagenet_state_dict(backbone.imagenet_weights, args.backbone, args.weights)
+    say(f"{args.backbone}: ImageNet weights from {source}")
+    try:
+        return build_network(args.backbone, args.hash_bit, pretrained=state)
+    except ValueError as exc:
+        raise UserError(f"cannot use {source} for --backbone {args.backbone}: {exc}") from None
 
 
 def make_loaders(splits, args, spec, device, context=DistContext()):
@@ -526,17 +554,21 @@ def run(args, device, context):
     spec = get_dataset_spec(args.dataset)
     backbone = BACKBONES[args.backbone]
     splits = build_splits(spec, args, backbone.input_size)
+    spec = spec.with_classes_of(splits)
     topk = retrieval_depth(args, spec, len(splits.database), say)
     loaders = make_loaders(splits, args, spec, device, context)
-    try:
-        network = build_network(args.backbone, args.hash_bit).to(device)
-    except NotImplementedError as exc:
-        raise UserError(str(exc)) from None
+    # Rank 0 fetches ImageNet weights first, so that ranks do not download the same file at once.
+    if context.is_main:
+        network = make_network(args, backbone, say)
+    barrier(context)
+    if not context.is_main:
+        network = make_network(args, backbone, say)
+    network = network.to(device)
     if device.type == "cuda":
         network = network.to(memory_format=torch.channels_last)
     paths = run_paths(args)
 
-    if args.test or args.query or args.export_index:
+    if uses_checkpoint(args):
         return use_checkpoint(network, splits, loaders, device, args, topk, paths.checkpoint,
                               backbone.input_size, context)
 

@@ -1,9 +1,9 @@
 """What every dataset module provides: a DatasetSpec for the registry and the three retrieval splits."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 
 class RetrievalSplits(NamedTuple):
@@ -16,11 +16,22 @@ class RetrievalSplits(NamedTuple):
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    num_classes: int
+    num_classes: int  # 0: read from the data (the generic list format)
     default_topk: int  # K of mAP@K when --retrieve is 0; 0 means the whole database
-    build: Callable[..., RetrievalSplits]  # build(root, seed, input_size) -> RetrievalSplits
+    build: Callable[..., RetrievalSplits]  # build(root, seed, input_size, cache=False) -> RetrievalSplits
     summary: str
     in_memory: bool = False  # in-memory datasets gain nothing from DataLoader worker processes
+
+    def with_classes_of(self, splits):
+        """This spec, with num_classes taken from the built splits when the dataset leaves it to the data."""
+        return self if self.num_classes else replace(self, num_classes=label_width(splits.train))
+
+
+def label_width(dataset):
+    """C of a dataset's (N, C) labels, read from its .labels (through Subset wrappers)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset.labels.shape[1]
 
 
 class ArrayImageDataset(Dataset):

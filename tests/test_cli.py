@@ -1,6 +1,7 @@
 """Expected mistakes end with one clear line on stderr and a non-zero exit status, never a traceback."""
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,19 @@ def test_bad_flags_are_rejected_by_argparse(argv, expected, capsys):
     assert code == 2 and expected in err
 
 
-def test_dataset_not_available_yet_is_one_line(capsys):
-    code, err = cli_error(["--dataset", "voc2007", "--backbone", "small", "--device", "cpu"], capsys)
+def test_voc_offline_is_one_line(capsys, tmp_path, monkeypatch):
+    from data import archives
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(archives.urllib.request, "urlopen", offline)
+    code, err = cli_error(["--dataset", "voc2007", "--backbone", "small", "--device", "cpu",
+                           "--data_root", str(tmp_path)], capsys)
     assert code == 1 and err.strip().count("\n") == 0
-    assert "dataset 'voc2007' is not available" in err
+    assert err.startswith("error: cannot download http://host.robots.ox.ac.uk/pascal/VOC/voc2007/"
+                          "VOCtrainval_06-Nov-2007.tar ([Errno -2] Name or service not known); put "
+                          "VOCtrainval_06-Nov-2007.tar (md5 c52e279531787c972589f7e41ab4ae64) and "
+                          f"VOCtest_06-Nov-2007.tar (md5 b6e924de25625d8de591ea690078ad9f) into {tmp_path} and rerun")
 
 
 def test_hash_bit_outside_the_code_table(capsys, tmp_path):
@@ -76,11 +86,12 @@ def test_cuda_requested_without_cuda(capsys):
     assert code == 1 and "--device cuda asks for CUDA" in err
 
 
-def test_real_process_exit_status_and_message():
-    result = subprocess.run([sys.executable, "retrieval.py", "--dataset", "flickr", "--backbone", "small"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_real_process_exit_status_and_message(tmp_path):
+    result = subprocess.run([sys.executable, "retrieval.py", "--dataset", "flickr", "--backbone", "small",
+                             "--data_root", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.startswith("error: dataset 'flickr' is not available") and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: no MIRFlickr-25k in {tmp_path / 'flickr25k'}")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_help_lists_the_papers_flags():

@@ -120,7 +120,7 @@ def test_truncated_training_state(tmp_path, capsys):
     state_file = tmp_path / "digits_small_16.last.pt"
     state_file.write_bytes(state_file.read_bytes()[:200])
     code, err = cli_failure(["--epochs", "2", "--output_dir", str(tmp_path), "--resume"], capsys)
-    assert code == 1 and f"cannot read checkpoint {state_file}" in err
+    assert code == 1 and f"cannot read training state {state_file}" in err
 
 
 def test_retrieve_beyond_the_database_is_clamped_with_a_warning(tmp_path, capsys):

@@ -22,24 +22,26 @@ def save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
-def _load(path, missing_hint):
+def _load(path, what, missing, unreadable):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}: {missing_hint}") from None
+        raise UserError(f"no {what} at {path}: {missing}") from None
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}): the file is truncated, "
-                        "corrupt or not a PyTorch checkpoint; retrain or point --checkpoint to a good copy"
-                        ) from None
+        raise UserError(f"cannot read {what} {path} ({type(exc).__name__}): the file is truncated, "
+                        f"corrupt or not a PyTorch checkpoint; {unreadable}") from None
 
 
 def save_state_dict(module, path):
     save({name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}, path)
 
 
-def read_state_dict(path):
-    """The state_dict stored at `path`, with a UserError for a missing or unreadable file."""
-    state = _load(path, "train first (the same command without --test) or pass --checkpoint PATH")
+def read_state_dict(path, what="checkpoint",
+                    missing="train first (the same command without --test) or pass --checkpoint PATH",
+                    unreadable="retrain or point --checkpoint to a good copy"):
+    """The state_dict stored at `path`, with a UserError for a missing or unreadable file; `what` names
+    the kind of file and `missing`/`unreadable` say what to do, in the messages."""
+    state = _load(path, what, missing, unreadable)
     if isinstance(state, dict) and state.get("format") == TRAIN_STATE_FORMAT:
         state = state["network"]  # a .last.pt holds the network too
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -78,7 +80,8 @@ def save_train_state(path, state, args):
 
 def read_train_state(path, args):
     """The training state at `path`, refused (UserError) when it belongs to another experiment."""
-    state = _load(path, "nothing to resume (it is written after every epoch); start without --resume")
+    state = _load(path, "training state", "nothing to resume (it is written after every epoch); start without "
+                  "--resume", "start without --resume")
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         raise UserError(f"{path} is not a training state written by this tool; start without --resume")
     saved = state["args"]

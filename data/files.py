@@ -1,0 +1,90 @@
+"""Datasets of image files: decoded lazily, one image at a time in the DataLoader workers, or read
+from the opt-in uint8 cache (`--cache`, data/image_cache.py). Each dataset family module only lists
+(paths, labels) per split and calls file_splits()."""
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from utils.errors import UserError
+
+from .base import RetrievalSplits
+from .image_cache import CachedImageDataset, ImageCache
+from .transforms import BatchTransform, image_transform, resize_steps
+
+
+class LabelledPaths(NamedTuple):
+    """One split of a file dataset: image paths (str) and their (N, C) 0/1 labels."""
+    paths: list
+    labels: np.ndarray
+
+
+class UnreadableImage(UserError):
+    """An image file that cannot be decoded.
+
+    It is usually raised in a DataLoader worker, and the DataLoader re-raises it in the main process
+    as UnreadableImage(the worker's whole traceback); the user needs only its last line.
+    """
+
+    def __init__(self, message):
+        if "Original Traceback" in message:
+            last_line = message.rstrip().splitlines()[-1]
+            message = last_line.partition(f"{type(self).__name__}: ")[2] or last_line
+        super().__init__(message)
+
+
+def read_rgb(path):
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(f"cannot read image {path} ({exc}); replace the file or remove its line from "
+                              "the split") from None
+
+
+def require_files(paths, listed_in):
+    """Stop before training, not in the middle of an epoch, when listed images are missing."""
+    missing = [path for path in paths if not Path(path).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of the {len(paths)} images listed in {listed_in} do not exist, "
+                        f"e.g. {missing[0]}; check the data folder (see README, Datasets)")
+
+
+class ImageFileDataset(Dataset):
+    """Images read from `paths` when an item is requested; `transform` maps a PIL image to a tensor."""
+
+    def __init__(self, paths, labels, transform):
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} images but {len(labels)} label rows")
+        self.paths = [str(path) for path in paths]
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return self.transform(read_rgb(self.paths[index])), self.labels[index]
+
+
+def file_splits(name, train, query, database, input_size, cache_dir=None):
+    """RetrievalSplits of three LabelledPaths: decoded lazily, or, with a cache_dir, read from the image
+    cache of dataset `name` there (built on first use; one cache for all splits, so each image is
+    decoded once however many splits hold it)."""
+    if cache_dir is None:
+        return RetrievalSplits(
+            train=ImageFileDataset(*train, image_transform(input_size, train=True)),
+            query=ImageFileDataset(*query, image_transform(input_size, train=False)),
+            database=ImageFileDataset(*database, image_transform(input_size, train=False)))
+
+    every_image = list(dict.fromkeys([*train.paths, *query.paths, *database.paths]))
+    decoder = ImageFileDataset(every_image, np.zeros((len(every_image), 0)), v2.Compose(resize_steps(input_size)))
+    cache = ImageCache.open_or_build(cache_dir, name, decoder, input_size)
+    return RetrievalSplits(
+        train=CachedImageDataset(cache, *train, BatchTransform(input_size, train=True)),
+        query=CachedImageDataset(cache, *query, BatchTransform(input_size, train=False)),
+        database=CachedImageDataset(cache, *database, BatchTransform(input_size, train=False)))

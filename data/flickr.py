@@ -1,0 +1,123 @@
+"""MIRFlickr-25k as a multi-label retrieval dataset (38 labels).
+
+Folder DATA_ROOT/flickr25k/ with the images in mirflickr/ (im1.jpg ... im25000.jpg) and the labels in
+either form:
+- prepared (the paper's): img.txt (one image name per line, relative to mirflickr/) and targets.txt
+  (38 labels 0/1 per line, same order);
+- official: annotations/ with the 38 files of mirflickr25k_annotations_v080.zip that list image
+  numbers: the 24 concept files and the 14 *_r1 ("relevant") files. Labels follow the alphabetical
+  order of the file names; images with no label are dropped (24,581 remain).
+Split as the paper's code: a random permutation of the images gives 1,000 queries, the next 4,000 are
+the training set and the rest (19,581) the database. The permutation is drawn from --seed once and
+saved as flickr25k/split_seed{seed}.json (image names in permuted order), which later runs reuse.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from utils.atomic import write_json
+from utils.errors import UserError
+
+from .base import DatasetSpec
+from .files import LabelledPaths, file_splits, require_files
+from .lists import parse_label_row
+
+FOLDER = "flickr25k"
+IMAGES = "mirflickr"
+CONCEPTS = ("animals", "baby", "bird", "car", "clouds", "dog", "female", "flower", "food", "indoor", "lake", "male",
+            "night", "people", "plant_life", "portrait", "river", "sea", "sky", "structures", "sunset", "transport",
+            "tree", "water")
+RELEVANT = ("baby", "bird", "car", "clouds", "dog", "female", "flower", "male", "night", "people", "portrait", "river",
+            "sea", "tree")
+LABELS = tuple(sorted(CONCEPTS + tuple(f"{name}_r1" for name in RELEVANT)))
+NUM_IMAGES = 25000
+QUERY_SIZE, TRAIN_SIZE = 1000, 4000
+
+
+def read_prepared(folder):
+    """(names relative to folder, labels) from img.txt and targets.txt."""
+    img_txt, targets_txt = folder / "img.txt", folder / "targets.txt"
+    try:
+        names = [line.strip() for line in img_txt.read_text().splitlines() if line.strip()]
+        target_lines = [line for line in targets_txt.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise UserError(f"cannot read {exc.filename} ({exc.strerror})") from None
+    if len(names) != len(target_lines):
+        raise UserError(f"{img_txt} lists {len(names)} images but {targets_txt} has {len(target_lines)} label lines")
+    labels = np.array([parse_label_row(line.split(), targets_txt, number, len(LABELS), "MIRFlickr-25k")
+                       for number, line in enumerate(target_lines, start=1)], dtype=np.float32)
+    return [f"{IMAGES}/{name}" for name in names], labels
+
+
+def read_annotations(folder):
+    """(names relative to folder, labels) of the images with at least one label, from annotations/."""
+    labels = np.zeros((NUM_IMAGES, len(LABELS)), dtype=np.float32)
+    for column, label in enumerate(LABELS):
+        path = folder / "annotations" / f"{label}.txt"
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise UserError(f"cannot read {path} ({exc.strerror}); annotations/ needs the 38 label files of "
+                            "mirflickr25k_annotations_v080.zip (24 concepts and 14 *_r1)") from None
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                if not line.strip().isdigit() or not 1 <= int(line) <= NUM_IMAGES:
+                    raise UserError(f"{path} line {number}: expected an image number 1..{NUM_IMAGES}, got {line.strip()!r}")
+                labels[int(line) - 1, column] = 1
+    labelled = np.flatnonzero(labels.any(axis=1))
+    return [f"{IMAGES}/im{index + 1}.jpg" for index in labelled], labels[labelled]
+
+
+def split_order(folder, names, seed):
+    """The image names in the permuted order of `seed`: read from the saved split file, or drawn
+    and saved there."""
+    split_file = folder / f"split_seed{seed}.json"
+    if split_file.exists():
+        try:
+            order = json.loads(split_file.read_text())["order"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"cannot read the saved split {split_file} ({exc}); delete it to draw it again") from None
+        if sorted(order) != sorted(names):
+            raise UserError(f"the saved split {split_file} lists other images ({len(order)}) than {folder} holds "
+                            f"({len(names)}); delete it to draw a new split with --seed {seed}")
+        return order
+    canonical = sorted(names, key=lambda name: (len(name), name))  # im2 before im10
+    order = [canonical[i] for i in np.random.default_rng(seed).permutation(len(canonical))]
+    try:
+        write_json(split_file, {"seed": seed, "query": QUERY_SIZE, "train": TRAIN_SIZE, "order": order})
+    except OSError as exc:
+        print(f"warning: cannot save the split to {split_file} ({exc.strerror}); it is drawn from --seed {seed} "
+              "again next time", file=sys.stderr)
+    return order
+
+
+def build(root, seed, input_size, cache=False):
+    folder = Path(root) / FOLDER
+    if (folder / "img.txt").exists():
+        names, labels = read_prepared(folder)
+        listed_in = folder / "img.txt"
+    elif (folder / "annotations").is_dir():
+        names, labels = read_annotations(folder)
+        listed_in = folder / "annotations"
+    else:
+        raise UserError(f"no MIRFlickr-25k in {folder}: it needs the images in {folder / IMAGES} and either "
+                        f"img.txt + targets.txt or the annotation files in {folder / 'annotations'} "
+                        "(see README, Datasets); or pass --data_root")
+    paths = [str(folder / name) for name in names]
+    require_files(paths, listed_in)
+    row_of = {name: row for row, name in enumerate(names)}
+    rows = np.array([row_of[name] for name in split_order(folder, names, seed)])
+
+    def part(selected):
+        return LabelledPaths([paths[row] for row in selected], labels[selected])
+
+    query, train = part(rows[:QUERY_SIZE]), part(rows[QUERY_SIZE:QUERY_SIZE + TRAIN_SIZE])
+    database = part(rows[QUERY_SIZE + TRAIN_SIZE:])
+    return file_splits("flickr", train, query, database, input_size, cache_dir=folder / "cache" if cache else None)
+
+
+SPEC = DatasetSpec(
+    name="flickr", num_classes=len(LABELS), default_topk=1000, build=build,
+    summary="MIRFlickr-25k: 24,581 labelled images; seeded split 1,000 queries, 4,000 train, the rest database")

@@ -1,0 +1,85 @@
+"""PASCAL VOC 2007 and 2012 as multi-label retrieval datasets (20 classes).
+
+Folder: DATA_ROOT/VOCdevkit/VOC{year}/ with JPEGImages/, Annotations/ and ImageSets/Main/{split}.txt,
+as the official archives extract. When it is missing, the archives are taken from DATA_ROOT (md5
+checked) or downloaded, then extracted. An image's label is the set of its objects' classes in
+Annotations/{id}.xml, every object counted (also those marked difficult), as in the paper's code.
+Splits (paper): VOC2007 train = database = trainval (5,011), query = test (4,952); VOC2012 train =
+database = train (5,717), query = val (5,823).
+"""
+import xml.etree.ElementTree as ElementTree
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import UserError
+
+from .archives import Archive, ensure_extracted
+from .base import DatasetSpec
+from .files import LabelledPaths, file_splits, require_files
+
+CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+           "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+CLASS_INDEX = {name: index for index, name in enumerate(CLASSES)}
+
+VOC_HOST = "http://host.robots.ox.ac.uk/pascal/VOC"
+ARCHIVES = {
+    "2007": [Archive("VOCtrainval_06-Nov-2007.tar", "c52e279531787c972589f7e41ab4ae64",
+                     f"{VOC_HOST}/voc2007/VOCtrainval_06-Nov-2007.tar"),
+             Archive("VOCtest_06-Nov-2007.tar", "b6e924de25625d8de591ea690078ad9f",
+                     f"{VOC_HOST}/voc2007/VOCtest_06-Nov-2007.tar")],
+    "2012": [Archive("VOCtrainval_11-May-2012.tar", "6cd6e144f989b92b3379bac3b3de84fd",
+                     f"{VOC_HOST}/voc2012/VOCtrainval_11-May-2012.tar")],
+}
+SPLITS = {"2007": ("trainval", "test"), "2012": ("train", "val")}  # (train = database, query)
+
+
+def read_image_ids(voc_dir, split):
+    path = Path(voc_dir) / "ImageSets" / "Main" / f"{split}.txt"
+    try:
+        return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise UserError(f"cannot read the VOC split file {path} ({exc.strerror}); {voc_dir} is incomplete: "
+                        "delete it and rerun to extract the official archives again") from None
+
+
+def read_labels(annotation_file):
+    """The 20-class multi-hot label of one Annotations/*.xml file."""
+    try:
+        names = [obj.findtext("name", "").strip() for obj in ElementTree.parse(annotation_file).iter("object")]
+    except (OSError, ElementTree.ParseError) as exc:
+        raise UserError(f"cannot read the VOC annotation {annotation_file} ({exc})") from None
+    label = np.zeros(len(CLASSES), dtype=np.float32)
+    for name in names:
+        if name not in CLASS_INDEX:
+            raise UserError(f"{annotation_file}: object class {name!r} is not one of the 20 VOC classes")
+        label[CLASS_INDEX[name]] = 1
+    return label
+
+
+def read_split(voc_dir, split):
+    """Image paths and labels of one ImageSets/Main split."""
+    ids = read_image_ids(voc_dir, split)
+    paths = [str(Path(voc_dir) / "JPEGImages" / f"{image_id}.jpg") for image_id in ids]
+    require_files(paths, Path(voc_dir) / "ImageSets" / "Main" / f"{split}.txt")
+    labels = np.stack([read_labels(Path(voc_dir) / "Annotations" / f"{image_id}.xml") for image_id in ids])
+    return LabelledPaths(paths, labels)
+
+
+def build(year, root, seed, input_size, cache=False):
+    del seed  # the official splits are fixed
+    voc_dir = ensure_extracted(Path(root), Path("VOCdevkit") / f"VOC{year}", ARCHIVES[year])
+    train_split, query_split = SPLITS[year]
+    train = read_split(voc_dir, train_split)
+    query = read_split(voc_dir, query_split)
+    return file_splits(f"voc{year}", train, query, train, input_size,
+                       cache_dir=voc_dir / "cache" if cache else None)
+
+
+VOC2007 = DatasetSpec(
+    name="voc2007", num_classes=20, default_topk=5011, build=partial(build, "2007"),
+    summary="PASCAL VOC2007: trainval 5,011 = train = database, test 4,952 queries")
+VOC2012 = DatasetSpec(
+    name="voc2012", num_classes=20, default_topk=5717, build=partial(build, "2012"),
+    summary="PASCAL VOC2012: train 5,717 = database, val 5,823 queries")
