@@ -108,6 +108,9 @@ def get_args_parser():
     parser.add_argument("--cache", action="store_true",
                         help="decode each image once, resized, into a uint8 memory-mapped file under the data root, "
                              "reused by later epochs and runs")
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="check every image once before training and leave out missing or undecodable ones "
+                             "(default: stop at the first, naming the file)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", default=None, metavar="PATH",
                          help="the backbone's ImageNet weights (a torchvision state_dict file); default: torchvision's "
@@ -122,11 +125,16 @@ def run_prefix(args):
 
 def build_splits(spec, args, input_size):
     try:
-        splits = spec.build(Path(args.data_root), args.seed, input_size, cache=args.cache)
+        splits = spec.build(Path(args.data_root), args.seed, input_size, cache=args.cache,
+                            skip_bad_images=args.skip_bad_images)
     except NotImplementedError as exc:
         raise UserError(str(exc)) from None
     if args.subset:
         splits = type(splits)(*(Subset(part, range(min(args.subset, len(part)))) for part in splits))
+    for name, part in splits._asdict().items():
+        if len(part) == 0:
+            raise UserError(f"the {name} split of --dataset {args.dataset} is empty; check the data under "
+                            f"--data_root {args.data_root} (see README, Datasets)")
     return splits
 
 

@@ -1,19 +1,21 @@
 """Datasets of image files: decoded lazily, one image at a time in the DataLoader workers, or read
 from the opt-in uint8 cache (`--cache`, data/image_cache.py). Each dataset family module only lists
 (paths, labels) per split and calls file_splits()."""
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 from utils.errors import UserError
 
 from .base import RetrievalSplits
-from .image_cache import CachedImageDataset, ImageCache
+from .image_cache import CachedImageDataset, ImageCache, decode_workers
 from .transforms import BatchTransform, image_transform, resize_steps
 
 
@@ -46,12 +48,49 @@ def read_rgb(path):
                               "the split") from None
 
 
-def require_files(paths, listed_in):
-    """Stop before training, not in the middle of an epoch, when listed images are missing."""
+def require_files(paths, listed_in, allow_missing=False):
+    """Stop before training, not in the middle of an epoch, when listed images are missing (unless they
+    are to be skipped with the unreadable ones, see drop_unreadable)."""
     missing = [path for path in paths if not Path(path).is_file()]
-    if missing:
+    if missing and not allow_missing:
         raise UserError(f"{len(missing)} of the {len(paths)} images listed in {listed_in} do not exist, "
-                        f"e.g. {missing[0]}; check the data folder (see README, Datasets)")
+                        f"e.g. {missing[0]}; check the data folder (see README, Datasets), or pass "
+                        "--skip_bad_images to leave them out")
+
+
+class _Readable(Dataset):
+    """Whether each image decodes; iterated by DataLoader workers to check a dataset in parallel."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            read_rgb(self.paths[index])
+        except UnreadableImage:
+            return False
+        return True
+
+
+def drop_unreadable(splits):
+    """--skip_bad_images: decode every image once (in DataLoader workers) and leave out the missing and
+    unreadable ones, with a warning that counts them. Returns the filtered LabelledPaths, same order."""
+    every_image = list(dict.fromkeys(path for split in splits for path in split.paths))
+    loader = DataLoader(_Readable(every_image), batch_size=64, num_workers=decode_workers(), collate_fn=list)
+    readable = [ok for batch in tqdm(loader, desc="checking images", unit="batch", leave=False) for ok in batch]
+    bad = {path for path, ok in zip(every_image, readable) if not ok}
+    if bad:
+        examples = ", ".join(sorted(bad)[:3])
+        print(f"warning: --skip_bad_images left out {len(bad)} of {len(every_image)} images that are missing or "
+              f"cannot be decoded (e.g. {examples})", file=sys.stderr)
+    kept = []
+    for split in splits:
+        keep = np.array([path not in bad for path in split.paths], dtype=bool)
+        kept.append(LabelledPaths([path for path, ok in zip(split.paths, keep) if ok], split.labels[keep]))
+    return kept
 
 
 class ImageFileDataset(Dataset):
@@ -71,10 +110,12 @@ class ImageFileDataset(Dataset):
         return self.transform(read_rgb(self.paths[index])), self.labels[index]
 
 
-def file_splits(name, train, query, database, input_size, cache_dir=None):
+def file_splits(name, train, query, database, input_size, cache_dir=None, skip_unreadable=False):
     """RetrievalSplits of three LabelledPaths: decoded lazily, or, with a cache_dir, read from the image
     cache of dataset `name` there (built on first use; one cache for all splits, so each image is
-    decoded once however many splits hold it)."""
+    decoded once however many splits hold it). skip_unreadable: see drop_unreadable."""
+    if skip_unreadable:
+        train, query, database = drop_unreadable([train, query, database])
     if cache_dir is None:
         return RetrievalSplits(
             train=ImageFileDataset(*train, image_transform(input_size, train=True)),

@@ -93,7 +93,7 @@ def split_order(folder, names, seed):
     return order
 
 
-def build(root, seed, input_size, cache=False):
+def build(root, seed, input_size, cache=False, skip_bad_images=False):
     folder = Path(root) / FOLDER
     if (folder / "img.txt").exists():
         names, labels = read_prepared(folder)
@@ -106,7 +106,7 @@ def build(root, seed, input_size, cache=False):
                         f"img.txt + targets.txt or the annotation files in {folder / 'annotations'} "
                         "(see README, Datasets); or pass --data_root")
     paths = [str(folder / name) for name in names]
-    require_files(paths, listed_in)
+    require_files(paths, listed_in, allow_missing=skip_bad_images)
     row_of = {name: row for row, name in enumerate(names)}
     rows = np.array([row_of[name] for name in split_order(folder, names, seed)])
 
@@ -115,7 +115,8 @@ def build(root, seed, input_size, cache=False):
 
     query, train = part(rows[:QUERY_SIZE]), part(rows[QUERY_SIZE:QUERY_SIZE + TRAIN_SIZE])
     database = part(rows[QUERY_SIZE + TRAIN_SIZE:])
-    return file_splits("flickr", train, query, database, input_size, cache_dir=folder / "cache" if cache else None)
+    return file_splits("flickr", train, query, database, input_size, cache_dir=folder / "cache" if cache else None,
+                       skip_unreadable=skip_bad_images)
 
 
 SPEC = DatasetSpec(

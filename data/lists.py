@@ -57,25 +57,25 @@ def read_list(list_file, num_classes=0, classes_from=None):
     return LabelledPaths(paths, np.array(rows, dtype=np.float32))
 
 
-def read_folder(folder, num_classes=0, classes_from=None):
+def read_folder(folder, num_classes=0, classes_from=None, allow_missing=False):
     """The three splits of a list-format folder, with the same C in all of them."""
     splits = {}
     for split, file_name in LIST_FILES.items():
         splits[split] = read_list(Path(folder) / file_name, num_classes, classes_from)
-        require_files(splits[split].paths, Path(folder) / file_name)
+        require_files(splits[split].paths, Path(folder) / file_name, allow_missing)
         num_classes, classes_from = splits[split].labels.shape[1], file_name
     return splits
 
 
-def build(name, subfolder, num_classes, root, seed, input_size, cache=False):
+def build(name, subfolder, num_classes, root, seed, input_size, cache=False, skip_bad_images=False):
     del seed  # the lists fix the splits
     folder = Path(root) / subfolder
     if not folder.is_dir():
         raise UserError(f"no folder {folder}: it should hold {', '.join(LIST_FILES.values())} and the images "
                         "they list (see README, Datasets); or pass --data_root")
-    splits = read_folder(folder, num_classes, f"--dataset {name}")
+    splits = read_folder(folder, num_classes, f"--dataset {name}", skip_bad_images)
     return file_splits(name, splits["train"], splits["query"], splits["database"], input_size,
-                       cache_dir=folder / "cache" if cache else None)
+                       cache_dir=folder / "cache" if cache else None, skip_unreadable=skip_bad_images)
 
 
 def list_spec(name, subfolder, num_classes, default_topk, summary):

@@ -58,23 +58,23 @@ def read_labels(annotation_file):
     return label
 
 
-def read_split(voc_dir, split):
+def read_split(voc_dir, split, allow_missing=False):
     """Image paths and labels of one ImageSets/Main split."""
     ids = read_image_ids(voc_dir, split)
     paths = [str(Path(voc_dir) / "JPEGImages" / f"{image_id}.jpg") for image_id in ids]
-    require_files(paths, Path(voc_dir) / "ImageSets" / "Main" / f"{split}.txt")
+    require_files(paths, Path(voc_dir) / "ImageSets" / "Main" / f"{split}.txt", allow_missing)
     labels = np.stack([read_labels(Path(voc_dir) / "Annotations" / f"{image_id}.xml") for image_id in ids])
     return LabelledPaths(paths, labels)
 
 
-def build(year, root, seed, input_size, cache=False):
+def build(year, root, seed, input_size, cache=False, skip_bad_images=False):
     del seed  # the official splits are fixed
     voc_dir = ensure_extracted(Path(root), Path("VOCdevkit") / f"VOC{year}", ARCHIVES[year])
     train_split, query_split = SPLITS[year]
-    train = read_split(voc_dir, train_split)
-    query = read_split(voc_dir, query_split)
+    train = read_split(voc_dir, train_split, skip_bad_images)
+    query = read_split(voc_dir, query_split, skip_bad_images)
     return file_splits(f"voc{year}", train, query, train, input_size,
-                       cache_dir=voc_dir / "cache" if cache else None)
+                       cache_dir=voc_dir / "cache" if cache else None, skip_unreadable=skip_bad_images)
 
 
 VOC2007 = DatasetSpec(
