@@ -1,6 +1,20 @@
 """Expected mistakes (missing data, bad flag values, mismatched checkpoints) that the CLI reports as
 one line and a non-zero exit status instead of a traceback."""
+import sys
 
 
 class UserError(Exception):
     """A problem the user can fix; the message says what is wrong and what to do."""
+
+
+def run_reporting_errors(run, interrupted_hint=""):
+    """Call run() for a command-line entry point: a UserError becomes 'error: ...' on stderr and exit
+    status 1, Ctrl-C a one-line note and status 130, instead of a traceback. Returns run()'s result."""
+    try:
+        return run()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"interrupted{interrupted_hint}", file=sys.stderr)
+        sys.exit(130)
