@@ -101,6 +101,16 @@ def test_flags_the_grid_owns_are_refused(tmp_path):
             compare.cell_args(options, "hyp2", 12, 0, extra)
 
 
+def test_per_loss_flags_reach_only_their_loss(tmp_path):
+    options = compare.get_args_parser().parse_args(
+        ["--losses", "hyp2", "proxy_anchor", "--loss_args", "proxy_anchor=--lr 0.005 --rate 0.01"])
+    assert options.loss_args == [("proxy_anchor", ["--lr", "0.005", "--rate", "0.01"])]
+    assert "Per-loss flags: proxy_anchor `--lr 0.005 --rate 0.01`." in compare.render_markdown(
+        Namespace(**{**vars(options), "dataset": "digits"}), [], [], "cmd")
+    with pytest.raises(UserError, match="--loss_args names dch"):
+        compare.main(["--losses", "hyp2", "--loss_args", "dch=--lr 1", "--output_dir", str(tmp_path)])
+
+
 def test_variants_name_hierarchical_proxies():
     assert compare.split_variant("proxy_anchor_hpl4") == ("proxy_anchor", 4)
     assert compare.split_variant("proxy_anchor") == ("proxy_anchor", 0)
@@ -114,7 +124,7 @@ def test_variants_name_hierarchical_proxies():
 
 def test_paper_figures_stand_next_to_ours():
     options = Namespace(dataset="flickr", backbone="alexnet", bits=[12, 48, 64], seeds=[0, 1], epochs=100,
-                        eval_every=5, subset=0)
+                        eval_every=5, subset=0, loss_args=[])
     rows = [{"loss": "hyp2", "hash_bit": bits, "runs": 2, "map_mean": value, "map_std": 0.01, "topk": 1000,
              "train_seconds_mean": 60.0, "paper_map": compare.paper_map("flickr", "hyp2", bits)}
             for bits, value in [(12, .8), (48, .9), (64, .95)]]
