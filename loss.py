@@ -1,13 +1,144 @@
 """Hashing losses. Each is an nn.Module called as loss(codes, labels) with codes (B, n) real-valued
-network outputs and labels (B, C) multi-hot; learnable state (proxies) lives inside the module."""
+network outputs and labels (B, C) multi-hot; every piece of state (proxies, hash centres, codebooks,
+HashNet's scale, the hierarchy's clusters) lives inside the module as a parameter or buffer, so
+state_dict() round-trips it.
+
+Multi-label convention: a label entry is positive when it is > 0, and two samples are similar when they
+share a label. Formulas and defaults: METHODS.md section 2 (HyP2) and section 6 (the others).
+
+A loss's hyper-parameters are its constructor's keyword arguments, stored as attributes of the same
+name; `hyperparameters()` reports them, and the CLI makes a flag of each (`zeta` and `seed` come from
+the run instead). Pair-based losses use the pairs of distinct samples of the batch.
+"""
+import inspect
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from utils import codetable
+from utils.hadamard import hadamard_matrix
+
+# Hyper-parameters that the run supplies (the code-table threshold, the seed) rather than a loss flag.
+RUN_SUPPLIED = ("zeta", "seed")
 
 
-class HyP2Loss(nn.Module):
+def cosine_matrix(a, b):
+    """(len(a), len(b)) cosine similarities; zero vectors give 0, not NaN."""
+    return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+
+
+def shares_label(labels):
+    """(B, B) bool: samples i and k share at least one label."""
+    positive = (labels > 0).float()
+    return (positive @ positive.T) > 0
+
+
+def distinct_pairs(batch_size, device):
+    """(B, B) bool mask of the pairs (i, k) with i != k: a sample's pair with itself carries no information."""
+    return ~torch.eye(batch_size, dtype=torch.bool, device=device)
+
+
+def masked_mean(values, mask):
+    """Mean of `values` where `mask` holds; 0 (with a zero gradient) when the mask is empty."""
+    return torch.where(mask, values, 0).sum() / mask.sum().clamp(min=1)
+
+
+def balanced_pair_weights(similar, pairs):
+    """HashNet/DCH weights |S|/|S1| for similar and |S|/|S0| for dissimilar pairs among `pairs`."""
+    num_pairs = pairs.sum()
+    num_similar = (similar & pairs).sum()
+    num_dissimilar = num_pairs - num_similar
+    return torch.where(similar, num_pairs / num_similar.clamp(min=1), num_pairs / num_dissimilar.clamp(min=1))
+
+
+def log_one_plus_sum_exp(logits, mask):
+    """Per column j: log(1 + sum over rows i with mask[i, j] of exp(logits[i, j])), without overflow."""
+    masked = torch.where(mask, logits, float("-inf"))
+    zero_row = torch.zeros_like(logits[:1])
+    return torch.logsumexp(torch.cat([zero_row, masked]), dim=0)
+
+
+def log_cosh(values):
+    """log(cosh(x)) for any x: |x| + log(1 + exp(-2|x|)) - log 2 does not overflow."""
+    magnitude = values.abs()
+    return magnitude + F.softplus(-2 * magnitude) - math.log(2.0)
+
+
+def random_signs(shape, generator):
+    """+-1 float tensor with independent fair signs from `generator`."""
+    return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+
+
+class HashingLoss(nn.Module):
+    """Base of every loss: remembers (num_classes, hash_bit) and reports its hyper-parameters."""
+
+    HELP = {}  # hyper-parameter -> one-line description for the CLI flag
+
+    def __init__(self, num_classes, hash_bit):
+        super().__init__()
+        self.num_classes = num_classes
+        self.hash_bit = hash_bit
+
+    @classmethod
+    def published_defaults(cls):
+        """{hyper-parameter: default} from the constructor signature (num_classes, hash_bit excluded)."""
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[3:]
+        return {p.name: p.default for p in parameters}
+
+    def hyperparameters(self):
+        """The effective hyper-parameters of this instance (what a run log records)."""
+        return {name: getattr(self, name) for name in self.published_defaults()}
+
+    def extra_repr(self):
+        settings = ", ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+                             for name, value in self.hyperparameters().items())
+        return f"num_classes={self.num_classes}, hash_bit={self.hash_bit}, {settings}".rstrip(", ")
+
+
+class ProxyLoss(HashingLoss):
+    """A loss with one learnable proxy per class, P in R^{C x n}, kaiming_normal_(mode='fan_out').
+
+    Subclasses implement `loss_given_proxies(codes, labels, proxies, zeta)`, the proxy term for any set
+    of proxies and its labels, so that hierarchical proxies can apply the same formula to coarse levels;
+    `code_penalty(codes)` holds what depends on the codes alone (quantisation) and is counted once.
+    """
+
+    zeta = None  # the code-table threshold, for the losses that use one
+
+    def __init__(self, num_classes, hash_bit):
+        super().__init__(num_classes, hash_bit)
+        self.proxies = nn.Parameter(torch.empty(num_classes, hash_bit))
+        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+
+    def forward(self, codes, labels):
+        return self.loss_given_proxies(codes, labels, self.proxies, self.zeta) + self.code_penalty(codes)
+
+    def loss_given_proxies(self, codes, labels, proxies, zeta):
+        raise NotImplementedError
+
+    def code_penalty(self, codes):
+        return codes.new_zeros(())
+
+    def coarse_zeta(self, num_coarse):
+        """zeta of a level with `num_coarse` proxies: the code table's value for that many classes.
+
+        Falls back to this loss's own zeta where the table has no entry (n > 256, only with --zeta).
+        """
+        if self.zeta is None:
+            return None
+        try:
+            return codetable.zeta(self.hash_bit, num_coarse)
+        except ValueError:
+            return self.zeta
+
+
+def resolve_zeta(hash_bit, num_classes, zeta):
+    return codetable.zeta(hash_bit, num_classes) if zeta is None else float(zeta)
+
+
+class HyP2Loss(ProxyLoss):
     """HyP2 loss (Xu et al., ACM MM 2022): learnable class proxies plus an irrelevant-pair term.
 
     With c_ij = cos(x_i, P_j) and threshold zeta:
@@ -18,46 +149,407 @@ class HyP2Loss(nn.Module):
     zeta=None takes the best-known-code value for (hash_bit, num_classes); beta=0 is proxy-only.
     """
 
-    def __init__(self, num_classes, hash_bit, beta=0.5, zeta=None):
-        super().__init__()
-        self.num_classes = num_classes
-        self.hash_bit = hash_bit
-        self.beta = float(beta)
-        self.zeta = codetable.zeta(hash_bit, num_classes) if zeta is None else float(zeta)
-        self.proxies = nn.Parameter(torch.empty(num_classes, hash_bit))
-        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+    HELP = {"beta": "weight of the irrelevant-pair term (0: proxy only)"}
 
-    def forward(self, codes, labels):
+    def __init__(self, num_classes, hash_bit, beta=0.5, zeta=None):
+        super().__init__(num_classes, hash_bit)
+        self.beta = float(beta)
+        self.zeta = resolve_zeta(hash_bit, num_classes, zeta)
+
+    def loss_given_proxies(self, codes, labels, proxies, zeta):
         codes = codes.float()
         positive = labels > 0
         unit_codes = F.normalize(codes, dim=1)
-        cos = unit_codes @ F.normalize(self.proxies, dim=1).T
+        cos = unit_codes @ F.normalize(proxies, dim=1).T
 
         # Averages over label entries, as the paper's code; a clamp keeps empty sets at 0, not NaN.
         num_positive = positive.sum()
         num_negative = positive.numel() - num_positive
         positive_term = torch.where(positive, 1 - cos, 0).sum() / num_positive.clamp(min=1)
-        negative_term = torch.where(positive, 0, F.relu(cos - self.zeta)).sum() / num_negative.clamp(min=1)
+        negative_term = torch.where(positive, 0, F.relu(cos - zeta)).sum() / num_negative.clamp(min=1)
         loss = positive_term + negative_term
         if self.beta == 0:
             return loss
 
         # Masks instead of indexing the multi-label rows keep this free of host syncs on the GPU.
         multi_label = positive.sum(dim=1) > 1
-        shares_label = (positive.float() @ positive.float().T) > 0
-        irrelevant = ~shares_label & multi_label[:, None] & multi_label[None, :]
+        irrelevant = ~shares_label(labels) & multi_label[:, None] & multi_label[None, :]
         pair_cos = unit_codes @ unit_codes.T
-        pair_term = (torch.where(irrelevant, F.relu(pair_cos - self.zeta), 0).sum()
-                     / irrelevant.sum().clamp(min=1))
-        return loss + self.beta * pair_term
+        return loss + self.beta * masked_mean(F.relu(pair_cos - zeta), irrelevant)
+
+
+class ProxyAnchorLoss(ProxyLoss):
+    """Proxy-Anchor (Kim et al., CVPR 2020), multi-label: every positive label's proxy is an anchor.
+
+      (1/|P+|) sum_{p in P+} log(1 + sum_{i: y_ip=1} exp(-alpha (c_ip - delta)))
+      + (1/C) sum_p log(1 + sum_{i: y_ip=0} exp(alpha (c_ip + delta)))
+    with P+ the proxies with a positive sample in the batch.
+    """
+
+    HELP = {"alpha": "scale alpha", "delta": "margin delta"}
+
+    def __init__(self, num_classes, hash_bit, alpha=32.0, delta=0.1):
+        super().__init__(num_classes, hash_bit)
+        self.alpha = float(alpha)
+        self.delta = float(delta)
+
+    def loss_given_proxies(self, codes, labels, proxies, zeta):
+        positive = labels > 0
+        cos = cosine_matrix(codes.float(), proxies)
+        pull = log_one_plus_sum_exp(-self.alpha * (cos - self.delta), positive)
+        push = log_one_plus_sum_exp(self.alpha * (cos + self.delta), ~positive)
+        anchors = positive.any(dim=0).sum().clamp(min=1)
+        return pull.sum() / anchors + push.sum() / len(proxies)
+
+
+class HHFLoss(ProxyLoss):
+    """HHF (Xu et al., IEEE TMM 2022): Proxy-Anchor with hinged exponents and the code-table zeta.
+
+      (1/|P+|) sum_{p in P+} log(1 + sum_{i: y_ip=1} (exp(alpha relu(1 - delta - c_ip)) - 1))
+      + (1/C) sum_p log(1 + sum_{i: y_ip=0} (exp(alpha relu(c_ip - zeta - delta)) - 1))
+      + quantization * sum_i ||sign(x_i) - x_i||^2
+    """
+
+    HELP = {"alpha": "scale alpha", "delta": "margin delta",
+            "quantization": "weight of the quantisation term sum ||sign(x) - x||^2"}
+
+    def __init__(self, num_classes, hash_bit, alpha=16.0, delta=0.2, quantization=0.001, zeta=None):
+        super().__init__(num_classes, hash_bit)
+        self.alpha = float(alpha)
+        self.delta = float(delta)
+        self.quantization = float(quantization)
+        self.zeta = resolve_zeta(hash_bit, num_classes, zeta)
+
+    def loss_given_proxies(self, codes, labels, proxies, zeta):
+        positive = labels > 0
+        cos = cosine_matrix(codes.float(), proxies)
+        # The hinged exponents are at most alpha * 2, so exp cannot overflow; expm1 keeps small ones exact.
+        pull_terms = torch.expm1(self.alpha * F.relu(1 - self.delta - cos))
+        push_terms = torch.expm1(self.alpha * F.relu(cos - zeta - self.delta))
+        pull = torch.log1p(torch.where(positive, pull_terms, 0).sum(dim=0))
+        push = torch.log1p(torch.where(positive, 0, push_terms).sum(dim=0))
+        anchors = positive.any(dim=0).sum().clamp(min=1)
+        return pull.sum() / anchors + push.sum() / len(proxies)
+
+    def code_penalty(self, codes):
+        codes = codes.float()
+        return self.quantization * (torch.sign(codes) - codes).pow(2).sum()
+
+
+class PairwiseLikelihoodLoss(HashingLoss):
+    """Pairwise likelihood of DHN and DPSH: theta_ik = u_i . u_k / 2 over distinct pairs of the batch,
+
+      mean[log(1 + exp(theta_ik)) - s_ik theta_ik] + quantization * mean(quantization_error(u))
+    """
+
+    HELP = {"quantization": "weight lambda of the quantisation term"}
+
+    def __init__(self, num_classes, hash_bit, quantization=0.1):
+        super().__init__(num_classes, hash_bit)
+        self.quantization = float(quantization)
+
+    def quantization_error(self, codes):
+        raise NotImplementedError
+
+    def forward(self, codes, labels):
+        codes = codes.float()
+        theta = 0.5 * codes @ codes.T
+        likelihood = F.softplus(theta) - shares_label(labels).float() * theta
+        pairs = distinct_pairs(len(codes), codes.device)
+        return masked_mean(likelihood, pairs) + self.quantization * self.quantization_error(codes).mean()
+
+
+class DHNLoss(PairwiseLikelihoodLoss):
+    """DHN (Zhu et al., AAAI 2016): pairwise likelihood + lambda * mean log cosh(|u| - 1)."""
+
+    def quantization_error(self, codes):
+        return log_cosh(codes.abs() - 1)
+
+
+class DPSHLoss(PairwiseLikelihoodLoss):
+    """DPSH (Li et al., IJCAI 2016): pairwise likelihood + lambda * mean (u - sign u)^2."""
+
+    def quantization_error(self, codes):
+        return (codes - torch.sign(codes)).pow(2)
+
+
+class HashNetLoss(HashingLoss):
+    """HashNet (Cao et al., ICCV 2017): weighted pairwise likelihood on u = tanh(scale * x) with
+    theta = alpha u_i . u_k, weights |S|/|S1| (similar) and |S|/|S0| (dissimilar), and the continuation
+    scale = sqrt((epoch - 1) // step + 1), set by the training loop through set_epoch (epochs from 1).
+    """
+
+    HELP = {"alpha": "scale alpha of the inner product", "step": "epochs per continuation step of tanh's scale"}
+
+    def __init__(self, num_classes, hash_bit, alpha=0.1, step=20):
+        super().__init__(num_classes, hash_bit)
+        self.alpha = float(alpha)
+        self.step = int(step)
+        self.register_buffer("scale", torch.ones(()))
+
+    def set_epoch(self, epoch):
+        self.scale.fill_(math.sqrt((epoch - 1) // self.step + 1))
+
+    def forward(self, codes, labels):
+        relaxed = torch.tanh(self.scale * codes.float())
+        theta = self.alpha * relaxed @ relaxed.T
+        similar = shares_label(labels)
+        likelihood = F.softplus(theta) - similar.float() * theta
+        pairs = distinct_pairs(len(codes), codes.device)
+        return masked_mean(balanced_pair_weights(similar, pairs) * likelihood, pairs)
+
+    def hyperparameters(self):
+        return {**super().hyperparameters(), "scale": self.scale.item()}
+
+
+class DCHLoss(HashingLoss):
+    """DCH (Cao et al., CVPR 2018): Cauchy cross-entropy on d = (n/2)(1 - cos) with balanced weights,
+
+      s log(d/gamma) + log(1 + gamma/d)  (= s log(1 + d/gamma) + (1 - s) log(1 + gamma/d))
+      + quantization * mean log(1 + d(|u_i|, 1)/gamma)
+    The cosine is capped at 0.99, as in DCH's code, so that d > 0 for identical codes.
+    """
+
+    HELP = {"gamma": "Cauchy scale gamma", "quantization": "weight lambda of the Cauchy quantisation term"}
+
+    def __init__(self, num_classes, hash_bit, gamma=20.0, quantization=0.1):
+        super().__init__(num_classes, hash_bit)
+        self.gamma = float(gamma)
+        self.quantization = float(quantization)
+
+    def hamming_estimate(self, cos):
+        return (1 - cos.clamp(max=0.99)) * self.hash_bit / 2
+
+    def forward(self, codes, labels):
+        codes = codes.float()
+        distance = self.hamming_estimate(cosine_matrix(codes, codes))
+        similar = shares_label(labels)
+        cauchy = torch.where(similar, torch.log1p(distance / self.gamma), torch.log1p(self.gamma / distance))
+        pairs = distinct_pairs(len(codes), codes.device)
+        pair_term = masked_mean(balanced_pair_weights(similar, pairs) * cauchy, pairs)
+        to_binary = self.hamming_estimate(F.cosine_similarity(codes.abs(), torch.ones_like(codes), dim=1))
+        return pair_term + self.quantization * torch.log1p(to_binary / self.gamma).mean()
+
+
+def hash_centres(num_classes, hash_bit, generator, attempts=20):
+    """CSQ's centres: rows of [H; -H] for a Hadamard matrix H of order hash_bit while they last, then
+    random balanced +-1 rows (redrawn up to `attempts` times until all pairs differ in > n/4 bits)."""
+    hadamard = hadamard_matrix(hash_bit)
+    if hadamard is None:
+        fixed = torch.empty(0, hash_bit)
+    else:
+        rows = torch.from_numpy(hadamard).float()
+        fixed = torch.cat([rows, -rows])[:num_classes]
+    centres = fixed
+    for _ in range(attempts if len(fixed) < num_classes else 0):
+        order = torch.argsort(torch.rand(num_classes - len(fixed), hash_bit, generator=generator), dim=1)
+        centres = torch.cat([fixed, torch.where(order < hash_bit // 2, -1.0, 1.0)])
+        distances = (hash_bit - centres @ centres.T) / 2
+        off_diagonal = distances[~torch.eye(num_classes, dtype=torch.bool)]
+        if off_diagonal.numel() == 0 or off_diagonal.min() > hash_bit / 4:
+            break
+    return centres
+
+
+class CSQLoss(HashingLoss):
+    """CSQ (Yuan et al., CVPR 2020): fixed hash centres; a sample's centre is sign(sum of its classes'
+    centres), zeros broken by a fixed random sign vector;
+
+      L = BCE((tanh u + 1)/2, (h + 1)/2) + quantization * mean((|tanh u| - 1)^2)
+    Centres and tie vector are drawn from `seed`. (tanh u + 1)/2 = sigmoid(2u), so BCE is computed on
+    the logits 2u, which stays finite when tanh saturates.
+    """
+
+    HELP = {"quantization": "weight lambda of the quantisation term"}
+
+    def __init__(self, num_classes, hash_bit, quantization=1e-4, seed=0):
+        super().__init__(num_classes, hash_bit)
+        self.quantization = float(quantization)
+        self.seed = int(seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.register_buffer("centres", hash_centres(num_classes, hash_bit, generator))
+        self.register_buffer("tie_breaker", random_signs((hash_bit,), generator))
+
+    def target_centres(self, labels):
+        summed = (labels > 0).float() @ self.centres
+        return torch.where(summed == 0, self.tie_breaker, torch.sign(summed))
+
+    def forward(self, codes, labels):
+        codes = codes.float()
+        targets = (self.target_centres(labels) + 1) / 2
+        centre_term = F.binary_cross_entropy_with_logits(2 * codes, targets)
+        return centre_term + self.quantization * (torch.tanh(codes).abs() - 1).pow(2).mean()
+
+
+class IDHNLoss(HashingLoss):
+    """IDHN (Zhang & Peng, IEEE TMM 2019), as its TensorFlow code: soft similarity s = cos(y_i, y_k) and
+    softsign codes u = x / (1 + |x|) with ip = u_i . u_k;
+
+      exact pairs (s > 0.99 or s < 0.01): log(1 + exp(theta)) - s theta with theta = scale * ip / n
+      soft pairs: gamma * n * ((ip / n + 1) / 2 - s)^2
+      + quantization * mean | |u| - 1 |
+    """
+
+    HELP = {"scale": "scale of the inner product in the likelihood (the code's 'belta')",
+            "gamma": "weight of the squared loss of soft pairs",
+            "quantization": "weight of the quantisation term"}
+
+    def __init__(self, num_classes, hash_bit, scale=5.0, gamma=0.1, quantization=0.1):
+        super().__init__(num_classes, hash_bit)
+        self.scale = float(scale)
+        self.gamma = float(gamma)
+        self.quantization = float(quantization)
+
+    def forward(self, codes, labels):
+        codes = codes.float()
+        relaxed = F.softsign(codes)
+        positive = (labels > 0).float()
+        similarity = cosine_matrix(positive, positive)
+        exact = (similarity > 0.99) | (similarity < 0.01)
+        normalized_ip = relaxed @ relaxed.T / self.hash_bit
+        theta = self.scale * normalized_ip
+        likelihood = F.softplus(theta) - similarity * theta
+        squared = self.gamma * self.hash_bit * ((normalized_ip + 1) / 2 - similarity).pow(2)
+        pairs = distinct_pairs(len(codes), codes.device)
+        pair_term = masked_mean(torch.where(exact, likelihood, squared), pairs)
+        return pair_term + self.quantization * (relaxed.abs() - 1).abs().mean()
+
+
+def bernoulli_codebook(num_classes, hash_bit, generator, attempts=100):
+    """OrthoHash's codebook: fair +-1 entries, redrawn (up to `attempts` times) until the rows differ."""
+    for _ in range(attempts):
+        codebook = random_signs((num_classes, hash_bit), generator)
+        if len(torch.unique(codebook, dim=0)) == num_classes:
+            break
+    return codebook
+
+
+class OrthoHashLoss(HashingLoss):
+    """OrthoHash (Hoe et al., NeurIPS 2021): cosine-margin softmax against a fixed +-1 codebook,
+
+      logits_k = scale * (cos(x, c_k) - margin * y_k),  L = -sum_k (y_k / sum y) log softmax_k
+    averaged over the samples with a label. The codebook is drawn from `seed`.
+    """
+
+    HELP = {"scale": "logit scale s", "margin": "cosine margin m"}
+
+    def __init__(self, num_classes, hash_bit, scale=8.0, margin=0.2, seed=0):
+        super().__init__(num_classes, hash_bit)
+        self.scale = float(scale)
+        self.margin = float(margin)
+        self.seed = int(seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.register_buffer("codebook", bernoulli_codebook(num_classes, hash_bit, generator))
+
+    def forward(self, codes, labels):
+        positive = (labels > 0).float()
+        logits = self.scale * (cosine_matrix(codes.float(), self.codebook) - self.margin * positive)
+        count = positive.sum(dim=1)
+        per_sample = -(positive / count.clamp(min=1)[:, None] * F.log_softmax(logits, dim=1)).sum(dim=1)
+        return masked_mean(per_sample, count > 0)
+
+
+# Hierarchical proxies: METHODS.md fixes no refresh period or level weight; these are our defaults.
+HIERARCHY_REFRESH_EVERY = 100
+HIERARCHY_COARSE_WEIGHT = 0.5
+
+
+class HierarchicalProxyLoss(nn.Module):
+    """Hierarchical proxies (HPL, Yang et al., WACV 2022) on top of a ProxyLoss.
+
+    The fine proxies are the wrapped loss's class proxies. k-means (scikit-learn, seeded) on their
+    directions groups the C classes into K clusters; a coarse proxy is the mean of its cluster's fine
+    proxies (so the coarse level trains the fine proxies too), and a sample's coarse labels are the
+    clusters of its labels. The loss is
+
+      proxy loss(fine proxies, labels) + weight * proxy loss(coarse proxies, coarse labels) + code penalty
+
+    with the wrapped loss's formula at both levels (HyP2/HHF use zeta of K classes at the coarse one).
+    The clusters are recomputed every `refresh_every` training iterations (at iterations 0, T, 2T, ...);
+    the assignment and the iteration counter are buffers, so they round-trip through state_dict().
+    """
+
+    def __init__(self, base, num_coarse, refresh_every=HIERARCHY_REFRESH_EVERY,
+                 coarse_weight=HIERARCHY_COARSE_WEIGHT, seed=0):
+        super().__init__()
+        if not isinstance(base, ProxyLoss):
+            raise ValueError(f"hierarchical proxies need a proxy loss, not {type(base).__name__}")
+        if not 2 <= num_coarse < base.num_classes:
+            raise ValueError(f"the number of coarse clusters must be in 2..{base.num_classes - 1} "
+                             f"for {base.num_classes} classes, got {num_coarse}")
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+        self.base = base
+        self.num_coarse = int(num_coarse)
+        self.refresh_every = int(refresh_every)
+        self.coarse_weight = float(coarse_weight)
+        self.seed = int(seed)
+        self.coarse_zeta = base.coarse_zeta(self.num_coarse)
+        self.register_buffer("assignment", torch.zeros(base.num_classes, dtype=torch.long))
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self):
+        """Re-cluster the fine proxies: the losses compare directions, so k-means runs on unit vectors."""
+        from sklearn.cluster import KMeans
+        directions = F.normalize(self.base.proxies.detach().float(), dim=1).cpu().double().numpy()
+        clusters = KMeans(n_clusters=self.num_coarse, n_init=10, random_state=self.seed).fit_predict(directions)
+        self.assignment.copy_(torch.as_tensor(clusters, dtype=torch.long))
+
+    def membership(self):
+        """(C, K) one-hot cluster membership of the classes."""
+        return F.one_hot(self.assignment, self.num_coarse).to(self.base.proxies.dtype)
+
+    def coarse_proxies(self):
+        membership = self.membership()
+        sizes = membership.sum(dim=0).clamp(min=1)  # k-means may leave a cluster empty on duplicate proxies
+        return (membership.T @ self.base.proxies) / sizes[:, None]
+
+    def coarse_labels(self, labels):
+        return ((labels > 0).to(self.base.proxies.dtype) @ self.membership() > 0).float()
+
+    def forward(self, codes, labels):
+        if self.training:
+            if int(self.iteration) % self.refresh_every == 0:
+                self.refresh()
+            self.iteration += 1
+        base = self.base
+        fine = base.loss_given_proxies(codes, labels, base.proxies, base.zeta)
+        coarse = base.loss_given_proxies(codes, self.coarse_labels(labels), self.coarse_proxies(), self.coarse_zeta)
+        return fine + self.coarse_weight * coarse + base.code_penalty(codes)
+
+    def hyperparameters(self):
+        settings = {**self.base.hyperparameters(), "hierarchy": self.num_coarse,
+                    "hierarchy_every": self.refresh_every, "hierarchy_weight": self.coarse_weight}
+        if self.coarse_zeta is not None:
+            settings["coarse_zeta"] = self.coarse_zeta
+        return settings
 
     def extra_repr(self):
-        return f"num_classes={self.num_classes}, hash_bit={self.hash_bit}, beta={self.beta}, zeta={self.zeta:.4f}"
+        return (f"num_coarse={self.num_coarse}, refresh_every={self.refresh_every}, "
+                f"coarse_weight={self.coarse_weight}")
 
 
 LOSSES = {
     "hyp2": HyP2Loss,
+    "proxy_anchor": ProxyAnchorLoss,
+    "hhf": HHFLoss,
+    "dhn": DHNLoss,
+    "dpsh": DPSHLoss,
+    "hashnet": HashNetLoss,
+    "dch": DCHLoss,
+    "csq": CSQLoss,
+    "idhn": IDHNLoss,
+    "orthohash": OrthoHashLoss,
 }
+
+PROXY_LOSSES = [name for name, loss_class in LOSSES.items() if issubclass(loss_class, ProxyLoss)]
+
+
+def tunable_hyperparameters(name):
+    """{hyper-parameter: published default} of the loss `name`, without the run-supplied ones."""
+    return {key: value for key, value in LOSSES[name].published_defaults().items() if key not in RUN_SUPPLIED}
 
 
 def build_loss(name, num_classes, hash_bit, **hyperparameters):

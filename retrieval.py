@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from data import DATASETS, get_dataset_spec
-from loss import build_loss
+from loss import (HIERARCHY_COARSE_WEIGHT, HIERARCHY_REFRESH_EVERY, LOSSES, PROXY_LOSSES, HierarchicalProxyLoss,
+                  build_loss, tunable_hyperparameters)
 from network import BACKBONES, build_network
 from utils import codes_cache, codetable
 from utils.atomic import ensure_writable_dir, write_json
@@ -29,7 +30,7 @@ from utils.checkpoint import load_network_weights, read_train_state, save_state_
 from utils.device import select_device
 from utils.dist import (DistContext, all_true, barrier, broadcast_object, gather_objects, gather_rows,
                         init_distributed, shard_bounds, shutdown, state_fingerprint, sum_over_ranks, sync_buffers)
-from utils.errors import TrainingInterrupted, UserError
+from utils.errors import TrainingInterrupted, UserError, run_reporting_errors
 from utils.metrics import map_at_k, retrieval_metrics
 from utils.pretrained import imagenet_state_dict
 from utils.query_images import item_names, query_batch
@@ -78,7 +79,7 @@ def get_args_parser():
     parser.add_argument("--data_root", default="./data", help="folder holding the datasets")
     parser.add_argument("--output_dir", default="./result", help="folder for checkpoints and logs")
     parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint to write/test (default: OUTPUT_DIR/{dataset}_{backbone}_{hash_bit}.ckpt)")
+                        help="checkpoint to write/test (default: OUTPUT_DIR/{dataset}_{backbone}_{hash_bit}[_{loss}].ckpt)")
     parser.add_argument("--workers", type=int, default=-1,
                         help="DataLoader worker processes; -1 = 0 for in-memory datasets, else min(8, CPUs)")
     parser.add_argument("--lr", type=float, default=0, help="network learning rate; 0 = the backbone's default")
@@ -116,11 +117,73 @@ def get_args_parser():
                          help="the backbone's ImageNet weights (a torchvision state_dict file); default: torchvision's "
                               "file from the torch hub cache, downloaded if missing")
     weights.add_argument("--no_pretrained", action="store_true", help="train the backbone from scratch")
+    add_loss_arguments(parser)
     return parser
 
 
+def loss_flag(loss_name, hyperparameter):
+    """The flag (without dashes) of a loss's hyper-parameter: HyP2's beta keeps the paper's --beta."""
+    return "beta" if (loss_name, hyperparameter) == ("hyp2", "beta") else f"{loss_name}_{hyperparameter}"
+
+
+def add_loss_arguments(parser):
+    """--loss, one flag per hyper-parameter of every loss (published defaults), and the hierarchy flags."""
+    parser.add_argument("--loss", default="hyp2", choices=list(LOSSES), help="training loss")
+    group = parser.add_argument_group("loss hyper-parameters (used only by their loss)")
+    for name in LOSSES:
+        for hyperparameter, default in tunable_hyperparameters(name).items():
+            flag = loss_flag(name, hyperparameter)
+            if flag != "beta":  # --beta is defined with the paper's flags
+                group.add_argument(f"--{flag}", type=type(default), default=default,
+                                   help=f"{name}: {LOSSES[name].HELP[hyperparameter]}")
+    group = parser.add_argument_group("hierarchical proxies (HPL) on top of " + ", ".join(PROXY_LOSSES))
+    group.add_argument("--hierarchy", type=non_negative_int, default=0, metavar="K",
+                       help="number of coarse clusters of the class proxies; 0 = no hierarchy")
+    group.add_argument("--hierarchy_every", type=positive_int, default=HIERARCHY_REFRESH_EVERY,
+                       help="re-cluster the proxies every N training iterations")
+    group.add_argument("--hierarchy_weight", type=float, default=HIERARCHY_COARSE_WEIGHT,
+                       help="weight of the coarse level's loss")
+
+
+def loss_label(args):
+    """The loss as output files and tables name it: the loss, plus _hplK with hierarchical proxies."""
+    return args.loss + (f"_hpl{args.hierarchy}" if args.hierarchy else "")
+
+
 def run_prefix(args):
-    return Path(args.output_dir) / f"{args.dataset}_{args.backbone}_{args.hash_bit}"
+    """OUTPUT_DIR/{dataset}_{backbone}_{bits}, plus _{loss} for losses other than hyp2 (the paper's names)."""
+    label = loss_label(args)
+    return Path(args.output_dir) / (f"{args.dataset}_{args.backbone}_{args.hash_bit}"
+                                    + ("" if label == "hyp2" else f"_{label}"))
+
+
+def build_criterion(args, spec):
+    """The loss of --loss with its flags, wrapped in hierarchical proxies when --hierarchy K > 0."""
+    defaults = LOSSES[args.loss].published_defaults()
+    settings = {name: getattr(args, loss_flag(args.loss, name)) for name in tunable_hyperparameters(args.loss)}
+    if "zeta" in defaults:
+        try:
+            settings["zeta"] = codetable.resolve_zeta(args.hash_bit, spec.num_classes, args.zeta, args.codetable)
+        except ValueError as exc:
+            raise UserError(f"--hash_bit {args.hash_bit}: {exc}; or pass --zeta VALUE") from None
+    if "seed" in defaults:
+        settings["seed"] = args.seed
+    criterion = build_loss(args.loss, spec.num_classes, args.hash_bit, **settings)
+    if not args.hierarchy:
+        return criterion
+    if args.loss not in PROXY_LOSSES:
+        raise UserError(f"--hierarchy needs a proxy loss ({', '.join(PROXY_LOSSES)}), not --loss {args.loss}")
+    if not 2 <= args.hierarchy < spec.num_classes:
+        raise UserError(f"--hierarchy {args.hierarchy}: the coarse level needs 2 to {spec.num_classes - 1} "
+                        f"clusters for the {spec.num_classes} classes of {args.dataset}")
+    return HierarchicalProxyLoss(criterion, args.hierarchy, args.hierarchy_every, args.hierarchy_weight, args.seed)
+
+
+def describe_loss(label, criterion):
+    """'loss hyp2 (beta 0.5, zeta 0)' for the header line."""
+    settings = ", ".join(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+                         for name, value in criterion.hyperparameters().items())
+    return f"loss {label} ({settings})"
 
 
 def build_splits(spec, args, input_size):
@@ -580,16 +643,16 @@ def run(args, device, context):
         return use_checkpoint(network, splits, loaders, device, args, topk, paths.checkpoint,
                               backbone.input_size, context)
 
-    try:
-        zeta = codetable.resolve_zeta(args.hash_bit, spec.num_classes, args.zeta, args.codetable)
-    except ValueError as exc:
-        raise UserError(f"--hash_bit {args.hash_bit}: {exc}; or pass --zeta VALUE") from None
-    criterion = build_loss("hyp2", spec.num_classes, args.hash_bit, beta=args.beta, zeta=zeta)
+    criterion = build_criterion(args, spec)
+    loss_settings = criterion.hyperparameters()
+    zeta = loss_settings.get("zeta")
     objective = HashingObjective(network, criterion).to(device)
     lr = args.lr or backbone.default_lr
-    optimizer = torch.optim.SGD([{"params": network.parameters(), "lr": lr},
-                                 {"params": criterion.parameters(), "lr": args.rate}],
-                                momentum=0.9, weight_decay=5e-4)
+    param_groups = [{"params": network.parameters(), "lr": lr}]
+    loss_parameters = list(criterion.parameters())
+    if loss_parameters:  # SGD rejects an empty group, and losses with fixed targets have no parameters
+        param_groups.append({"params": loss_parameters, "lr": args.rate})
+    optimizer = torch.optim.SGD(param_groups, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
     precision = MixedPrecision.from_flag(args.amp, device)
 
@@ -598,6 +661,7 @@ def run(args, device, context):
         ensure_writable_dir(paths.checkpoint.parent, "--checkpoint")
     info = {"num_classes": spec.num_classes, "topk": topk, "zeta": zeta, "device": str(device),
             "world_size": context.world_size, "amp": str(precision.dtype),
+            "loss": {"name": loss_label(args), **loss_settings},
             "sizes": {name: len(part) for name, part in splits._asdict().items()}}
     log = RunLog(run_prefix(args), vars(args), info, enabled=not args.no_save and context.is_main)
     progress = Progress()
@@ -609,7 +673,8 @@ def run(args, device, context):
     if context.enabled:
         trainable = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     header = (f"{args.dataset} / {args.backbone} / {args.hash_bit} bits: {info['sizes']}, "
-              f"zeta {zeta:.4f}, lr {lr:g} (proxies {args.rate:g}), device {device}"
+              f"{describe_loss(loss_label(args), criterion)}, lr {lr:g}"
+              f"{f' (proxies {args.rate:g})' if loss_parameters else ''}, device {device}"
               + (f" x {context.world_size} processes" if context.enabled else ""))
     say(header)
     log.line(header)
@@ -671,14 +736,7 @@ def retrieval_depth(args, spec, database_size, say):
 
 def cli(argv=None):
     args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_reporting_errors(lambda: main(args))
 
 
 if __name__ == "__main__":

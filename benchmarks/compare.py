@@ -1,0 +1,338 @@
+"""Compare losses on one dataset and backbone: a grid of losses x hash bits x seeds, each cell a full
+training run of retrieval.py, summarised in OUTPUT_DIR/compare_{dataset}_{backbone}.md and .csv.
+
+    python benchmarks/compare.py                                   # the README's digits table (~33 min, 2 CPU cores)
+    python benchmarks/compare.py --losses hyp2 dpsh --bits 16 32 --seeds 0
+    python benchmarks/compare.py --dataset voc2007 --backbone googlenet --bits 16 32 48 64 --epochs 100 \\
+        --eval_every 5 --losses hyp2 orthohash proxy_anchor idhn dhn
+    python benchmarks/compare.py ... -- --lr 0.01 --hhf_alpha 8    # flags after -- go to every cell
+
+Losses are the names of `--loss`, or NAME_hplK for NAME with hierarchical proxies of K clusters. Each
+cell trains in-process into OUTPUT_DIR/compare_{dataset}_{backbone}/{loss}_{bits}bit_seed{seed}/ with
+its own logs and checkpoint. A cell whose JSON log is finished with the same settings is reused, so an
+interrupted or extended grid resumes instead of starting over. The tables are rewritten (atomically)
+after every cell.
+
+The digits defaults (10 epochs, one evaluation at the end) fit the 66-run grid into ~27 minutes on a
+quiet 2-core CPU (a run takes ~24 s with data generation and evaluation), inside a 40-minute budget.
+"""
+import argparse
+import contextlib
+import csv
+import datetime
+import io
+import json
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import retrieval  # noqa: E402
+from loss import LOSSES, PROXY_LOSSES  # noqa: E402
+from utils.atomic import write_text  # noqa: E402
+from utils.errors import UserError, run_reporting_errors  # noqa: E402
+
+DEFAULT_LOSSES = [*LOSSES, "hyp2_hpl4"]
+
+# METHODS.md section 5: the paper's mAP@K (HyP2 and the baselines it reproduced), by dataset.
+PAPER = {
+    "flickr": {"backbone": "alexnet", "topk": 1000, "bits": (12, 24, 36, 48), "map": {
+        "hyp2": (.845, .881, .893, .901), "orthohash": (.837, .869, .877, .891),
+        "proxy_anchor": (.796, .831, .834, .853), "csq": (.795, .819, .849, .857),
+        "idhn": (.827, .823, .822, .828), "dhn": (.817, .831, .829, .851), "hashnet": (.791, .826, .841, .848)}},
+    "nuswide": {"backbone": "alexnet", "topk": 5000, "bits": (12, 24, 36, 48), "map": {
+        "hyp2": (.794, .822, .831, .843), "orthohash": (.770, .802, .810, .825),
+        "proxy_anchor": (.767, .802, .809, .815), "csq": (.692, .754, .757, .769),
+        "idhn": (.772, .790, .795, .803), "dhn": (.720, .742, .741, .749), "hashnet": (.643, .694, .737, .750)}},
+    "voc2007": {"backbone": "googlenet", "topk": 5011, "bits": (16, 32, 48, 64), "map": {
+        "hyp2": (.862, .917, .932, .937), "orthohash": (.831, .876, .902, .909),
+        "proxy_anchor": (.752, .802, .836, .841), "idhn": (.772, .801, .796, .772), "dhn": (.735, .743, .737, .728)}},
+    "voc2012": {"backbone": "googlenet", "topk": 5717, "bits": (16, 32, 48, 64), "map": {
+        "hyp2": (.841, .903, .917, .925), "orthohash": (.823, .885, .893, .900),
+        "proxy_anchor": (.722, .795, .804, .823), "idhn": (.785, .805, .797, .785), "dhn": (.722, .721, .718, .701)}},
+}
+
+# Settings that do not change a cell's result, so a finished cell with other values is still reused.
+NOT_SETTINGS = {"output_dir", "checkpoint", "device", "cuda", "workers", "data_root"}
+
+
+def paper_map(dataset, loss, bits):
+    table = PAPER.get(dataset)
+    if table is None or bits not in table["bits"] or loss not in table["map"]:
+        return None
+    return table["map"][loss][table["bits"].index(bits)]
+
+
+def split_variant(variant):
+    """'hyp2' -> ('hyp2', 0); 'proxy_anchor_hpl4' -> ('proxy_anchor', 4)."""
+    loss, hierarchy = re.fullmatch(r"(.+?)(?:_hpl(\d+))?", variant).groups()
+    return loss, int(hierarchy or 0)
+
+
+def parse_variant(variant):
+    """argparse type of --losses: a loss name, or NAME_hplK for a proxy loss with hierarchical proxies."""
+    loss, hierarchy = split_variant(variant)
+    if loss not in LOSSES:
+        raise argparse.ArgumentTypeError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)} (or NAME_hplK)")
+    if hierarchy and loss not in PROXY_LOSSES:
+        raise argparse.ArgumentTypeError(f"{variant}: hierarchical proxies need one of {', '.join(PROXY_LOSSES)}")
+    return variant
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits", help="dataset (as retrieval.py's --dataset)")
+    parser.add_argument("--backbone", default="small", help="backbone (as retrieval.py's --backbone)")
+    parser.add_argument("--losses", nargs="+", type=parse_variant, default=DEFAULT_LOSSES,
+                        help=f"losses to compare (default: {' '.join(DEFAULT_LOSSES)})")
+    parser.add_argument("--bits", nargs="+", type=retrieval.positive_int, default=[12, 24, 48], help="hash bits")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds (each cell is run per seed)")
+    parser.add_argument("--epochs", type=retrieval.positive_int, default=10, help="training epochs per run")
+    parser.add_argument("--eval_every", type=retrieval.positive_int, default=10,
+                        help="evaluate every N epochs; a cell reports its best evaluated mAP")
+    parser.add_argument("--subset", type=retrieval.non_negative_int, default=0,
+                        help="use only the first N images of each split; 0 = all")
+    parser.add_argument("--device", default="auto", help="as retrieval.py's --device")
+    parser.add_argument("--data_root", default="./data", help="folder holding the datasets")
+    parser.add_argument("--output_dir", default="./result", help="folder for the tables and the cells' runs")
+    parser.add_argument("--loss_args", action="append", type=parse_loss_args, default=[], metavar="LOSS=FLAGS",
+                        help="retrieval.py flags for one loss of the grid only, e.g. proxy_anchor='--lr 0.005' "
+                             "(repeatable; the tables list them)")
+    parser.add_argument("--verbose", action="store_true", help="show each run's output")
+    return parser
+
+
+def parse_loss_args(text):
+    """argparse type of --loss_args: 'proxy_anchor=--lr 0.005' -> ('proxy_anchor', ['--lr', '0.005'])."""
+    variant, separator, flags = text.partition("=")
+    if not separator:
+        raise argparse.ArgumentTypeError(f"expected LOSS=FLAGS, got {text!r}")
+    return parse_variant(variant), shlex.split(flags)
+
+
+def split_argv(argv):
+    """(the harness's flags, the flags after '--' that go to every cell's retrieval.py)."""
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1:]
+    return argv, []
+
+
+def grid_root(options):
+    return Path(options.output_dir) / f"compare_{options.dataset}_{options.backbone}"
+
+
+def cell_args(options, variant, bits, seed, extra):
+    """retrieval.py's parsed arguments for one cell."""
+    loss, hierarchy = split_variant(variant)
+    output_dir = grid_root(options) / f"{variant}_{bits}bit_seed{seed}"
+    argv = ["--dataset", options.dataset, "--backbone", options.backbone, "--hash_bit", str(bits),
+            "--seed", str(seed), "--loss", loss, "--hierarchy", str(hierarchy),
+            "--epochs", str(options.epochs), "--eval_every", str(options.eval_every),
+            "--subset", str(options.subset), "--device", options.device, "--data_root", options.data_root,
+            "--output_dir", str(output_dir), *extra]
+    args = retrieval.get_args_parser().parse_args(argv)
+    owned = (args.loss, args.hierarchy, args.hash_bit, args.seed, Path(args.output_dir))
+    if args.test or args.no_save or args.checkpoint or owned != (loss, hierarchy, bits, seed, output_dir):
+        raise UserError("the flags after -- may not set --test, --no_save, --checkpoint, --output_dir or what "
+                        "the grid sets (--loss, --hierarchy, --hash_bit, --seed: use --losses, --bits, --seeds)")
+    return args
+
+
+def finished_record(args):
+    """The cell's JSON log if it finished with these settings, else None."""
+    try:
+        record = json.loads(retrieval.run_prefix(args).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not record.get("finished") or not record.get("best"):
+        return None
+    recorded = record.get("args", {})
+    same = all(recorded[key] == value for key, value in vars(args).items()
+               if key in recorded and key not in NOT_SETTINGS)
+    return record if same else None
+
+
+def run_cell(args, verbose):
+    """Train one cell in-process; returns None on success, else the one-line error."""
+    quiet = contextlib.ExitStack()
+    if not verbose:
+        sink = io.StringIO()
+        quiet.enter_context(contextlib.redirect_stdout(sink))
+        quiet.enter_context(contextlib.redirect_stderr(sink))
+    try:
+        with quiet:
+            retrieval.main(args)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def summarise(values):
+    """(mean, sample standard deviation or None for a single value) of a non-empty list."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def collect(cells):
+    """{(variant, bits): [finished records]} over the grid's cells."""
+    results = {}
+    for (variant, bits, _seed), args in cells.items():
+        record = finished_record(args)
+        results.setdefault((variant, bits), [])
+        if record is not None:
+            results[(variant, bits)].append(record)
+    return results
+
+
+def final_map(record):
+    return [entry["map"] for entry in record["epochs"] if "map" in entry][-1]
+
+
+def table_rows(options, variants, results):
+    """One row per (loss, bits) with the statistics the tables show."""
+    rows = []
+    for variant in variants:
+        for bits in options.bits:
+            records = results[(variant, bits)]
+            row = {"loss": variant, "hash_bit": bits, "runs": len(records),
+                   "paper_map": paper_map(options.dataset, variant, bits)}
+            if records:
+                maps = [r["best"]["map"] for r in records]
+                row["map_mean"], row["map_std"] = summarise(maps)
+                row["map_per_seed"] = maps
+                row["final_map_mean"] = statistics.mean(final_map(r) for r in records)
+                row["train_seconds_mean"] = statistics.mean(r["train_seconds"] for r in records)
+                row["topk"] = records[0]["topk"]
+            rows.append(row)
+    return rows
+
+
+def format_map(row, best):
+    if not row["runs"]:
+        return "—"
+    text = f"{row['map_mean']:.4f}" + (f" ± {row['map_std']:.4f}" if row["map_std"] is not None else "")
+    if row["map_mean"] == best:
+        text = f"**{text}**"
+    if row["paper_map"] is not None:
+        text += f" (paper {row['paper_map']:.3f})"
+    return text
+
+
+def render_markdown(options, variants, rows, command):
+    by_cell = {(row["loss"], row["hash_bit"]): row for row in rows}
+    done = [row for row in rows if row["runs"]]
+    best = {bits: max((row["map_mean"] for row in done if row["hash_bit"] == bits), default=None)
+            for bits in options.bits}
+    topk = done[0]["topk"] if done else "K"
+    header = "| loss | " + " | ".join(f"{bits} bits" for bits in options.bits) + " |"
+    rule = "|---|" + "---|" * len(options.bits)
+    evaluated = ("after the last epoch" if options.eval_every >= options.epochs else
+                 f"best of the evaluations every {options.eval_every} epochs and after the last")
+    seeds = f"seed{'s' if len(options.seeds) > 1 else ''} {' '.join(map(str, options.seeds))}"
+    lines = [f"# Loss comparison: {options.dataset} / {options.backbone}", "",
+             f"mAP@{topk} ({evaluated}), mean ± sample standard deviation over {seeds}; "
+             f"training epochs: {options.epochs}{f', first {options.subset} images of each split' if options.subset else ''}; "
+             f"best mean per column in bold; {sum(row['runs'] for row in rows)} of "
+             f"{len(rows) * len(options.seeds)} runs finished.", ""]
+    paper = PAPER.get(options.dataset)
+    if paper:
+        lines += [f"Paper figures (HyP² paper, {paper['backbone']}, mAP@{paper['topk']}) in brackets"
+                  + ("" if paper["backbone"] == options.backbone else
+                     f"; this grid uses {options.backbone}, so they are a reference, not a target") + ".", ""]
+    if options.loss_args:
+        lines += ["Per-loss flags: " + "; ".join(f"{variant} `{shlex.join(flags)}`"
+                                                 for variant, flags in options.loss_args) + ".", ""]
+    lines += [header, rule]
+    lines += ["| " + " | ".join([variant] + [format_map(by_cell[(variant, bits)], best[bits])
+                                             for bits in options.bits]) + " |" for variant in variants]
+    lines += ["", "Training seconds per run (mean over seeds; evaluation excluded):", "", header, rule]
+    lines += ["| " + " | ".join([variant] + [f"{by_cell[(variant, bits)]['train_seconds_mean']:.1f}"
+                                             if by_cell[(variant, bits)]["runs"] else "—"
+                                             for bits in options.bits]) + " |" for variant in variants]
+    lines += ["", f"Generated {datetime.date.today().isoformat()} by `{command}`.", ""]
+    return "\n".join(lines)
+
+
+CSV_COLUMNS = ["loss", "hash_bit", "runs", "map_mean", "map_std", "map_per_seed", "final_map_mean",
+               "train_seconds_mean", "topk", "paper_map"]
+
+
+def render_csv(rows):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        cells = {key: ("" if row.get(key) is None else row.get(key)) for key in CSV_COLUMNS}
+        cells["map_per_seed"] = ";".join(f"{value:.6f}" for value in row.get("map_per_seed", []))
+        writer.writerow(cells)
+    return buffer.getvalue()
+
+
+def write_tables(options, variants, cells, command):
+    rows = table_rows(options, variants, collect(cells))
+    stem = Path(options.output_dir) / f"compare_{options.dataset}_{options.backbone}"
+    write_text(stem.with_suffix(".md"), render_markdown(options, variants, rows, command))
+    write_text(stem.with_suffix(".csv"), render_csv(rows))
+    return rows, stem
+
+
+def best_per_bits(options, rows):
+    parts = []
+    for bits in options.bits:
+        done = [row for row in rows if row["hash_bit"] == bits and row["runs"]]
+        if done:
+            top = max(done, key=lambda row: row["map_mean"])
+            parts.append(f"{bits} bits {top['loss']} {top['map_mean']:.4f}")
+    return ", ".join(parts) or "no finished runs"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own, extra = split_argv(argv)
+    options = get_args_parser().parse_args(own)
+    variants = list(dict.fromkeys(options.losses))
+    command = "python benchmarks/compare.py " + " ".join(argv)
+    per_loss = dict(options.loss_args)
+    unused = set(per_loss) - set(variants)
+    if unused:
+        raise UserError(f"--loss_args names {', '.join(sorted(unused))}, which --losses does not include")
+    cells = {(variant, bits, seed): cell_args(options, variant, bits, seed, extra + per_loss.get(variant, []))
+             for seed in options.seeds for bits in options.bits for variant in variants}
+    Path(options.output_dir).mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    trained, reused, failures = 0, 0, []
+    progress = tqdm(cells.items(), desc="compare", unit="run", dynamic_ncols=True)
+    for (variant, bits, seed), args in progress:
+        progress.set_postfix_str(f"{variant} {bits} bits seed {seed}")
+        if finished_record(args) is not None:
+            reused += 1
+            continue
+        error = run_cell(args, options.verbose)
+        if error:
+            failures.append(f"{variant} {bits} bits seed {seed}: {error}")
+            tqdm.write(f"failed: {failures[-1]}")
+        else:
+            trained += 1
+        write_tables(options, variants, cells, command)
+    progress.close()
+    rows, stem = write_tables(options, variants, cells, command)
+
+    print(f"{trained + reused}/{len(cells)} runs done ({trained} trained, {reused} reused, {len(failures)} failed) "
+          f"in {time.perf_counter() - started:.0f}s; best: {best_per_bits(options, rows)}; "
+          f"tables {stem}.md, {stem}.csv")
+    return {"trained": trained, "reused": reused, "failed": failures, "rows": rows}
+
+
+def cli(argv=None):
+    summary = run_reporting_errors(lambda: main(argv), "; run the same command again to resume")
+    sys.exit(1 if summary["failed"] else 0)
+
+
+if __name__ == "__main__":
+    cli()
