@@ -22,7 +22,11 @@ class SmallHashNet(nn.Module):
         self.features = nn.Sequential(
             *block(3, width), nn.MaxPool2d(2),
             *block(width, 2 * width), nn.MaxPool2d(2),
-            *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            *block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            # Pooled ReLU features share one large positive mean, which would start every code at the
+            # same sign pattern (pairwise cosine ~0.99); centring them lets all losses separate codes
+            # from the first step.
+            nn.BatchNorm1d(4 * width))
         self.hash_layer = nn.Linear(4 * width, hash_bit)
 
     def forward(self, images):
