@@ -314,7 +314,7 @@ def checkpoint_metrics(codes, key, cached, args, topk, checkpoint):
         raise UserError(f"--top_n: {exc}") from None
     prefix = run_prefix(args)
     metrics["run"] = {"dataset": args.dataset, "backbone": args.backbone, "hash_bit": args.hash_bit,
-                      "loss": getattr(args, "loss", "hyp2"), "seed": args.seed, "subset": args.subset,
+                      "loss": loss_label(args), "seed": args.seed, "subset": args.subset,
                       "checkpoint": str(checkpoint), "checkpoint_sha256": key["checkpoint_sha256"],
                       "codes": str(prefix.with_suffix(".codes.npz")), "codes_from_cache": cached}
     if not args.no_save:
@@ -398,9 +398,9 @@ def use_checkpoint(network, splits, loaders, device, args, topk, checkpoint, inp
         return result
     if args.test:
         metrics = checkpoint_metrics(codes, key, cached, args, topk, checkpoint)
+        report_evaluation(metrics, codes, args)
         print(f"mAP@{topk}: {metrics['map']:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, "
               f"{checkpoint})")
-        report_evaluation(metrics, codes, args)
         result.update(map=metrics["map"], metrics=metrics)
     if args.query:
         result["matches"] = search_images(network, codes, splits.database, device, args, input_size)
