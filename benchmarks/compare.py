@@ -1,7 +1,7 @@
 """Compare losses on one dataset and backbone: a grid of losses x hash bits x seeds, each cell a full
 training run of retrieval.py, summarised in OUTPUT_DIR/compare_{dataset}_{backbone}.md and .csv.
 
-    python benchmarks/compare.py                                   # the README's digits table (~33 min, 2 CPU cores)
+    python benchmarks/compare.py                                   # the README's digits table (~25 min, 2 CPU cores)
     python benchmarks/compare.py --losses hyp2 dpsh --bits 16 32 --seeds 0
     python benchmarks/compare.py --dataset voc2007 --backbone googlenet --bits 16 32 48 64 --epochs 100 \\
         --eval_every 5 --losses hyp2 orthohash proxy_anchor idhn dhn
@@ -13,8 +13,8 @@ its own logs and checkpoint. A cell whose JSON log is finished with the same set
 interrupted or extended grid resumes instead of starting over. The tables are rewritten (atomically)
 after every cell.
 
-The digits defaults (10 epochs, one evaluation at the end) fit the 66-run grid into ~27 minutes on a
-quiet 2-core CPU (a run takes ~24 s with data generation and evaluation), inside a 40-minute budget.
+The digits defaults (10 epochs, one evaluation at the end) fit the 66-run grid into ~25 minutes on a
+quiet 2-core CPU (a run takes ~23 s with data generation and evaluation), inside a 40-minute budget.
 """
 import argparse
 import contextlib
