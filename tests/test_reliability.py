@@ -133,3 +133,10 @@ def test_amp_is_ignored_on_the_cpu(tmp_path):
     result = run(["--epochs", "1", "--amp", "--output_dir", str(tmp_path)])
     record = json.loads((tmp_path / "digits_small_16.json").read_text())
     assert record["amp"] == "None" and result["map"] > 0
+
+
+def test_result_files_get_the_usual_permissions(tmp_path):
+    from utils.atomic import write_text
+    write_text(tmp_path / "atomic.txt", "x")
+    (tmp_path / "plain.txt").write_text("x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode

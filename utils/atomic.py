@@ -8,6 +8,16 @@ from pathlib import Path
 from .errors import UserError
 
 
+def _default_file_mode():
+    """What open() would give a new file: 0o666 minus the umask (mkstemp would give 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 def atomic_write(path, write, binary=False):
     """Call write(file) on a temporary file next to `path`, then atomically rename it to `path`.
 
@@ -21,6 +31,7 @@ def atomic_write(path, write, binary=False):
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except OSError as exc:
         if tmp is not None:
