@@ -40,6 +40,9 @@ from utils.search import search, write_index
 from utils.runlog import RunLog
 
 
+CHECKPOINT_HINT = "Pass the --backbone and --hash_bit it was trained with."
+
+
 def positive_int(text):
     try:
         value = int(text)
@@ -273,13 +276,16 @@ def writes_files(args, context):
     return context.is_main and not args.no_save
 
 
-def save_codes(codes, args, checkpoint):
-    """Write OUTPUT_DIR/{run}.codes.npz keyed by the checkpoint's bytes and the data flags; returns the key."""
-    key = codes_cache.cache_key(checkpoint, args.dataset, args.backbone, args.hash_bit, args.seed, args.subset,
-                                args.data_root)
+def codes_key(args, checkpoint):
+    """What cached codes depend on: the checkpoint's bytes (hashed) and the data flags."""
+    return codes_cache.cache_key(checkpoint, args.dataset, args.backbone, args.hash_bit, args.seed, args.subset,
+                                 args.data_root)
+
+
+def save_codes(codes, args, key):
+    """Write OUTPUT_DIR/{run}.codes.npz under `key` (see codes_key)."""
     run_prefix(args).parent.mkdir(parents=True, exist_ok=True)
     codes_cache.save(run_prefix(args).with_suffix(".codes.npz"), codes, key)
-    return key
 
 
 def codes_of_checkpoint(network, split_sizes, loaders, device, args, checkpoint, context, weights_loaded=False):
@@ -289,18 +295,17 @@ def codes_of_checkpoint(network, split_sizes, loaders, device, args, checkpoint,
     flags; otherwise the network encodes both splits (sharded over ranks) and rank 0 rewrites the file,
     unless --no_save.
     """
-    key = codes_cache.cache_key(checkpoint, args.dataset, args.backbone, args.hash_bit, args.seed, args.subset,
-                                args.data_root)
+    key = codes_key(args, checkpoint)
     codes = codes_cache.load(run_prefix(args).with_suffix(".codes.npz"), key)
     # Same flags but other split sizes means the data on disk changed since the codes were cached.
     fresh = codes is not None and (len(codes.query_bits), len(codes.database_bits)) == split_sizes
     if broadcast_object(context, fresh):
         return codes, key, True
     if not weights_loaded:
-        load_network_weights(network, checkpoint, hint="Pass the --backbone and --hash_bit it was trained with.")
+        load_network_weights(network, checkpoint, hint=CHECKPOINT_HINT)
     codes = codes_cache.CodeSet.from_outputs(*encode_splits(network, loaders[1], loaders[2], device, context))
     if writes_files(args, context):
-        save_codes(codes, args, checkpoint)
+        save_codes(codes, args, key)
     return codes, key, False
 
 
@@ -390,7 +395,7 @@ def use_checkpoint(network, splits, loaders, device, args, topk, checkpoint, inp
     if args.test and context.is_main:
         warn_if_data_differs_from_training(checkpoint, args)
     if args.query:  # queries need the network even when the database codes are cached
-        load_network_weights(network, checkpoint, hint="Pass the --backbone and --hash_bit it was trained with.")
+        load_network_weights(network, checkpoint, hint=CHECKPOINT_HINT)
     codes, key, cached = codes_of_checkpoint(network, (len(splits.query), len(splits.database)), loaders, device,
                                              args, checkpoint, context, weights_loaded=bool(args.query))
     result = {"topk": topk}
@@ -716,9 +721,10 @@ def report_best_checkpoint(best_outputs, network, splits, loaders, device, args,
     if best_outputs is None:
         codes, key, _ = codes_of_checkpoint(network, (len(splits.query), len(splits.database)), loaders, device,
                                             args, paths.checkpoint, context)
-    else:
+    elif context.is_main:
         codes = codes_cache.CodeSet.from_outputs(*best_outputs)
-        key = save_codes(codes, args, paths.checkpoint) if context.is_main else None
+        key = codes_key(args, paths.checkpoint)
+        save_codes(codes, args, key)
     if context.is_main:
         report_evaluation(checkpoint_metrics(codes, key, False, args, topk, paths.checkpoint), codes, args)
 
