@@ -49,10 +49,7 @@ def build_index(database_bits):
 def write_index(database_bits, path):
     """Write the database's IndexBinaryFlat to `path` atomically; faiss.read_index_binary reads it back."""
     serialized = _faiss().serialize_index_binary(build_index(database_bits))
-    try:
-        atomic_write(path, lambda handle: handle.write(serialized.tobytes()), binary=True)
-    except OSError as exc:
-        raise UserError(f"cannot write the index to {path}: {exc.strerror or exc}") from None
+    atomic_write(path, lambda handle: handle.write(serialized.tobytes()), binary=True)  # UserError if it fails
 
 
 def _order_by_distance_then_index(distances, indices):
