@@ -8,14 +8,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 from utils.errors import UserError
 
 from .base import RetrievalSplits
-from .image_cache import CachedImageDataset, ImageCache, decode_workers
+from .image_cache import CachedImageDataset, ImageCache, decoding_loader
 from .transforms import BatchTransform, image_transform, resize_steps
 
 
@@ -79,7 +79,7 @@ def drop_unreadable(splits):
     """--skip_bad_images: decode every image once (in DataLoader workers) and leave out the missing and
     unreadable ones, with a warning that counts them. Returns the filtered LabelledPaths, same order."""
     every_image = list(dict.fromkeys(path for split in splits for path in split.paths))
-    loader = DataLoader(_Readable(every_image), batch_size=64, num_workers=decode_workers(), collate_fn=list)
+    loader = decoding_loader(_Readable(every_image), batch_size=64, collate_fn=list)
     readable = [ok for batch in tqdm(loader, desc="checking images", unit="batch", leave=False) for ok in batch]
     bad = {path for path, ok in zip(every_image, readable) if not ok}
     if bad:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.errors import UserError
+from utils.reproducibility import loader_generator
 
 DECODE_BATCH = 32
 
@@ -34,6 +35,17 @@ def cache_file_for(cache_dir, name, paths, input_size):
 
 def decode_workers():
     return min(8, os.cpu_count() or 1)
+
+
+def decoding_loader(dataset, batch_size=DECODE_BATCH, collate_fn=None):
+    """A DataLoader that decodes `dataset` once in worker processes, in order.
+
+    It has its own generator: a DataLoader draws its workers' seed from the global RNG otherwise, and a
+    run that decodes ahead of training (building the cache, checking images) would then initialise the
+    network unlike a run that does not.
+    """
+    return DataLoader(dataset, batch_size=batch_size, num_workers=decode_workers(), collate_fn=collate_fn,
+                      generator=loader_generator(0))
 
 
 class ImageCache:
@@ -89,10 +101,7 @@ class ImageCache:
         os.close(handle)
         try:
             array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(count, 3, side, side))
-            # Its own generator: a DataLoader draws its workers' seed from the global RNG otherwise, and
-            # the run that builds the cache would then initialise the network unlike the runs that reuse it.
-            loader = DataLoader(decoder, batch_size=DECODE_BATCH, num_workers=decode_workers(),
-                                generator=torch.Generator().manual_seed(0))
+            loader = decoding_loader(decoder)
             row = 0
             with tqdm(total=count, desc=f"caching images at {side}x{side}", unit="img", dynamic_ncols=True) as bar:
                 for images, _ in loader:

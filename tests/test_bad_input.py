@@ -132,3 +132,16 @@ def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys
     assert code == 1 and f"could not write {out}/list_small_16.last.pt (No space left on device); " \
                          "the previous file is intact" in err
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_skipping_nothing_changes_nothing(tmp_path, capsys):
+    """Checking the images must not draw from the global RNG, or the network would start elsewhere."""
+    import json
+    small_list_folder(tmp_path / "data")
+    runs = []
+    for flags in ([], ["--skip_bad_images"]):
+        out = tmp_path / ("checked" if flags else "plain")
+        assert cli(["--dataset", "list", "--data_root", str(tmp_path / "data"), "--output_dir", str(out),
+                    *SMALL, *flags], capsys)[0] == 0
+        runs.append(json.loads((out / "list_small_16.json").read_text())["epochs"])
+    assert [e["loss"] for e in runs[0]] == [e["loss"] for e in runs[1]]
