@@ -81,8 +81,11 @@ class BackboneSpec:
     build: Callable[..., nn.Module]  # build(hash_bit, imagenet_state=None) -> module returning (B, hash_bit)
     input_size: int                  # square input side the images are resized to
     default_lr: float                # network learning rate when --lr is 0
-    pretrained_available: bool       # whether ImageNet weights exist for it
     imagenet_weights: object = None  # the torchvision weights enum member the paper's code used
+
+    @property
+    def pretrained_available(self):
+        return self.imagenet_weights is not None
 
 
 def _build_small(hash_bit, imagenet_state=None):
@@ -105,14 +108,14 @@ def _build_resnet(hash_bit, imagenet_state=None):
 
 
 BACKBONES = {
-    "small": BackboneSpec(_build_small, input_size=32, default_lr=0.05, pretrained_available=False),
-    "alexnet": BackboneSpec(_build_alexnet, input_size=224, default_lr=0.01, pretrained_available=True,
+    "small": BackboneSpec(_build_small, input_size=32, default_lr=0.05),
+    "alexnet": BackboneSpec(_build_alexnet, input_size=224, default_lr=0.01,
                             imagenet_weights=models.AlexNet_Weights.IMAGENET1K_V1),
-    "googlenet": BackboneSpec(InceptionV3Hash, input_size=448, default_lr=0.02, pretrained_available=True,
+    "googlenet": BackboneSpec(InceptionV3Hash, input_size=448, default_lr=0.02,
                               imagenet_weights=models.Inception_V3_Weights.IMAGENET1K_V1),
     # The paper's code has no learning rate for resnet (it crashes there); 0.01 as for AlexNet, the
     # other 224-input backbone trained with the same SGD recipe.
-    "resnet": BackboneSpec(_build_resnet, input_size=224, default_lr=0.01, pretrained_available=True,
+    "resnet": BackboneSpec(_build_resnet, input_size=224, default_lr=0.01,
                            imagenet_weights=models.ResNet50_Weights.IMAGENET1K_V1),
 }
 
