@@ -4,24 +4,34 @@ HashNet's scale, the hierarchy's clusters) lives inside the module as a paramete
 state_dict() round-trips it.
 
 Multi-label convention: a label entry is positive when it is > 0, and two samples are similar when they
-share a label. Formulas and defaults: METHODS.md section 2 (HyP2) and section 6 (the others).
+share a label. Formulas, sources and defaults: docs/METHOD.md §2 (HyP2), §6 (the baselines) and §6.9
+(hierarchical proxies).
 
-A loss's hyper-parameters are its constructor's keyword arguments, stored as attributes of the same
-name; `hyperparameters()` reports them, and the CLI makes a flag of each (`zeta` and `seed` come from
-the run instead). Pair-based losses use the pairs of distinct samples of the batch.
+Each loss declares its tunable hyper-parameters in HYPERPARAMETERS (name, published default, help), in
+the style of pytorch-metric-learning; the constructor takes them as keyword arguments and stores each
+as an attribute of the same name. Two values come from the run instead: the code-table threshold zeta
+(losses with `uses_zeta`) and the seed of fixed random targets (losses with `uses_seed`).
+Pair-based losses use the pairs of distinct samples of the batch.
 """
-import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import codetable
-from utils.hadamard import hadamard_matrix
+from hashing import codetable
+from hashing.hadamard import hadamard_matrix
 
-# Hyper-parameters that the run supplies (the code-table threshold, the seed) rather than a loss flag.
-RUN_SUPPLIED = ("zeta", "seed")
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A tunable hyper-parameter: attribute name, published default (its type is the value's type), a
+    one-line description, and the command-line flag when it is not `{loss}_{name}`."""
+    name: str
+    default: float
+    help: str
+    flag: str = None
 
 
 def cosine_matrix(a, b):
@@ -72,29 +82,46 @@ def random_signs(shape, generator):
 
 
 class HashingLoss(nn.Module):
-    """Base of every loss: remembers (num_classes, hash_bit) and reports its hyper-parameters."""
+    """Base of every loss: remembers (num_classes, hash_bit) and sets the declared hyper-parameters."""
 
-    HELP = {}  # hyper-parameter -> one-line description for the CLI flag
+    name = None  # the --loss name of a registered loss
+    HYPERPARAMETERS = ()
+    uses_zeta = False  # the threshold zeta of the code table (hashing/codetable.py)
+    uses_seed = False  # fixed random targets drawn from the run's seed
 
-    def __init__(self, num_classes, hash_bit):
+    def __init__(self, num_classes, hash_bit, **hyperparameters):
         super().__init__()
         self.num_classes = num_classes
         self.hash_bit = hash_bit
-
-    @classmethod
-    def published_defaults(cls):
-        """{hyper-parameter: default} from the constructor signature (num_classes, hash_bit excluded)."""
-        parameters = list(inspect.signature(cls.__init__).parameters.values())[3:]
-        return {p.name: p.default for p in parameters}
+        unknown = set(hyperparameters) - {spec.name for spec in self.HYPERPARAMETERS}
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no hyper-parameter {', '.join(sorted(unknown))}")
+        for spec in self.HYPERPARAMETERS:
+            setattr(self, spec.name, type(spec.default)(hyperparameters.get(spec.name, spec.default)))
 
     def hyperparameters(self):
-        """The effective hyper-parameters of this instance (what a run log records)."""
-        return {name: getattr(self, name) for name in self.published_defaults()}
+        """The effective hyper-parameters of this instance (what a run log records), zeta and seed included."""
+        names = [spec.name for spec in self.HYPERPARAMETERS]
+        names += ["zeta"] * self.uses_zeta + ["seed"] * self.uses_seed
+        return {name: getattr(self, name) for name in names}
 
     def extra_repr(self):
         settings = ", ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
                              for name, value in self.hyperparameters().items())
         return f"num_classes={self.num_classes}, hash_bit={self.hash_bit}, {settings}".rstrip(", ")
+
+
+class SeededTargetsLoss(HashingLoss):
+    """A loss with fixed random targets (hash centres, a codebook) drawn from `seed`."""
+
+    uses_seed = True
+
+    def __init__(self, num_classes, hash_bit, seed=0, **hyperparameters):
+        super().__init__(num_classes, hash_bit, **hyperparameters)
+        self.seed = int(seed)
+
+    def generator(self):
+        return torch.Generator().manual_seed(self.seed)
 
 
 class ProxyLoss(HashingLoss):
@@ -103,12 +130,17 @@ class ProxyLoss(HashingLoss):
     Subclasses implement `loss_given_proxies(codes, labels, proxies, zeta)`, the proxy term for any set
     of proxies and its labels, so that hierarchical proxies can apply the same formula to coarse levels;
     `code_penalty(codes)` holds what depends on the codes alone (quantisation) and is counted once.
+    Losses with `uses_zeta` take zeta=None as the code table's value for (hash_bit, num_classes).
     """
 
-    zeta = None  # the code-table threshold, for the losses that use one
+    zeta = None
 
-    def __init__(self, num_classes, hash_bit):
-        super().__init__(num_classes, hash_bit)
+    def __init__(self, num_classes, hash_bit, zeta=None, **hyperparameters):
+        super().__init__(num_classes, hash_bit, **hyperparameters)
+        if self.uses_zeta:
+            self.zeta = codetable.zeta(hash_bit, num_classes) if zeta is None else float(zeta)
+        elif zeta is not None:
+            raise TypeError(f"{type(self).__name__} has no threshold zeta")
         self.proxies = nn.Parameter(torch.empty(num_classes, hash_bit))
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
 
@@ -134,10 +166,6 @@ class ProxyLoss(HashingLoss):
             return self.zeta
 
 
-def resolve_zeta(hash_bit, num_classes, zeta):
-    return codetable.zeta(hash_bit, num_classes) if zeta is None else float(zeta)
-
-
 class HyP2Loss(ProxyLoss):
     """HyP2 loss (Xu et al., ACM MM 2022): learnable class proxies plus an irrelevant-pair term.
 
@@ -149,12 +177,10 @@ class HyP2Loss(ProxyLoss):
     zeta=None takes the best-known-code value for (hash_bit, num_classes); beta=0 is proxy-only.
     """
 
-    HELP = {"beta": "weight of the irrelevant-pair term (0: proxy only)"}
+    name = "hyp2"
 
-    def __init__(self, num_classes, hash_bit, beta=0.5, zeta=None):
-        super().__init__(num_classes, hash_bit)
-        self.beta = float(beta)
-        self.zeta = resolve_zeta(hash_bit, num_classes, zeta)
+    HYPERPARAMETERS = (Hyperparameter("beta", 0.5, "weight of the irrelevant-pair term (0: proxy only)", flag="beta"),)
+    uses_zeta = True
 
     def loss_given_proxies(self, codes, labels, proxies, zeta):
         codes = codes.float()
@@ -186,12 +212,9 @@ class ProxyAnchorLoss(ProxyLoss):
     with P+ the proxies with a positive sample in the batch.
     """
 
-    HELP = {"alpha": "scale alpha", "delta": "margin delta"}
+    name = "proxy_anchor"
 
-    def __init__(self, num_classes, hash_bit, alpha=32.0, delta=0.1):
-        super().__init__(num_classes, hash_bit)
-        self.alpha = float(alpha)
-        self.delta = float(delta)
+    HYPERPARAMETERS = (Hyperparameter("alpha", 32.0, "scale alpha"), Hyperparameter("delta", 0.1, "margin delta"))
 
     def loss_given_proxies(self, codes, labels, proxies, zeta):
         positive = labels > 0
@@ -210,15 +233,11 @@ class HHFLoss(ProxyLoss):
       + quantization * sum_i ||sign(x_i) - x_i||^2
     """
 
-    HELP = {"alpha": "scale alpha", "delta": "margin delta",
-            "quantization": "weight of the quantisation term sum ||sign(x) - x||^2"}
+    name = "hhf"
 
-    def __init__(self, num_classes, hash_bit, alpha=16.0, delta=0.2, quantization=0.001, zeta=None):
-        super().__init__(num_classes, hash_bit)
-        self.alpha = float(alpha)
-        self.delta = float(delta)
-        self.quantization = float(quantization)
-        self.zeta = resolve_zeta(hash_bit, num_classes, zeta)
+    HYPERPARAMETERS = (Hyperparameter("alpha", 16.0, "scale alpha"), Hyperparameter("delta", 0.2, "margin delta"),
+                       Hyperparameter("quantization", 0.001, "weight of the quantisation term sum ||sign(x) - x||^2"))
+    uses_zeta = True
 
     def loss_given_proxies(self, codes, labels, proxies, zeta):
         positive = labels > 0
@@ -242,11 +261,7 @@ class PairwiseLikelihoodLoss(HashingLoss):
       mean[log(1 + exp(theta_ik)) - s_ik theta_ik] + quantization * mean(quantization_error(u))
     """
 
-    HELP = {"quantization": "weight lambda of the quantisation term"}
-
-    def __init__(self, num_classes, hash_bit, quantization=0.1):
-        super().__init__(num_classes, hash_bit)
-        self.quantization = float(quantization)
+    HYPERPARAMETERS = (Hyperparameter("quantization", 0.1, "weight lambda of the quantisation term"),)
 
     def quantization_error(self, codes):
         raise NotImplementedError
@@ -262,12 +277,16 @@ class PairwiseLikelihoodLoss(HashingLoss):
 class DHNLoss(PairwiseLikelihoodLoss):
     """DHN (Zhu et al., AAAI 2016): pairwise likelihood + lambda * mean log cosh(|u| - 1)."""
 
+    name = "dhn"
+
     def quantization_error(self, codes):
         return log_cosh(codes.abs() - 1)
 
 
 class DPSHLoss(PairwiseLikelihoodLoss):
     """DPSH (Li et al., IJCAI 2016): pairwise likelihood + lambda * mean (u - sign u)^2."""
+
+    name = "dpsh"
 
     def quantization_error(self, codes):
         return (codes - torch.sign(codes)).pow(2)
@@ -279,12 +298,13 @@ class HashNetLoss(HashingLoss):
     scale = sqrt((epoch - 1) // step + 1), set by the training loop through set_epoch (epochs from 1).
     """
 
-    HELP = {"alpha": "scale alpha of the inner product", "step": "epochs per continuation step of tanh's scale"}
+    name = "hashnet"
 
-    def __init__(self, num_classes, hash_bit, alpha=0.1, step=20):
-        super().__init__(num_classes, hash_bit)
-        self.alpha = float(alpha)
-        self.step = int(step)
+    HYPERPARAMETERS = (Hyperparameter("alpha", 0.1, "scale alpha of the inner product"),
+                       Hyperparameter("step", 20, "epochs per continuation step of tanh's scale"))
+
+    def __init__(self, num_classes, hash_bit, **hyperparameters):
+        super().__init__(num_classes, hash_bit, **hyperparameters)
         self.register_buffer("scale", torch.ones(()))
 
     def set_epoch(self, epoch):
@@ -310,12 +330,10 @@ class DCHLoss(HashingLoss):
     The cosine is capped at 0.99, as in DCH's code, so that d > 0 for identical codes.
     """
 
-    HELP = {"gamma": "Cauchy scale gamma", "quantization": "weight lambda of the Cauchy quantisation term"}
+    name = "dch"
 
-    def __init__(self, num_classes, hash_bit, gamma=20.0, quantization=0.1):
-        super().__init__(num_classes, hash_bit)
-        self.gamma = float(gamma)
-        self.quantization = float(quantization)
+    HYPERPARAMETERS = (Hyperparameter("gamma", 20.0, "Cauchy scale gamma"),
+                       Hyperparameter("quantization", 0.1, "weight lambda of the Cauchy quantisation term"))
 
     def hamming_estimate(self, cos):
         return (1 - cos.clamp(max=0.99)) * self.hash_bit / 2
@@ -351,7 +369,7 @@ def hash_centres(num_classes, hash_bit, generator, attempts=20):
     return centres
 
 
-class CSQLoss(HashingLoss):
+class CSQLoss(SeededTargetsLoss):
     """CSQ (Yuan et al., CVPR 2020): fixed hash centres; a sample's centre is sign(sum of its classes'
     centres), zeros broken by a fixed random sign vector;
 
@@ -360,13 +378,13 @@ class CSQLoss(HashingLoss):
     the logits 2u, which stays finite when tanh saturates.
     """
 
-    HELP = {"quantization": "weight lambda of the quantisation term"}
+    name = "csq"
 
-    def __init__(self, num_classes, hash_bit, quantization=1e-4, seed=0):
-        super().__init__(num_classes, hash_bit)
-        self.quantization = float(quantization)
-        self.seed = int(seed)
-        generator = torch.Generator().manual_seed(self.seed)
+    HYPERPARAMETERS = (Hyperparameter("quantization", 1e-4, "weight lambda of the quantisation term"),)
+
+    def __init__(self, num_classes, hash_bit, seed=0, **hyperparameters):
+        super().__init__(num_classes, hash_bit, seed, **hyperparameters)
+        generator = self.generator()
         self.register_buffer("centres", hash_centres(num_classes, hash_bit, generator))
         self.register_buffer("tie_breaker", random_signs((hash_bit,), generator))
 
@@ -382,7 +400,7 @@ class CSQLoss(HashingLoss):
 
 
 class IDHNLoss(HashingLoss):
-    """IDHN (Zhang & Peng, IEEE TMM 2019), as its TensorFlow code: soft similarity s = cos(y_i, y_k) and
+    """IDHN (Zhang, Zou, Lin, Chen & Wang, IEEE TMM 2020), as its TensorFlow code: soft similarity s = cos(y_i, y_k) and
     softsign codes u = x / (1 + |x|) with ip = u_i . u_k;
 
       exact pairs (s > 0.99 or s < 0.01): log(1 + exp(theta)) - s theta with theta = scale * ip / n
@@ -390,15 +408,11 @@ class IDHNLoss(HashingLoss):
       + quantization * mean | |u| - 1 |
     """
 
-    HELP = {"scale": "scale of the inner product in the likelihood (the code's 'belta')",
-            "gamma": "weight of the squared loss of soft pairs",
-            "quantization": "weight of the quantisation term"}
+    name = "idhn"
 
-    def __init__(self, num_classes, hash_bit, scale=5.0, gamma=0.1, quantization=0.1):
-        super().__init__(num_classes, hash_bit)
-        self.scale = float(scale)
-        self.gamma = float(gamma)
-        self.quantization = float(quantization)
+    HYPERPARAMETERS = (Hyperparameter("scale", 5.0, "scale of the inner product in the likelihood (the code's 'belta')"),
+                       Hyperparameter("gamma", 0.1, "weight of the squared loss of soft pairs"),
+                       Hyperparameter("quantization", 0.1, "weight of the quantisation term"))
 
     def forward(self, codes, labels):
         codes = codes.float()
@@ -424,22 +438,20 @@ def bernoulli_codebook(num_classes, hash_bit, generator, attempts=100):
     return codebook
 
 
-class OrthoHashLoss(HashingLoss):
+class OrthoHashLoss(SeededTargetsLoss):
     """OrthoHash (Hoe et al., NeurIPS 2021): cosine-margin softmax against a fixed +-1 codebook,
 
       logits_k = scale * (cos(x, c_k) - margin * y_k),  L = -sum_k (y_k / sum y) log softmax_k
     averaged over the samples with a label. The codebook is drawn from `seed`.
     """
 
-    HELP = {"scale": "logit scale s", "margin": "cosine margin m"}
+    name = "orthohash"
 
-    def __init__(self, num_classes, hash_bit, scale=8.0, margin=0.2, seed=0):
-        super().__init__(num_classes, hash_bit)
-        self.scale = float(scale)
-        self.margin = float(margin)
-        self.seed = int(seed)
-        generator = torch.Generator().manual_seed(self.seed)
-        self.register_buffer("codebook", bernoulli_codebook(num_classes, hash_bit, generator))
+    HYPERPARAMETERS = (Hyperparameter("scale", 8.0, "logit scale s"), Hyperparameter("margin", 0.2, "cosine margin m"))
+
+    def __init__(self, num_classes, hash_bit, seed=0, **hyperparameters):
+        super().__init__(num_classes, hash_bit, seed, **hyperparameters)
+        self.register_buffer("codebook", bernoulli_codebook(num_classes, hash_bit, self.generator()))
 
     def forward(self, codes, labels):
         positive = (labels > 0).float()
@@ -449,40 +461,38 @@ class OrthoHashLoss(HashingLoss):
         return masked_mean(per_sample, count > 0)
 
 
-# Hierarchical proxies: METHODS.md fixes no refresh period or level weight; these are our defaults.
-HIERARCHY_REFRESH_EVERY = 100
-HIERARCHY_COARSE_WEIGHT = 0.5
-
-
-class HierarchicalProxyLoss(nn.Module):
-    """Hierarchical proxies (HPL, Yang et al., WACV 2022) on top of a ProxyLoss.
+class HierarchicalProxyLoss(HashingLoss):
+    """Hierarchical proxies (HPL, Yang et al., WACV 2022) on top of a ProxyLoss (docs/METHOD.md §6.9).
 
     The fine proxies are the wrapped loss's class proxies. k-means (scikit-learn, seeded) on their
     directions groups the C classes into K clusters; a coarse proxy is the mean of its cluster's fine
     proxies (so the coarse level trains the fine proxies too), and a sample's coarse labels are the
     clusters of its labels. The loss is
 
-      proxy loss(fine proxies, labels) + weight * proxy loss(coarse proxies, coarse labels) + code penalty
+      proxy loss(fine proxies, labels) + coarse_weight * proxy loss(coarse proxies, coarse labels) + code penalty
 
     with the wrapped loss's formula at both levels (HyP2/HHF use zeta of K classes at the coarse one).
     The clusters are recomputed every `refresh_every` training iterations (at iterations 0, T, 2T, ...);
     the assignment and the iteration counter are buffers, so they round-trip through state_dict().
+    The paper fixes no refresh period or level weight; the defaults are ours.
     """
 
-    def __init__(self, base, num_coarse, refresh_every=HIERARCHY_REFRESH_EVERY,
-                 coarse_weight=HIERARCHY_COARSE_WEIGHT, seed=0):
-        super().__init__()
+    HYPERPARAMETERS = (
+        Hyperparameter("refresh_every", 100, "re-cluster the proxies every N training iterations", flag="hierarchy_every"),
+        Hyperparameter("coarse_weight", 0.5, "weight of the coarse level's loss", flag="hierarchy_weight"))
+
+    def __init__(self, base, num_coarse, seed=0, **hyperparameters):
         if not isinstance(base, ProxyLoss):
-            raise ValueError(f"hierarchical proxies need a proxy loss, not {type(base).__name__}")
+            raise ValueError(f"hierarchical proxies need a proxy loss ({', '.join(PROXY_LOSSES)}), "
+                             f"not {base.name or type(base).__name__}")
         if not 2 <= num_coarse < base.num_classes:
-            raise ValueError(f"the number of coarse clusters must be in 2..{base.num_classes - 1} "
-                             f"for {base.num_classes} classes, got {num_coarse}")
-        if refresh_every < 1:
-            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+            raise ValueError(f"the coarse level needs 2 to {base.num_classes - 1} clusters for "
+                             f"{base.num_classes} classes, got {num_coarse}")
+        super().__init__(base.num_classes, base.hash_bit, **hyperparameters)
+        if self.refresh_every < 1:
+            raise ValueError(f"the refresh period must be >= 1 iteration, got {self.refresh_every}")
         self.base = base
         self.num_coarse = int(num_coarse)
-        self.refresh_every = int(refresh_every)
-        self.coarse_weight = float(coarse_weight)
         self.seed = int(seed)
         self.coarse_zeta = base.coarse_zeta(self.num_coarse)
         self.register_buffer("assignment", torch.zeros(base.num_classes, dtype=torch.long))
@@ -526,34 +536,37 @@ class HierarchicalProxyLoss(nn.Module):
             settings["coarse_zeta"] = self.coarse_zeta
         return settings
 
-    def extra_repr(self):
-        return (f"num_coarse={self.num_coarse}, refresh_every={self.refresh_every}, "
-                f"coarse_weight={self.coarse_weight}")
 
-
-LOSSES = {
-    "hyp2": HyP2Loss,
-    "proxy_anchor": ProxyAnchorLoss,
-    "hhf": HHFLoss,
-    "dhn": DHNLoss,
-    "dpsh": DPSHLoss,
-    "hashnet": HashNetLoss,
-    "dch": DCHLoss,
-    "csq": CSQLoss,
-    "idhn": IDHNLoss,
-    "orthohash": OrthoHashLoss,
-}
+LOSSES = {loss_class.name: loss_class for loss_class in (
+    HyP2Loss, ProxyAnchorLoss, HHFLoss, DHNLoss, DPSHLoss, HashNetLoss, DCHLoss, CSQLoss, IDHNLoss, OrthoHashLoss)}
 
 PROXY_LOSSES = [name for name, loss_class in LOSSES.items() if issubclass(loss_class, ProxyLoss)]
 
 
+def loss_label(name, hierarchy=0):
+    """The loss as output files and tables name it: the name, plus _hplK with K hierarchical clusters."""
+    return name + (f"_hpl{hierarchy}" if hierarchy else "")
+
+
 def tunable_hyperparameters(name):
-    """{hyper-parameter: published default} of the loss `name`, without the run-supplied ones."""
-    return {key: value for key, value in LOSSES[name].published_defaults().items() if key not in RUN_SUPPLIED}
+    """{hyper-parameter: published default} of the loss `name` (zeta and seed come from the run)."""
+    return {spec.name: spec.default for spec in LOSSES[name].HYPERPARAMETERS}
 
 
-def build_loss(name, num_classes, hash_bit, **hyperparameters):
-    """The loss registered under `name`, e.g. build_loss("hyp2", 20, 48, beta=0.5)."""
+def build_loss(name, num_classes, hash_bit, zeta=None, seed=0, hierarchy=0, hierarchy_settings=None,
+               **hyperparameters):
+    """The loss registered under `name`, e.g. build_loss("hyp2", 20, 48, beta=0.5).
+
+    zeta and seed reach the losses that use them (zeta=None: the code table's value). hierarchy K > 0
+    wraps the loss in HierarchicalProxyLoss with K clusters and `hierarchy_settings` (its
+    hyper-parameters). Raises ValueError for an unknown name or impossible settings.
+    """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}")
-    return LOSSES[name](num_classes, hash_bit, **hyperparameters)
+    loss_class = LOSSES[name]
+    run_supplied = {"zeta": zeta} if loss_class.uses_zeta else {}
+    run_supplied.update({"seed": seed} if loss_class.uses_seed else {})
+    loss = loss_class(num_classes, hash_bit, **run_supplied, **hyperparameters)
+    if not hierarchy:
+        return loss
+    return HierarchicalProxyLoss(loss, hierarchy, seed, **(hierarchy_settings or {}))

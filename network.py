@@ -123,7 +123,7 @@ BACKBONES = {
 def build_network(name, hash_bit, pretrained=None):
     """The hash network `name` with a hash_bit-wide output.
 
-    pretrained: a torchvision ImageNet state_dict of the backbone (see utils/pretrained.py), loaded
+    pretrained: a torchvision ImageNet state_dict of the backbone (see utils/checkpoint.imagenet_state_dict), loaded
     before the last layer is replaced by the hash layer; None or False for random initialisation.
     A state_dict that does not fit the backbone raises ValueError.
     """

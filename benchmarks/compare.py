@@ -5,7 +5,7 @@ training run of retrieval.py, summarised in OUTPUT_DIR/compare_{dataset}_{backbo
     python benchmarks/compare.py --losses hyp2 dpsh --bits 16 32 --seeds 0
     python benchmarks/compare.py --dataset voc2007 --backbone googlenet --bits 16 32 48 64 --epochs 100 \\
         --eval_every 5 --losses hyp2 orthohash proxy_anchor idhn dhn
-    python benchmarks/compare.py ... -- --lr 0.01 --hhf_alpha 8    # flags after -- go to every cell
+    python benchmarks/compare.py ... --lr 0.01 --hhf_alpha 8       # any retrieval.py flag goes to every cell
 
 Losses are the names of `--loss`, or NAME_hplK for NAME with hierarchical proxies of K clusters. Each
 cell trains in-process into OUTPUT_DIR/compare_{dataset}_{backbone}/{loss}_{bits}bit_seed{seed}/ with
@@ -21,7 +21,6 @@ import contextlib
 import csv
 import datetime
 import io
-import json
 import re
 import shlex
 import statistics
@@ -36,10 +35,11 @@ import retrieval  # noqa: E402
 from loss import LOSSES, PROXY_LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.errors import UserError, run_reporting_errors  # noqa: E402
+from utils.runlog import read_run_log  # noqa: E402
 
 DEFAULT_LOSSES = [*LOSSES, "hyp2_hpl4"]
 
-# METHODS.md section 5: the paper's mAP@K (HyP2 and the baselines it reproduced), by dataset.
+# docs/METHOD.md §5: the paper's mAP@K (HyP2 and the baselines it reproduced), by dataset.
 PAPER = {
     "flickr": {"backbone": "alexnet", "topk": 1000, "bits": (12, 24, 36, 48), "map": {
         "hyp2": (.845, .881, .893, .901), "orthohash": (.837, .869, .877, .891),
@@ -57,8 +57,11 @@ PAPER = {
         "proxy_anchor": (.722, .795, .804, .823), "idhn": (.785, .805, .797, .785), "dhn": (.722, .721, .718, .701)}},
 }
 
+# The grid's own flags, which are not retrieval.py's.
+GRID_FLAGS = {"losses", "bits", "seeds", "loss_args", "verbose"}
+
 # Settings that do not change a cell's result, so a finished cell with other values is still reused.
-NOT_SETTINGS = {"output_dir", "checkpoint", "device", "cuda", "workers", "data_root"}
+NOT_SETTINGS = {"output_dir", "checkpoint", "device", "cuda", "workers", "data_root", "no_progress"}
 
 
 def paper_map(dataset, loss, bits):
@@ -84,26 +87,27 @@ def parse_variant(variant):
     return variant
 
 
+# retrieval.py flags that the grid sets per cell (or that would stop a cell from training).
+GRID_OWNED = ("loss", "hierarchy", "hash_bit", "seed", "test", "no_save", "checkpoint", "query", "export_index")
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="digits", help="dataset (as retrieval.py's --dataset)")
-    parser.add_argument("--backbone", default="small", help="backbone (as retrieval.py's --backbone)")
-    parser.add_argument("--losses", nargs="+", type=parse_variant, default=DEFAULT_LOSSES,
-                        help=f"losses to compare (default: {' '.join(DEFAULT_LOSSES)})")
-    parser.add_argument("--bits", nargs="+", type=retrieval.positive_int, default=[12, 24, 48], help="hash bits")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds (each cell is run per seed)")
-    parser.add_argument("--epochs", type=retrieval.positive_int, default=10, help="training epochs per run")
-    parser.add_argument("--eval_every", type=retrieval.positive_int, default=10,
-                        help="evaluate every N epochs; a cell reports its best evaluated mAP")
-    parser.add_argument("--subset", type=retrieval.non_negative_int, default=0,
-                        help="use only the first N images of each split; 0 = all")
-    parser.add_argument("--device", default="auto", help="as retrieval.py's --device")
-    parser.add_argument("--data_root", default="./data", help="folder holding the datasets")
-    parser.add_argument("--output_dir", default="./result", help="folder for the tables and the cells' runs")
-    parser.add_argument("--loss_args", action="append", type=parse_loss_args, default=[], metavar="LOSS=FLAGS",
-                        help="retrieval.py flags for one loss of the grid only, e.g. proxy_anchor='--lr 0.005' "
-                             "(repeatable; the tables list them)")
-    parser.add_argument("--verbose", action="store_true", help="show each run's output")
+    """The grid's flags on top of every retrieval.py flag, which reach every cell (--output_dir is the
+    folder of the tables and the cells' runs)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[retrieval.get_args_parser(add_help=False)])
+    grid = parser.add_argument_group("the grid")
+    grid.add_argument("--losses", nargs="+", type=parse_variant, default=DEFAULT_LOSSES,
+                      help=f"losses to compare (default: {' '.join(DEFAULT_LOSSES)})")
+    grid.add_argument("--bits", nargs="+", type=retrieval.positive_int, default=[12, 24, 48], help="hash bits")
+    grid.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds (each cell is run per seed)")
+    grid.add_argument("--loss_args", action="append", type=parse_loss_args, default=[], metavar="LOSS=FLAGS",
+                      help="retrieval.py flags for one loss of the grid only, e.g. proxy_anchor='--lr 0.005' "
+                           "(repeatable; the tables list them)")
+    grid.add_argument("--verbose", action="store_true", help="show each run's output")
+    # The digits table's budget: 10 epochs, one evaluation at the end.
+    parser.set_defaults(dataset="digits", backbone="small", epochs=10, eval_every=10,
+                        **{flag: None for flag in GRID_OWNED})
     return parser
 
 
@@ -115,40 +119,38 @@ def parse_loss_args(text):
     return parse_variant(variant), shlex.split(flags)
 
 
-def split_argv(argv):
-    """(the harness's flags, the flags after '--' that go to every cell's retrieval.py)."""
-    if "--" in argv:
-        cut = argv.index("--")
-        return argv[:cut], argv[cut + 1:]
-    return argv, []
+def refuse_grid_owned(options):
+    """The grid sets these per cell: a value for all cells is a mistake."""
+    given = [flag for flag in GRID_OWNED if getattr(options, flag) not in (None, False)]
+    if given:
+        raise UserError(f"compare.py may not be given --{', --'.join(given)}: the grid sets --loss, --hierarchy, "
+                        "--hash_bit and --seed per cell (use --losses, --bits, --seeds) and every cell trains")
 
 
 def grid_root(options):
     return Path(options.output_dir) / f"compare_{options.dataset}_{options.backbone}"
 
 
-def cell_args(options, variant, bits, seed, extra):
-    """retrieval.py's parsed arguments for one cell."""
+def cell_args(options, variant, bits, seed, extra=()):
+    """retrieval.py's parsed arguments for one cell: the grid's flags, then `extra` (that loss's --loss_args)."""
     loss, hierarchy = split_variant(variant)
     output_dir = grid_root(options) / f"{variant}_{bits}bit_seed{seed}"
-    argv = ["--dataset", options.dataset, "--backbone", options.backbone, "--hash_bit", str(bits),
-            "--seed", str(seed), "--loss", loss, "--hierarchy", str(hierarchy),
-            "--epochs", str(options.epochs), "--eval_every", str(options.eval_every),
-            "--subset", str(options.subset), "--device", options.device, "--data_root", options.data_root,
-            "--output_dir", str(output_dir), *extra]
-    args = retrieval.get_args_parser().parse_args(argv)
-    owned = (args.loss, args.hierarchy, args.hash_bit, args.seed, Path(args.output_dir))
-    if args.test or args.no_save or args.checkpoint or owned != (loss, hierarchy, bits, seed, output_dir):
-        raise UserError("the flags after -- may not set --test, --no_save, --checkpoint, --output_dir or what "
-                        "the grid sets (--loss, --hierarchy, --hash_bit, --seed: use --losses, --bits, --seeds)")
+    owned = dict(loss=loss, hierarchy=hierarchy, hash_bit=bits, seed=seed, output_dir=str(output_dir), test=False,
+                 no_save=False, checkpoint=None, query=None, export_index=None)
+    settings = {key: value for key, value in vars(options).items() if key not in GRID_FLAGS}
+    args = retrieval.get_args_parser().parse_args(list(extra), namespace=argparse.Namespace(**{**settings, **owned}))
+    if any(getattr(args, key) != value for key, value in owned.items()):
+        raise UserError("the per-loss flags may not set --test, --no_save, --checkpoint, --output_dir, --query, "
+                        "--export_index or what the grid sets (--loss, --hierarchy, --hash_bit, --seed: use --losses, "
+                        "--bits, --seeds)")
     return args
 
 
 def finished_record(args):
-    """The cell's JSON log if it finished with these settings, else None."""
+    """The cell's run log (utils/runlog.py read_run_log) if it finished with these settings, else None."""
     try:
-        record = json.loads(retrieval.run_prefix(args).with_suffix(".json").read_text())
-    except (OSError, ValueError):
+        record = read_run_log(retrieval.run_files(args).event_log)
+    except OSError:
         return None
     if not record.get("finished") or not record.get("best"):
         return None
@@ -293,15 +295,15 @@ def best_per_bits(options, rows):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    own, extra = split_argv(argv)
-    options = get_args_parser().parse_args(own)
+    options = get_args_parser().parse_args([arg for arg in argv if arg != "--"])  # "--" was once required
+    refuse_grid_owned(options)
     variants = list(dict.fromkeys(options.losses))
     command = "python benchmarks/compare.py " + " ".join(argv)
     per_loss = dict(options.loss_args)
     unused = set(per_loss) - set(variants)
     if unused:
         raise UserError(f"--loss_args names {', '.join(sorted(unused))}, which --losses does not include")
-    cells = {(variant, bits, seed): cell_args(options, variant, bits, seed, extra + per_loss.get(variant, []))
+    cells = {(variant, bits, seed): cell_args(options, variant, bits, seed, per_loss.get(variant, []))
              for seed in options.seeds for bits in options.bits for variant in variants}
     Path(options.output_dir).mkdir(parents=True, exist_ok=True)
 

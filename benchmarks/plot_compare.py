@@ -4,9 +4,9 @@ like the paper's figures: precision@top-N, precision-recall over Hamming radii, 
     python benchmarks/plot_compare.py result/voc2007_googlenet_48 other/voc2007_googlenet_48 \\
         --labels HyP2 DHN --out result/compare_voc2007_48
 
-Each RUN is a run prefix or any of its files ({run}.metrics.json, {run}.json, {run}.ckpt, ...). The
+Each RUN is a run prefix or any of its files ({run}.metrics.json, {run}.jsonl, {run}.ckpt, ...). The
 metrics file (written by --test or at the end of training) gives the top-N and PR curves, the training
-log {run}.json the convergence curve; a run without one of them is left out of that figure. Writes
+log {run}.jsonl the convergence curve; a run without one of them is left out of that figure. Writes
 OUT.topn.png, OUT.pr.png and OUT.convergence.png.
 """
 import argparse
@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import plots  # noqa: E402
+from hashing import plots  # noqa: E402
+from utils.runlog import read_run_log  # noqa: E402
 
-RUN_FILE_SUFFIXES = (".metrics.json", ".codes.npz", ".json", ".ckpt", ".txt")
+RUN_FILE_SUFFIXES = (".metrics.json", ".codes.npz", ".jsonl", ".json", ".ckpt", ".txt", ".last.pt")
 
 
 def run_prefix(path):
@@ -35,10 +36,18 @@ def read_json(path):
         return None
 
 
+def read_training_log(prefix):
+    """The run's event log folded into one record; older runs wrote that record as {run}.json."""
+    try:
+        return read_run_log(Path(f"{prefix}.jsonl"))
+    except OSError:
+        return read_json(Path(f"{prefix}.json"))
+
+
 def load_run(path):
     """(prefix, metrics or None, training log or None)."""
     prefix = run_prefix(path)
-    return prefix, read_json(Path(f"{prefix}.metrics.json")), read_json(Path(f"{prefix}.json"))
+    return prefix, read_json(Path(f"{prefix}.metrics.json")), read_training_log(prefix)
 
 
 def run_description(metrics, log):
@@ -77,7 +86,7 @@ def main(argv=None):
     runs = [load_run(path) for path in args.runs]
     missing = [str(prefix) for prefix, metrics, log in runs if metrics is None and log is None]
     if missing:
-        parser.exit(1, f"error: no {{run}}.metrics.json or {{run}}.json for: {', '.join(missing)}\n")
+        parser.exit(1, f"error: no {{run}}.metrics.json or {{run}}.jsonl for: {', '.join(missing)}\n")
     if args.labels is not None and len(args.labels) != len(runs):
         parser.exit(1, f"error: {len(args.labels)} --labels for {len(runs)} runs\n")
     labels = args.labels or default_labels(runs)

@@ -1,6 +1,7 @@
 """Dataset archives: use the copy in the data root or download it, verify its md5, and extract it
-safely (no member may land outside the target folder) and atomically (into a temporary folder next
-to the target, renamed into place only when everything is extracted)."""
+safely (tarfile's "data" filter: no member may land outside the target folder, no links out of it or
+special files; and the unpacked size must fit on the disk) and atomically (into a temporary folder
+next to the target, renamed into place only when everything is extracted)."""
 import hashlib
 import shutil
 import tarfile
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from utils.atomic import atomic_write
 from utils.errors import UserError
+from utils.runlog import progress_bar
 
 CHUNK = 1 << 20
 DOWNLOAD_TIMEOUT = 30  # seconds without data before a download counts as failed
@@ -31,13 +33,9 @@ class Archive:
 
 
 def md5_of(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as handle, tqdm(total=Path(path).stat().st_size, desc=f"md5 {Path(path).name}",
-                                          unit="B", unit_scale=True, leave=False, dynamic_ncols=True) as bar:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
+    print(f"checking the md5 of {path} ({tqdm.format_sizeof(Path(path).stat().st_size, 'B')})")
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def download(url, path):
@@ -47,8 +45,8 @@ def download(url, path):
         size = int(response.headers.get("Content-Length") or 0) or None
 
         def copy(handle):
-            with tqdm(total=size, desc=f"download {Path(path).name}", unit="B", unit_scale=True,
-                      dynamic_ncols=True) as bar:
+            with progress_bar(total=size, desc=f"download {Path(path).name}", unit="B", unit_scale=True,
+                          leave=True) as bar:
                 while chunk := response.read(CHUNK):
                     handle.write(chunk)
                     bar.update(len(chunk))
@@ -58,30 +56,33 @@ def download(url, path):
           f"in {time.perf_counter() - started:.1f}s")
 
 
-def checked_members(tar, archive_path, destination):
-    """The members of `tar`, refusing the whole archive if any would be written outside `destination`
-    (absolute names, '..') or is anything but a plain file or folder (links, devices)."""
-    destination = Path(destination).resolve()
-    members = tar.getmembers()
-    for member in members:
-        target = (destination / member.name).resolve()
-        if not (member.isfile() or member.isdir()) or not target.is_relative_to(destination):
-            raise UserError(f"{archive_path}: member {member.name!r} is not a plain file or folder inside the "
-                            "archive's folder; refusing to extract it. Replace the archive with the official one")
-    return members
+def check_disk_space(members, archive_path, destination):
+    """Refuse an archive whose files would not fit on the disk: tarfile's "data" filter checks where each
+    member goes and what it is, not how much it unpacks to."""
+    needed = sum(member.size for member in members if member.isfile())
+    free = shutil.disk_usage(destination).free
+    if needed > free:
+        raise UserError(f"{archive_path} unpacks to {tqdm.format_sizeof(needed, 'B')}, but its disk has only "
+                        f"{tqdm.format_sizeof(free, 'B')} free; free disk space or choose another --data_root")
 
 
 def extract(archive_path, destination):
-    """Extract every member of a (possibly compressed) tar archive into `destination`."""
+    """Extract every member of a (possibly compressed) tar archive into `destination`.
+
+    tarfile's "data" filter refuses members that would land outside `destination` ('..', links pointing
+    out of it) and special files, strips a leading '/' from absolute names, and drops unsafe permission
+    bits.
+    """
     started = time.perf_counter()
     try:
         with tarfile.open(archive_path) as tar:
-            members = checked_members(tar, archive_path, destination)
-            with tqdm(total=sum(m.size for m in members), desc=f"extract {Path(archive_path).name}", unit="B",
-                      unit_scale=True, dynamic_ncols=True) as bar:
-                for member in members:
-                    tar.extract(member, destination, filter="data")
-                    bar.update(member.size)
+            members = tar.getmembers()
+            check_disk_space(members, archive_path, destination)
+            bar = progress_bar(members, desc=f"extract {Path(archive_path).name}", unit="file", leave=True)
+            tar.extractall(destination, members=bar, filter="data")
+    except tarfile.FilterError as exc:
+        raise UserError(f"{archive_path}: {exc}; refusing to extract it. Replace the archive with the official "
+                        "one") from None
     except (tarfile.TarError, EOFError) as exc:
         raise UserError(f"cannot extract {archive_path} ({exc}): the file is damaged; delete it and rerun") from None
     except OSError as exc:

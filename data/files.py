@@ -1,7 +1,6 @@
 """Datasets of image files: decoded lazily, one image at a time in the DataLoader workers, or read
 from the opt-in uint8 cache (`--cache`, data/image_cache.py). Each dataset family module only lists
 (paths, labels) per split and calls file_splits()."""
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -10,9 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
-from tqdm import tqdm
-
 from utils.errors import UserError
+from utils.runlog import progress_bar, warn
 
 from .base import RetrievalSplits
 from .image_cache import CachedImageDataset, ImageCache, decoding_loader
@@ -39,13 +37,14 @@ class UnreadableImage(UserError):
         super().__init__(message)
 
 
-def read_rgb(path):
+def read_rgb(path, what="image", hint="replace the file or remove its line from the split"):
+    """The image at `path` as an RGB PIL image; UnreadableImage (naming `what` and the `hint`) if it
+    cannot be decoded."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(f"cannot read image {path} ({exc}); replace the file or remove its line from "
-                              "the split") from None
+        raise UnreadableImage(f"cannot read {what} {path} ({exc}); {hint}") from None
 
 
 def require_files(paths, listed_in, allow_missing=False):
@@ -80,12 +79,12 @@ def drop_unreadable(splits):
     unreadable ones, with a warning that counts them. Returns the filtered LabelledPaths, same order."""
     every_image = list(dict.fromkeys(path for split in splits for path in split.paths))
     loader = decoding_loader(_Readable(every_image), batch_size=64, collate_fn=list)
-    readable = [ok for batch in tqdm(loader, desc="checking images", unit="batch", leave=False) for ok in batch]
+    readable = [ok for batch in progress_bar(loader, desc="checking images", unit="batch") for ok in batch]
     bad = {path for path, ok in zip(every_image, readable) if not ok}
     if bad:
         examples = ", ".join(sorted(bad)[:3])
-        print(f"warning: --skip_bad_images left out {len(bad)} of {len(every_image)} images that are missing or "
-              f"cannot be decoded (e.g. {examples})", file=sys.stderr)
+        warn(f"--skip_bad_images left out {len(bad)} of {len(every_image)} images that are missing or cannot be "
+             f"decoded (e.g. {examples})")
     kept = []
     for split in splits:
         keep = np.array([path not in bad for path in split.paths], dtype=bool)

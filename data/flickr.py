@@ -12,13 +12,13 @@ the training set and the rest (19,581) the database. The permutation is drawn fr
 saved as flickr25k/split_seed{seed}.json (image names in permuted order), which later runs reuse.
 """
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from utils.atomic import write_json
 from utils.errors import UserError
+from utils.runlog import warn
 
 from .base import DatasetSpec
 from .files import LabelledPaths, file_splits, require_files
@@ -88,8 +88,7 @@ def split_order(folder, names, seed):
     try:
         write_json(split_file, {"seed": seed, "query": QUERY_SIZE, "train": TRAIN_SIZE, "order": order})
     except OSError as exc:
-        print(f"warning: cannot save the split to {split_file} ({exc.strerror}); it is drawn from --seed {seed} "
-              "again next time", file=sys.stderr)
+        warn(f"cannot save the split to {split_file} ({exc.strerror}); it is drawn from --seed {seed} again next time")
     return order
 
 

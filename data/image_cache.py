@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.errors import UserError
+from utils.runlog import progress_bar
 from utils.reproducibility import loader_generator
 
 DECODE_BATCH = 32
@@ -103,7 +104,7 @@ class ImageCache:
             array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(count, 3, side, side))
             loader = decoding_loader(decoder)
             row = 0
-            with tqdm(total=count, desc=f"caching images at {side}x{side}", unit="img", dynamic_ncols=True) as bar:
+            with progress_bar(total=count, desc=f"caching images at {side}x{side}", unit="img", leave=True) as bar:
                 for images, _ in loader:
                     array[row:row + len(images)] = images.numpy()
                     row += len(images)

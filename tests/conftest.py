@@ -11,3 +11,24 @@ sys.path.insert(0, str(ROOT))
 def _seeded():
     import torch
     torch.manual_seed(0)
+
+
+CHECKOUT_OUTPUTS = ("result", "data")
+
+
+def _listing():
+    return {folder: sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / folder).rglob("*")
+                           if "__pycache__" not in p.parts) for folder in CHECKOUT_OUTPUTS}
+
+
+def pytest_sessionstart(session):
+    session.config._checkout_listing = _listing()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tests write only under temporary folders: a file new in the checkout's result/ or data/ fails the run."""
+    before, after = session.config._checkout_listing, _listing()
+    added = sorted(set(sum(after.values(), [])) - set(sum(before.values(), [])))
+    if added:
+        print(f"\nthe tests wrote into the checkout: {', '.join(added)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -29,7 +29,9 @@ def cli_error(argv, capsys):
     (["--hash_bit", "twelve"], "--hash_bit: 'twelve' is not an integer"),
     (["--dataset", "imagenet21k"], "--dataset: invalid choice: 'imagenet21k'"),
     (["--backbone", "vgg"], "--backbone: invalid choice: 'vgg'"),
-    (["--retrieve", "-5"], "--retrieve: must be an integer >= 0"),
+    (["--retrieve", "-5"], "--retrieve/--topk: must be an integer >= 0"),
+    (["--topk", "-5"], "--retrieve/--topk: must be an integer >= 0"),
+    (["--beta", "nan"], "--beta: must be a finite number, got 'nan'"),
     (["--epochs", "1.5"], "--epochs: '1.5' is not an integer"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ])

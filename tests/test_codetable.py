@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import codetable
+from hashing import codetable
 
 REFERENCE_CSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "best_known_min_distance.csv"
 
@@ -99,21 +99,36 @@ def _paper_style_workbook(path, overrides=()):
 def test_reads_the_papers_workbook_without_xlrd(tmp_path):
     path = _paper_style_workbook(tmp_path / "codetable.xlsx")
     for n, classes in [(48, 20), (24, 38), (12, 21), (64, 80)]:
-        assert codetable.zeta_from_xlsx(path, n, classes) == pytest.approx(codetable.zeta(n, classes))
+        assert codetable.zeta_from_workbook(path, n, classes) == pytest.approx(codetable.zeta(n, classes))
 
 
 def test_workbook_disagreement_warns_and_uses_the_workbook(tmp_path):
     path = _paper_style_workbook(tmp_path / "codetable.xlsx", overrides={(48, 5): 0.125})
-    with pytest.warns(UserWarning, match="built-in table gives 0.000000"):
-        assert codetable.resolve_zeta(48, 20, xlsx_path=path) == 0.125
-    assert codetable.resolve_zeta(48, 20, override=0.3, xlsx_path=path) == 0.3
+    value, warning = codetable.resolve_zeta(48, 20, workbook=path)
+    assert value == 0.125 and "built-in table gives 0.000000" in warning
+    assert codetable.resolve_zeta(48, 20, override=0.3, workbook=path) == (0.3, None)
+    assert codetable.resolve_zeta(48, 20) == (0.0, None)
+
+
+def test_a_workbook_that_unpacks_to_gigabytes_is_refused_unread(tmp_path, monkeypatch):
+    import zipfile
+    bomb = tmp_path / "bomb.xlsx"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("xl/worksheets/sheet1.xml", b"\0" * (codetable.MAX_WORKBOOK_BYTES + 1))
+    assert bomb.stat().st_size < 1 << 20
+
+    def must_not_parse(*args, **kwargs):
+        raise AssertionError("the workbook was parsed")
+    monkeypatch.setattr("openpyxl.load_workbook", must_not_parse)
+    with pytest.raises(ValueError, match="bomb.xlsx unpacks to 67,108,865 bytes"):
+        codetable.zeta_from_workbook(bomb, 48, 20)
 
 
 def test_workbook_errors_name_the_file(tmp_path):
     bad = tmp_path / "not_a_workbook.xlsx"
     bad.write_text("hello")
     with pytest.raises(ValueError, match="not_a_workbook.xlsx"):
-        codetable.zeta_from_xlsx(bad, 48, 20)
+        codetable.zeta_from_workbook(bad, 48, 20)
     path = _paper_style_workbook(tmp_path / "codetable.xlsx")
     with pytest.raises(ValueError, match="no value at row 128"):
-        codetable.zeta_from_xlsx(path, 128, 20)
+        codetable.zeta_from_workbook(path, 128, 20)

@@ -9,6 +9,7 @@ import pytest
 
 import retrieval
 from utils.errors import UserError
+from utils.runlog import read_run_log
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,13 +40,13 @@ def test_grid_runs_every_cell_and_writes_the_tables(finished_grid, capsys):
     assert summary["trained"] == 4 and summary["reused"] == 0 and not summary["failed"]
     cells = sorted(path.name for path in (out / "compare_digits_small").iterdir())
     assert cells == ["dpsh_16bit_seed0", "dpsh_8bit_seed0", "hyp2_16bit_seed0", "hyp2_8bit_seed0"]
-    assert (out / "compare_digits_small" / "dpsh_8bit_seed0" / "digits_small_8_dpsh.json").exists()
+    assert (out / "compare_digits_small" / "dpsh_8bit_seed0" / "digits_small_8_dpsh.jsonl").exists()
 
     with open(out / "compare_digits_small.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["loss"], row["hash_bit"], row["runs"]) for row in rows] == [
         ("hyp2", "8", "1"), ("hyp2", "16", "1"), ("dpsh", "8", "1"), ("dpsh", "16", "1")]
-    record = json.loads((out / "compare_digits_small" / "hyp2_16bit_seed0" / "digits_small_16.json").read_text())
+    record = read_run_log(out / "compare_digits_small" / "hyp2_16bit_seed0" / "digits_small_16.jsonl")
     assert float(rows[1]["map_mean"]) == pytest.approx(record["best"]["map"])
     assert float(rows[1]["train_seconds_mean"]) == pytest.approx(record["train_seconds"])
     assert rows[1]["map_std"] == "" and rows[1]["paper_map"] == ""  # one seed; digits is not in the paper
@@ -77,9 +78,10 @@ def test_an_unfinished_cell_is_trained_again(finished_grid, tmp_path):
         copy.mkdir()
         for path in cell.iterdir():
             (copy / path.name).write_bytes(path.read_bytes())
-    interrupted = resumed / "compare_digits_small" / "dpsh_8bit_seed0" / "digits_small_8_dpsh.json"
-    record = json.loads(interrupted.read_text())
-    interrupted.write_text(json.dumps({**record, "finished": False}))
+    interrupted = resumed / "compare_digits_small" / "dpsh_8bit_seed0" / "digits_small_8_dpsh.jsonl"
+    lines = interrupted.read_text().splitlines()
+    assert '"event": "finish"' in lines[-1]
+    interrupted.write_text("\n".join(lines[:-1]) + "\n")  # killed before it finished
     summary = compare.main(grid(resumed))
     assert summary["trained"] == 1 and summary["reused"] == 3
 
@@ -96,9 +98,20 @@ def test_a_cell_finished_with_other_settings_is_not_reused(finished_grid):
 
 def test_flags_the_grid_owns_are_refused(tmp_path):
     options = compare.get_args_parser().parse_args(["--output_dir", str(tmp_path)])
-    for extra in (["--loss", "dch"], ["--no_save"], ["--seed", "3"], ["--output_dir", "elsewhere"]):
+    for extra in (["--loss", "dch"], ["--no_save"], ["--seed", "3"], ["--output_dir", str(tmp_path / "other")]):
         with pytest.raises(UserError, match="may not"):
             compare.cell_args(options, "hyp2", 12, 0, extra)
+    for extra in (["--loss", "dch"], ["--no_save"], ["--seed", "3"]):
+        with pytest.raises(UserError, match=f"may not be given {extra[0]}"):
+            compare.main(["--output_dir", str(tmp_path), *extra])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_retrieval_flags_reach_every_cell(tmp_path):
+    options = compare.get_args_parser().parse_args(["--output_dir", str(tmp_path), "--lr", "0.01", "--batch_size", "7"])
+    args = compare.cell_args(options, "dpsh", 24, 1)
+    assert (args.lr, args.batch_size, args.loss, args.hash_bit, args.seed) == (0.01, 7, "dpsh", 24, 1)
+    assert (args.dataset, args.backbone, args.epochs) == ("digits", "small", 10)  # the grid's defaults
 
 
 def test_per_loss_flags_reach_only_their_loss(tmp_path):

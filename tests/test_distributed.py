@@ -1,6 +1,5 @@
 """torchrun with two CPU processes (gloo): DDP training, rank-0-only files, and evaluation that
 matches a single-process run of the same checkpoint."""
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ import numpy as np
 
 import retrieval
 from utils.dist import DistContext, shard_bounds
+from utils.runlog import read_run_log
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "200",
@@ -23,12 +23,12 @@ def test_torchrun_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("best mAP@200") == 1  # only rank 0 prints
 
-    record = json.loads((tmp_path / "digits_small_16.json").read_text())
+    record = read_run_log(tmp_path / "digits_small_16.jsonl")
     assert record["world_size"] == 2 and record["finished"]
     first, second = record["rank_fingerprints"]
     assert first == second  # both ranks hold the same parameters and buffers
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "digits_small_16.ckpt", "digits_small_16.codes.npz", "digits_small_16.json", "digits_small_16.last.pt",
+        "digits_small_16.ckpt", "digits_small_16.codes.npz", "digits_small_16.jsonl", "digits_small_16.last.pt",
         "digits_small_16.metrics.json", "digits_small_16.txt"]
 
     # A single process re-encodes the checkpoint (the distributed run's codes are moved out of its way).

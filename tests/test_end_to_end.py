@@ -1,11 +1,11 @@
 """Train on a small digits subset, save, and re-test the checkpoint through the CLI's main()."""
-import json
 
 import numpy as np
 import pytest
 import torch
 
 import retrieval
+from utils.runlog import read_run_log
 
 TINY = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "600",
         "--batch_size", "20", "--epochs", "8", "--eval_every", "4", "--device", "cpu"]
@@ -28,7 +28,7 @@ def test_training_writes_checkpoint_and_logs(trained):
     state = torch.load(prefix.with_suffix(".ckpt"), weights_only=True)
     assert state["hash_layer.weight"].shape == (16, 128)  # a plain state_dict, as the paper's code saves
 
-    record = json.loads(prefix.with_suffix(".json").read_text())
+    record = read_run_log(prefix.with_suffix(".jsonl"))
     assert record["finished"] and record["args"]["hash_bit"] == 16
     assert [e["epoch"] for e in record["epochs"]] == list(range(1, 9))
     evaluated = {e["epoch"]: e["map"] for e in record["epochs"] if "map" in e}
@@ -53,15 +53,15 @@ def test_test_mode_reproduces_the_reported_map(trained, capsys):
 def test_same_seed_same_run(trained, tmp_path):
     out, summary = trained
     again = run(TINY + ["--output_dir", str(tmp_path)])
-    first = json.loads((out / "digits_small_16.json").read_text())["epochs"]
-    second = json.loads((tmp_path / "digits_small_16.json").read_text())["epochs"]
+    first = read_run_log(out / "digits_small_16.jsonl")["epochs"]
+    second = read_run_log(tmp_path / "digits_small_16.jsonl")["epochs"]
     assert [e["loss"] for e in first] == [e["loss"] for e in second]
     assert again["map"] == summary["map"]
 
 
 def test_learning_beats_random_codes(trained):
     from data import digits
-    from utils.metrics import map_at_k
+    from hashing.metrics import map_at_k
     _, train_labels, _, query_labels = digits.generate(seed=0)
     rng = np.random.default_rng(0)
     chance = np.mean([map_at_k(rng.standard_normal((500, 16)), query_labels,

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+import engine
 import retrieval
 from benchmarks import plot_compare
 from data import digits
 from network import build_network
-from utils import codes_cache
+from hashing import cache as codes_cache
 
 SHORT = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "500", "--epochs", "3",
          "--batch_size", "20", "--eval_every", "3", "--device", "cpu"]
@@ -35,7 +36,7 @@ def test_training_writes_metrics_codes_and_figures(trained):
     out, summary = trained
     metrics = json.loads((out / f"{RUN}.metrics.json").read_text())
     assert metrics["map"] == summary["map"]  # the best checkpoint, re-encoded
-    assert metrics["map_topk"] == 500 and metrics["num_bits"] == 16
+    assert metrics["map_topk"] == 500 and metrics["hash_bit"] == 16
     assert metrics["precision_at_top_n"]["n"] == list(range(50, 501, 50))
     assert len(metrics["precision_recall"]["precision"]) == 17
     assert metrics["run"]["loss"] == "hyp2" and not metrics["run"]["codes_from_cache"]
@@ -53,12 +54,12 @@ def test_cached_codes_equal_a_fresh_encoding_bit_for_bit(trained):
     model = build_network("small", 16)
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     splits = retrieval.build_splits(digits.SPEC, args, 32)
-    _, query_loader, database_loader = retrieval.make_loaders(splits, args, digits.SPEC, torch.device("cpu"))
-    for loader, bits, labels in ((query_loader, cached.query_bits, cached.query_labels),
-                                 (database_loader, cached.database_bits, cached.database_labels)):
-        codes, true_labels = retrieval.encode(model, loader, torch.device("cpu"), "test")
-        np.testing.assert_array_equal(bits, np.packbits(codes.numpy() >= 0, axis=1))
-        np.testing.assert_array_equal(labels, true_labels.numpy() > 0)
+    loaders = retrieval.make_loaders(splits, args, digits.SPEC, torch.device("cpu"))
+    for loader, bits, labels in ((loaders.query, cached.query_bits, cached.query_labels),
+                                 (loaders.database, cached.database_bits, cached.database_labels)):
+        outputs, true_labels = engine.encode(model, loader, torch.device("cpu"))
+        np.testing.assert_array_equal(bits, np.packbits(outputs.numpy() >= 0, axis=1))
+        np.testing.assert_array_equal(labels, np.packbits(true_labels.numpy() > 0, axis=1))
 
 
 def test_retest_skips_the_network_and_a_changed_checkpoint_does_not(trained, tmp_path, monkeypatch, capsys):
@@ -68,7 +69,7 @@ def test_retest_skips_the_network_and_a_changed_checkpoint_does_not(trained, tmp
 
     def no_network(*args, **kwargs):
         raise AssertionError("the network ran although the codes were cached")
-    monkeypatch.setattr(retrieval, "encode", no_network)
+    monkeypatch.setattr(engine, "encode", no_network)
     again = run(SHORT + ["--output_dir", str(out), "--test"])
     assert again["map"] == first["map"] and again["metrics"]["run"]["codes_from_cache"]
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"mAP@500: {first['map']:.4f}")
@@ -93,7 +94,7 @@ def save_query_mosaics(folder, count):
 def test_query_images_find_items_sharing_their_labels(trained, tmp_path):
     out, _ = trained
     paths, labels = save_query_mosaics(tmp_path, 40)
-    result = run(SHORT + ["--output_dir", str(out), "--query", *map(str, paths), "--topk", "10"])
+    result = run(SHORT + ["--output_dir", str(out), "--query", *map(str, paths), "--num_matches", "10"])
     train_labels = digits.generate(seed=0)[1][:500]
     sharing, chance = [], []
     for query_labels, found in zip(labels, result["matches"]):
@@ -109,11 +110,11 @@ def test_query_images_find_items_sharing_their_labels(trained, tmp_path):
 def test_query_image_is_encoded_like_the_query_split(trained, tmp_path):
     out, _ = trained
     paths, _ = save_query_mosaics(tmp_path, 20)
-    result = run(SHORT + ["--output_dir", str(out), "--query", *map(str, paths), "--topk", "500"])
+    result = run(SHORT + ["--output_dir", str(out), "--query", *map(str, paths), "--num_matches", "500"])
     cached = codes_cache.load(out / f"{RUN}.codes.npz", codes_cache.cache_key(
         out / f"{RUN}.ckpt", "digits", "small", 16, 0, 500, "./data"))
-    query_codes = cached.query_codes()[:20]
-    database_codes = cached.database_codes()
+    query_codes = cached.query_signs()[:20]
+    database_codes = cached.database_signs()
     same = 0
     for code, found in zip(query_codes, result["matches"]):
         expected = (16 - database_codes @ code) // 2
@@ -170,7 +171,7 @@ class FileDataset(torch.utils.data.Dataset):
 
 
 def test_file_datasets_name_items_by_path_and_preprocess_pil_images(tmp_path):
-    from utils.query_images import item_names, query_batch
+    from data.query_images import item_names, query_batch
     paths, _ = save_query_mosaics(tmp_path, 3)
     database = torch.utils.data.Subset(FileDataset([f"images/{i}.jpg" for i in range(10)]), [7, 2, 5])
     assert [item_names(database)(i) for i in range(3)] == ["images/7.jpg", "images/2.jpg", "images/5.jpg"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loss import HyP2Loss, build_loss
-from utils import codetable
+from hashing import codetable
 
 
 def _unit(v):
@@ -18,7 +18,7 @@ def _cos(a, b):
 
 
 def reference_hyp2(codes, labels, proxies, beta, zeta):
-    """METHODS.md section 2, one entry and one pair at a time."""
+    """docs/METHOD.md §2, one entry and one pair at a time."""
     codes, labels, proxies = codes.tolist(), labels.tolist(), proxies.tolist()
     pos, n_pos, neg, n_neg = 0.0, 0, 0.0, 0
     for x, y in zip(codes, labels):

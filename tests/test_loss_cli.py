@@ -1,11 +1,11 @@
 """--loss and its flags through the CLI: every loss trains, names its files, and logs its settings."""
-import json
 
 import pytest
 
 import loss
 import retrieval
 from test_cli import cli_error
+from utils.runlog import read_run_log
 
 TINY = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "12", "--subset", "40", "--batch_size", "20",
         "--epochs", "1", "--device", "cpu"]
@@ -21,7 +21,7 @@ def test_every_loss_trains_and_logs_its_settings(variant, tmp_path, capsys):
     summary = run(TINY + ["--output_dir", str(tmp_path), "--loss", name, *hierarchy])
     label = name + ("_hpl3" if hierarchy else "")
     prefix = tmp_path / ("digits_small_12" if label == "hyp2" else f"digits_small_12_{label}")
-    record = json.loads(prefix.with_suffix(".json").read_text())
+    record = read_run_log(prefix.with_suffix(".jsonl"))
     assert record["finished"] and record["args"]["loss"] == name
     assert prefix.with_suffix(".ckpt").exists() and 0 <= summary["map"] <= 1
     settings = record["loss"]
@@ -37,7 +37,7 @@ def test_every_loss_trains_and_logs_its_settings(variant, tmp_path, capsys):
 def test_flags_reach_the_loss(tmp_path):
     run(TINY + ["--output_dir", str(tmp_path), "--loss", "hhf", "--hhf_alpha", "8", "--hhf_delta", "0.3",
                 "--zeta", "0.125"])
-    settings = json.loads((tmp_path / "digits_small_12_hhf.json").read_text())["loss"]
+    settings = read_run_log(tmp_path / "digits_small_12_hhf.jsonl")["loss"]
     assert (settings["alpha"], settings["delta"], settings["zeta"], settings["quantization"]) == (8, 0.3, 0.125, 0.001)
 
 
@@ -49,15 +49,16 @@ def test_flags_default_to_the_published_values():
     assert (args.hashnet_alpha, args.hashnet_step, args.dch_gamma, args.csq_quantization) == (0.1, 20, 20, 1e-4)
     assert (args.orthohash_scale, args.orthohash_margin) == (8, 0.2)
     for name in loss.LOSSES:
-        for hyperparameter, default in loss.tunable_hyperparameters(name).items():
-            assert getattr(args, retrieval.loss_flag(name, hyperparameter)) == default
+        for hyperparameter in loss.LOSSES[name].HYPERPARAMETERS:
+            assert getattr(args, retrieval.loss_flag(name, hyperparameter)) == hyperparameter.default
+    assert retrieval.loss_flag("hyp2", loss.HyP2Loss.HYPERPARAMETERS[0]) == "beta"  # the paper's flag
 
 
 def test_run_names_carry_the_loss():
     parse = retrieval.get_args_parser().parse_args
-    assert retrieval.run_prefix(parse(["--output_dir", "r"])).name == "voc2007_googlenet_48"
-    assert retrieval.run_prefix(parse(["--output_dir", "r", "--loss", "dch"])).name == "voc2007_googlenet_48_dch"
-    assert retrieval.run_prefix(parse(["--output_dir", "r", "--hierarchy", "4"])).name == "voc2007_googlenet_48_hyp2_hpl4"
+    assert retrieval.run_files(parse(["--output_dir", "r"])).prefix.name == "voc2007_googlenet_48"
+    assert retrieval.run_files(parse(["--output_dir", "r", "--loss", "dch"])).prefix.name == "voc2007_googlenet_48_dch"
+    assert retrieval.run_files(parse(["--output_dir", "r", "--hierarchy", "4"])).prefix.name == "voc2007_googlenet_48_hyp2_hpl4"
 
 
 def test_hashnet_scale_is_set_every_epoch(tmp_path, monkeypatch):
@@ -74,9 +75,9 @@ def test_test_mode_finds_the_losss_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--loss", "dch", "--hierarchy", "3"], "--hierarchy needs a proxy loss (hyp2, proxy_anchor, hhf), not --loss dch"),
-    (["--hierarchy", "10"], "--hierarchy 10: the coarse level needs 2 to 9 clusters"),
-    (["--hierarchy", "1"], "--hierarchy 1: the coarse level needs 2 to 9 clusters"),
+    (["--loss", "dch", "--hierarchy", "3"], "--hierarchy 3: hierarchical proxies need a proxy loss (hyp2, proxy_anchor, hhf), not dch"),
+    (["--hierarchy", "10"], "--hierarchy 10: the coarse level needs 2 to 9 clusters for 10 classes"),
+    (["--hierarchy", "1"], "--hierarchy 1: the coarse level needs 2 to 9 clusters for 10 classes"),
     (["--loss", "hhf", "--hash_bit", "300"], "--hash_bit 300"),
 ])
 def test_loss_mistakes_are_one_line(argv, message, capsys, tmp_path):

@@ -13,7 +13,7 @@ from data.transforms import image_transform
 from fixture_files import small_list_folder
 from network import BACKBONES
 from utils.errors import UserError
-from utils.metrics import map_at_k
+from hashing.metrics import map_at_k
 
 
 def parse(argv):
@@ -121,11 +121,11 @@ def reference_codes(state, paths):
         return F.linear(x, state["hash_layer.6.weight"], state["hash_layer.6.bias"])
 
 
-def test_paper_alexnet_checkpoint_loads_with_test(paper_alexnet_checkpoint, torch_home):
+def test_paper_alexnet_checkpoint_loads_with_test(paper_alexnet_checkpoint, torch_home, tmp_path):
     folder, checkpoint, state = paper_alexnet_checkpoint
     result = retrieval.main(parse(["--dataset", "list", "--data_root", str(folder), "--backbone", "alexnet",
                                    "--hash_bit", "16", "--test", "--checkpoint", str(checkpoint), "--device", "cpu",
-                                   "--workers", "0"]))
+                                   "--workers", "0", "--output_dir", str(tmp_path / "out")]))
     query, database = ([line.split() for line in (folder / name).read_text().splitlines()]
                        for name in ("test.txt", "database.txt"))
     expected = map_at_k(reference_codes(state, [folder / row[0] for row in query]),

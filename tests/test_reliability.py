@@ -1,13 +1,14 @@
 """Resume, Ctrl-C, non-finite losses, full disks and unwritable folders: no work is lost and every
 failure ends with one line that says what to do."""
 import errno
-import json
 
 import pytest
 import torch
 
 import loss as loss_module
+import engine
 import retrieval
+from utils.runlog import read_run_log
 
 RUN = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "200",
        "--batch_size", "20", "--eval_every", "1", "--device", "cpu"]
@@ -27,7 +28,7 @@ def cli_failure(argv, capsys):
 
 def epochs(out):
     return [{k: v for k, v in e.items() if k != "train_seconds"}
-            for e in json.loads((out / "digits_small_16.json").read_text())["epochs"]]
+            for e in read_run_log(out / "digits_small_16.jsonl")["epochs"]]
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
@@ -45,21 +46,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
-    real_epoch = retrieval.train_one_epoch
+    real_epoch = engine.train_one_epoch
 
-    def interrupted_in_epoch_2(*args, **kwargs):
-        if args[4] == 2:  # the epoch argument
+    def interrupted_in_epoch_2(trainer, loader, device, epoch, context):
+        if epoch == 2:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+        return real_epoch(trainer, loader, device, epoch, context)
 
-    monkeypatch.setattr(retrieval, "train_one_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted_in_epoch_2)
     code, err = cli_failure(["--epochs", "3", "--output_dir", str(tmp_path)], capsys)
     assert code == 130
     assert f"the state after epoch 1 is in {tmp_path}/digits_small_16.last.pt" in err and "--resume" in err
     state = torch.load(tmp_path / "digits_small_16.last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 1
 
-    monkeypatch.setattr(retrieval, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
     result = run(["--epochs", "3", "--output_dir", str(tmp_path), "--resume"])
     assert [e["epoch"] for e in epochs(tmp_path)] == [1, 2, 3] and result["epoch"] >= 1
 
@@ -85,7 +86,8 @@ def test_non_finite_loss_stops_with_a_hint_and_keeps_the_best_checkpoint(tmp_pat
 
 def test_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, capsys, monkeypatch):
     run(["--epochs", "1", "--output_dir", str(tmp_path)])
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    # The logs belong to the new run; every result and state file must keep its bytes.
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix not in (".txt", ".jsonl")}
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -94,7 +96,7 @@ def test_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, capsys, monke
     code, err = cli_failure(["--epochs", "1", "--output_dir", str(tmp_path)], capsys)
     assert code == 1
     assert "(No space left on device); the previous file is intact" in err
-    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix not in (".txt", ".jsonl")}
     assert after == before  # same files, same bytes, no temporary leftovers
 
 
@@ -131,7 +133,7 @@ def test_retrieve_beyond_the_database_is_clamped_with_a_warning(tmp_path, capsys
 
 def test_amp_is_ignored_on_the_cpu(tmp_path):
     result = run(["--epochs", "1", "--amp", "--output_dir", str(tmp_path)])
-    record = json.loads((tmp_path / "digits_small_16.json").read_text())
+    record = read_run_log(tmp_path / "digits_small_16.jsonl")
     assert record["amp"] == "None" and result["map"] > 0
 
 

@@ -3,18 +3,18 @@ import faiss
 import numpy as np
 import pytest
 
-from utils import codes_cache
-from utils.codes_cache import CodeSet, pack_sign_bits, unpack_sign_codes
-from utils.search import build_index, search, write_index
+from hashing import cache as codes_cache
+from hashing.codes import CodeSet, pack_signs, unpack_signs
+from hashing.search import build_index, search, write_index
 
 
 @pytest.mark.parametrize("bits", [5, 12, 48, 64, 70])
 def test_sign_bits_round_trip(bits):
     codes = np.random.default_rng(bits).standard_normal((33, bits))
     codes[:, 0] = 0.0  # sign(0) counts as +1
-    packed = pack_sign_bits(codes)
+    packed = pack_signs(codes)
     assert packed.dtype == np.uint8 and packed.shape == (33, -(-bits // 8))
-    np.testing.assert_array_equal(unpack_sign_codes(packed, bits), np.where(codes >= 0, 1, -1))
+    np.testing.assert_array_equal(unpack_signs(packed, bits), np.where(codes >= 0, 1, -1))
 
 
 def example_codes(rng, bits=20, queries=7, items=40, classes=5):
@@ -36,7 +36,7 @@ def test_cache_round_trips_bit_exactly_and_is_keyed_by_checkpoint_bytes(tmp_path
     for field in ("query_bits", "query_labels", "database_bits", "database_labels"):
         np.testing.assert_array_equal(getattr(loaded, field), getattr(codes, field))
         assert getattr(loaded, field).dtype == getattr(codes, field).dtype
-    assert loaded.num_bits == 20
+    assert loaded.hash_bit == 20
 
     assert codes_cache.load(cache, key_for(checkpoint, seed=1)) is None  # other data split
     checkpoint.write_bytes(b"weights v2")  # retrained: same name, other bytes
@@ -79,8 +79,8 @@ SEARCHERS = {
 def test_search_equals_brute_force_with_ties(bits, items, searcher):
     rng = np.random.default_rng(bits + items)
     pool = rng.standard_normal((9, bits))  # few distinct codes: massive ties
-    database_bits = pack_sign_bits(pool[rng.integers(9, size=items)])
-    query_bits = pack_sign_bits(np.concatenate([pool[:3], rng.standard_normal((5, bits))]))
+    database_bits = pack_signs(pool[rng.integers(9, size=items)])
+    query_bits = pack_signs(np.concatenate([pool[:3], rng.standard_normal((5, bits))]))
     for k in (1, 10, items // 3, items, items + 5):
         k = k if searcher != "faiss alone" else min(k, items)
         distances, indices = SEARCHERS[searcher](query_bits, database_bits, k)
@@ -93,8 +93,8 @@ def test_faiss_ties_across_its_database_blocks():
     # FAISS scans the database in blocks of 65,536 codes; ties must still come out by index across blocks.
     rng = np.random.default_rng(1)
     pool = rng.standard_normal((5, 16))
-    database_bits = pack_sign_bits(pool[rng.integers(5, size=70_000)])
-    query_bits = pack_sign_bits(pool[:2])
+    database_bits = pack_signs(pool[rng.integers(5, size=70_000)])
+    query_bits = pack_signs(pool[:2])
     distances, indices = search(query_bits, database_bits, 20_000, use_faiss=True)
     expected_distances, expected_indices = search(query_bits, database_bits, 20_000, use_faiss=False)
     np.testing.assert_array_equal(indices, expected_indices)
@@ -103,8 +103,8 @@ def test_faiss_ties_across_its_database_blocks():
 
 def test_exported_index_searches_like_the_tool(tmp_path):
     rng = np.random.default_rng(2)
-    database_bits = pack_sign_bits(rng.standard_normal((200, 36)))
-    query_bits = pack_sign_bits(rng.standard_normal((4, 36)))
+    database_bits = pack_signs(rng.standard_normal((200, 36)))
+    query_bits = pack_signs(rng.standard_normal((4, 36)))
     write_index(database_bits, tmp_path / "db.faissindex")
     index = faiss.read_index_binary(str(tmp_path / "db.faissindex"))
     assert index.ntotal == 200 and index.d == 40  # 36 bits padded to whole bytes

@@ -1,6 +1,7 @@
 """PASCAL VOC: labels from the annotation XML, the paper's splits, and the archive path (md5, safe and
 atomic extraction, download, offline message), on a small VOCdevkit tree written here."""
 import hashlib
+import shutil
 import tarfile
 import urllib.error
 
@@ -127,7 +128,6 @@ def test_archive_with_wrong_md5_is_refused(voc_archive, monkeypatch):
 
 @pytest.mark.parametrize("member, kind, target", [
     ("../escaped.txt", tarfile.REGTYPE, ""),
-    ("/tmp/absolute.txt", tarfile.REGTYPE, ""),
     ("VOCdevkit/VOC2012/link", tarfile.SYMTYPE, "../../../escaped.txt"),
 ])
 def test_archive_members_may_not_escape(voc_archive, monkeypatch, member, kind, target):
@@ -139,6 +139,27 @@ def test_archive_members_may_not_escape(voc_archive, monkeypatch, member, kind, 
         get_dataset_spec("voc2012").build(root, seed=0, input_size=32)
     assert sorted(p.name for p in root.iterdir()) == ["fixture.tar"]  # nothing extracted, no staging left
     assert not (root.parent / "escaped.txt").exists()
+
+
+def test_absolute_member_names_stay_inside_the_data_root(voc_archive, monkeypatch, tmp_path):
+    """tarfile's "data" filter strips the leading '/', so the member lands in the staging folder and is
+    dropped with it; only VOCdevkit/VOC2012 is moved into the data root."""
+    root, tar_path = voc_archive
+    outside = tmp_path / "absolute.txt"
+    add_tar_member(tar_path, str(outside), kind=tarfile.REGTYPE, link_target="")
+    md5 = hashlib.md5(tar_path.read_bytes()).hexdigest()
+    monkeypatch.setitem(voc.ARCHIVES, "2012", [archives.Archive("fixture.tar", md5, "http://unreachable/")])
+    get_dataset_spec("voc2012").build(root, seed=0, input_size=32)
+    assert not outside.exists()
+    assert sorted(p.name for p in root.iterdir()) == ["VOCdevkit", "fixture.tar"]
+
+
+def test_archive_that_does_not_fit_on_the_disk_is_refused(voc_archive, monkeypatch):
+    root, _ = voc_archive
+    monkeypatch.setattr(archives.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 5, 5))
+    with pytest.raises(UserError, match=r"fixture\.tar unpacks to .*B, but its disk has only 5\.00B free; free disk space"):
+        get_dataset_spec("voc2012").build(root, seed=0, input_size=32)
+    assert sorted(p.name for p in root.iterdir()) == ["fixture.tar"]
 
 
 def test_missing_archive_is_downloaded(voc_archive, monkeypatch):

@@ -1,10 +1,18 @@
-"""Checkpoints, read with weights_only=True and written atomically.
+"""Checkpoints and weight files, read with weights_only=True and written atomically.
 
 - result/{run}.ckpt: the best network as a plain state_dict, the paper code's format.
 - result/{run}.last.pt: the whole training state after the latest epoch, for --resume.
+- a backbone's ImageNet weights: a file given with --weights, else torchvision's own loading from the
+  torch hub cache ($TORCH_HOME/hub/checkpoints, ~/.cache/torch/hub/checkpoints by default), which
+  downloads the file there when it is missing. Offline and not cached: one message naming the file
+  and the folder.
 """
+import os
 import pickle
+import urllib.error
 import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -92,3 +100,32 @@ def read_train_state(path, args):
     changed = [f"--{flag} {args[flag]} (saved run: {saved[flag]})" for flag in RECIPE_FLAGS
                if flag in saved and flag in args and saved[flag] != args[flag]]
     return state, changed
+
+
+def hub_cache_file(weights):
+    """Where torchvision keeps a weights enum member's file in the torch hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def imagenet_state_dict(weights, backbone, local_file=None, show_progress=True):
+    """(state_dict, path it came from) of a backbone's torchvision ImageNet weights (a weights enum member):
+    the file `local_file` (--weights) when given, else torchvision's file from the torch hub cache."""
+    if local_file is not None:
+        path = Path(local_file)
+        return read_state_dict(path, what="weights file",
+                               missing="check --weights, or drop it to use torchvision's file from the torch hub cache",
+                               unreadable="point --weights to a good copy"), path
+    path = hub_cache_file(weights)
+    downloading = not path.exists()
+    try:
+        return weights.get_state_dict(progress=show_progress, check_hash=True, weights_only=True), path
+    except (urllib.error.URLError, OSError, RuntimeError, pickle.UnpicklingError, EOFError,
+            zipfile.BadZipFile) as exc:
+        if downloading:
+            raise UserError(f"cannot download the ImageNet weights of --backbone {backbone} from {weights.url} "
+                            f"({getattr(exc, 'reason', exc)}); put {path.name} into {path.parent} (the torch hub "
+                            "cache; set TORCH_HOME to move it), or pass --weights PATH, or train from scratch with "
+                            "--no_pretrained") from None
+        raise UserError(f"cannot read weights file {path} ({type(exc).__name__}): the file is truncated, corrupt or "
+                        "not a PyTorch checkpoint; delete it so that it is downloaded again, or pass --weights PATH") \
+            from None

@@ -1,57 +1,147 @@
-"""The record of a run: result/{run}.txt for people and result/{run}.json for scripts and plots.
+"""How a run reports: printing on rank 0 only, progress bars, and the run's files and append-only logs.
 
-Both files are rewritten atomically after every epoch, so a run that dies leaves complete files that
-describe every finished epoch.
+- setup_for_distributed(is_main, progress): called once per process. print() is silenced on every rank
+  but 0 (as torchvision's references do); print(..., force=True) still prints. Progress bars are off on
+  other ranks, with --no_progress, and whenever stderr is not a terminal.
+- RunFiles: where a run's files go, OUTPUT_DIR/{dataset}_{backbone}_{hash_bit}[_{loss}].*
+- RunLog: {run}.txt (every line the run printed about itself, for people) and {run}.jsonl (one JSON
+  object per event, for scripts and plots), both appended to as the run goes, so a run that dies leaves
+  every finished epoch on record. read_run_log() folds the events back into one record.
 """
+import builtins
 import datetime
+import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_json, write_text
+from tqdm import tqdm
+
+_progress_enabled = True
+
+
+def setup_for_distributed(is_main, progress=True):
+    """print() only on the main process (force=True overrides); progress bars per `progress`."""
+    global _progress_enabled
+    _progress_enabled = is_main and progress
+    builtin_print = getattr(builtins.print, "builtin_print", builtins.print)
+
+    def rank_zero_print(*args, force=False, **kwargs):
+        if is_main or force:
+            builtin_print(*args, **kwargs)
+
+    rank_zero_print.builtin_print = builtin_print
+    builtins.print = rank_zero_print
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar that disappears when done; off per setup_for_distributed and when stderr is no terminal."""
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, disable=None if _progress_enabled else True, **kwargs)
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one run: prefix = OUTPUT_DIR/{dataset}_{backbone}_{hash_bit}[_{loss}]; the
+    checkpoint may be elsewhere (--checkpoint)."""
+    prefix: Path
+    checkpoint: Path
+
+    @classmethod
+    def for_run(cls, output_dir, dataset, backbone, hash_bit, loss_label, checkpoint=None):
+        """HyP2 keeps the paper's names; other losses append _{loss} (and _hplK with a hierarchy)."""
+        name = f"{dataset}_{backbone}_{hash_bit}" + ("" if loss_label == "hyp2" else f"_{loss_label}")
+        prefix = Path(output_dir) / name
+        return cls(prefix, Path(checkpoint) if checkpoint else prefix.with_suffix(".ckpt"))
+
+    def with_suffix(self, suffix):
+        return self.prefix.with_name(self.prefix.name + suffix)
+
+    @property
+    def last(self):
+        return self.with_suffix(".last.pt")
+
+    @property
+    def text_log(self):
+        return self.with_suffix(".txt")
+
+    @property
+    def event_log(self):
+        return self.with_suffix(".jsonl")
+
+    @property
+    def metrics(self):
+        return self.with_suffix(".metrics.json")
+
+    @property
+    def codes(self):
+        return self.with_suffix(".codes.npz")
+
+    def figure(self, kind):
+        return self.with_suffix(f".{kind}.png")
 
 
 class RunLog:
-    def __init__(self, prefix, args, info=None, enabled=True):
-        """prefix: path without suffix (result/voc2007_googlenet_48); args: the run's flags."""
-        self.prefix = Path(prefix)
+    """The run's printed lines and events, appended to {run}.txt and {run}.jsonl (when enabled)."""
+
+    def __init__(self, files, enabled=True):
+        self.files = files
         self.enabled = enabled
-        self.lines = []
-        self.record = {
-            "args": dict(args),
-            **(info or {}),
-            "started": datetime.datetime.now().isoformat(timespec="seconds"),
-            "epochs": [],
-            "best": None,
-            "train_seconds": 0.0,
-            "finished": False,
-        }
 
-    @property
-    def text_path(self):
-        return self.prefix.with_suffix(".txt")
+    def start(self, record, resumed_after=None, best=None):
+        """Begin the logs with the run's record (args, sizes, settings). A new run replaces the previous
+        run's logs; a resumed run appends to them, and its "resume" event drops the epochs logged after
+        `resumed_after` (they were not saved in the training state)."""
+        now = datetime.datetime.now().isoformat(timespec="seconds")
+        if resumed_after is None or not self.enabled or not self.files.event_log.exists():
+            if self.enabled:
+                for path in (self.files.text_log, self.files.event_log):
+                    path.write_text("")
+            self.event("start", **record, time=now)
+        if resumed_after is not None:
+            self.event("resume", **record, resumed_after=resumed_after, best=best, time=now)
 
-    @property
-    def json_path(self):
-        return self.prefix.with_suffix(".json")
+    def say(self, text, file=None):
+        """Print a line (on rank 0) and keep it in {run}.txt."""
+        print(text, file=file)
+        self._append(self.files.text_log, text)
 
-    def line(self, text):
-        self.lines.append(text)
+    def event(self, kind, **fields):
+        self._append(self.files.event_log, json.dumps({"event": kind, **fields}))
 
-    def epoch(self, epoch, loss, lr, train_seconds, map_at_k=None):
-        entry = {"epoch": epoch, "loss": loss, "lr": lr, "train_seconds": train_seconds}
-        if map_at_k is not None:
-            entry["map"] = map_at_k
-        self.record["epochs"].append(entry)
-        self.record["train_seconds"] = train_seconds
+    def _append(self, path, line):
+        if self.enabled:
+            with open(path, "a") as handle:
+                handle.write(line + "\n")
 
-    def best(self, map_at_k, epoch, checkpoint):
-        self.record["best"] = {"map": map_at_k, "epoch": epoch, "checkpoint": checkpoint}
 
-    def finish(self):
-        self.record["finished"] = True
-        self.save()
-
-    def save(self):
-        if not self.enabled:
-            return
-        write_json(self.json_path, self.record)
-        write_text(self.text_path, "\n".join(self.lines) + "\n")
+def read_run_log(path):
+    """One record from a {run}.jsonl event log: the start event's fields, "epochs" (the entries of the
+    epochs in effect: a resume drops those after its epoch), "best", "finished" and "train_seconds".
+    An unreadable last line (a run killed while writing it) is ignored."""
+    record = {"epochs": [], "best": None, "finished": False, "train_seconds": 0.0}
+    for line in Path(path).read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        kind = event.pop("event", None)
+        if kind == "start":
+            record.update(event)
+        elif kind == "resume":
+            resumed_after = event.pop("resumed_after")
+            record.update(event)
+            record["epochs"] = [e for e in record["epochs"] if e["epoch"] <= resumed_after]
+        elif kind == "epoch":
+            record["epochs"].append(event)
+            record["train_seconds"] = event["train_seconds"]
+        elif kind == "best":
+            record["best"] = event
+        elif kind == "finish":
+            record.update(event, finished=True)
+    return record

@@ -1,5 +1,5 @@
 """Exact Hamming search of packed binary codes: the k nearest database items of each query, ordered by
-Hamming distance and then by database index (the ranking rule of utils/metrics.py).
+Hamming distance and then by database index (the ranking rule of hashing/metrics.py).
 
 FAISS's IndexBinaryFlat is used when faiss is installed. It is exact and, as checked against its source
 and by tests/test_search.py, already orders ties by database index: it scans the database in index
@@ -7,21 +7,23 @@ order, admits a new item only when it is strictly closer than the current k-th, 
 (distance, index) pairs. Search still re-sorts each result row by (distance, index), a no-op with the
 FAISS version pinned in requirements.txt. Which tied items a FAISS version keeps at the k-th distance
 no re-sort can repair, so tests/test_search.py checks FAISS alone against brute force too. Without
-faiss, the same ranking comes from utils.metrics (popcount and radix sort).
+faiss, the same ranking comes from hashing.metrics (popcount and radix sort).
 
-Codes are np.packbits bytes (utils/codes_cache.py). FAISS needs a whole number of bytes, so an index of
-n-bit codes has ceil(n / 8) * 8 dimensions; the padding bits are 0 in every code and add no distance.
+Codes are the packed rows of hashing/codes.py, the bytes FAISS takes. FAISS needs a whole number of
+bytes, so an index of n-bit codes has ceil(n / 8) * 8 dimensions; the padding bits are 0 in every code
+and add no distance.
 """
 import importlib.util
 
 import numpy as np
 
-from .atomic import atomic_write
-from .codes_cache import unpack_sign_codes
-from .errors import UserError
-from .metrics import hamming_distances, pack_codes, rank_top_k
+from utils.atomic import atomic_write
+from utils.errors import UserError
 
-# Query rows x database items per chunk of the numpy search: bounded memory, as in utils.metrics.
+from .codes import hamming_distances, word_columns
+from .metrics import rank_top_k
+
+# Query rows x database items per chunk of the numpy search: bounded memory, as in hashing.metrics.
 _CHUNK_ELEMENTS = 1 << 20
 
 
@@ -58,13 +60,12 @@ def _order_by_distance_then_index(distances, indices):
 
 
 def _numpy_search(query_bits, database_bits, k):
-    num_bits = database_bits.shape[1] * 8
-    query_words = pack_codes(unpack_sign_codes(query_bits, num_bits))
-    database_words = pack_codes(unpack_sign_codes(database_bits, num_bits))
+    hash_bit = database_bits.shape[1] * 8  # the padding bits are 0 on both sides
+    query_words, database_words = word_columns(query_bits), word_columns(database_bits)
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // len(database_bits))
     distances, indices = [], []
     for start in range(0, len(query_bits), rows_per_chunk):
-        dist = hamming_distances([w[start:start + rows_per_chunk] for w in query_words], database_words, num_bits)
+        dist = hamming_distances([w[start:start + rows_per_chunk] for w in query_words], database_words, hash_bit)
         ranked = rank_top_k(dist, k)
         distances.append(np.take_along_axis(dist, ranked, axis=1).astype(np.int32))
         indices.append(ranked.astype(np.int64))

@@ -11,7 +11,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from .atomic import atomic_write
+from utils.atomic import atomic_write
 
 FIGURE_SIZE = (6.4, 4.8)
 DPI = 120

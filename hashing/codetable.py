@@ -7,15 +7,12 @@ Hamming distance d, where d(n, k) is the best known minimum distance of a binary
 
 The table is stored as differences: d(k, k) = 1, and _STEPS[k][n - k - 1] = d(n, k) - d(n - 1, k),
 one digit per code length n = k+1 .. 256. The paper's code reads it from codetable.xlsx through xlrd,
-which no longer reads .xlsx files; `zeta_from_xlsx` reads that workbook with the standard library
-for cross-checking.
+which no longer reads .xlsx files; `zeta_from_workbook` reads that workbook with openpyxl for
+cross-checking (--codetable). Formulas and examples: docs/METHOD.md §1.
 """
 import math
-import re
-import warnings
 import zipfile
 from functools import lru_cache
-from xml.etree import ElementTree
 
 MAX_BITS = 256
 MAX_DIMENSION = 10
@@ -125,92 +122,69 @@ def zeta(hash_bit, num_classes):
     return 1.0 - 2.0 * min_distance(hash_bit, k) / hash_bit
 
 
-_XLSX_NS = {
-    "m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main",
-    "r": "http://schemas.openxmlformats.org/officeDocument/2006/relationships",
-    "rel": "http://schemas.openxmlformats.org/package/2006/relationships",
-}
+# The paper's codetable.xlsx unpacks to ~0.1 MB; a workbook that claims more than this is refused before
+# any of it is decompressed (a small zip can expand to gigabytes).
+MAX_WORKBOOK_BYTES = 64 << 20
 
 
-def _first_sheet_path(archive):
-    workbook = ElementTree.fromstring(archive.read("xl/workbook.xml"))
-    sheet = workbook.find("m:sheets/m:sheet", _XLSX_NS)
-    if sheet is None:
-        raise ValueError("the workbook has no sheet")
-    rel_id = sheet.get(f"{{{_XLSX_NS['r']}}}id")
-    rels = ElementTree.fromstring(archive.read("xl/_rels/workbook.xml.rels"))
-    for rel in rels.findall("rel:Relationship", _XLSX_NS):
-        if rel.get("Id") == rel_id:
-            target = rel.get("Target").lstrip("/")
-            return target if target.startswith("xl/") else "xl/" + target
-    raise ValueError(f"the workbook names sheet {rel_id} but does not contain it")
+def _check_unpacked_size(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(member.file_size for member in archive.infolist())
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"cannot read {path} as an .xlsx workbook ({exc})") from None
+    if unpacked > MAX_WORKBOOK_BYTES:
+        raise ValueError(f"{path} unpacks to {unpacked:,} bytes, more than a code table needs "
+                         f"({MAX_WORKBOOK_BYTES:,}); it is not the paper's codetable.xlsx")
 
 
-def _column_index(cell_ref):
-    letters = re.match(r"[A-Z]+", cell_ref).group(0)
-    index = 0
-    for letter in letters:
-        index = index * 26 + ord(letter) - ord("A") + 1
-    return index - 1
-
-
-def read_xlsx_cell(path, row, column):
+def read_workbook_cell(path, row, column):
     """Value of the first sheet's cell at 0-based (row, column), as xlrd's sheet.row(row)[column]."""
-    with zipfile.ZipFile(path) as archive:
-        shared = []
-        if "xl/sharedStrings.xml" in archive.namelist():
-            root = ElementTree.fromstring(archive.read("xl/sharedStrings.xml"))
-            shared = ["".join(t.text or "" for t in si.iter(f"{{{_XLSX_NS['m']}}}t"))
-                      for si in root.findall("m:si", _XLSX_NS)]
-        sheet = ElementTree.fromstring(archive.read(_first_sheet_path(archive)))
-    for row_el in sheet.iterfind("m:sheetData/m:row", _XLSX_NS):
-        if int(row_el.get("r")) != row + 1:
-            continue
-        for cell in row_el.findall("m:c", _XLSX_NS):
-            if _column_index(cell.get("r")) != column:
-                continue
-            value = cell.find("m:v", _XLSX_NS)
-            if value is None:
-                inline = cell.find("m:is/m:t", _XLSX_NS)
-                return None if inline is None else inline.text
-            return shared[int(value.text)] if cell.get("t") == "s" else value.text
-    return None
+    import openpyxl
+    _check_unpacked_size(path)
+    try:
+        workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
+        try:
+            cells = workbook.worksheets[0].iter_rows(min_row=row + 1, max_row=row + 1, min_col=column + 1,
+                                                     max_col=column + 1, values_only=True)
+            return next(iter(cells), (None,))[0]
+        finally:
+            workbook.close()
+    except Exception as exc:  # openpyxl raises many types on malformed workbooks; all mean "not readable"
+        raise ValueError(f"cannot read {path} as an .xlsx workbook ({type(exc).__name__}: {exc})") from None
 
 
-def zeta_from_xlsx(path, hash_bit, num_classes):
+def zeta_from_workbook(path, hash_bit, num_classes):
     """zeta as the paper's code reads it: row n, column ceil(log2 C) of codetable.xlsx's first sheet.
 
     The paper's workbook holds zeta itself; a cell holding a distance (> 1) is converted to zeta.
     """
     k = code_dimension(num_classes)
-    try:
-        raw = read_xlsx_cell(path, hash_bit, k)
-    except (OSError, KeyError, zipfile.BadZipFile, ElementTree.ParseError) as exc:
-        raise ValueError(f"cannot read {path} as an .xlsx workbook ({exc})") from None
+    raw = read_workbook_cell(path, hash_bit, k)
     if raw is None:
         raise ValueError(f"{path} has no value at row {hash_bit}, column {k} (n = {hash_bit}, k = {k})")
     try:
         value = float(raw)
-    except ValueError:
+    except (TypeError, ValueError):
         raise ValueError(f"{path} row {hash_bit}, column {k} holds {raw!r}, not a number") from None
     return 1.0 - 2.0 * value / hash_bit if value > 1 else value
 
 
-def resolve_zeta(hash_bit, num_classes, override=None, xlsx_path=None):
-    """The zeta a run uses: --zeta if given, else --codetable's value if given, else the built-in table.
-
-    When both a workbook and the built-in table have a value and they differ, warn and use the workbook.
+def resolve_zeta(hash_bit, num_classes, override=None, workbook=None):
+    """(zeta, warning or None): --zeta if given, else the workbook's value (--codetable) if given, else
+    the built-in table. The warning says when the workbook and the built-in table disagree (the
+    workbook's value is used). Raises ValueError where no source has a value.
     """
     if override is not None:
-        return float(override)
-    if xlsx_path is None:
-        return zeta(hash_bit, num_classes)
-    from_workbook = zeta_from_xlsx(xlsx_path, hash_bit, num_classes)
+        return float(override), None
+    if workbook is None:
+        return zeta(hash_bit, num_classes), None
+    from_workbook = zeta_from_workbook(workbook, hash_bit, num_classes)
     try:
         built_in = zeta(hash_bit, num_classes)
     except ValueError:
-        return from_workbook
+        return from_workbook, None
     if abs(from_workbook - built_in) > 1e-6:
-        warnings.warn(f"{xlsx_path} gives zeta = {from_workbook:.6f} for n = {hash_bit}, C = {num_classes}; "
-                      f"the built-in table gives {built_in:.6f}. Using the workbook's value.", stacklevel=2)
-    return from_workbook
+        return from_workbook, (f"{workbook} gives zeta = {from_workbook:.6f} for n = {hash_bit}, C = {num_classes}; "
+                               f"the built-in table gives {built_in:.6f}. Using the workbook's value.")
+    return from_workbook, None

@@ -1,16 +1,16 @@
 """Retrieval metrics by Hamming ranking.
 
-Ranking rule (METHODS.md section 3): the database is ranked by Hamming distance to the query and ties
+Ranking rule (docs/METHOD.md §3.2): the database is ranked by Hamming distance to the query and ties
 are broken by database index, so every figure is unique and independent of sort stability. An item is
 relevant when it shares at least one label with the query.
 
-Speed without a Q x N argsort or a loop over ranks: codes and labels are packed into bit words, so a
+Speed without a Q x N argsort or a loop over ranks: codes and labels come packed (hashing/codes.py), so a
 distance is a popcount of an XOR and relevance a bitwise AND. Distances are small integers, so each
 chunk of queries is ranked by numpy's stable radix sort on uint8/uint16 keys, and for K < N a per-row
 histogram of distances finds the boundary distance first, so only about K candidates per query are
 ranked. Chunks run on a few threads (numpy releases the GIL) and memory stays bounded by the chunk.
 
-The other standard figures (METHODS.md section 3) reuse that pass: precision@top-N reads the same
+The other standard figures (docs/METHOD.md §3.4) reuse that pass: precision@top-N reads the same
 ranking, and the precision-recall curve over Hamming radii and the precision within Hamming radius 2
 need no ranking at all, only per-query histograms of the distances of all items and of the relevant
 ones (the set "every item within radius r" is the same whatever the tie rule). retrieval_metrics()
@@ -22,60 +22,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .codes import CodeSet, hamming_distances, word_columns
+
 # Elements (queries x database items) per chunk: a few MB per working array, cache friendly.
 _CHUNK_ELEMENTS = 1 << 20
 
 # The paper's top-N precision curve (N = 100, 200, ..., 1000) and the usual table radius.
 PAPER_TOP_NS = tuple(range(100, 1001, 100))
 HAMMING_RADIUS = 2
-
-
-def as_numpy(array):
-    """A numpy view of a numpy array or torch tensor (moved to the CPU if needed)."""
-    if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
-def _pack_rows(bits):
-    """(N, B) bool -> list of contiguous (N,) unsigned words (little-endian bit order), one per 64 bits.
-
-    The smallest unsigned type that holds the bits is used, so gathers move as few bytes as possible.
-    """
-    num_rows, num_bits = bits.shape
-    num_words = max(1, -(-num_bits // 64))
-    width = 64 if num_bits > 32 else next(w for w in (8, 16, 32) if num_bits <= w)
-    padded = np.zeros((num_rows, num_words * 64), dtype=bool)
-    padded[:, :num_bits] = bits
-    words = np.packbits(padded, axis=1, bitorder="little").view(np.uint64)
-    dtype = np.dtype(f"uint{width}")
-    return [np.ascontiguousarray(words[:, w]).astype(dtype) for w in range(num_words)]
-
-
-def pack_codes(codes):
-    """Real-valued (N, n) codes -> bit words of their signs (bit set for x >= 0, i.e. sign 0 -> +1)."""
-    codes = as_numpy(codes)
-    if codes.ndim != 2:
-        raise ValueError(f"codes must be a 2-D (items, bits) array, got shape {codes.shape}")
-    return _pack_rows(codes >= 0)
-
-
-def pack_labels(labels):
-    """Multi-hot (N, C) labels -> bit words; two items are relevant when their words share a bit."""
-    labels = as_numpy(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"labels must be a 2-D (items, classes) array, got shape {labels.shape}")
-    return _pack_rows(labels > 0)
-
-
-def hamming_distances(query_words, db_words, num_bits):
-    """(m, N) Hamming distances between packed query codes and packed database codes."""
-    dtype = np.uint8 if num_bits < 256 else np.uint16
-    dist = None
-    for q, d in zip(query_words, db_words):
-        block = np.bitwise_count(q[:, None] ^ d[None, :])
-        dist = block.astype(dtype, copy=False) if dist is None else dist + block
-    return dist
 
 
 def _relevance(query_label_words, db_label_words, columns):
@@ -135,45 +89,37 @@ def _average_precision_of_ranking(relevant):
     return np.where(num_relevant > 0, precision_sum / np.maximum(num_relevant, 1), 0.0)
 
 
-def _distance_histograms(dist, query_labels, db_labels, num_bits):
+def _distance_histograms(dist, query_labels, db_labels, hash_bit):
     """Per query, the number of database items at each Hamming distance 0..n and the number of relevant
     ones among them: two (m, n + 1) integer arrays, from one bincount per row of 2 * distance + relevant
     (small unsigned keys: half the passes of int64 keys with row offsets)."""
     # Indexing the database words with [None, :] relates every query to every item without a gather.
     relevant = _relevance(query_labels, db_labels, np.s_[None, :])
-    keys = dist.astype(np.uint8 if num_bits < 128 else np.uint16)
+    keys = dist.astype(np.uint8 if hash_bit < 128 else np.uint16)
     keys <<= 1
     keys |= relevant
-    counts = np.stack([np.bincount(row, minlength=2 * (num_bits + 1)) for row in keys])
-    counts = counts.reshape(len(keys), num_bits + 1, 2)
+    counts = np.stack([np.bincount(row, minlength=2 * (hash_bit + 1)) for row in keys])
+    counts = counts.reshape(len(keys), hash_bit + 1, 2)
     return counts.sum(axis=2), counts[:, :, 1]
 
 
-class _PackedProblem(NamedTuple):
+class _Problem(NamedTuple):
+    """Word columns of the packed codes and labels of a CodeSet (hashing/codes.py), and its sizes."""
     query_codes: list
     query_labels: list
     db_codes: list
     db_labels: list
     num_queries: int
     num_items: int
-    num_bits: int
+    hash_bit: int
 
 
-def _pack_problem(query_codes, query_labels, db_codes, db_labels):
-    """Validate shapes and pack codes and labels into bit words."""
-    q_codes, d_codes = pack_codes(query_codes), pack_codes(db_codes)
-    q_labels, d_labels = pack_labels(query_labels), pack_labels(db_labels)
-    num_queries, num_bits = as_numpy(query_codes).shape
-    num_items, db_bits = as_numpy(db_codes).shape
-    if db_bits != num_bits:
-        raise ValueError(f"query codes have {num_bits} bits but database codes have {db_bits}")
-    if len(q_labels) != len(d_labels):
-        raise ValueError("query and database labels have different numbers of classes")
-    if len(q_labels[0]) != num_queries or len(d_labels[0]) != num_items:
-        raise ValueError("codes and labels disagree on the number of items")
-    if num_queries == 0 or num_items == 0:
+def _problem(codes):
+    if len(codes.query_bits) == 0 or len(codes.database_bits) == 0:
         raise ValueError("retrieval metrics need at least one query and one database item")
-    return _PackedProblem(q_codes, q_labels, d_codes, d_labels, num_queries, num_items, num_bits)
+    return _Problem(word_columns(codes.query_bits), word_columns(codes.query_labels),
+                    word_columns(codes.database_bits), word_columns(codes.database_labels),
+                    len(codes.query_bits), len(codes.database_bits), codes.hash_bit)
 
 
 def _per_query_statistics(problem, map_depth=0, top_ns=(), histograms=False, threads=None):
@@ -187,7 +133,7 @@ def _per_query_statistics(problem, map_depth=0, top_ns=(), histograms=False, thr
     def chunk(start):
         part = slice(start, start + rows_per_chunk)
         query_labels = [w[part] for w in problem.query_labels]
-        dist = hamming_distances([w[part] for w in problem.query_codes], problem.db_codes, problem.num_bits)
+        dist = hamming_distances([w[part] for w in problem.query_codes], problem.db_codes, problem.hash_bit)
         stats = {}
         if rank_depth:
             ranked = rank_top_k(dist, rank_depth)
@@ -199,7 +145,7 @@ def _per_query_statistics(problem, map_depth=0, top_ns=(), histograms=False, thr
                 stats["hits_at_top_n"] = hits[:, np.asarray(top_ns) - 1]
         if histograms:
             stats["items_at_distance"], stats["relevant_at_distance"] = _distance_histograms(
-                dist, query_labels, problem.db_labels, problem.num_bits)
+                dist, query_labels, problem.db_labels, problem.hash_bit)
         return stats
 
     threads = threads or min(4, os.cpu_count() or 1)
@@ -223,9 +169,9 @@ def _check_top_ns(top_ns, num_items):
     return top_ns
 
 
-def _check_radius(radius, num_bits):
-    if not 0 <= radius <= num_bits:
-        raise ValueError(f"the Hamming radius must be between 0 and the code length {num_bits}, got {radius}")
+def _check_radius(radius, hash_bit):
+    if not 0 <= radius <= hash_bit:
+        raise ValueError(f"the Hamming radius must be between 0 and the code length {hash_bit}, got {radius}")
     return int(radius)
 
 
@@ -270,13 +216,23 @@ def _radius_curves(items_at_distance, relevant_at_distance):
         precision_empty_as_zero=precision.mean(axis=0))
 
 
+def _problem_of_arrays(query_codes, query_labels, db_codes, db_labels):
+    return _problem(CodeSet.from_outputs(query_codes, query_labels, db_codes, db_labels))
+
+
 def average_precisions(query_codes, query_labels, db_codes, db_labels, topk=None, threads=None):
-    """AP@K of every query (METHODS.md section 3), as a float64 array of length Q.
+    """AP@K of every query (docs/METHOD.md §3.3), as a float64 array of length Q.
 
     Codes are real-valued or +-1 (binarised with sign, 0 -> +1); labels are multi-hot. topk <= 0 or
     None means the whole database; a topk above the database size is clamped to it.
     """
-    problem = _pack_problem(query_codes, query_labels, db_codes, db_labels)
+    return average_precisions_of_codes(_problem_of_arrays(query_codes, query_labels, db_codes, db_labels), topk,
+                                       threads)
+
+
+def average_precisions_of_codes(codes, topk=None, threads=None):
+    """average_precisions() of a CodeSet, or of the packed problem made from one."""
+    problem = codes if isinstance(codes, _Problem) else _problem(codes)
     k = _map_depth(topk, problem.num_items)
     return _per_query_statistics(problem, map_depth=k, threads=threads)["average_precision"]
 
@@ -286,6 +242,11 @@ def map_at_k(query_codes, query_labels, db_codes, db_labels, topk=None):
     return float(np.mean(average_precisions(query_codes, query_labels, db_codes, db_labels, topk)))
 
 
+def map_of_codes(codes, topk=None):
+    """map_at_k() of a CodeSet (hashing/codes.py)."""
+    return float(np.mean(average_precisions_of_codes(codes, topk)))
+
+
 def precision_at_top_n(query_codes, query_labels, db_codes, db_labels, top_ns=PAPER_TOP_NS, threads=None):
     """Mean precision@N for each N in top_ns (float64 array, same order).
 
@@ -293,10 +254,15 @@ def precision_at_top_n(query_codes, query_labels, db_codes, db_labels, top_ns=PA
     database index) / N. Every N must lie in 1..database size (ValueError otherwise: beyond it the
     "first N" do not exist). A query with no relevant item scores 0, as in mAP.
     """
-    problem = _pack_problem(query_codes, query_labels, db_codes, db_labels)
+    problem = _problem_of_arrays(query_codes, query_labels, db_codes, db_labels)
     top_ns = _check_top_ns(top_ns, problem.num_items)
     hits = _per_query_statistics(problem, top_ns=top_ns, threads=threads)["hits_at_top_n"]
     return hits.mean(axis=0) / np.asarray(top_ns)
+
+
+def _radius_curves_of(problem, threads):
+    stats = _per_query_statistics(problem, histograms=True, threads=threads)
+    return _radius_curves(stats["items_at_distance"], stats["relevant_at_distance"])
 
 
 def precision_recall_curve(query_codes, query_labels, db_codes, db_labels, threads=None):
@@ -305,9 +271,7 @@ def precision_recall_curve(query_codes, query_labels, db_codes, db_labels, threa
     The retrieved set within a radius does not depend on how ties are ordered; see RadiusCurves for
     how queries that retrieve nothing, or have no relevant item, are averaged.
     """
-    problem = _pack_problem(query_codes, query_labels, db_codes, db_labels)
-    stats = _per_query_statistics(problem, histograms=True, threads=threads)
-    return _radius_curves(stats["items_at_distance"], stats["relevant_at_distance"])
+    return _radius_curves_of(_problem_of_arrays(query_codes, query_labels, db_codes, db_labels), threads)
 
 
 def precision_within_radius(query_codes, query_labels, db_codes, db_labels, radius=HAMMING_RADIUS, threads=None):
@@ -316,11 +280,9 @@ def precision_within_radius(query_codes, query_labels, db_codes, db_labels, radi
     A query that retrieves nothing within the radius scores 0, as in HashNet's and DCH's evaluation: with
     long codes the Hamming ball empties, and the figure is meant to show it. The mean is over all queries.
     """
-    problem = _pack_problem(query_codes, query_labels, db_codes, db_labels)
-    radius = _check_radius(radius, problem.num_bits)
-    stats = _per_query_statistics(problem, histograms=True, threads=threads)
-    return float(_radius_curves(stats["items_at_distance"], stats["relevant_at_distance"])
-                 .precision_empty_as_zero[radius])
+    problem = _problem_of_arrays(query_codes, query_labels, db_codes, db_labels)
+    radius = _check_radius(radius, problem.hash_bit)
+    return float(_radius_curves_of(problem, threads).precision_empty_as_zero[radius])
 
 
 def _json_floats(values):
@@ -336,21 +298,27 @@ def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, topk=None,
     precision_recall {radius, precision, recall, retrieving} over radii 0..n (RadiusCurves; undefined
     values are None); precision_within_radius {radius, precision, retrieving}; sizes and code length.
     """
-    problem = _pack_problem(query_codes, query_labels, db_codes, db_labels)
+    return metrics_of_codes(CodeSet.from_outputs(query_codes, query_labels, db_codes, db_labels), topk, top_ns,
+                            radius, threads)
+
+
+def metrics_of_codes(codes, topk=None, top_ns=None, radius=HAMMING_RADIUS, threads=None):
+    """retrieval_metrics() of a CodeSet (hashing/codes.py): the packed codes are used as they are."""
+    problem = _problem(codes)
     k = _map_depth(topk, problem.num_items)
     top_ns = _check_top_ns(default_top_ns(problem.num_items) if top_ns is None else top_ns, problem.num_items)
-    radius = _check_radius(radius, problem.num_bits)
+    radius = _check_radius(radius, problem.hash_bit)
     stats = _per_query_statistics(problem, map_depth=k, top_ns=top_ns, histograms=True, threads=threads)
     curves = _radius_curves(stats["items_at_distance"], stats["relevant_at_distance"])
     return {
         "num_queries": problem.num_queries,
         "num_database": problem.num_items,
-        "num_bits": problem.num_bits,
+        "hash_bit": problem.hash_bit,
         "map": float(stats["average_precision"].mean()),
         "map_topk": k,
         "precision_at_top_n": {"n": top_ns,
                                "precision": _json_floats(stats["hits_at_top_n"].mean(axis=0) / np.asarray(top_ns))},
-        "precision_recall": {"radius": list(range(problem.num_bits + 1)),
+        "precision_recall": {"radius": list(range(problem.hash_bit + 1)),
                              "precision": _json_floats(curves.precision),
                              "recall": _json_floats(curves.recall),
                              "retrieving": _json_floats(curves.retrieving)},

@@ -1,13 +1,15 @@
 """Images given on the command line (--query), preprocessed exactly as the database they are searched
 against, and names for database items in search results."""
+from pathlib import Path
+
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Subset
 
-from data.transforms import BatchTransform, image_transform
+from utils.errors import UserError
 
-from .errors import UserError
+from .files import read_rgb
+from .transforms import BatchTransform, image_transform
 
 
 def unwrap_subset(dataset):
@@ -17,14 +19,10 @@ def unwrap_subset(dataset):
     return dataset, None
 
 
-def read_rgb(path):
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"no query image at {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"cannot read query image {path}: {exc}") from None
+def read_query_image(path):
+    if not Path(path).is_file():
+        raise UserError(f"no query image at {path}")
+    return read_rgb(path, what="query image", hint="pass a PNG or JPEG image")
 
 
 def query_batch(paths, database, input_size):
@@ -34,7 +32,7 @@ def query_batch(paths, database, input_size):
     transform = getattr(unwrap_subset(database)[0], "transform", None)
     images = []
     for path in paths:
-        image = read_rgb(path)
+        image = read_query_image(path)
         if isinstance(transform, BatchTransform):
             pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
             images.append(transform(pixels[None])[0])

@@ -1,0 +1,208 @@
+"""The training engine: one epoch of training, encoding a split into binary codes, evaluation by mAP@K,
+and the epoch loop that keeps the best checkpoint and the resumable training state.
+
+In the style of torchvision's references/detection/engine.py: these functions take the parts they
+drive (a model, loaders, an optimiser); retrieval.py builds the parts and wires them. `Run` holds what
+one invocation decided once (device, processes, data, K, files, log), so no function here takes more
+than a handful of arguments.
+"""
+import time
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from data import DatasetSpec, RetrievalSplits
+from hashing.codes import CodeSet
+from hashing.metrics import map_of_codes
+from utils.checkpoint import save_state_dict, save_train_state
+from utils.dist import (DistContext, all_true, broadcast_object, gather_rows, sum_over_ranks,
+                        sync_buffers)
+from utils.reproducibility import capture_rng_state, restore_rng_state
+from utils.runlog import RunFiles, RunLog, progress_bar
+
+
+class Loaders(NamedTuple):
+    """The training loader (each rank a 1/world share of every global batch) and this rank's shards of
+    the query set and the database (cut at batch boundaries, see utils/dist.py shard_bounds)."""
+    train: DataLoader
+    query: DataLoader
+    database: DataLoader
+
+
+@dataclass
+class Run:
+    """One invocation's wiring, decided once by retrieval.main and read by every stage."""
+    args: object  # the parsed command line
+    device: torch.device
+    context: DistContext
+    spec: DatasetSpec
+    splits: RetrievalSplits
+    loaders: Loaders
+    topk: int  # K of mAP@K
+    files: RunFiles
+    log: RunLog
+    input_size: int  # side of the square images the network takes
+
+    @property
+    def writes_files(self):
+        return self.context.is_main and not self.args.no_save
+
+
+class HashingObjective(nn.Module):
+    """Network and loss as one module, so DDP also synchronises the loss's learnable state (proxies)."""
+
+    def __init__(self, network, criterion):
+        super().__init__()
+        self.network = network
+        self.criterion = criterion
+
+    def forward(self, images, labels):
+        codes = self.network(images)
+        with torch.autocast(device_type=codes.device.type, enabled=False):  # the loss in float32
+            return self.criterion(codes.float(), labels)
+
+
+@dataclass
+class Trainer:
+    """What one optimisation step drives. `model` is what is called (the objective, DDP-wrapped when
+    distributed); `objective` is the same module without the wrapper (torchvision's model_without_ddp)."""
+    model: nn.Module
+    objective: HashingObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype = None  # None: no autocast
+
+
+@dataclass
+class Progress:
+    """Where training stands after the last completed epoch (saved in .last.pt)."""
+    epoch: int = 0
+    best_map: float = -1.0
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, value, epoch, step):
+        super().__init__(f"the loss became {value} in epoch {epoch}, iteration {step}")
+
+
+def to_device(images, device):
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+def train_one_epoch(trainer, loader, device, epoch, context=DistContext()):
+    """One pass over the training set; returns the mean loss per sample over all ranks."""
+    trainer.model.train()
+    total = torch.zeros((), device=device)
+    seen = 0
+    bar = progress_bar(loader, desc=f"epoch {epoch}", unit="batch")
+    for step, (images, labels) in enumerate(bar, start=1):
+        images, labels = to_device(images, device), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None):
+            loss = trainer.model(images, labels)
+        if not all_true(context, torch.isfinite(loss).item(), device):
+            raise NonFiniteLoss(loss.item(), epoch, step)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.scaler.scale(loss).backward()
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
+        total += loss.detach() * len(images)
+        seen += len(images)
+        if step % 10 == 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    total, seen = sum_over_ranks(context, [total.item(), seen], device)
+    return total / max(seen, 1)
+
+
+@torch.inference_mode()
+def encode(network, loader, device, context=DistContext(), desc="encode"):
+    """Real-valued outputs (N, n) and labels (N, C) of a dataset, on the CPU, gathered over ranks."""
+    network.eval()
+    outputs, labels = [], []
+    for images, targets in progress_bar(loader, desc=desc, unit="batch"):
+        outputs.append(network(to_device(images, device)).float().cpu())
+        labels.append(targets.float())
+    if not outputs:  # a rank whose shard is empty
+        outputs, labels = [torch.empty(0, 0)], [torch.empty(0, 0)]
+    return gather_rows(context, torch.cat(outputs), device), gather_rows(context, torch.cat(labels), device)
+
+
+def encode_splits(network, loaders, device, context=DistContext()):
+    """The packed codes and labels of the query set and the database (gathered over ranks)."""
+    return CodeSet.from_outputs(*encode(network, loaders.query, device, context, "encode queries"),
+                                *encode(network, loaders.database, device, context, "encode database"))
+
+
+def evaluate(network, loaders, device, topk, context=DistContext()):
+    """(mAP@topk of the queries against the database by Hamming ranking, the same on every rank; the
+    codes it was computed from)."""
+    codes = encode_splits(network, loaders, device, context)
+    mean_ap = map_of_codes(codes, topk) if context.is_main else None
+    return broadcast_object(context, mean_ap), codes
+
+
+def set_epoch(train_loader, criterion, seed, epoch):
+    """Shuffling and DataLoader worker seeds as functions of (seed, epoch), so a resumed run replays the
+    batches of an uninterrupted one; and the epoch for losses that schedule on it (HashNet)."""
+    train_loader.sampler.set_epoch(epoch)
+    train_loader.generator.manual_seed(seed * 1_000_003 + epoch)
+    if hasattr(criterion, "set_epoch"):
+        criterion.set_epoch(epoch)
+
+
+def training_state(trainer, progress):
+    """Everything --resume needs to continue exactly, in types torch.load(weights_only=True) accepts."""
+    return {"network": trainer.objective.network.state_dict(), "loss": trainer.objective.criterion.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict(), "progress": asdict(progress), "rng": capture_rng_state()}
+
+
+def restore_training_state(trainer, state, device):
+    """Load a training_state() into the trainer's parts; returns the Progress to continue from."""
+    trainer.objective.network.load_state_dict(state["network"])
+    trainer.objective.criterion.load_state_dict(state["loss"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        trainer.scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"])
+    trainer.objective.to(device)
+    return Progress(**state["progress"])
+
+
+def train(run, trainer, progress):
+    """The epoch loop: train, evaluate every --eval_every epochs and after the last, keep the best
+    checkpoint, and write the resumable state after every epoch. Returns the codes of the best epoch's
+    evaluation in this process (None if that epoch predates a resume)."""
+    args, network, criterion = run.args, trainer.objective.network, trainer.objective.criterion
+    best_codes = None
+    for epoch in range(progress.epoch + 1, args.epochs + 1):
+        started = time.perf_counter()
+        set_epoch(run.loaders.train, criterion, args.seed, epoch)
+        loss = train_one_epoch(trainer, run.loaders.train, run.device, epoch, run.context)
+        sync_buffers(run.context, trainer.objective)
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        trainer.scheduler.step()
+        progress.train_seconds += time.perf_counter() - started
+        line = f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  lr {lr:.3g}  train {progress.train_seconds:.1f}s"
+        entry = {"epoch": epoch, "loss": loss, "lr": lr, "train_seconds": progress.train_seconds}
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            entry["map"], codes = evaluate(network, run.loaders, run.device, run.topk, run.context)
+            if entry["map"] > progress.best_map:
+                progress.best_map, progress.best_epoch, best_codes = entry["map"], epoch, codes
+                if run.writes_files:
+                    save_state_dict(network, run.files.checkpoint)
+                run.log.event("best", map=entry["map"], epoch=epoch, checkpoint=str(run.files.checkpoint))
+            line += f"  mAP@{run.topk} {entry['map']:.4f}  (best {progress.best_map:.4f} @ epoch {progress.best_epoch})"
+        progress.epoch = epoch
+        run.log.say(line)
+        run.log.event("epoch", **entry)
+        if run.writes_files:
+            save_train_state(run.files.last, training_state(trainer, progress), vars(args))
+    return best_codes

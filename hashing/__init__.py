@@ -1,0 +1,3 @@
+"""The retrieval side of the paper: binary codes in one packed layout (codes.py), the threshold zeta
+from the code table (codetable.py), mAP@K and the other metrics (metrics.py), exact Hamming search
+(search.py), the codes cache (cache.py), CSQ's Hadamard matrices (hadamard.py) and the figures (plots.py)."""

@@ -1,0 +1,127 @@
+"""Binary hash codes in one packed layout, shared by the evaluation, the codes cache and the search.
+
+A network's real-valued outputs x (N, n) give the codes b = sign(x), +1 for x >= 0 (docs/METHOD.md §3.1).
+Codes are stored as the rows of np.packbits(x >= 0): uint8 (N, ceil(n / 8)), big-endian bit order within
+a byte, padded with zero bits to whole bytes. That is the byte layout FAISS's IndexBinaryFlat takes, and
+the padding bits, 0 in every row, add nothing to a Hamming distance. Multi-hot labels are packed the
+same way, so that "shares a label" is a non-zero AND and the number of shared labels a popcount.
+
+For popcounts the byte rows are viewed as unsigned words of up to 64 bits (`word_columns`): XOR and
+popcount do not depend on the bit order, so the view needs no repacking.
+
+Names: `outputs` are real-valued network outputs, `bits` packed rows, `signs` codes in {-1, +1}.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def as_numpy(array):
+    """A numpy view of a numpy array or torch tensor (moved to the CPU if needed)."""
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _pack_rows(matrix, what):
+    matrix = as_numpy(matrix)
+    if matrix.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D (items, {'bits' if what == 'codes' else 'classes'}) array, "
+                         f"got shape {matrix.shape}")
+    return np.packbits(matrix > 0 if what == "labels" else matrix >= 0, axis=1)
+
+
+def pack_signs(outputs):
+    """Real-valued or +-1 (N, n) outputs -> packed sign bits (N, ceil(n / 8)) uint8; 0 counts as +1."""
+    return _pack_rows(outputs, "codes")
+
+
+def pack_labels(labels):
+    """Multi-hot (N, C) labels (an entry counts when > 0) -> packed (N, ceil(C / 8)) uint8."""
+    return _pack_rows(labels, "labels")
+
+
+def unpack_signs(bits, hash_bit):
+    """Packed rows -> (N, hash_bit) int8 codes in {-1, +1}."""
+    return np.unpackbits(bits, axis=1, count=hash_bit).astype(np.int8) * 2 - 1
+
+
+def unpack_labels(bits, num_classes):
+    """Packed rows -> (N, num_classes) bool multi-hot labels."""
+    return np.unpackbits(bits, axis=1, count=num_classes).astype(bool)
+
+
+def word_columns(bits):
+    """Packed (N, B) uint8 rows viewed as contiguous columns of unsigned words, one array per word.
+
+    Up to 8 bytes use one word of the smallest sufficient width (uint8/16/32/64), so that gathers and
+    XORs move as few bytes as possible; longer rows use ceil(B / 8) uint64 words.
+    """
+    num_rows, num_bytes = bits.shape
+    width = next((w for w in (1, 2, 4, 8) if num_bytes <= w), 8)
+    padded_bytes = -(-num_bytes // width) * width
+    padded = np.zeros((num_rows, padded_bytes), dtype=np.uint8)
+    padded[:, :num_bytes] = bits
+    words = padded.view(np.dtype(f"uint{8 * width}"))
+    return [np.ascontiguousarray(words[:, column]) for column in range(words.shape[1])]
+
+
+def hamming_distances(query_words, database_words, hash_bit):
+    """(m, N) Hamming distances between word columns of packed query and database codes."""
+    dtype = np.uint8 if hash_bit < 256 else np.uint16
+    distances = None
+    for query, database in zip(query_words, database_words):
+        block = np.bitwise_count(query[:, None] ^ database[None, :])
+        distances = block.astype(dtype, copy=False) if distances is None else distances + block
+    return distances
+
+
+@dataclass
+class CodeSet:
+    """Packed codes and packed multi-hot labels of the query set and the database."""
+    query_bits: np.ndarray
+    query_labels: np.ndarray
+    database_bits: np.ndarray
+    database_labels: np.ndarray
+    hash_bit: int
+    num_classes: int
+
+    def __post_init__(self):
+        for side in ("query", "database"):
+            bits, labels = getattr(self, f"{side}_bits"), getattr(self, f"{side}_labels")
+            if len(bits) != len(labels):
+                raise ValueError(f"{len(bits)} {side} codes but {len(labels)} {side} label rows")
+        if self.query_bits.shape[1] != self.database_bits.shape[1]:
+            raise ValueError(f"query codes have {self.query_bits.shape[1]} bytes but database codes "
+                             f"{self.database_bits.shape[1]}")
+        if self.query_labels.shape[1] != self.database_labels.shape[1]:
+            raise ValueError("query and database labels have different numbers of classes")
+
+    @classmethod
+    def from_outputs(cls, query_outputs, query_labels, database_outputs, database_labels):
+        """From real-valued (or +-1) outputs and multi-hot labels, numpy arrays or torch tensors."""
+        query_outputs, database_outputs = as_numpy(query_outputs), as_numpy(database_outputs)
+        query_labels, database_labels = as_numpy(query_labels), as_numpy(database_labels)
+        if query_outputs.ndim != 2 or database_outputs.ndim != 2:
+            raise ValueError(f"codes must be 2-D (items, bits) arrays, got shapes {query_outputs.shape} and "
+                             f"{database_outputs.shape}")
+        if query_outputs.shape[1] != database_outputs.shape[1]:
+            raise ValueError(f"query codes have {query_outputs.shape[1]} bits but database codes have "
+                             f"{database_outputs.shape[1]}")
+        if query_labels.ndim != 2 or database_labels.ndim != 2 or query_labels.shape[1] != database_labels.shape[1]:
+            raise ValueError("query and database labels must be 2-D with the same number of classes, got shapes "
+                             f"{query_labels.shape} and {database_labels.shape}")
+        return cls(pack_signs(query_outputs), pack_labels(query_labels), pack_signs(database_outputs),
+                   pack_labels(database_labels), query_outputs.shape[1], query_labels.shape[1])
+
+    def query_signs(self):
+        return unpack_signs(self.query_bits, self.hash_bit)
+
+    def database_signs(self):
+        return unpack_signs(self.database_bits, self.hash_bit)
+
+    def query_label_matrix(self):
+        return unpack_labels(self.query_labels, self.num_classes)
+
+    def database_label_matrix(self):
+        return unpack_labels(self.database_labels, self.num_classes)
