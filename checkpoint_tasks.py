@@ -57,9 +57,9 @@ def checkpoint_codes(run, network, weights_loaded=False):
     return codes, key, False
 
 
-def checkpoint_metrics(run, codes, key, cached):
-    """Every metric of the codes (hashing.metrics.metrics_of_codes) with a "run" record, written to
-    OUTPUT_DIR/{run}.metrics.json unless --no_save."""
+def checkpoint_metrics(run, codes, key, cached, selection=None):
+    """Every metric of the codes (hashing.metrics.metrics_of_codes) with a "run" record (and how training
+    selected the checkpoint, when known), written to OUTPUT_DIR/{run}.metrics.json unless --no_save."""
     args = run.args
     try:
         metrics = metrics_of_codes(codes, topk=run.topk, top_ns=args.top_n)
@@ -68,7 +68,7 @@ def checkpoint_metrics(run, codes, key, cached):
     metrics["run"] = {"dataset": args.dataset, "backbone": args.backbone, "hash_bit": args.hash_bit,
                       "loss": loss_label(args.loss, args.hierarchy), "seed": args.seed, "subset": args.subset,
                       "checkpoint": str(run.files.checkpoint), "checkpoint_sha256": key["checkpoint_sha256"],
-                      "codes": str(run.files.codes), "codes_from_cache": cached}
+                      "codes": str(run.files.codes), "codes_from_cache": cached, "selection": selection}
     if not args.no_save:
         write_json(run.files.metrics, metrics)
     return metrics
@@ -130,6 +130,14 @@ def search_images(run, network, codes):
     return results
 
 
+def trained_selection(run):
+    """How training selected the checkpoint (--select, the kept epoch), from its event log; None if unknown."""
+    try:
+        return read_run_log(run.files.event_log).get("selection")
+    except (OSError, ValueError):
+        return None
+
+
 def warn_if_data_differs_from_training(run):
     """--test evaluates on the splits built from --seed/--subset; say so if training used others."""
     try:
@@ -154,7 +162,7 @@ def run_checkpoint_tasks(run, network):
     if not run.context.is_main:
         return result
     if args.test:
-        metrics = checkpoint_metrics(run, codes, key, cached)
+        metrics = checkpoint_metrics(run, codes, key, cached, trained_selection(run))
         report_evaluation(run, metrics, codes)
         print(f"mAP@{run.topk}: {metrics['map']:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, "
               f"{run.files.checkpoint})")
@@ -168,9 +176,10 @@ def run_checkpoint_tasks(run, network):
     return result
 
 
-def report_best_checkpoint(run, network, best_codes):
-    """After training: every metric and the cached codes of the best checkpoint, from its evaluation's
-    codes when this process computed them, else by encoding the saved checkpoint."""
+def report_best_checkpoint(run, network, best_codes, selection):
+    """After training: every metric and the cached codes of the kept checkpoint, from its evaluation's
+    codes when this process computed them, else by encoding the saved checkpoint; `selection` says how
+    it was kept (--select)."""
     barrier(run.context)  # rank 0 has finished writing the checkpoint
     if best_codes is None:
         codes, key, _ = checkpoint_codes(run, network)
@@ -178,4 +187,4 @@ def report_best_checkpoint(run, network, best_codes):
         codes, key = best_codes, codes_key(run)
         save_codes(run, codes, key)
     if run.context.is_main:
-        report_evaluation(run, checkpoint_metrics(run, codes, key, False), codes)
+        report_evaluation(run, checkpoint_metrics(run, codes, key, False, selection), codes)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from data import DatasetSpec, RetrievalSplits
 from hashing.codes import CodeSet
 from hashing.metrics import map_of_codes
-from utils.checkpoint import save_state_dict, save_train_state
+from utils.checkpoint import load_network_weights, save_state_dict, save_train_state
 from utils.dist import (DistContext, all_true, broadcast_object, gather_rows, sum_over_ranks,
                         sync_buffers)
 from utils.reproducibility import capture_rng_state, restore_rng_state
@@ -45,6 +45,12 @@ class Run:
     files: RunFiles
     log: RunLog
     input_size: int  # side of the square images the network takes
+    validation: Loaders = None  # --select val: the validation queries and their database (train unused)
+    validation_topk: int = 0  # K of the validation mAP: K clamped to the validation database
+
+    @property
+    def select(self):
+        return getattr(self.args, "select", "test")
 
     @property
     def writes_files(self):
@@ -84,6 +90,17 @@ class Progress:
     best_map: float = -1.0
     best_epoch: int = 0
     train_seconds: float = 0.0
+
+
+SELECTION_RULES = ("test", "val", "last")  # --select; docs/METHOD.md §3.5
+
+
+class Selected(NamedTuple):
+    """The checkpoint training kept: its test-query mAP and codes (codes None when that evaluation
+    predates a resume, so report_best_checkpoint encodes the saved checkpoint)."""
+    map: float
+    epoch: int
+    codes: CodeSet = None
 
 
 class NonFiniteLoss(Exception):
@@ -176,12 +193,31 @@ def restore_training_state(trainer, state, device):
     return Progress(**state["progress"])
 
 
+def evaluate_for_selection(run, network):
+    """(the mAP that --select compares, the test-query codes or None). --select val ranks the validation
+    queries against their own database and never encodes the test queries."""
+    if run.select == "val":
+        return evaluate(network, run.validation, run.device, run.validation_topk, run.context)[0], None
+    return evaluate(network, run.loaders, run.device, run.topk, run.context)
+
+
+def evaluate_selected(run, network, progress, best_state):
+    """--select val, after the last epoch: the kept epoch's weights (in memory, else the saved
+    checkpoint), evaluated once on the test queries."""
+    if best_state is not None:
+        network.load_state_dict(best_state)
+    else:
+        load_network_weights(network, run.files.checkpoint)
+    test_map, codes = evaluate(network, run.loaders, run.device, run.topk, run.context)
+    return Selected(test_map, progress.best_epoch, codes)
+
+
 def train(run, trainer, progress):
-    """The epoch loop: train, evaluate every --eval_every epochs and after the last, keep the best
-    checkpoint, and write the resumable state after every epoch. Returns the codes of the best epoch's
-    evaluation in this process (None if that epoch predates a resume)."""
+    """The epoch loop: train, evaluate every --eval_every epochs and after the last, keep the checkpoint
+    --select chooses, and write the resumable state after every epoch. Returns the Selected checkpoint."""
     args, network, criterion = run.args, trainer.objective.network, trainer.objective.criterion
-    best_codes = None
+    key = "val_map" if run.select == "val" else "map"
+    best_codes, best_state = None, None
     for epoch in range(progress.epoch + 1, args.epochs + 1):
         started = time.perf_counter()
         set_epoch(run.loaders.train, criterion, args.seed, epoch)
@@ -193,16 +229,22 @@ def train(run, trainer, progress):
         line = f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  lr {lr:.3g}  train {progress.train_seconds:.1f}s"
         entry = {"epoch": epoch, "loss": loss, "lr": lr, "train_seconds": progress.train_seconds}
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            entry["map"], codes = evaluate(network, run.loaders, run.device, run.topk, run.context)
-            if entry["map"] > progress.best_map:
-                progress.best_map, progress.best_epoch, best_codes = entry["map"], epoch, codes
+            entry[key], codes = evaluate_for_selection(run, network)
+            if run.select == "last" or entry[key] > progress.best_map:
+                progress.best_map, progress.best_epoch, best_codes = entry[key], epoch, codes
+                if run.select == "val":
+                    best_state = {name: value.detach().clone() for name, value in network.state_dict().items()}
                 if run.writes_files:
                     save_state_dict(network, run.files.checkpoint)
-                run.log.event("best", map=entry["map"], epoch=epoch, checkpoint=str(run.files.checkpoint))
-            line += f"  mAP@{run.topk} {entry['map']:.4f}  (best {progress.best_map:.4f} @ epoch {progress.best_epoch})"
+                run.log.event("best", map=entry[key], epoch=epoch, checkpoint=str(run.files.checkpoint),
+                              select=run.select)
+            label = f"val mAP@{run.validation_topk}" if key == "val_map" else f"mAP@{run.topk}"
+            line += f"  {label} {entry[key]:.4f}  (kept {progress.best_map:.4f} @ epoch {progress.best_epoch})"
         progress.epoch = epoch
         run.log.say(line)
         run.log.event("epoch", **entry)
         if run.writes_files:
             save_train_state(run.files.last, training_state(trainer, progress), vars(args))
-    return best_codes
+    if run.select == "val":
+        return evaluate_selected(run, network, progress, best_state)
+    return Selected(progress.best_map, progress.best_epoch, best_codes)

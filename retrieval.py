@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from checkpoint_tasks import report_best_checkpoint, run_checkpoint_tasks
 from data import DATASETS, get_dataset_spec
-from engine import HashingObjective, Loaders, NonFiniteLoss, Progress, Run, Trainer, restore_training_state
+from data.validation import hold_out_validation
+from engine import (SELECTION_RULES, HashingObjective, Loaders, NonFiniteLoss, Progress, Run, Trainer,
+                    restore_training_state)
 from engine import train as train_epochs
 from hashing import codetable
 from loss import LOSSES, PROXY_LOSSES, HierarchicalProxyLoss, build_loss, loss_label
@@ -32,6 +34,15 @@ from utils.dist import (DistContext, barrier, gather_objects, init_distributed, 
 from utils.errors import TrainingInterrupted, UserError, run_reporting_errors
 from utils.reproducibility import loader_generator, seed_everything, seed_worker
 from utils.runlog import RunFiles, RunLog, setup_for_distributed, warn
+
+# --optimizer: the network's and the proxies' optimiser; --momentum is SGD's (RMSprop's and Adam's are
+# torch's defaults, as DeepHash-pytorch uses them).
+OPTIMIZERS = {
+    "sgd": lambda groups, args: torch.optim.SGD(groups, momentum=args.momentum, weight_decay=args.weight_decay),
+    "rmsprop": lambda groups, args: torch.optim.RMSprop(groups, weight_decay=args.weight_decay),
+    "adam": lambda groups, args: torch.optim.Adam(groups, weight_decay=args.weight_decay),
+}
+DEFAULT_VAL_SIZE = 500
 
 
 # ============ command line ============
@@ -134,6 +145,11 @@ def add_optimisation_arguments(parser):
     group.add_argument("--epochs", type=positive_int, default=100, help="training epochs")
     group.add_argument("--lr", type=finite_float, default=0, help="network learning rate; 0 = the backbone's default")
     group.add_argument("--rate", type=finite_float, default=0.02, help="learning rate of the proxies")
+    group.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
+                       help="optimiser of the network and the proxies: the paper's SGD, or RMSprop / Adam (torch's "
+                            "defaults besides --lr and --weight_decay) as other losses' papers use")
+    group.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum (--optimizer sgd only)")
+    group.add_argument("--weight_decay", type=finite_float, default=5e-4, help="weight decay of every optimiser")
     group.add_argument("--seed", type=int, default=0, help="random seed (data split, init, batches)")
     group.add_argument("--amp", nargs="?", const="auto", choices=["auto", "bf16", "fp16"], default=None,
                        help="mixed precision on CUDA (bf16 if supported, else fp16 with loss scaling); "
@@ -148,6 +164,13 @@ def add_evaluation_arguments(parser):
     group.add_argument("--retrieve", "--topk", dest="retrieve", type=non_negative_int, default=0,
                        help="K of mAP@K; 0 = the dataset's default (--topk is the same flag, DeepHash-pytorch's name)")
     group.add_argument("--eval_every", type=positive_int, default=5, help="evaluate every N epochs (and at the end)")
+    group.add_argument("--select", default="test", choices=SELECTION_RULES,
+                       help="which evaluated epoch's checkpoint is kept: test = best mAP on the test queries (the "
+                            "paper's rule), val = best mAP on a validation split held out from the training set, "
+                            "then evaluated once on the test queries, last = the last epoch")
+    group.add_argument("--val_size", type=positive_int, default=None,
+                       help=f"--select val: training items held out (seeded) as validation queries "
+                            f"(default {DEFAULT_VAL_SIZE})")
     group.add_argument("--test", action="store_true", help="evaluate the saved checkpoint instead of training")
     group.add_argument("--top_n", type=positive_int, nargs="+", default=None, metavar="N",
                        help="N of precision@top-N (default: 100, 200, ..., 1000, or ten steps up to a smaller database)")
@@ -180,6 +203,9 @@ def check_flags(args):
     """Combinations of flags that cannot work, refused before any work is done."""
     if args.plots and args.no_save:
         raise UserError("--plots writes figures and --no_save writes nothing: drop one of them")
+    if args.val_size is not None and args.select != "val":
+        raise UserError(f"--val_size is used by --select val only (this run has --select {args.select}): "
+                        "drop it or add --select val")
 
 
 def uses_checkpoint(args):
@@ -237,6 +263,17 @@ def make_loaders(splits, args, spec, device, context=DistContext()):
     return Loaders(train, eval_loader(splits.query), eval_loader(splits.database))
 
 
+def validation_splits(splits, args):
+    """--select val: (the splits with the training split reduced, the validation splits), else (splits, None)."""
+    if args.select != "val" or uses_checkpoint(args):  # a saved checkpoint is evaluated on the test queries
+        return splits, None
+    try:
+        validation = hold_out_validation(splits, args.val_size or DEFAULT_VAL_SIZE, args.seed)
+    except ValueError as exc:
+        raise UserError(f"--val_size: {exc} in --dataset {args.dataset}; lower --val_size") from None
+    return splits._replace(train=validation.train), validation
+
+
 def run_files(args):
     """Where this run's files go: OUTPUT_DIR/{dataset}_{backbone}_{hash_bit}[_{loss}].*"""
     return RunFiles.for_run(args.output_dir, args.dataset, args.backbone, args.hash_bit,
@@ -248,11 +285,16 @@ def prepare_run(args, device, context, input_size):
     spec = get_dataset_spec(args.dataset)
     splits = build_splits(spec, args, input_size)
     spec = spec.with_classes_of(splits)
+    splits, validation = validation_splits(splits, args)
     files = run_files(args)
     log = RunLog(files, enabled=context.is_main and not args.no_save and not uses_checkpoint(args))
-    return Run(args=args, device=device, context=context, spec=spec, splits=splits,
-               loaders=make_loaders(splits, args, spec, device, context),
-               topk=retrieval_depth(args, spec, len(splits.database)), files=files, log=log, input_size=input_size)
+    run = Run(args=args, device=device, context=context, spec=spec, splits=splits,
+              loaders=make_loaders(splits, args, spec, device, context),
+              topk=retrieval_depth(args, spec, len(splits.database)), files=files, log=log, input_size=input_size)
+    if validation is not None:
+        run.validation = make_loaders(validation, args, spec, device, context)
+        run.validation_topk = min(run.topk, len(validation.database))
+    return run
 
 
 def make_network(args, backbone):
@@ -307,13 +349,13 @@ def build_criterion(args, spec):
 
 
 def build_trainer(args, objective, lr, device):
-    """SGD over the network and (at --rate) the loss's learnable state, StepLR, and --amp's autocast dtype
-    and gradient scaler (both off on the CPU, where they do not help)."""
+    """--optimizer (SGD by default) over the network and (at --rate) the loss's learnable state, StepLR, and
+    --amp's autocast dtype and gradient scaler (both off on the CPU, where they do not help)."""
     param_groups = [{"params": objective.network.parameters(), "lr": lr}]
     loss_parameters = list(objective.criterion.parameters())
     if loss_parameters:  # SGD rejects an empty group, and losses with fixed targets have no parameters
         param_groups.append({"params": loss_parameters, "lr": args.rate})
-    optimizer = torch.optim.SGD(param_groups, momentum=0.9, weight_decay=5e-4)
+    optimizer = OPTIMIZERS[args.optimizer](param_groups, args)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
     amp_dtype = None
     if args.amp is not None and device.type == "cuda":
@@ -331,15 +373,26 @@ def describe_training(run, trainer, lr):
     settings = criterion.hyperparameters()
     label = loss_label(args.loss, args.hierarchy)
     sizes = {name: len(part) for name, part in run.splits._asdict().items()}
+    if run.validation is not None:
+        sizes["validation"] = len(run.validation.query.dataset)
     described = ", ".join(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
                           for name, value in settings.items())
     header = (f"{args.dataset} / {args.backbone} / {args.hash_bit} bits: {sizes}, loss {label} ({described}), "
               f"lr {lr:g}{f' (proxies {args.rate:g})' if list(criterion.parameters()) else ''}, device {run.device}"
-              + (f" x {context.world_size} processes" if context.enabled else ""))
+              + (f" x {context.world_size} processes" if context.enabled else "")
+              + f", {args.optimizer}, select {describe_selection(run)}")
     record = {"args": vars(args), "num_classes": run.spec.num_classes, "topk": run.topk,
               "zeta": settings.get("zeta"), "device": str(run.device), "world_size": context.world_size,
               "amp": str(trainer.amp_dtype), "loss": {"name": label, **settings}, "sizes": sizes}
     return header, record
+
+
+def describe_selection(run):
+    """The --select rule in words, for the header and the summary line."""
+    if run.select == "val":
+        return (f"val (best val mAP@{run.validation_topk} of {len(run.validation.query.dataset)} held-out "
+                "training items)")
+    return {"test": "test (best mAP on the test queries, the paper's rule)", "last": "last (the last epoch)"}[run.select]
 
 
 def resume(run, trainer):
@@ -391,19 +444,23 @@ def train(run, network, default_lr):
         trainer.model = DistributedDataParallel(objective, device_ids=[run.device.index]
                                                 if run.device.type == "cuda" else None)
     # ============ the epochs, then the best checkpoint's report ============
-    best_codes = train_reporting_failures(run, trainer, progress, lr)
+    selected = train_reporting_failures(run, trainer, progress, lr)
     fingerprints = gather_objects(context, state_fingerprint(objective))
     if context.enabled and len(set(fingerprints)) > 1:
         warn("the ranks ended with different models")
+    selection = {"select": run.select, "epoch": selected.epoch,
+                 **({"val_map": progress.best_map} if run.select == "val" else {})}
     if progress.best_epoch and not args.no_save:
-        report_best_checkpoint(run, network, best_codes)
-    summary = (f"best mAP@{run.topk} {progress.best_map:.4f} at epoch {progress.best_epoch}; "
+        report_best_checkpoint(run, network, selected.codes, selection)
+    val = f", val mAP@{run.validation_topk} {progress.best_map:.4f}" if run.select == "val" else ""
+    summary = (f"{'best ' if run.select == 'test' else ''}mAP@{run.topk} {selected.map:.4f} at epoch {selected.epoch} (select {run.select}{val}); "
                f"checkpoint {'not saved (--no_save)' if args.no_save else run.files.checkpoint}; "
                f"training {progress.train_seconds:.1f}s")
     run.log.say(summary)
-    run.log.event("finish", best={"map": progress.best_map, "epoch": progress.best_epoch},
-                  train_seconds=progress.train_seconds, **({"rank_fingerprints": fingerprints} if context.enabled else {}))
-    return {"map": progress.best_map, "epoch": progress.best_epoch, "topk": run.topk,
+    run.log.event("finish", best={"map": progress.best_map, "epoch": progress.best_epoch}, test_map=selected.map,
+                  selection=selection, train_seconds=progress.train_seconds,
+                  **({"rank_fingerprints": fingerprints} if context.enabled else {}))
+    return {"map": selected.map, "epoch": selected.epoch, "topk": run.topk, "selection": selection,
             "train_seconds": progress.train_seconds}
 
 
