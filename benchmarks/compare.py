@@ -192,7 +192,25 @@ def collect(cells):
 
 
 def final_map(record):
-    return [entry["map"] for entry in record["epochs"] if "map" in entry][-1]
+    """The test-query mAP after the last evaluation (under --select val, only the kept epoch has one)."""
+    maps = [entry["map"] for entry in record["epochs"] if "map" in entry]
+    return maps[-1] if maps else reported_map(record)
+
+
+def reported_map(record):
+    """The kept checkpoint's test-query mAP; logs of runs before --select recorded it as the best map."""
+    return record.get("test_map", record["best"]["map"])
+
+
+def describe_selection(options):
+    """How the grid's cells choose their checkpoint (--select), for the tables."""
+    if options.select == "val":
+        return (f"epoch selected on {options.val_size or retrieval.DEFAULT_VAL_SIZE} validation items held out "
+                "from the training set, then evaluated once on the test queries")
+    if options.select == "last" or options.eval_every >= options.epochs:
+        return "after the last epoch"
+    return (f"best of the evaluations every {options.eval_every} epochs and after the last, "
+            "selected on the test queries as in the paper")
 
 
 def table_rows(options, variants, results):
@@ -201,10 +219,10 @@ def table_rows(options, variants, results):
     for variant in variants:
         for bits in options.bits:
             records = results[(variant, bits)]
-            row = {"loss": variant, "hash_bit": bits, "runs": len(records),
+            row = {"loss": variant, "hash_bit": bits, "runs": len(records), "select": options.select,
                    "paper_map": paper_map(options.dataset, variant, bits)}
             if records:
-                maps = [r["best"]["map"] for r in records]
+                maps = [reported_map(r) for r in records]
                 row["map_mean"], row["map_std"] = summarise(maps)
                 row["map_per_seed"] = maps
                 row["final_map_mean"] = statistics.mean(final_map(r) for r in records)
@@ -233,8 +251,7 @@ def render_markdown(options, variants, rows, command):
     topk = done[0]["topk"] if done else "K"
     header = "| loss | " + " | ".join(f"{bits} bits" for bits in options.bits) + " |"
     rule = "|---|" + "---|" * len(options.bits)
-    evaluated = ("after the last epoch" if options.eval_every >= options.epochs else
-                 f"best of the evaluations every {options.eval_every} epochs and after the last")
+    evaluated = describe_selection(options)
     seeds = f"seed{'s' if len(options.seeds) > 1 else ''} {' '.join(map(str, options.seeds))}"
     lines = [f"# Loss comparison: {options.dataset} / {options.backbone}", "",
              f"mAP@{topk} ({evaluated}), mean ± sample standard deviation over {seeds}; "
@@ -260,7 +277,7 @@ def render_markdown(options, variants, rows, command):
     return "\n".join(lines)
 
 
-CSV_COLUMNS = ["loss", "hash_bit", "runs", "map_mean", "map_std", "map_per_seed", "final_map_mean",
+CSV_COLUMNS = ["loss", "hash_bit", "runs", "select", "map_mean", "map_std", "map_per_seed", "final_map_mean",
                "train_seconds_mean", "topk", "paper_map"]
 
 
