@@ -95,6 +95,20 @@ def plot_convergence(runs, path, title):
     return _finish(figure, axes, path)
 
 
+def plot_mean_curves(curves, path, title, ylabel="mAP"):
+    """curves: [(label, epochs, per-run values as rows)]: the mean over runs against the epoch, with a band of
+    ± one sample standard deviation when there are several runs (the seeds of one setting)."""
+    figure, axes = _axes(title, "epoch", ylabel)
+    for (label, epochs, runs), marker in zip(curves, MARKERS * len(curves)):
+        values = np.asarray(runs, dtype=np.float64)
+        mean = values.mean(axis=0)
+        line, = axes.plot(epochs, mean, marker=marker, markersize=3, label=f"{label} ({len(values)} runs)")
+        if len(values) > 1:
+            spread = values.std(axis=0, ddof=1)
+            axes.fill_between(epochs, mean - spread, mean + spread, color=line.get_color(), alpha=0.15)
+    return _finish(figure, axes, path)
+
+
 def tsne_embedding(codes, seed=0):
     """2-D t-SNE of +-1 codes (euclidean distance on +-1 codes is 2 * sqrt(Hamming distance))."""
     from sklearn.manifold import TSNE

@@ -1,0 +1,239 @@
+"""A fair convergence comparison of the losses on `digits` (README "Convergence on digits").
+
+    python -m benchmarks.digits_study --output_dir /tmp/study         # the README's study
+    python -m benchmarks.digits_study --losses hyp2 dpsh --bits 16 --seeds 0 --epochs 2 --subset 300   # smoke
+
+1. Search: for every loss, each recipe of its small search space (SEARCH_SPACE: the project's SGD at two
+   learning rates, and the optimiser its source paper or DeepHash-pytorch uses) trains once (seed 0,
+   --search_bits) with `--select val`: the score is the mAP of a validation split held out from the
+   training set. The test queries play no part in the choice.
+2. Final: every loss at its best recipe, every --bits, every --seeds, with `--select last` and an
+   evaluation on the test queries after every epoch: (a) the final mAP, (b) the first epoch (and the
+   training seconds) at which a run reaches 95 % of its own final mAP, (c) the mAP-per-epoch curves, mean
+   ± sample std over the seeds, drawn as OUTPUT_DIR/digits_study.convergence_{bits}.png.
+
+Runs are retrieval.py runs (benchmarks/compare.py's run_cell and finished_record): a finished run is
+reused, so an interrupted study resumes. Other arguments are retrieval.py flags for every run (e.g.
+--device, --batch_size). Tables OUTPUT_DIR/digits_study.md and .csv and the figures are written at the end.
+"""
+import argparse
+import csv
+import io
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import retrieval  # noqa: E402
+from benchmarks import compare  # noqa: E402
+from hashing import plots  # noqa: E402
+from loss import LOSSES  # noqa: E402
+from utils.atomic import write_text  # noqa: E402
+from utils.errors import UserError, run_reporting_errors  # noqa: E402
+
+# The project's recipe at the small backbone's default lr and at a fifth of it, plus the optimiser of the
+# loss's own code: DeepHash-pytorch trains the pair losses and CSQ with RMSprop (lr 1e-5, weight decay 1e-5,
+# for a pretrained AlexNet: 1e-3 here, where the network starts from scratch); Proxy-Anchor and OrthoHash
+# use Adam(W), IDHN Adam. HHF and HyP2 publish SGD only, so they get Adam as the third candidate.
+SGD_RECIPES = {"sgd_0.05": ["--optimizer", "sgd", "--lr", "0.05"], "sgd_0.01": ["--optimizer", "sgd", "--lr", "0.01"]}
+RMSPROP = {"rmsprop_1e-3": ["--optimizer", "rmsprop", "--lr", "1e-3", "--weight_decay", "1e-5"]}
+ADAM = {"adam_1e-3": ["--optimizer", "adam", "--lr", "1e-3", "--weight_decay", "1e-4", "--rate", "1e-2"]}
+SEARCH_SPACE = {loss: {**SGD_RECIPES, **(RMSPROP if loss in ("dhn", "dpsh", "hashnet", "dch", "csq") else ADAM)}
+                for loss in LOSSES}
+
+CONVERGED = 0.95  # "converged": the first epoch at 95 % of the run's final mAP
+FLAGS_SET_PER_RUN = ("--dataset", "--backbone", "--hash_bit", "--loss", "--seed", "--output_dir", "--select",
+                     "--optimizer", "--lr", "--epochs", "--subset", "--eval_every")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Other arguments are retrieval.py flags for every run.")
+    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES), help="losses")
+    parser.add_argument("--bits", nargs="+", type=retrieval.positive_int, default=[12, 24, 48], help="hash bits")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the final runs")
+    parser.add_argument("--search_bits", type=retrieval.positive_int, default=24, help="hash bits of the search")
+    parser.add_argument("--epochs", type=retrieval.positive_int, default=10, help="epochs of every run")
+    parser.add_argument("--subset", type=retrieval.positive_int, default=1000,
+                        help="first N images of each split (train = database N, queries min(N, 500))")
+    parser.add_argument("--val_size", type=retrieval.positive_int, default=200,
+                        help="training items held out for the search's validation")
+    parser.add_argument("--output_dir", default="./result", help="folder of the tables, figures and runs")
+    parser.add_argument("--verbose", action="store_true", help="show each run's output")
+    return parser
+
+
+def parse(argv):
+    options, overrides = get_args_parser().parse_known_args(argv)
+    given = sorted({token.split("=")[0] for token in overrides} & set(FLAGS_SET_PER_RUN))
+    if given:
+        raise UserError(f"the study sets {', '.join(given)} per run; use --losses, --bits, --seeds, --epochs, --subset")
+    return options, overrides
+
+
+def run_args(options, overrides, phase, loss, bits, seed, recipe):
+    """retrieval.py's parsed flags of one run: phase "search" (select val) or "final" (select last)."""
+    name, flags = recipe, SEARCH_SPACE[loss][recipe]
+    selection = ["--select", "val", "--val_size", str(options.val_size), "--eval_every", str(options.epochs)] \
+        if phase == "search" else ["--select", "last", "--eval_every", "1"]
+    folder = Path(options.output_dir) / "digits_study" / phase / f"{loss}_{name}_{bits}bit_seed{seed}"
+    argv = ["--dataset", "digits", "--backbone", "small", "--hash_bit", str(bits), "--loss", loss, "--seed", str(seed),
+            "--epochs", str(options.epochs), "--subset", str(options.subset), *selection, *flags, *overrides,
+            "--output_dir", str(folder)]
+    return retrieval.get_args_parser().parse_args(argv)
+
+
+def run_once(args, verbose):
+    """The run's finished record, training it first unless it finished before; None if it failed."""
+    record = compare.finished_record(args)
+    if record is None:
+        error = compare.run_cell(args, verbose)
+        if error:
+            print(f"failed: {args.loss} {args.hash_bit} bits seed {args.seed}: {error}", file=sys.stderr)
+            return None
+        record = compare.finished_record(args)
+    return record
+
+
+def search(options, overrides):
+    """{loss: {recipe: validation mAP}} of the search runs that finished."""
+    scores = {}
+    for loss in options.losses:
+        for recipe in SEARCH_SPACE[loss]:
+            record = run_once(run_args(options, overrides, "search", loss, options.search_bits, 0, recipe),
+                              options.verbose)
+            if record is not None:
+                scores.setdefault(loss, {})[recipe] = record["selection"]["val_map"]
+    return scores
+
+
+def best_recipe(scores, loss):
+    """The recipe with the best validation mAP (the first listed on a tie); the project's default without scores."""
+    candidates = scores.get(loss) or {"sgd_0.05": 0.0}
+    return max(candidates, key=candidates.get)
+
+
+def converged_at(epochs):
+    """(epoch, training seconds) at which a run's mAP first reaches CONVERGED x its final mAP."""
+    final = epochs[-1]["map"]
+    first = next(entry for entry in epochs if entry["map"] >= CONVERGED * final)
+    return first["epoch"], first["train_seconds"]
+
+
+def final_runs(options, overrides, scores):
+    """{(loss, bits): [finished records]}, seed by seed over the whole grid (a partial study covers every cell)."""
+    results = {(loss, bits): [] for loss in options.losses for bits in options.bits}
+    for seed in options.seeds:
+        for bits in options.bits:
+            for loss in options.losses:
+                args = run_args(options, overrides, "final", loss, bits, seed, best_recipe(scores, loss))
+                record = run_once(args, options.verbose)
+                if record is not None:
+                    results[(loss, bits)].append(record)
+    return results
+
+
+def summary_rows(options, scores, results):
+    rows = []
+    for loss in options.losses:
+        for bits in options.bits:
+            records = results[(loss, bits)]
+            row = {"loss": loss, "hash_bit": bits, "recipe": best_recipe(scores, loss), "runs": len(records)}
+            if records:
+                finals = [record["epochs"][-1]["map"] for record in records]
+                reached = [converged_at(record["epochs"]) for record in records]
+                row["map_mean"], row["map_std"] = compare.summarise(finals)
+                row["epochs_to_95"] = statistics.mean(epoch for epoch, _ in reached)
+                row["seconds_to_95"] = statistics.mean(seconds for _, seconds in reached)
+                row["train_seconds"] = statistics.mean(record["train_seconds"] for record in records)
+            rows.append(row)
+    return rows
+
+
+def format_cell(row, best):
+    if not row["runs"]:
+        return "—"
+    text = f"{row['map_mean']:.3f}" + (f" ± {row['map_std']:.3f}" if row["map_std"] is not None else "")
+    text = f"**{text}**" if row["map_mean"] == best else text
+    return f"{text} · {row['epochs_to_95']:.1f} ep · {row['seconds_to_95']:.1f} s"
+
+
+def render_markdown(options, scores, rows, invocation):
+    lines = [f"# Convergence on digits: {options.epochs} epochs, first {options.subset} images of each split", "",
+             "Search (seed 0, " + f"{options.search_bits} bits, validation mAP of {options.val_size} held-out "
+             "training items after the last epoch; the chosen recipe in bold):", "",
+             "| loss | " + " | ".join(f"`{name}`" for name in ["sgd_0.05", "sgd_0.01", "published"]) + " |",
+             "|---|---|---|---|"]
+    for loss in options.losses:
+        cells = []
+        for recipe, score in scores.get(loss, {}).items():
+            text = f"{score:.3f}" + ("" if recipe in SGD_RECIPES else f" (`{recipe}`)")
+            cells.append(f"**{text}**" if recipe == best_recipe(scores, loss) else text)
+        lines.append(f"| {loss} | " + " | ".join(cells + ["—"] * (3 - len(cells))) + " |")
+    by_cell = {(row["loss"], row["hash_bit"]): row for row in rows}
+    best = {bits: max((row["map_mean"] for row in rows if row["hash_bit"] == bits and row["runs"]), default=None)
+            for bits in options.bits}
+    lines += ["", f"Final mAP (all, after epoch {options.epochs}, mean ± sample std over seeds "
+              f"{' '.join(map(str, options.seeds))}) · epochs · training seconds to reach 95 % of the run's final "
+              "mAP (means over the seeds); best mean per column in bold:", "",
+              "| loss (recipe) | " + " | ".join(f"{bits} bits" for bits in options.bits) + " |",
+              "|---|" + "---|" * len(options.bits)]
+    for loss in options.losses:
+        lines.append(f"| {loss} (`{best_recipe(scores, loss)}`) | " + " | ".join(
+            format_cell(by_cell[(loss, bits)], best[bits]) for bits in options.bits) + " |")
+    return "\n".join(lines + ["", f"Generated by `{invocation}`.", ""])
+
+
+CSV_COLUMNS = ["loss", "hash_bit", "recipe", "runs", "map_mean", "map_std", "epochs_to_95", "seconds_to_95",
+               "train_seconds"]
+
+
+def render_csv(rows):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({key: ("" if row.get(key) is None else row.get(key)) for key in CSV_COLUMNS} for row in rows)
+    return buffer.getvalue()
+
+
+def draw_curves(options, results):
+    """One figure per bit length: every loss's test mAP per epoch, mean ± std over its seeds."""
+    paths = []
+    for bits in options.bits:
+        curves = [(loss, [entry["epoch"] for entry in records[0]["epochs"]],
+                   [[entry["map"] for entry in record["epochs"]] for record in records])
+                  for loss in options.losses for records in [results[(loss, bits)]] if records]
+        if curves:
+            path = Path(options.output_dir) / f"digits_study.convergence_{bits}.png"
+            paths.append(plots.plot_mean_curves(curves, path, f"digits · small · {bits} bits · test queries",
+                                                ylabel="mAP@all"))
+    return paths
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options, overrides = parse(argv)
+    invocation = shlex.join(["python", "-m", "benchmarks.digits_study", *argv])
+    started = time.perf_counter()
+    Path(options.output_dir).mkdir(parents=True, exist_ok=True)
+    scores = search(options, overrides)
+    print("search: " + ", ".join(f"{loss} {best_recipe(scores, loss)}" for loss in options.losses), file=sys.stderr)
+    results = final_runs(options, overrides, scores)
+    rows = summary_rows(options, scores, results)
+    stem = Path(options.output_dir) / "digits_study"
+    write_text(stem.with_suffix(".md"), render_markdown(options, scores, rows, invocation))
+    write_text(stem.with_suffix(".csv"), render_csv(rows))
+    figures = draw_curves(options, results)
+    print(f"digits study: {sum(row['runs'] for row in rows)} final runs in {time.perf_counter() - started:.0f}s; "
+          f"tables {stem}.md, {stem}.csv; figures {', '.join(map(str, figures))}")
+    return {"scores": scores, "rows": rows, "figures": figures}
+
+
+def cli(argv=None):
+    run_reporting_errors(lambda: main(argv), "; run the same command again to resume")
+
+
+if __name__ == "__main__":
+    cli()
