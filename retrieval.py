@@ -392,7 +392,8 @@ def describe_selection(run):
     if run.select == "val":
         return (f"val (best val mAP@{run.validation_topk} of {len(run.validation.query.dataset)} held-out "
                 "training items)")
-    return {"test": "test (best mAP on the test queries, the paper's rule)", "last": "last (the last epoch)"}[run.select]
+    return {"test": "test (best mAP on the test queries, the paper's rule)",
+            "last": "last (the last epoch)"}[run.select]
 
 
 def resume(run, trainer):
@@ -453,7 +454,8 @@ def train(run, network, default_lr):
     if progress.best_epoch and not args.no_save:
         report_best_checkpoint(run, network, selected.codes, selection)
     val = f", val mAP@{run.validation_topk} {progress.best_map:.4f}" if run.select == "val" else ""
-    summary = (f"{'best ' if run.select == 'test' else ''}mAP@{run.topk} {selected.map:.4f} at epoch {selected.epoch} (select {run.select}{val}); "
+    best = "best " if run.select == "test" else ""
+    summary = (f"{best}mAP@{run.topk} {selected.map:.4f} at epoch {selected.epoch} (select {run.select}{val}); "
                f"checkpoint {'not saved (--no_save)' if args.no_save else run.files.checkpoint}; "
                f"training {progress.train_seconds:.1f}s")
     run.log.say(summary)

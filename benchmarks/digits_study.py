@@ -66,22 +66,24 @@ def get_args_parser():
 
 
 def parse(argv):
+    """The study's options; the retrieval.py flags for every run are options.overrides."""
     options, overrides = get_args_parser().parse_known_args(argv)
     given = sorted({token.split("=")[0] for token in overrides} & set(FLAGS_SET_PER_RUN))
     if given:
         raise UserError(f"the study sets {', '.join(given)} per run; use --losses, --bits, --seeds, --epochs, --subset")
-    return options, overrides
+    options.overrides = overrides
+    return options
 
 
-def run_args(options, overrides, phase, loss, bits, seed, recipe):
+def run_args(options, phase, loss, bits, seed, recipe):
     """retrieval.py's parsed flags of one run: phase "search" (select val) or "final" (select last)."""
     name, flags = recipe, SEARCH_SPACE[loss][recipe]
     selection = ["--select", "val", "--val_size", str(options.val_size), "--eval_every", str(options.epochs)] \
         if phase == "search" else ["--select", "last", "--eval_every", "1"]
     folder = Path(options.output_dir) / "digits_study" / phase / f"{loss}_{name}_{bits}bit_seed{seed}"
     argv = ["--dataset", "digits", "--backbone", "small", "--hash_bit", str(bits), "--loss", loss, "--seed", str(seed),
-            "--epochs", str(options.epochs), "--subset", str(options.subset), *selection, *flags, *overrides,
-            "--output_dir", str(folder)]
+            "--epochs", str(options.epochs), "--subset", str(options.subset), *selection, *flags,
+            *options.overrides, "--output_dir", str(folder)]
     return retrieval.get_args_parser().parse_args(argv)
 
 
@@ -97,12 +99,12 @@ def run_once(args, verbose):
     return record
 
 
-def search(options, overrides):
+def search(options):
     """{loss: {recipe: validation mAP}} of the search runs that finished."""
     scores = {}
     for loss in options.losses:
         for recipe in SEARCH_SPACE[loss]:
-            record = run_once(run_args(options, overrides, "search", loss, options.search_bits, 0, recipe),
+            record = run_once(run_args(options, "search", loss, options.search_bits, 0, recipe),
                               options.verbose)
             if record is not None:
                 scores.setdefault(loss, {})[recipe] = record["selection"]["val_map"]
@@ -122,13 +124,13 @@ def converged_at(epochs):
     return first["epoch"], first["train_seconds"]
 
 
-def final_runs(options, overrides, scores):
+def final_runs(options, scores):
     """{(loss, bits): [finished records]}, seed by seed over the whole grid (a partial study covers every cell)."""
     results = {(loss, bits): [] for loss in options.losses for bits in options.bits}
     for seed in options.seeds:
         for bits in options.bits:
             for loss in options.losses:
-                args = run_args(options, overrides, "final", loss, bits, seed, best_recipe(scores, loss))
+                args = run_args(options, "final", loss, bits, seed, best_recipe(scores, loss))
                 record = run_once(args, options.verbose)
                 if record is not None:
                     results[(loss, bits)].append(record)
@@ -214,13 +216,13 @@ def draw_curves(options, results):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    options, overrides = parse(argv)
+    options = parse(argv)
     invocation = shlex.join(["python", "-m", "benchmarks.digits_study", *argv])
     started = time.perf_counter()
     Path(options.output_dir).mkdir(parents=True, exist_ok=True)
-    scores = search(options, overrides)
+    scores = search(options)
     print("search: " + ", ".join(f"{loss} {best_recipe(scores, loss)}" for loss in options.losses), file=sys.stderr)
-    results = final_runs(options, overrides, scores)
+    results = final_runs(options, scores)
     rows = summary_rows(options, scores, results)
     stem = Path(options.output_dir) / "digits_study"
     write_text(stem.with_suffix(".md"), render_markdown(options, scores, rows, invocation))

@@ -196,10 +196,12 @@ def format_ours(row):
 
 
 def render_markdown(options, overrides, rows, invocation):
+    first = retrieval.get_args_parser().parse_args(command(options, overrides, table_cells(options)[0], 0))
     lines = [f"# Paper table: {', '.join(TABLES[options.table])}", "",
-             "mAP@K of the checkpoint chosen by the paper's rule (best of the evaluations every 5 epochs on the test "
-             "queries, `--select test`), mean ± sample standard deviation over seeds "
-             f"{' '.join(map(str, options.seeds))}; difference = ours − paper.", "",
+             f"mAP@K ({compare.describe_selection(first)}; `--select {first.select}`), "
+             "mean ± sample standard deviation over seeds "
+             f"{' '.join(map(str, options.seeds))}; difference = ours − paper (the paper's HashNet figures are "
+             "HashNet's own, not re-run by the HyP² authors: docs/METHOD.md §5).", "",
              "Recipe (docs/METHOD.md §2): " + "; ".join(f"{dataset} `{shlex.join(recipe(dataset, options.data_root))}`"
                                                        for dataset in TABLES[options.table]) + ".", ""]
     if overrides:

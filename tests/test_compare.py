@@ -50,10 +50,12 @@ def test_grid_runs_every_cell_and_writes_the_tables(finished_grid, capsys):
     assert float(rows[1]["map_mean"]) == pytest.approx(record["best"]["map"])
     assert float(rows[1]["train_seconds_mean"]) == pytest.approx(record["train_seconds"])
     assert rows[1]["map_std"] == "" and rows[1]["paper_map"] == ""  # one seed; digits is not in the paper
+    assert {row["select"] for row in rows} == {"test"}
 
     table = (out / "compare_digits_small.md").read_text()
     assert "| loss | 8 bits | 16 bits |" in table
     assert "| hyp2 | " in table and "| dpsh | " in table and "4 of 4 runs finished" in table
+    assert "mAP@40 (after the last epoch)" in table  # one evaluation, after the last epoch: nothing is selected
     assert f"{record['best']['map']:.4f}" in table
 
 
