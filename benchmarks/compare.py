@@ -203,11 +203,13 @@ def reported_map(record):
 
 
 def describe_selection(options):
-    """How the grid's cells choose their checkpoint (--select), for the tables."""
-    if options.select == "val":
+    """How the grid's cells choose their checkpoint (--select; "test" when absent, as before the flag), for
+    the tables."""
+    select = getattr(options, "select", "test")
+    if select == "val":
         return (f"epoch selected on {options.val_size or retrieval.DEFAULT_VAL_SIZE} validation items held out "
                 "from the training set, then evaluated once on the test queries")
-    if options.select == "last" or options.eval_every >= options.epochs:
+    if select == "last" or options.eval_every >= options.epochs:
         return "after the last epoch"
     return (f"best of the evaluations every {options.eval_every} epochs and after the last, "
             "selected on the test queries as in the paper")
@@ -219,7 +221,8 @@ def table_rows(options, variants, results):
     for variant in variants:
         for bits in options.bits:
             records = results[(variant, bits)]
-            row = {"loss": variant, "hash_bit": bits, "runs": len(records), "select": options.select,
+            row = {"loss": variant, "hash_bit": bits, "runs": len(records),
+                   "select": getattr(options, "select", "test"),
                    "paper_map": paper_map(options.dataset, variant, bits)}
             if records:
                 maps = [reported_map(r) for r in records]

@@ -28,11 +28,11 @@ def test_every_loss_has_the_projects_recipes_and_one_published_optimiser():
     assert "rmsprop_1e-3" in digits_study.SEARCH_SPACE["dpsh"] and "adam_1e-3" in digits_study.SEARCH_SPACE["orthohash"]
 
 
-def test_a_tiny_study_end_to_end(tmp_path):
+def test_a_tiny_study_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "study"
-    summary = digits_study.main(["--losses", "hyp2", "--bits", "8", "--seeds", "0", "1", "--epochs", "2",
-                                 "--subset", "100", "--val_size", "30", "--output_dir", str(out), "--device", "cpu",
-                                 "--batch_size", "25", "--no_progress"])
+    argv = ["--losses", "hyp2", "--bits", "8", "--seeds", "0", "1", "--epochs", "2", "--subset", "100",
+            "--val_size", "30", "--output_dir", str(out), "--device", "cpu", "--batch_size", "25", "--no_progress"]
+    summary = digits_study.main(argv)
     search = {}
     for recipe in digits_study.SEARCH_SPACE["hyp2"]:
         log = read_run_log(out / "digits_study" / "search" / f"hyp2_{recipe}_24bit_seed0" / "digits_small_24.jsonl")
@@ -53,3 +53,7 @@ def test_a_tiny_study_end_to_end(tmp_path):
     assert float(row["map_std"]) == pytest.approx(statistics.stdev(finals))
     assert (out / "digits_study.convergence_8.png").read_bytes()[:4] == b"\x89PNG"
     assert f"| hyp2 (`{chosen}`) |" in (out / "digits_study.md").read_text()
+
+    # --collect tabulates the finished runs and trains nothing.
+    monkeypatch.setattr(digits_study.compare, "run_cell", lambda *args: pytest.fail("trained under --collect"))
+    assert digits_study.main(argv + ["--collect"])["rows"] == summary["rows"]

@@ -11,8 +11,8 @@ from data.validation import draw_validation_indices, hold_out_validation
 from utils.errors import UserError
 from utils.runlog import read_run_log
 
-TINY = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "300",
-        "--batch_size", "50", "--epochs", "3", "--eval_every", "1", "--device", "cpu", "--no_progress"]
+TINY = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "200",
+        "--batch_size", "50", "--epochs", "2", "--eval_every", "1", "--device", "cpu", "--no_progress"]
 
 
 def parse(argv):
@@ -87,10 +87,10 @@ def test_select_val_encodes_the_test_queries_only_after_the_last_epoch(selected_
     query_calls = [i for i, (kind, what) in enumerate(calls) if kind == "encode" and what is run_.loaders.query.dataset]
     last_epoch = max(i for i, (kind, _) in enumerate(calls) if kind == "train")
     assert len(query_calls) == 1 and query_calls[0] > last_epoch
-    validation_encodes = [what for kind, what in calls[:last_epoch + 1] if kind == "encode"]
-    assert len(validation_encodes) == 2 * 2  # epochs 1 and 2 before the last: validation queries and database
+    validation_encodes = [what for kind, what in calls[:query_calls[0]] if kind == "encode"]
+    assert len(validation_encodes) == 2 * 2  # epochs 1 and 2: validation queries and database, nothing else
     assert all(what in (run_.validation.query.dataset, run_.validation.database.dataset) for what in validation_encodes)
-    assert len(run_.splits.train) == 300 - 60 and len(run_.validation.query.dataset) == 60
+    assert len(run_.splits.train) == 200 - 60 and len(run_.validation.query.dataset) == 60
 
 
 def test_select_val_reports_the_kept_epochs_test_map_everywhere(selected_by_val, tmp_path):
@@ -108,20 +108,20 @@ def test_select_val_reports_the_kept_epochs_test_map_everywhere(selected_by_val,
     tested = run(TINY + ["--output_dir", str(out), "--test"])
     assert tested["map"] == pytest.approx(summary["map"])
     assert tested["metrics"]["run"]["selection"]["select"] == "val"
-    assert "(select val, val mAP@240" in (out / "digits_small_16.txt").read_text().splitlines()[-1]
+    assert "(select val, val mAP@140" in (out / "digits_small_16.txt").read_text().splitlines()[-1]
 
 
 def test_select_last_keeps_the_last_epoch(tmp_path):
     summary = run(TINY + ["--select", "last", "--output_dir", str(tmp_path)])
     record = read_run_log(tmp_path / "digits_small_16.jsonl")
-    assert summary["epoch"] == record["best"]["epoch"] == 3
+    assert summary["epoch"] == record["best"]["epoch"] == 2
     assert summary["map"] == record["epochs"][-1]["map"] == record["test_map"]
-    assert record["selection"] == {"select": "last", "epoch": 3}
+    assert record["selection"] == {"select": "last", "epoch": 2}
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--val_size", "50"], "--val_size is used by --select val only"),
-    (["--select", "val", "--val_size", "300"], "--val_size: a validation split of 300 items"),
+    (["--select", "val", "--val_size", "200"], "--val_size: a validation split of 200 items"),
 ])
 def test_selection_flag_mistakes_are_one_line_errors(argv, message, tmp_path):
     with pytest.raises(UserError, match=message):
