@@ -142,3 +142,13 @@ def test_an_interrupted_run_resumes_from_its_training_state(reproduced, tmp_path
               (tmp_path / "out" / "reproduce_voc" / "voc2007" / "hyp2_16bit_seed0" / "voc2007_small_16.jsonl")
               .read_text().splitlines()]
     assert events.count("resume") == 1 and events.count("epoch") == 2 and events[-1] == "finish"
+
+
+def test_time_estimate_follows_its_formula(monkeypatch):
+    # torchvision documents AlexNet at 0.71 G multiply-adds per 224 image: 1.42 GFLOPs.
+    assert reproduce.forward_flops("alexnet") == pytest.approx(1.42e9, rel=0.01)
+    monkeypatch.setattr(reproduce, "forward_flops", lambda backbone: 1e9)
+    compute, reading = reproduce.estimate_seconds("voc2007")
+    # 100 epochs x 5,011 images x 3 passes, plus 20 evaluations x (4,952 + 5,011) images, at 1 GFLOP each
+    assert compute == pytest.approx((100 * 5011 * 3 + 20 * 9963) * 1e9 / 50e12)
+    assert reading == pytest.approx((100 * 5011 + 20 * 9963) / 1000)
