@@ -18,7 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from checkpoint_tasks import report_best_checkpoint, run_checkpoint_tasks
-from data import DATASETS, get_dataset_spec
+from data import DATASETS, DataOptions, get_dataset_spec
+from data.files import truncated_paths, truncation_note
 from engine import HashingObjective, Loaders, NonFiniteLoss, Progress, Run, Trainer, restore_training_state
 from engine import train as train_epochs
 from hashing import codetable
@@ -88,6 +89,10 @@ def add_data_arguments(parser):
     group.add_argument("--skip_bad_images", action="store_true",
                        help="check every image once before training and leave out missing or undecodable ones "
                             "(default: stop at the first, naming the file)")
+    group.add_argument("--strict_images", action="store_true",
+                       help="a truncated image is an error (default: it loads padded, as in the paper's code)")
+    group.add_argument("--split", choices=["paper", "random"], default="paper",
+                       help="flickr: the paper's fixed split (shipped) or a permutation drawn from --seed")
 
 
 def add_model_arguments(parser):
@@ -189,10 +194,14 @@ def uses_checkpoint(args):
 
 # ============ building the parts ============
 
+def data_options(args):
+    return DataOptions(cache=args.cache, skip_bad_images=args.skip_bad_images, strict_images=args.strict_images,
+                       split=args.split)
+
+
 def build_splits(spec, args, input_size):
     try:
-        splits = spec.build(Path(args.data_root), args.seed, input_size, cache=args.cache,
-                            skip_bad_images=args.skip_bad_images)
+        splits = spec.build(Path(args.data_root), args.seed, input_size, data_options(args))
     except NotImplementedError as exc:
         raise UserError(str(exc)) from None
     if args.subset:
@@ -336,7 +345,10 @@ def describe_training(run, trainer, lr):
     header = (f"{args.dataset} / {args.backbone} / {args.hash_bit} bits: {sizes}, loss {label} ({described}), "
               f"lr {lr:g}{f' (proxies {args.rate:g})' if list(criterion.parameters()) else ''}, device {run.device}"
               + (f" x {context.world_size} processes" if context.enabled else ""))
-    record = {"args": vars(args), "num_classes": run.spec.num_classes, "topk": run.topk,
+    data_files = run.spec.describe(Path(args.data_root), data_options(args)) if run.spec.describe else {}
+    if data_files:
+        header += "\ndata files: " + "; ".join(f"{name} {value}" for name, value in data_files.items())
+    record = {"args": vars(args), "num_classes": run.spec.num_classes, "topk": run.topk, "data_files": data_files,
               "zeta": settings.get("zeta"), "device": str(run.device), "world_size": context.world_size,
               "amp": str(trainer.amp_dtype), "loss": {"name": label, **settings}, "sizes": sizes}
     return header, record
@@ -401,10 +413,21 @@ def train(run, network, default_lr):
                f"checkpoint {'not saved (--no_save)' if args.no_save else run.files.checkpoint}; "
                f"training {progress.train_seconds:.1f}s")
     run.log.say(summary)
+    truncated = report_truncated_images(run)
     run.log.event("finish", best={"map": progress.best_map, "epoch": progress.best_epoch},
-                  train_seconds=progress.train_seconds, **({"rank_fingerprints": fingerprints} if context.enabled else {}))
+                  train_seconds=progress.train_seconds, truncated_images=truncated,
+                  **({"rank_fingerprints": fingerprints} if context.enabled else {}))
     return {"map": progress.best_map, "epoch": progress.best_epoch, "topk": run.topk,
             "train_seconds": progress.train_seconds}
+
+
+def report_truncated_images(run):
+    """Print how many distinct truncated images this run's decoding padded (over all ranks); returns it."""
+    found = set().union(*gather_objects(run.context, truncated_paths(run.splits)))
+    note = truncation_note(len(found))
+    if note:
+        run.log.say(note)
+    return len(found)
 
 
 # ============ main ============
@@ -420,7 +443,9 @@ def run_command(args, device, context):
     network = make_network_on_every_rank(args, backbone, context, device)
     # ============ a saved checkpoint's tasks, or training ============
     if uses_checkpoint(args):
-        return run_checkpoint_tasks(run, network)
+        result = run_checkpoint_tasks(run, network)
+        report_truncated_images(run)
+        return result
     return train(run, network, backbone.default_lr)
 
 

@@ -1,6 +1,6 @@
 """What every dataset module provides: a DatasetSpec for the registry and the three retrieval splits."""
 from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -14,13 +14,26 @@ class RetrievalSplits(NamedTuple):
 
 
 @dataclass(frozen=True)
+class DataOptions:
+    """How a dataset is read (the data flags of the command line)."""
+    cache: bool = False  # --cache: decode each image once into a memory-mapped uint8 file
+    skip_bad_images: bool = False  # leave out missing or undecodable images instead of stopping
+    strict_images: bool = False  # a truncated image is an error instead of being padded (the paper's loader pads)
+    split: str = "paper"  # "paper": the paper's fixed split where one is shipped (flickr); "random": seeded
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     name: str
     num_classes: int  # 0: read from the data (the generic list format)
     default_topk: int  # K of mAP@K when --retrieve is 0; 0 means the whole database
-    build: Callable[..., RetrievalSplits]  # build(root, seed, input_size, cache=False, skip_bad_images=False) -> RetrievalSplits
+    build: Callable[..., RetrievalSplits]  # build(root, seed, input_size, options=DataOptions()) -> RetrievalSplits
     summary: str
     in_memory: bool = False  # in-memory datasets gain nothing from DataLoader worker processes
+    # list_splits(root, seed, options) -> {"train"|"query"|"database": LabelledPaths}, without opening an image
+    # (what `python -m data.verify` checks); None for in-memory datasets
+    list_splits: Optional[Callable[..., dict]] = None
+    describe: Optional[Callable[..., dict]] = None  # describe(root) -> what the run log records of the data files
 
     def with_classes_of(self, splits):
         """This spec, with num_classes taken from the built splits when the dataset leaves it to the data."""

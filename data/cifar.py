@@ -56,8 +56,8 @@ def mini_protocol(classes, seed, query_per_class=QUERY_PER_CLASS, train_per_clas
     return query, train, np.setdiff1d(np.arange(len(classes)), query)
 
 
-def build(root, seed, input_size, cache=False, skip_bad_images=False):
-    del cache, skip_bad_images  # held in memory already, decoded from the batches
+def build(root, seed, input_size, options=None):
+    del options  # held in memory already, decoded from the batches
     folder = ensure_extracted(Path(root), FOLDER, ARCHIVES)
     images, classes = (np.concatenate(parts) for parts in zip(*(read_batch(folder / name) for name in BATCHES)))
     labels = np.eye(NUM_CLASSES, dtype=np.float32)[classes]

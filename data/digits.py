@@ -79,8 +79,8 @@ def generate(seed, train_size=TRAIN_SIZE, query_size=QUERY_SIZE):
     return (*train, *query)
 
 
-def build(root, seed, input_size, cache=False, skip_bad_images=False):
-    del root, cache, skip_bad_images  # nothing on disk: the source digits come with scikit-learn, and stay in memory
+def build(root, seed, input_size, options=None):
+    del root, options  # nothing on disk: the source digits come with scikit-learn, and stay in memory
     train_images, train_labels, query_images, query_labels = generate(seed)
     # Mirrored digits are other glyphs, so no flip augmentation here.
     train_transform = BatchTransform(input_size, train=True, hflip=False)
