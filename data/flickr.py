@@ -3,8 +3,8 @@
 Folder DATA_ROOT/flickr25k/ with the images in mirflickr/ (im1.jpg ... im25000.jpg).
 
 --split paper (the default) is the paper's fixed split (docs/METHOD.md §4), from the files that ship in
-data/splits/: img.txt (24,580 image names), targets.txt (their 38 labels) and the permutation perm;
-query = perm[:1000], train = perm[1000:5000], database = perm[5000:] (19,580). Only the images are needed.
+data/splits/: img.txt (24,581 image names), targets.txt (their 38 labels) and the permutation perm;
+query = perm[:1000], train = perm[1000:5000], database = perm[5000:] (19,581). Only the images are needed.
 
 --split random draws a permutation from --seed instead, over labels in either form:
 - prepared (the paper's): img.txt (one image name per line, relative to mirflickr/) and targets.txt
@@ -171,4 +171,4 @@ def describe(root, options=DataOptions()):
 SPEC = DatasetSpec(
     name="flickr", num_classes=len(LABELS), default_topk=1000, build=build, list_splits=list_splits,
     describe=describe,
-    summary="MIRFlickr-25k: the paper's fixed split (1,000 queries, 4,000 train, 19,580 database), shipped")
+    summary="MIRFlickr-25k: the paper's fixed split (1,000 queries, 4,000 train, 19,581 database), shipped")

@@ -46,7 +46,7 @@ NUSWIDE_DATABASE_VARIANTS = {"1d8f3dd2214d19fe038b91f2aab68bfe3d84fd01": "paper"
 PROTOCOL_SIZES = {
     "voc2007": {"train": 5011, "query": 4952, "database": 5011},
     "voc2012": {"train": 5717, "query": 5823, "database": 5717},
-    "flickr": {"train": 4000, "query": 1000, "database": 19580},
+    "flickr": {"train": 4000, "query": 1000, "database": 19581},
     "nuswide": {"train": 10500, "query": 2100, "database": 193734},
     "coco": {"train": 10000, "query": 5000, "database": None},
     "imagenet": {"train": 13000, "query": 5000, "database": None},
