@@ -16,6 +16,7 @@ Pair-based losses use the pairs of distinct samples of the batch.
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -349,24 +350,50 @@ class DCHLoss(HashingLoss):
         return pair_term + self.quantization * torch.log1p(to_binary / self.gamma).mean()
 
 
-def hash_centres(num_classes, hash_bit, generator, attempts=20):
-    """CSQ's centres: rows of [H; -H] for a Hadamard matrix H of order hash_bit while they last, then
-    random balanced +-1 rows (redrawn up to `attempts` times until all pairs differ in > n/4 bits)."""
+def min_pairwise_distance(centres):
+    """The smallest Hamming distance between two rows of a +-1 matrix (n + 1 for fewer than two rows)."""
+    if len(centres) < 2:
+        return centres.shape[1] + 1
+    rows = centres.numpy()  # NumPy: a tiny product, where torch's thread pool costs more than the arithmetic
+    distances = (rows.shape[1] - rows @ rows.T) / 2
+    return int(distances[~np.eye(len(rows), dtype=bool)].min())
+
+
+def distinct_bernoulli_rows(count, hash_bit, taken, generator):
+    """`count` random +-1 rows (each bit +1 with probability 1/2), distinct from each other and from `taken`:
+    rows equal to an earlier one are dropped and drawn again."""
+    seen, rows = {tuple(row) for row in taken.tolist()}, []
+    while len(rows) < count:  # ends: the caller ensures 2^n >= len(taken) + count
+        block = torch.where(torch.rand(2 * count, hash_bit, generator=generator) < 0.5, -1.0, 1.0)
+        for row in map(tuple, block.tolist()):
+            if len(rows) < count and row not in seen:
+                seen.add(row)
+                rows.append(row)
+    return torch.tensor(rows, dtype=torch.float32).reshape(count, hash_bit)
+
+
+def hash_centres(num_classes, hash_bit, generator, draws=50):
+    """CSQ's centres (docs/METHOD.md §6.6): rows of [H; -H] for a Hadamard matrix H of order hash_bit
+    while they last, then Bernoulli rows, all pairwise distinct; of `draws` draws of those rows, the one
+    with the largest minimum pairwise distance is kept."""
+    if num_classes > 2 ** min(hash_bit, 62):
+        raise ValueError(f"{num_classes} classes need {num_classes} distinct centres, more than the "
+                         f"{2 ** hash_bit} codes of {hash_bit} bits")
     hadamard = hadamard_matrix(hash_bit)
     if hadamard is None:
         fixed = torch.empty(0, hash_bit)
     else:
         rows = torch.from_numpy(hadamard).float()
         fixed = torch.cat([rows, -rows])[:num_classes]
-    centres = fixed
-    for _ in range(attempts if len(fixed) < num_classes else 0):
-        order = torch.argsort(torch.rand(num_classes - len(fixed), hash_bit, generator=generator), dim=1)
-        centres = torch.cat([fixed, torch.where(order < hash_bit // 2, -1.0, 1.0)])
-        distances = (hash_bit - centres @ centres.T) / 2
-        off_diagonal = distances[~torch.eye(num_classes, dtype=torch.bool)]
-        if off_diagonal.numel() == 0 or off_diagonal.min() > hash_bit / 4:
-            break
-    return centres
+    if len(fixed) == num_classes:
+        return fixed
+    best, best_distance = None, -1
+    for _ in range(draws):
+        centres = torch.cat([fixed, distinct_bernoulli_rows(num_classes - len(fixed), hash_bit, fixed, generator)])
+        distance = min_pairwise_distance(centres)
+        if distance > best_distance:
+            best, best_distance = centres, distance
+    return best
 
 
 class CSQLoss(SeededTargetsLoss):
@@ -387,6 +414,10 @@ class CSQLoss(SeededTargetsLoss):
         generator = self.generator()
         self.register_buffer("centres", hash_centres(num_classes, hash_bit, generator))
         self.register_buffer("tie_breaker", random_signs((hash_bit,), generator))
+
+    def hyperparameters(self):
+        """...and the smallest Hamming distance between two centres, which the run log records."""
+        return {**super().hyperparameters(), "min_centre_distance": min_pairwise_distance(self.centres)}
 
     def target_centres(self, labels):
         summed = (labels > 0).float() @ self.centres
