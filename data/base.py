@@ -30,8 +30,9 @@ class DatasetSpec:
     build: Callable[..., RetrievalSplits]  # build(root, seed, input_size, options=DataOptions()) -> RetrievalSplits
     summary: str
     in_memory: bool = False  # in-memory datasets gain nothing from DataLoader worker processes
-    # list_splits(root, seed, options) -> {"train"|"query"|"database": LabelledPaths}, without opening an image
-    # (what `python -m data.verify` checks); None for in-memory datasets
+    # list_splits(root, seed, options, problems=None) -> {"train"|"query"|"database": LabelledPaths}, without
+    # opening an image (what `python -m data.verify` checks; bad lines go to `problems` where the format allows
+    # skipping them); None for in-memory datasets
     list_splits: Optional[Callable[..., dict]] = None
     describe: Optional[Callable[..., dict]] = None  # describe(root) -> what the run log records of the data files
 

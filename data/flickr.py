@@ -116,8 +116,10 @@ def paper_split(folder):
     return cut(perm, part)
 
 
-def list_splits(root, seed=0, options=DataOptions()):
-    """The paper's split (options.split == "paper") or a seeded one (see the module's docstring)."""
+def list_splits(root, seed=0, options=DataOptions(), problems=None):
+    """The paper's split (options.split == "paper") or a seeded one (see the module's docstring); a bad
+    line stops it, whether or not a `problems` list is given."""
+    del problems
     folder = Path(root) / FOLDER
     if not (folder / IMAGES).is_dir():
         raise UserError(f"no MIRFlickr-25k images in {folder / IMAGES}: put the images of mirflickr25k.zip there "

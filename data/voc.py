@@ -66,9 +66,10 @@ def read_split(voc_dir, split):
     return LabelledPaths(paths, labels, str(Path(voc_dir) / "ImageSets" / "Main" / f"{split}.txt"))
 
 
-def list_splits(year, root, seed=0, options=None):
-    """The official splits (train = database); extracts the archives first if needed."""
-    del seed, options  # the official splits are fixed
+def list_splits(year, root, seed=0, options=None, problems=None):
+    """The official splits (train = database); extracts the archives first if needed. A bad annotation
+    stops it, whether or not a `problems` list is given."""
+    del seed, options, problems  # the official splits are fixed
     voc_dir = ensure_extracted(Path(root), Path("VOCdevkit") / f"VOC{year}", ARCHIVES[year])
     train_split, query_split = SPLITS[year]
     train = read_split(voc_dir, train_split)
