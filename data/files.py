@@ -133,7 +133,8 @@ def drop_unreadable(splits, strict=False):
     kept = []
     for split in splits:
         keep = np.array([path not in bad for path in split.paths], dtype=bool)
-        kept.append(LabelledPaths([path for path, ok in zip(split.paths, keep) if ok], split.labels[keep], split.source))
+        paths = [path for path, ok in zip(split.paths, keep) if ok]
+        kept.append(LabelledPaths(paths, split.labels[keep], split.source))
     return kept
 
 
@@ -195,9 +196,11 @@ def file_splits(name, splits, input_size, cache_dir=None, options=DataOptions())
     if options.skip_bad_images:
         train, query, database = drop_unreadable([train, query, database], options.strict_images)
     if cache_dir is None:
-        return RetrievalSplits(*(ImageFileDataset(split.paths, split.labels, image_transform(input_size, train=part == 0),
-                                                  options.strict_images)
-                                 for part, split in enumerate((train, query, database))))
+        def lazy(split, train_transform=False):
+            transform = image_transform(input_size, train=train_transform)
+            return ImageFileDataset(split.paths, split.labels, transform, options.strict_images)
+
+        return RetrievalSplits(train=lazy(train, train_transform=True), query=lazy(query), database=lazy(database))
 
     every_image = list(dict.fromkeys([*train.paths, *query.paths, *database.paths]))
     decoder = ImageFileDataset(every_image, np.zeros((len(every_image), 0)), v2.Compose(resize_steps(input_size)),
@@ -206,6 +209,8 @@ def file_splits(name, splits, input_size, cache_dir=None, options=DataOptions())
     note = truncation_note(len(decoder.truncated_paths()))
     if note:
         print(note)
-    return RetrievalSplits(*(CachedImageDataset(cache, split.paths, split.labels,
-                                                BatchTransform(input_size, train=part == 0))
-                             for part, split in enumerate((train, query, database))))
+
+    def cached(split, train_transform=False):
+        return CachedImageDataset(cache, split.paths, split.labels, BatchTransform(input_size, train=train_transform))
+
+    return RetrievalSplits(train=cached(train, train_transform=True), query=cached(query), database=cached(database))

@@ -69,8 +69,9 @@ def read_list(list_file, num_classes=0, classes_from=None, problems=None):
     try:
         lines = list_file.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {list_file} ({getattr(exc, 'strerror', None) or exc}); the list format "
-                        f"needs {', '.join(LIST_FILES.values())} in {list_file.parent} (see README, Datasets)") from None
+        reason = getattr(exc, "strerror", None) or exc
+        raise UserError(f"cannot read {list_file} ({reason}); the list format needs "
+                        f"{', '.join(LIST_FILES.values())} in {list_file.parent} (see README, Datasets)") from None
     return parse_list(lines, list_file, list_file.parent, num_classes, classes_from, problems)
 
 
