@@ -31,7 +31,7 @@ def codes_key(run):
     """What cached codes depend on: the checkpoint's bytes (hashed) and the data flags."""
     args = run.args
     return cache.cache_key(run.files.checkpoint, args.dataset, args.backbone, args.hash_bit, args.seed, args.subset,
-                           args.data_root)
+                           args.data_root, split=args.split)
 
 
 def save_codes(run, codes, key):
@@ -131,12 +131,12 @@ def search_images(run, network, codes):
 
 
 def warn_if_data_differs_from_training(run):
-    """--test evaluates on the splits built from --seed/--subset; say so if training used others."""
+    """--test evaluates on the splits built from --seed/--subset/--split; say so if training used others."""
     try:
         trained_args = read_run_log(run.files.event_log)["args"]
     except (OSError, ValueError, KeyError):
         return
-    for flag in ("seed", "subset", "data_root"):
+    for flag in ("seed", "subset", "data_root", "split"):
         if flag in trained_args and trained_args[flag] != getattr(run.args, flag):
             warn(f"{run.files.checkpoint} was trained with --{flag} {trained_args[flag]}, this run uses "
                  f"--{flag} {getattr(run.args, flag)}; the splits may differ and so may the mAP")

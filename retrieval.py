@@ -185,6 +185,9 @@ def check_flags(args):
     """Combinations of flags that cannot work, refused before any work is done."""
     if args.plots and args.no_save:
         raise UserError("--plots writes figures and --no_save writes nothing: drop one of them")
+    if args.split != "paper" and args.dataset != "flickr":
+        raise UserError(f"--split {args.split} applies to --dataset flickr only; --dataset {args.dataset} has one "
+                        "protocol (see README, Datasets)")
 
 
 def uses_checkpoint(args):

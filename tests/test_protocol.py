@@ -167,3 +167,8 @@ def test_nuswide_uses_the_shipped_train_and_test_lists_when_the_folder_has_none(
     assert splits["train"].paths[0] == str(folder / train_lines[0].split()[0])
     assert splits["train"].labels[0].tolist() == [float(v) for v in train_lines[0].split()[1:]]
     assert retrieval.get_args_parser().parse_args([]).split == "paper"
+
+
+def test_split_random_is_for_flickr_only(capsys):
+    code, _, err = cli(["--dataset", "voc2007", "--split", "random", *SMALL], capsys)
+    assert code == 1 and "--split random applies to --dataset flickr only" in err
