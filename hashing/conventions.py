@@ -16,6 +16,7 @@ The figures of one chunk of queries come from one of two inputs:
 
 Both return the same per-query arrays (`PER_QUERY_KEYS`), which `summarize` averages under a Convention.
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,11 +74,13 @@ def shuffled_database(codes, seed):
 
 # ---------- helpers shared by both inputs ----------
 
+@functools.lru_cache(maxsize=4)  # the same length for every chunk of queries: computed once (read-only)
 def _harmonic(length):
     """H[t] = sum_{i <= t} 1/i for t = 0..length."""
     return np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, length + 1))])
 
 
+@functools.lru_cache(maxsize=4)
 def _log2_discount_sums(length):
     """L[t] = sum_{i <= t} 1/log2(i + 1) for t = 0..length (the DCG discounts of positions 1..t)."""
     return np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, length + 2)))])
@@ -123,17 +126,32 @@ PER_QUERY_KEYS = ("ndcg", "ndcg_defined", "acg") + tuple(
 
 # ---------- a ranking (ties index / random) ----------
 
+class _Hits:
+    """The relevant entries of a (m, k) rank-order matrix (grades or relevance): row, 1-based rank and value of
+    each, in row-major order, the count per row, and for each entry the number of entries of earlier rows."""
+
+    def __init__(self, ranked):
+        num_rows, k = ranked.shape
+        flat = np.flatnonzero(ranked)
+        self.row = flat // k
+        self.rank = flat - self.row * k + 1
+        self.value = ranked.ravel()[flat]
+        self.per_row = np.bincount(self.row, minlength=num_rows)
+        self.earlier = np.repeat(np.cumsum(self.per_row) - self.per_row, self.per_row)
+
+    def row_sums(self, weights):
+        return np.bincount(self.row, weights=weights, minlength=len(self.per_row))
+
+    def precision_sums(self):
+        """Sum over the relevant ranks t of precision@t, per row."""
+        return self.row_sums((np.arange(1, len(self.row) + 1) - self.earlier) / self.rank)
+
+
 def precision_sums_of_ranking(relevant):
     """(sum over the relevant ranks t of precision@t, number of relevant items) of each row of a (m, k)
     relevance matrix in rank order, visiting only the relevant entries."""
-    hits = np.flatnonzero(relevant)
-    hit_row = hits // relevant.shape[1]
-    hit_rank = hits - hit_row * relevant.shape[1] + 1
-    num_rows = relevant.shape[0]
-    num_relevant = np.bincount(hit_row, minlength=num_rows)
-    first_hit = np.cumsum(num_relevant) - num_relevant
-    relevant_so_far = np.arange(1, len(hits) + 1) - first_hit[hit_row]
-    return np.bincount(hit_row, weights=relevant_so_far / hit_rank, minlength=num_rows), num_relevant
+    hits = _Hits(relevant)
+    return hits.precision_sums(), hits.per_row
 
 
 def ranked_statistics(grades, grade_counts):
@@ -141,17 +159,18 @@ def ranked_statistics(grades, grade_counts):
 
     grades: (m, k) labels shared with the query by the first k items, in rank order.
     grade_counts: (m, G + 1) items of the whole database sharing g labels (for R and the ideal DCG).
+    Irrelevant items add nothing to any numerator, so only the relevant entries are visited.
     """
-    num_rows, k = grades.shape
-    positions = np.arange(1, k + 1)
-    relevant = grades > 0
-    precision_sums, hits = precision_sums_of_ranking(relevant)
-    weighted_sums = (relevant * np.cumsum(grades, axis=1) / positions).sum(axis=1)
+    k = grades.shape[1]
+    hits = _Hits(grades)
+    grade_so_far = np.cumsum(hits.value, dtype=np.int64)
+    grade_so_far -= np.concatenate([[0], grade_so_far])[hits.earlier]
+    precision_sums, num_relevant = hits.precision_sums(), hits.per_row
+    weighted_sums = hits.row_sums(grade_so_far / hits.rank)
     total_relevant = grade_counts[:, 1:].sum(axis=1)
-    denominators = {"hits": hits, "min": np.minimum(total_relevant, k), "relevant": total_relevant}
+    denominators = {"hits": num_relevant, "min": np.minimum(total_relevant, k), "relevant": total_relevant}
     defined = {normalize: denominator > 0 for normalize, denominator in denominators.items()}
-    discounts = 1.0 / np.log2(positions + 1)
-    dcg = (_gains(int(grades.max(initial=0)))[grades] * discounts).sum(axis=1)  # per row: chunking-independent
+    dcg = hits.row_sums(_gains(int(hits.value.max(initial=0)))[hits.value] / np.log2(hits.rank + 1))
     return _per_query(precision_sums, weighted_sums, denominators, defined, dcg,
                       ideal_dcg(grade_counts, k), grades.sum(axis=1) / k)
 
@@ -168,6 +187,12 @@ def _bucket_precision_sums(harmonic, start, taken, size, relevant, before, grade
     first = relevant / size_or_one * before + grade_sum / size_or_one
     step = np.where(size > 1, grade_sum * (relevant - 1) / (size_or_one * np.maximum(size - 1, 1)), 0.0)
     return (first - step * (start + 1)) * (harmonic[start + taken] - harmonic[start]) + step * taken
+
+
+@functools.lru_cache(maxsize=4)
+def _log_factorials(length):
+    """log(t!) for t = 0..length."""
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, length + 1)))])
 
 
 def _log_binomial(log_factorials, n, k):
@@ -188,7 +213,7 @@ def _hits_normalized(harmonic, buckets, k, above_sums):
     lengths = highest - lowest + 1
     row_of = np.repeat(rows, lengths)
     x = lowest[row_of] + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    log_factorials = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, int(size.max()) + 1)))])
+    log_factorials = _log_factorials(int(start[:, -1].max() + items[:, -1].max()))  # the database size
     size_r, rel_r, taken_r = size[row_of], rel[row_of], taken[row_of]
     probability = np.exp(_log_binomial(log_factorials, rel_r, x) + _log_binomial(log_factorials, size_r - rel_r,
                                                                                  taken_r - x)

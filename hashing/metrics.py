@@ -107,14 +107,28 @@ class _Problem(NamedTuple):
     num_queries: int
     num_items: int
     hash_bit: int
+    db_label_patterns: list = None  # word columns of the distinct database label rows (graded metrics)
+    pattern_counts: np.ndarray = None  # how many database items have each of them
 
 
-def _problem(codes):
+def _problem(codes, label_patterns=False):
     if len(codes.query_bits) == 0 or len(codes.database_bits) == 0:
         raise ValueError("retrieval metrics need at least one query and one database item")
+    db_labels = word_columns(codes.database_labels)
+    patterns, counts = _distinct_rows(db_labels) if label_patterns else (None, None)
     return _Problem(word_columns(codes.query_bits), word_columns(codes.query_labels),
-                    word_columns(codes.database_bits), word_columns(codes.database_labels),
-                    len(codes.query_bits), len(codes.database_bits), codes.hash_bit)
+                    word_columns(codes.database_bits), db_labels,
+                    len(codes.query_bits), len(codes.database_bits), codes.hash_bit, patterns, counts)
+
+
+def _distinct_rows(words):
+    """The distinct rows of word columns (as word columns) and how often each occurs; up to 64 classes the
+    rows are single integers, which np.unique sorts far faster than rows."""
+    if len(words) == 1:
+        values, counts = np.unique(words[0], return_counts=True)
+        return [values], counts
+    rows, counts = np.unique(np.stack(words, axis=1), axis=0, return_counts=True)
+    return [np.ascontiguousarray(rows[:, column]) for column in range(rows.shape[1])], counts
 
 
 def _shared_labels(query_label_words, db_label_words, columns):
@@ -137,24 +151,34 @@ def _counts_by_distance_and_grade(dist, shared, hash_bit, max_grade):
     return counts.reshape(len(keys), hash_bit + 1, max_grade + 1)
 
 
+def _grade_counts(query_labels, problem, max_grade):
+    """(m, G + 1): database items sharing g labels with each query. They depend on the labels only, so they
+    are counted over the distinct label rows of the database (a few hundred), weighted by their counts."""
+    shared = _shared_labels(query_labels, problem.db_label_patterns, np.s_[None, :]).astype(np.int64)
+    shared += np.arange(len(shared))[:, None] * (max_grade + 1)
+    counts = np.bincount(shared.ravel(), weights=np.broadcast_to(problem.pattern_counts, shared.shape).ravel(),
+                         minlength=len(shared) * (max_grade + 1))
+    return counts.astype(np.int64).reshape(len(shared), max_grade + 1)
+
+
 def _graded_chunk(dist, query_labels, problem, depths, ties):
     """The per-query figures of conventions.PER_QUERY_KEYS for one chunk (map_depth, top_ns = depths), plus
-    hits_at_top_n and the distance histograms, all from the (distance, shared labels) counts; under
-    ties="aware" no ranking is made at all."""
+    hits_at_top_n and the distance histograms. ties="aware" makes no ranking: everything comes from the
+    counts of (distance, shared labels) pairs; "index" ranks and reads the shared labels of the top K."""
     map_depth, top_ns = depths
-    shared = _shared_labels(query_labels, problem.db_labels, np.s_[None, :])
     max_grade = int(sum(np.bitwise_count(w).astype(np.int64) for w in query_labels).max())
-    counts = _counts_by_distance_and_grade(dist, shared, problem.hash_bit, max_grade)
-    items = counts.sum(axis=2)
-    stats = {"items_at_distance": items, "relevant_at_distance": items - counts[:, :, 0]}
     if ties == "aware":
+        shared = _shared_labels(query_labels, problem.db_labels, np.s_[None, :])
+        counts = _counts_by_distance_and_grade(dist, shared, problem.hash_bit, max_grade)
+        items = counts.sum(axis=2)
+        stats = {"items_at_distance": items, "relevant_at_distance": items - counts[:, :, 0]}
         stats.update(tie_aware_statistics(counts, map_depth))
         if top_ns:
             stats["hits_at_top_n"] = expected_hits(counts, top_ns)
         return stats
     ranked = rank_top_k(dist, max(map_depth, max(top_ns, default=0)))
-    grades = np.take_along_axis(shared, ranked, axis=1)
-    stats.update(ranked_statistics(grades[:, :map_depth], counts.sum(axis=1)))
+    grades = _shared_labels(query_labels, problem.db_labels, ranked)
+    stats = ranked_statistics(grades[:, :map_depth], _grade_counts(query_labels, problem, max_grade))
     if top_ns:
         stats["hits_at_top_n"] = np.cumsum(grades[:, :max(top_ns)] > 0, axis=1)[:, np.asarray(top_ns) - 1]
     return stats
@@ -175,7 +199,11 @@ def _per_query_statistics(problem, map_depth=0, top_ns=(), histograms=False, thr
         query_labels = [w[part] for w in problem.query_labels]
         dist = hamming_distances([w[part] for w in problem.query_codes], problem.db_codes, problem.hash_bit)
         if graded:
-            return _graded_chunk(dist, query_labels, problem, (map_depth, top_ns), graded)
+            stats = _graded_chunk(dist, query_labels, problem, (map_depth, top_ns), graded)
+            if histograms and "items_at_distance" not in stats:
+                stats["items_at_distance"], stats["relevant_at_distance"] = _distance_histograms(
+                    dist, query_labels, problem.db_labels, problem.hash_bit)
+            return stats
         stats = {}
         if rank_depth:
             ranked = rank_top_k(dist, rank_depth)
@@ -279,12 +307,13 @@ def average_precisions_of_codes(codes, topk=None, threads=None):
     return _per_query_statistics(problem, map_depth=k, threads=threads)["average_precision"]
 
 
-def _convention_statistics(codes, k, convention, top_ns=(), threads=None):
+def _convention_statistics(codes, k, convention, top_ns=(), threads=None, histograms=False):
     """Per-query figures of every metric under the convention's tie rule, in one pass (a CodeSet)."""
     if convention.ties == "random":
         codes = shuffled_database(codes, convention.seed)
     graded = "aware" if convention.ties == "aware" else "index"
-    return _per_query_statistics(_problem(codes), map_depth=k, top_ns=top_ns, threads=threads, graded=graded)
+    return _per_query_statistics(_problem(codes, label_patterns=True), map_depth=k, top_ns=top_ns, threads=threads,
+                                 graded=graded, histograms=histograms)
 
 
 def ranking_metrics_of_codes(codes, topk=None, convention=Convention(), threads=None):
@@ -416,7 +445,7 @@ def metrics_of_codes(codes, topk=None, top_ns=None, radius=HAMMING_RADIUS, threa
     k = _map_depth(topk, problem.num_items)
     top_ns = _check_top_ns(default_top_ns(problem.num_items) if top_ns is None else top_ns, problem.num_items)
     radius = _check_radius(radius, problem.hash_bit)
-    stats = _convention_statistics(codes, k, convention, top_ns, threads)
+    stats = _convention_statistics(codes, k, convention, top_ns, threads, histograms=True)
     figures = summarize(stats, convention)
     curves = _radius_curves(stats["items_at_distance"], stats["relevant_at_distance"])
     return {

@@ -14,11 +14,11 @@ from hashing.metrics import (acg_at_k, average_precisions, map_at_k, map_of_code
 METRICS = {"map": map_at_k, "wap": wap_at_k, "ndcg": ndcg_at_k, "acg": acg_at_k}
 
 
-def tied_problem(seed, num_queries, num_items, bits=4, classes=4):
+def tied_problem(seed, num_queries, num_items, bits=4, classes=4, density=0.3):
     """Short codes (many equal distances), sparse labels (some queries share nothing with the database)."""
     rng = np.random.default_rng(seed)
     codes = rng.choice([-1.0, 1.0], size=(num_queries + num_items, bits))
-    labels = (rng.random((num_queries + num_items, classes)) < 0.3).astype(np.float32)
+    labels = (rng.random((num_queries + num_items, classes)) < density).astype(np.float32)
     return codes[:num_queries], labels[:num_queries], codes[num_queries:], labels[num_queries:]
 
 
@@ -82,9 +82,9 @@ def test_tie_aware_is_the_mean_over_every_tie_order(seed, num_items, k):
 
 
 @pytest.mark.parametrize("ties", ["index", "random"])
-@pytest.mark.parametrize("k", [9, 60])
-def test_index_and_random_ties_match_a_brute_force_ranking(ties, k):
-    problem = tied_problem(4, 12, 60)
+@pytest.mark.parametrize("k, classes, density", [(9, 4, 0.3), (60, 4, 0.3), (20, 70, 0.03)])  # 70: two words
+def test_index_and_random_ties_match_a_brute_force_ranking(ties, k, classes, density):
+    problem = tied_problem(4, 12, 60, classes=classes, density=density)
     seed = 5
     tie_key = np.arange(60) if ties == "index" else np.argsort(np.random.default_rng(seed).permutation(60))
     per_query = query_figures(problem, k, [tie_key])
