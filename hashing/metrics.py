@@ -15,6 +15,11 @@ ranking, and the precision-recall curve over Hamming radii and the precision wit
 need no ranking at all, only per-query histograms of the distances of all items and of the relevant
 ones (the set "every item within radius r" is the same whatever the tie rule). retrieval_metrics()
 computes all of them in one pass, with the same memory bound.
+
+Conventions (docs/METHOD.md §3.5-§3.8, hashing/conventions.py): the defaults are the paper's; any other
+normalize / zero_hit / ties, and the graded metrics NDCG, ACG and WAP (rel = number of shared labels), come
+from the same chunked pass, the grade of a ranked item being a popcount of an AND. ties="aware" ranks
+nothing: it reads per-query counts of (distance, shared labels) pairs.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
