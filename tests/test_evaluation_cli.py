@@ -16,6 +16,7 @@ from data import digits
 from network import build_network
 from hashing import cache as codes_cache
 from hashing import evaluate
+from utils.runlog import read_run_log
 
 SHORT = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "500", "--epochs", "3",
          "--batch_size", "20", "--eval_every", "3", "--device", "cpu"]
@@ -41,6 +42,8 @@ def test_training_writes_metrics_codes_and_figures(trained):
     assert metrics["precision_at_top_n"]["n"] == list(range(50, 501, 50))
     assert len(metrics["precision_recall"]["precision"]) == 17
     assert metrics["run"]["loss"] == "hyp2" and not metrics["run"]["codes_from_cache"]
+    assert metrics["convention"] == {"normalize": "hits", "zero_hit": "zero", "ties": "index", "seed": 0}
+    assert read_run_log(out / f"{RUN}.jsonl")["convention"] == metrics["convention"]
     for figure in ("topn", "pr", "convergence", "tsne"):
         png = (out / f"{RUN}.{figure}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, figure
