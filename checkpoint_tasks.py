@@ -62,7 +62,7 @@ def checkpoint_metrics(run, codes, key, cached):
     OUTPUT_DIR/{run}.metrics.json unless --no_save."""
     args = run.args
     try:
-        metrics = metrics_of_codes(codes, topk=run.topk, top_ns=args.top_n)
+        metrics = metrics_of_codes(codes, topk=run.topk, top_ns=args.top_n, convention=run.convention)
     except ValueError as exc:
         raise UserError(f"--top_n: {exc}") from None
     metrics["run"] = {"dataset": args.dataset, "backbone": args.backbone, "hash_bit": args.hash_bit,
@@ -81,6 +81,11 @@ def report_evaluation(run, metrics, codes):
     print("precision@top-N: " + ", ".join(f"{n} {p:.4f}" for n, p in zip(top_n["n"], top_n["precision"])))
     print(f"precision within Hamming radius {within['radius']}: {within['precision']:.4f} "
           f"({within['retrieving']:.1%} of queries retrieve an item)")
+    print(f"graded @{metrics['map_topk']}: NDCG {metrics['ndcg']:.4f}  ACG {metrics['acg']:.4f}  "
+          f"WAP {metrics['wap']:.4f}")
+    if run.convention.zero_hit == "skip":
+        print(f"left out of the means (zero_hit=skip): {metrics['skipped_queries']} queries for mAP and WAP, "
+              f"{metrics['ndcg_skipped_queries']} for NDCG")
     if not run.args.no_save:
         source = "reused (same checkpoint)" if metrics["run"]["codes_from_cache"] else "written"
         print(f"metrics {run.files.metrics}; codes {source} {metrics['run']['codes']}")
@@ -156,7 +161,7 @@ def run_checkpoint_tasks(run, network):
     if args.test:
         metrics = checkpoint_metrics(run, codes, key, cached)
         report_evaluation(run, metrics, codes)
-        print(f"mAP@{run.topk}: {metrics['map']:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, "
+        print(f"{run.map_name}: {metrics['map']:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, "
               f"{run.files.checkpoint})")
         result.update(map=metrics["map"], metrics=metrics)
     if args.query:

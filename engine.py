@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from data import DatasetSpec, RetrievalSplits
 from hashing.codes import CodeSet
+from hashing.conventions import Convention
 from hashing.metrics import map_of_codes
 from utils.checkpoint import save_state_dict, save_train_state
 from utils.dist import (DistContext, all_true, broadcast_object, gather_rows, sum_over_ranks,
@@ -45,6 +46,13 @@ class Run:
     files: RunFiles
     log: RunLog
     input_size: int  # side of the square images the network takes
+    convention: Convention = Convention()  # how mAP@K is computed (--map_normalize, --zero_hit, --ties)
+
+    @property
+    def map_name(self):
+        """'mAP@K', followed by the convention in brackets when it is not the paper's."""
+        described = self.convention.describe()
+        return f"mAP@{self.topk}" + (f" ({described})" if described else "")
 
     @property
     def writes_files(self):
@@ -139,11 +147,11 @@ def encode_splits(network, loaders, device, context=DistContext()):
                                 *encode(network, loaders.database, device, context, "encode database"))
 
 
-def evaluate(network, loaders, device, topk, context=DistContext()):
+def evaluate(network, loaders, device, topk, context=DistContext(), convention=Convention()):
     """(mAP@topk of the queries against the database by Hamming ranking, the same on every rank; the
     codes it was computed from)."""
     codes = encode_splits(network, loaders, device, context)
-    mean_ap = map_of_codes(codes, topk) if context.is_main else None
+    mean_ap = map_of_codes(codes, topk, convention) if context.is_main else None
     return broadcast_object(context, mean_ap), codes
 
 
@@ -193,13 +201,13 @@ def train(run, trainer, progress):
         line = f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  lr {lr:.3g}  train {progress.train_seconds:.1f}s"
         entry = {"epoch": epoch, "loss": loss, "lr": lr, "train_seconds": progress.train_seconds}
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            entry["map"], codes = evaluate(network, run.loaders, run.device, run.topk, run.context)
+            entry["map"], codes = evaluate(network, run.loaders, run.device, run.topk, run.context, run.convention)
             if entry["map"] > progress.best_map:
                 progress.best_map, progress.best_epoch, best_codes = entry["map"], epoch, codes
                 if run.writes_files:
                     save_state_dict(network, run.files.checkpoint)
                 run.log.event("best", map=entry["map"], epoch=epoch, checkpoint=str(run.files.checkpoint))
-            line += f"  mAP@{run.topk} {entry['map']:.4f}  (best {progress.best_map:.4f} @ epoch {progress.best_epoch})"
+            line += f"  {run.map_name} {entry['map']:.4f}  (best {progress.best_map:.4f} @ epoch {progress.best_epoch})"
         progress.epoch = epoch
         run.log.say(line)
         run.log.event("epoch", **entry)

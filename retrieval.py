@@ -23,6 +23,7 @@ from data.files import truncated_paths, truncation_note
 from engine import HashingObjective, Loaders, NonFiniteLoss, Progress, Run, Trainer, restore_training_state
 from engine import train as train_epochs
 from hashing import codetable
+from hashing.conventions import NORMALIZE, TIES, ZERO_HIT, Convention
 from loss import LOSSES, PROXY_LOSSES, HierarchicalProxyLoss, build_loss, loss_label
 from network import BACKBONES, build_network
 from utils.atomic import ensure_writable_dir
@@ -152,6 +153,14 @@ def add_evaluation_arguments(parser):
     group = parser.add_argument_group("evaluation")
     group.add_argument("--retrieve", "--topk", dest="retrieve", type=non_negative_int, default=0,
                        help="K of mAP@K; 0 = the dataset's default (--topk is the same flag, DeepHash-pytorch's name)")
+    group.add_argument("--map_normalize", choices=NORMALIZE, default="hits",
+                       help="what AP@K divides by: the hits in the top K (the paper's), min(R, K) or R, all relevant "
+                            "items (docs/METHOD.md §3.5)")
+    group.add_argument("--zero_hit", choices=ZERO_HIT, default="zero",
+                       help="a query whose AP denominator is 0 scores 0 (the paper's) or is left out of the mean")
+    group.add_argument("--ties", choices=TIES, default="index",
+                       help="order of items at equal Hamming distance: database index (the paper's), aware = exact "
+                            "expectation over all orders, random = one shuffle seeded by --seed")
     group.add_argument("--eval_every", type=positive_int, default=5, help="evaluate every N epochs (and at the end)")
     group.add_argument("--test", action="store_true", help="evaluate the saved checkpoint instead of training")
     group.add_argument("--top_n", type=positive_int, nargs="+", default=None, metavar="N",
@@ -264,7 +273,8 @@ def prepare_run(args, device, context, input_size):
     log = RunLog(files, enabled=context.is_main and not args.no_save and not uses_checkpoint(args))
     return Run(args=args, device=device, context=context, spec=spec, splits=splits,
                loaders=make_loaders(splits, args, spec, device, context),
-               topk=retrieval_depth(args, spec, len(splits.database)), files=files, log=log, input_size=input_size)
+               topk=retrieval_depth(args, spec, len(splits.database)), files=files, log=log, input_size=input_size,
+               convention=Convention(args.map_normalize, args.zero_hit, args.ties, args.seed))
 
 
 def make_network(args, backbone):
@@ -352,6 +362,7 @@ def describe_training(run, trainer, lr):
     if data_files:
         header += "\ndata files: " + "; ".join(f"{name} {value}" for name, value in data_files.items())
     record = {"args": vars(args), "num_classes": run.spec.num_classes, "topk": run.topk, "data_files": data_files,
+              "convention": run.convention.as_dict(),
               "zeta": settings.get("zeta"), "device": str(run.device), "world_size": context.world_size,
               "amp": str(trainer.amp_dtype), "loss": {"name": label, **settings}, "sizes": sizes}
     return header, record
@@ -399,7 +410,7 @@ def train(run, network, default_lr):
                   best={"map": progress.best_map, "epoch": progress.best_epoch} if progress.best_epoch else None)
     if args.resume is not None:
         run.log.say(f"resumed after epoch {progress.epoch} "
-                    f"(best mAP@{run.topk} {progress.best_map:.4f} at epoch {progress.best_epoch})")
+                    f"(best {run.map_name} {progress.best_map:.4f} at epoch {progress.best_epoch})")
     run.log.say(header)
     # ============ distributed: the objective (network and loss together) under DDP ============
     if context.enabled:
@@ -412,7 +423,7 @@ def train(run, network, default_lr):
         warn("the ranks ended with different models")
     if progress.best_epoch and not args.no_save:
         report_best_checkpoint(run, network, best_codes)
-    summary = (f"best mAP@{run.topk} {progress.best_map:.4f} at epoch {progress.best_epoch}; "
+    summary = (f"best {run.map_name} {progress.best_map:.4f} at epoch {progress.best_epoch}; "
                f"checkpoint {'not saved (--no_save)' if args.no_save else run.files.checkpoint}; "
                f"training {progress.train_seconds:.1f}s")
     run.log.say(summary)

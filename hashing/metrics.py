@@ -15,6 +15,11 @@ ranking, and the precision-recall curve over Hamming radii and the precision wit
 need no ranking at all, only per-query histograms of the distances of all items and of the relevant
 ones (the set "every item within radius r" is the same whatever the tie rule). retrieval_metrics()
 computes all of them in one pass, with the same memory bound.
+
+Conventions (docs/METHOD.md §3.5-§3.8, hashing/conventions.py): the defaults are the paper's; any other
+normalize / zero_hit / ties, and the graded metrics NDCG, ACG and WAP (rel = number of shared labels), come
+from the same chunked pass, the grade of a ranked item being a popcount of an AND. ties="aware" ranks
+nothing: it reads per-query counts of (distance, shared labels) pairs.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +28,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .codes import CodeSet, hamming_distances, word_columns
+from .conventions import (Convention, every_convention, expected_hits, precision_sums_of_ranking, ranked_statistics,
+                          shuffled_database, summarize, tie_aware_statistics)
 
 # Elements (queries x database items) per chunk: a few MB per working array, cache friendly.
 _CHUNK_ELEMENTS = 1 << 20
@@ -78,14 +85,7 @@ def rank_top_k(dist, k):
 
 def _average_precision_of_ranking(relevant):
     """AP of each row of a (m, k) relevance matrix in rank order; 0 for a row with no relevant item."""
-    hits = np.flatnonzero(relevant)
-    hit_row = hits // relevant.shape[1]
-    hit_rank = hits - hit_row * relevant.shape[1] + 1
-    num_rows = relevant.shape[0]
-    num_relevant = np.bincount(hit_row, minlength=num_rows)
-    first_hit = np.cumsum(num_relevant) - num_relevant
-    relevant_so_far = np.arange(1, len(hits) + 1) - first_hit[hit_row]
-    precision_sum = np.bincount(hit_row, weights=relevant_so_far / hit_rank, minlength=num_rows)
+    precision_sum, num_relevant = precision_sums_of_ranking(relevant)
     return np.where(num_relevant > 0, precision_sum / np.maximum(num_relevant, 1), 0.0)
 
 
@@ -112,20 +112,89 @@ class _Problem(NamedTuple):
     num_queries: int
     num_items: int
     hash_bit: int
+    db_label_patterns: list = None  # word columns of the distinct database label rows (graded metrics)
+    pattern_counts: np.ndarray = None  # how many database items have each of them
 
 
-def _problem(codes):
+def _problem(codes, label_patterns=False):
     if len(codes.query_bits) == 0 or len(codes.database_bits) == 0:
         raise ValueError("retrieval metrics need at least one query and one database item")
+    db_labels = word_columns(codes.database_labels)
+    patterns, counts = _distinct_rows(db_labels) if label_patterns else (None, None)
     return _Problem(word_columns(codes.query_bits), word_columns(codes.query_labels),
-                    word_columns(codes.database_bits), word_columns(codes.database_labels),
-                    len(codes.query_bits), len(codes.database_bits), codes.hash_bit)
+                    word_columns(codes.database_bits), db_labels,
+                    len(codes.query_bits), len(codes.database_bits), codes.hash_bit, patterns, counts)
 
 
-def _per_query_statistics(problem, map_depth=0, top_ns=(), histograms=False, threads=None):
+def _distinct_rows(words):
+    """The distinct rows of word columns (as word columns) and how often each occurs; up to 64 classes the
+    rows are single integers, which np.unique sorts far faster than rows."""
+    if len(words) == 1:
+        values, counts = np.unique(words[0], return_counts=True)
+        return [values], counts
+    rows, counts = np.unique(np.stack(words, axis=1), axis=0, return_counts=True)
+    return [np.ascontiguousarray(rows[:, column]) for column in range(rows.shape[1])], counts
+
+
+def _shared_labels(query_label_words, db_label_words, columns):
+    """grade[i, j] = number of labels query i shares with database item columns[i, j] (uint8)."""
+    shared = None
+    for q, d in zip(query_label_words, db_label_words):
+        count = np.bitwise_count(d[columns] & q[:, None])
+        shared = count if shared is None else shared + count
+    return shared
+
+
+def _counts_by_distance_and_grade(dist, shared, hash_bit, max_grade):
+    """(m, n + 1, G + 1): per query, the database items at each Hamming distance sharing g labels with it,
+    from one bincount per row of the key distance * (G + 1) + grade."""
+    num_bins = (hash_bit + 1) * (max_grade + 1)
+    keys = dist.astype(np.uint16 if num_bins <= 1 << 16 else np.int64)
+    keys *= max_grade + 1
+    keys += shared
+    counts = np.stack([np.bincount(row, minlength=num_bins) for row in keys])
+    return counts.reshape(len(keys), hash_bit + 1, max_grade + 1)
+
+
+def _grade_counts(query_labels, problem, max_grade):
+    """(m, G + 1): database items sharing g labels with each query. They depend on the labels only, so they
+    are counted over the distinct label rows of the database (a few hundred), weighted by their counts."""
+    shared = _shared_labels(query_labels, problem.db_label_patterns, np.s_[None, :]).astype(np.int64)
+    shared += np.arange(len(shared))[:, None] * (max_grade + 1)
+    counts = np.bincount(shared.ravel(), weights=np.broadcast_to(problem.pattern_counts, shared.shape).ravel(),
+                         minlength=len(shared) * (max_grade + 1))
+    return counts.astype(np.int64).reshape(len(shared), max_grade + 1)
+
+
+def _graded_chunk(dist, query_labels, problem, depths, ties):
+    """The per-query figures of conventions.PER_QUERY_KEYS for one chunk (map_depth, top_ns = depths), plus
+    hits_at_top_n and the distance histograms. ties="aware" makes no ranking: everything comes from the
+    counts of (distance, shared labels) pairs; "index" ranks and reads the shared labels of the top K."""
+    map_depth, top_ns = depths
+    max_grade = int(sum(np.bitwise_count(w).astype(np.int64) for w in query_labels).max())
+    if ties == "aware":
+        shared = _shared_labels(query_labels, problem.db_labels, np.s_[None, :])
+        counts = _counts_by_distance_and_grade(dist, shared, problem.hash_bit, max_grade)
+        items = counts.sum(axis=2)
+        stats = {"items_at_distance": items, "relevant_at_distance": items - counts[:, :, 0]}
+        stats.update(tie_aware_statistics(counts, map_depth))
+        if top_ns:
+            stats["hits_at_top_n"] = expected_hits(counts, top_ns)
+        return stats
+    ranked = rank_top_k(dist, max(map_depth, max(top_ns, default=0)))
+    grades = _shared_labels(query_labels, problem.db_labels, ranked)
+    stats = ranked_statistics(grades[:, :map_depth], _grade_counts(query_labels, problem, max_grade))
+    if top_ns:
+        stats["hits_at_top_n"] = np.cumsum(grades[:, :max(top_ns)] > 0, axis=1)[:, np.asarray(top_ns) - 1]
+    return stats
+
+
+def _per_query_statistics(problem, map_depth=0, top_ns=(), histograms=False, threads=None, graded=None):
     """One chunked pass over the queries. Returns a dict of per-query arrays, each present on request:
     average_precision (AP@map_depth), hits_at_top_n (relevant items among the first N, one column per N),
-    items_at_distance and relevant_at_distance (the histograms of _distance_histograms)."""
+    items_at_distance and relevant_at_distance (the histograms of _distance_histograms).
+    graded "index" or "aware" (the tie rule; "random" is "index" on a shuffled database) computes instead
+    every convention's figures (conventions.PER_QUERY_KEYS), hits_at_top_n and the histograms."""
     rank_depth = max(map_depth, max(top_ns, default=0))
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // problem.num_items)
     starts = range(0, problem.num_queries, rows_per_chunk)
@@ -134,6 +203,12 @@ def _per_query_statistics(problem, map_depth=0, top_ns=(), histograms=False, thr
         part = slice(start, start + rows_per_chunk)
         query_labels = [w[part] for w in problem.query_labels]
         dist = hamming_distances([w[part] for w in problem.query_codes], problem.db_codes, problem.hash_bit)
+        if graded:
+            stats = _graded_chunk(dist, query_labels, problem, (map_depth, top_ns), graded)
+            if histograms and "items_at_distance" not in stats:
+                stats["items_at_distance"], stats["relevant_at_distance"] = _distance_histograms(
+                    dist, query_labels, problem.db_labels, problem.hash_bit)
+            return stats
         stats = {}
         if rank_depth:
             ranked = rank_top_k(dist, rank_depth)
@@ -237,14 +312,79 @@ def average_precisions_of_codes(codes, topk=None, threads=None):
     return _per_query_statistics(problem, map_depth=k, threads=threads)["average_precision"]
 
 
-def map_at_k(query_codes, query_labels, db_codes, db_labels, topk=None):
-    """mAP@K by Hamming ranking with ties broken by database index (see average_precisions)."""
-    return float(np.mean(average_precisions(query_codes, query_labels, db_codes, db_labels, topk)))
+def _convention_statistics(codes, k, convention, top_ns=(), threads=None, histograms=False):
+    """Per-query figures of every metric under the convention's tie rule, in one pass (a CodeSet)."""
+    if convention.ties == "random":
+        codes = shuffled_database(codes, convention.seed)
+    graded = "aware" if convention.ties == "aware" else "index"
+    return _per_query_statistics(_problem(codes, label_patterns=True), map_depth=k, top_ns=top_ns, threads=threads,
+                                 graded=graded, histograms=histograms)
 
 
-def map_of_codes(codes, topk=None):
+def ranking_metrics_of_codes(codes, topk=None, convention=Convention(), threads=None):
+    """mAP, WAP, NDCG and ACG @K of a CodeSet under a Convention (docs/METHOD.md §3.5-§3.8), as a dict:
+    map, wap, ndcg, acg, skipped_queries (left out of mAP and WAP under zero_hit="skip"),
+    ndcg_skipped_queries, map_topk."""
+    k = _map_depth(topk, len(codes.database_bits))
+    figures = summarize(_convention_statistics(codes, k, convention, threads=threads), convention)
+    return {**figures, "map_topk": k}
+
+
+def convention_table(codes, topk=None, seed=0, threads=None):
+    """ranking_metrics_of_codes() under every convention (conventions.every_convention), one pass per tie
+    rule: a list of dicts with the convention's normalize, zero_hit and ties added."""
+    k = _map_depth(topk, len(codes.database_bits))
+    rows, per_query = [], {}
+    for convention in every_convention(seed):
+        if convention.ties not in per_query:
+            per_query = {convention.ties: _convention_statistics(codes, k, convention, threads=threads)}
+        rows.append({**convention.as_dict(), **summarize(per_query[convention.ties], convention), "map_topk": k})
+    return rows
+
+
+def _ranking_metric(name, arrays, topk, convention):
+    codes = CodeSet.from_outputs(*arrays)
+    return ranking_metrics_of_codes(codes, topk, convention)[name]
+
+
+def map_at_k(query_codes, query_labels, db_codes, db_labels, topk=None, normalize="hits", zero_hit="zero",
+             ties="index", seed=0):
+    """mAP@K by Hamming ranking (see average_precisions); the defaults are the paper's convention (AP over the
+    hits in the top K, a query without one counts 0, ties by database index). Other conventions: Convention."""
+    convention = Convention(normalize, zero_hit, ties, seed)
+    if convention.is_default:
+        return float(np.mean(average_precisions(query_codes, query_labels, db_codes, db_labels, topk)))
+    return _ranking_metric("map", (query_codes, query_labels, db_codes, db_labels), topk, convention)
+
+
+def ndcg_at_k(query_codes, query_labels, db_codes, db_labels, topk=None, normalize="hits", zero_hit="zero",
+              ties="index", seed=0):
+    """Mean NDCG@K, gain 2^rel - 1 with rel = shared labels (docs/METHOD.md §3.6); normalize does not apply."""
+    return _ranking_metric("ndcg", (query_codes, query_labels, db_codes, db_labels), topk,
+                           Convention(normalize, zero_hit, ties, seed))
+
+
+def acg_at_k(query_codes, query_labels, db_codes, db_labels, topk=None, normalize="hits", zero_hit="zero",
+             ties="index", seed=0):
+    """Mean ACG@K, the mean number of shared labels of the top K (docs/METHOD.md §3.6); normalize and zero_hit
+    do not apply (it divides by K)."""
+    return _ranking_metric("acg", (query_codes, query_labels, db_codes, db_labels), topk,
+                           Convention(normalize, zero_hit, ties, seed))
+
+
+def wap_at_k(query_codes, query_labels, db_codes, db_labels, topk=None, normalize="hits", zero_hit="zero",
+             ties="index", seed=0):
+    """Mean weighted AP@K: ACG@t summed over the relevant positions t <= K, over AP's denominator
+    (docs/METHOD.md §3.6)."""
+    return _ranking_metric("wap", (query_codes, query_labels, db_codes, db_labels), topk,
+                           Convention(normalize, zero_hit, ties, seed))
+
+
+def map_of_codes(codes, topk=None, convention=Convention()):
     """map_at_k() of a CodeSet (hashing/codes.py)."""
-    return float(np.mean(average_precisions_of_codes(codes, topk)))
+    if convention.is_default:
+        return float(np.mean(average_precisions_of_codes(codes, topk)))
+    return ranking_metrics_of_codes(codes, topk, convention)["map"]
 
 
 def precision_at_top_n(query_codes, query_labels, db_codes, db_labels, top_ns=PAPER_TOP_NS, threads=None):
@@ -291,7 +431,7 @@ def _json_floats(values):
 
 
 def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, topk=None, top_ns=None,
-                      radius=HAMMING_RADIUS, threads=None):
+                      radius=HAMMING_RADIUS, threads=None, convention=Convention()):
     """Every metric above in one pass over the distances, as a JSON-ready dict:
 
     map, map_topk; precision_at_top_n {n, precision} (top_ns None: default_top_ns of the database size);
@@ -299,23 +439,32 @@ def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, topk=None,
     values are None); precision_within_radius {radius, precision, retrieving}; sizes and code length.
     """
     return metrics_of_codes(CodeSet.from_outputs(query_codes, query_labels, db_codes, db_labels), topk, top_ns,
-                            radius, threads)
+                            radius, threads, convention)
 
 
-def metrics_of_codes(codes, topk=None, top_ns=None, radius=HAMMING_RADIUS, threads=None):
-    """retrieval_metrics() of a CodeSet (hashing/codes.py): the packed codes are used as they are."""
+def metrics_of_codes(codes, topk=None, top_ns=None, radius=HAMMING_RADIUS, threads=None, convention=Convention()):
+    """retrieval_metrics() of a CodeSet (hashing/codes.py): the packed codes are used as they are. Besides the
+    paper's figures: the convention, wap, ndcg, acg and the queries left out under zero_hit="skip". mAP and
+    precision@top-N follow the convention's tie rule (ties="aware": their expectation over tie orders)."""
     problem = _problem(codes)
     k = _map_depth(topk, problem.num_items)
     top_ns = _check_top_ns(default_top_ns(problem.num_items) if top_ns is None else top_ns, problem.num_items)
     radius = _check_radius(radius, problem.hash_bit)
-    stats = _per_query_statistics(problem, map_depth=k, top_ns=top_ns, histograms=True, threads=threads)
+    stats = _convention_statistics(codes, k, convention, top_ns, threads, histograms=True)
+    figures = summarize(stats, convention)
     curves = _radius_curves(stats["items_at_distance"], stats["relevant_at_distance"])
     return {
         "num_queries": problem.num_queries,
         "num_database": problem.num_items,
         "hash_bit": problem.hash_bit,
-        "map": float(stats["average_precision"].mean()),
+        "map": figures["map"],
         "map_topk": k,
+        "convention": convention.as_dict(),
+        "skipped_queries": figures["skipped_queries"],
+        "wap": figures["wap"],
+        "ndcg": figures["ndcg"],
+        "ndcg_skipped_queries": figures["ndcg_skipped_queries"],
+        "acg": figures["acg"],
         "precision_at_top_n": {"n": top_ns,
                                "precision": _json_floats(stats["hits_at_top_n"].mean(axis=0) / np.asarray(top_ns))},
         "precision_recall": {"radius": list(range(problem.hash_bit + 1)),
