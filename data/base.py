@@ -21,10 +21,19 @@ class DatasetSpec:
     build: Callable[..., RetrievalSplits]  # build(root, seed, input_size, cache=False, skip_bad_images=False) -> RetrievalSplits
     summary: str
     in_memory: bool = False  # in-memory datasets gain nothing from DataLoader worker processes
+    class_names: tuple = ()  # the classes in label order, where the dataset names them
+    options: tuple = ()  # further keyword options its build() takes (digits: "imbalance")
 
     def with_classes_of(self, splits):
         """This spec, with num_classes taken from the built splits when the dataset leaves it to the data."""
         return self if self.num_classes else replace(self, num_classes=label_width(splits.train))
+
+
+def split_labels(dataset):
+    """The (N, C) float label tensor of a dataset, through Subset wrappers (their indices applied)."""
+    if isinstance(dataset, Subset):
+        return split_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    return torch.as_tensor(dataset.labels, dtype=torch.float32)
 
 
 def label_width(dataset):
