@@ -4,6 +4,7 @@ summarised in OUTPUT_DIR/longtail_study.md (rewritten atomically after every cel
     python benchmarks/longtail_study.py                              # both studies, 3 seeds (the README's tables)
     python benchmarks/longtail_study.py --studies ecl --seeds 0 --epochs 6
     python benchmarks/longtail_study.py --studies hpl --seeds 0 1 2
+    python benchmarks/longtail_study.py --table_only                # the table of the finished cells only
 
 ecl: long-tailed digits (--imbalance 10 and 50), single-head HyP² against --experts 2 with ECL's components
 added one at a time (mutual distillation with uniform weights, then its per-class re-weighting, then
@@ -55,6 +56,8 @@ def get_args_parser():
     parser.add_argument("--hash_bit", type=retrieval.positive_int, default=48)
     parser.add_argument("--output_dir", default="./result")
     parser.add_argument("--verbose", action="store_true", help="show each run's output")
+    parser.add_argument("--table_only", action="store_true",
+                        help="train nothing: write the table from the cells that finished (e.g. in parallel processes)")
     return parser
 
 
@@ -115,7 +118,7 @@ def main(argv=None):
     table = Path(options.output_dir) / "longtail_study.md"
     Path(options.output_dir).mkdir(parents=True, exist_ok=True)
     started, failures = time.perf_counter(), []
-    for done, key in enumerate(grid, start=1):
+    for done, key in enumerate([] if options.table_only else grid, start=1):
         if results[key] is None:
             results[key] = cell_result(cell_args(options, *key))  # another process may have run it meanwhile
         if results[key] is None:
@@ -127,6 +130,7 @@ def main(argv=None):
             print(f"[{done}/{len(grid)}] {key[0]} {key[1]} rho {key[2]:g} seed {key[3]}: {outcome} "
                   f"({time.perf_counter() - cell_started:.0f}s)", flush=True)
         write_text(table, render(options, results, command))
+    write_text(table, render(options, results, command))
     print(f"{sum(r is not None for r in results.values())}/{len(grid)} cells done in "
           f"{time.perf_counter() - started:.0f}s; table {table}")
     return failures

@@ -201,7 +201,8 @@ def test_shipped_hierarchies_read_as_documented():
     assert voc.level_names == [["vehicle", "animal", "indoor", "person"]]
     assert [VOC_CLASSES[c] for c in range(20) if voc.levels[0][c] == 3] == ["person"]
     coco = read_hierarchy("coco", 80)
-    assert len(coco.level_names[0]) == 12 and sum(g == coco.level_names[0].index("animal") for g in coco.levels[0]) == 10
+    animal = coco.level_names[0].index("animal")
+    assert len(coco.level_names[0]) == 12 and sum(group == animal for group in coco.levels[0]) == 10
     parity = read_hierarchy("digits", 10, DIGITS.class_names)
     assert parity.levels == [[digit % 2 for digit in range(10)]] and parity.name == "digits"
 

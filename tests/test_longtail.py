@@ -68,7 +68,8 @@ def test_per_class_ap_is_the_mean_over_the_queries_holding_the_class():
 
     breakdown = long_tail_breakdown(aps, query_labels, train_counts=[30, 3, 10, 1])
     assert breakdown["buckets"]["head"] == {"classes": [0], "map": pytest.approx(per_class[0])}
-    assert breakdown["buckets"]["medium"] == {"classes": [1, 2], "map": pytest.approx((per_class[1] + per_class[2]) / 2)}
+    medium = pytest.approx((per_class[1] + per_class[2]) / 2)
+    assert breakdown["buckets"]["medium"] == {"classes": [1, 2], "map": medium}
     assert breakdown["buckets"]["tail"] == {"classes": [3], "map": None}  # no query holds class 3
     assert breakdown["per_class"]["ap"][3] is None and breakdown["per_class"]["train_count"] == [30, 3, 10, 1]
 
@@ -83,3 +84,22 @@ def test_imbalance_is_refused_where_it_cannot_apply(tmp_path):
     with pytest.raises(UserError, match="--imbalance 0.5: .* must be >= 1"):
         retrieval.main(parse(["--dataset", "digits", "--backbone", "small", "--imbalance", "0.5",
                               "--output_dir", str(tmp_path)]))
+
+
+def test_study_table_reports_mean_and_spread_of_the_finished_seeds():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "longtail_study.py"
+    spec = importlib.util.spec_from_file_location("longtail_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    options = study.get_args_parser().parse_args(["--studies", "hpl", "--seeds", "0", "1", "--epochs", "2"])
+    results = {("hpl", variant, 1.0, seed): None for variant in study.HPL_VARIANTS for seed in (0, 1)}
+    results[("hpl", "given: parity", 1.0, 0)] = (0.5, 0.25)
+    results[("hpl", "given: parity", 1.0, 1)] = (0.7, 0.45)
+    table = study.render(options, results, "cmd")
+    # mean 0.6, sample standard deviation sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414
+    assert "| given: parity | 0.6000 ± 0.1414 | 0.3500 ± 0.1414 | 2 |" in table
+    assert "| HyP² (no hierarchy) | — | — | 0 |" in table
+    args = study.cell_args(options, "hpl", "given: parity", 1.0, 1)
+    assert args.hierarchy_file == "digits" and args.seed == 1 and args.epochs == 2 and args.imbalance == 1
