@@ -7,15 +7,17 @@ checkpoint bytes and data flags (hashing/cache.py); otherwise the network encode
 torchrun every rank encodes its shard; rank 0 computes, prints and writes.
 """
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from data.base import split_labels
 from data.query_images import item_names, query_batch
 from engine import encode_splits
 from hashing import cache, plots
 from hashing.codes import pack_signs
-from hashing.metrics import metrics_of_codes
+from hashing.metrics import BUCKETS, metrics_of_codes
 from hashing.search import search, write_index
 from loss import loss_label
 from utils.atomic import write_json
@@ -24,14 +26,27 @@ from utils.dist import barrier, broadcast_object
 from utils.errors import UserError
 from utils.runlog import read_run_log, warn
 
-CHECKPOINT_HINT = "Pass the --backbone and --hash_bit it was trained with."
+CHECKPOINT_HINT = "Pass the --backbone, --hash_bit and --experts it was trained with."
+
+
+def dataset_label(args):
+    """The dataset as run names and the codes cache name it: --dataset, plus _ltRHO for --imbalance RHO."""
+    return args.dataset + (f"_lt{args.imbalance:g}" if args.imbalance != 1 else "")
+
+
+def run_loss_label(args):
+    """loss.loss_label of this run: the loss, its hierarchy (K clusters or the given file's name), its heads."""
+    hierarchy = Path(args.hierarchy_file).stem if args.hierarchy_file else args.hierarchy
+    return loss_label(args.loss, hierarchy, args.experts)
 
 
 def codes_key(run):
-    """What cached codes depend on: the checkpoint's bytes (hashed) and the data flags."""
+    """What cached codes depend on: the checkpoint's bytes (hashed), the data flags and, with several
+    heads, which head (or their mean) gives the codes."""
     args = run.args
-    return cache.cache_key(run.files.checkpoint, args.dataset, args.backbone, args.hash_bit, args.seed, args.subset,
-                           args.data_root, split=args.split)
+    reading = {"inference_head": str(args.inference_head)} if args.experts > 1 else {}
+    return cache.cache_key(run.files.checkpoint, dataset_label(args), args.backbone, args.hash_bit, args.seed,
+                           args.subset, args.data_root, split=args.split, **reading)
 
 
 def save_codes(run, codes, key):
@@ -61,12 +76,16 @@ def checkpoint_metrics(run, codes, key, cached):
     """Every metric of the codes (hashing.metrics.metrics_of_codes) with a "run" record, written to
     OUTPUT_DIR/{run}.metrics.json unless --no_save."""
     args = run.args
+    train_counts = (split_labels(run.splits.train) > 0).sum(dim=0).numpy()
     try:
-        metrics = metrics_of_codes(codes, topk=run.topk, top_ns=args.top_n, convention=run.convention)
+        metrics = metrics_of_codes(codes, topk=run.topk, top_ns=args.top_n, convention=run.convention,
+                                   train_counts=train_counts)
     except ValueError as exc:
         raise UserError(f"--top_n: {exc}") from None
     metrics["run"] = {"dataset": args.dataset, "backbone": args.backbone, "hash_bit": args.hash_bit,
-                      "loss": loss_label(args.loss, args.hierarchy), "seed": args.seed, "subset": args.subset,
+                      "loss": run_loss_label(args), "seed": args.seed, "subset": args.subset,
+                      "imbalance": args.imbalance, "experts": args.experts,
+                      "inference_head": str(args.inference_head),
                       "checkpoint": str(run.files.checkpoint), "checkpoint_sha256": key["checkpoint_sha256"],
                       "codes": str(run.files.codes), "codes_from_cache": cached}
     if not args.no_save:
@@ -86,11 +105,19 @@ def report_evaluation(run, metrics, codes):
     if run.convention.zero_hit == "skip":
         print(f"left out of the means (zero_hit=skip): {metrics['skipped_queries']} queries for mAP and WAP, "
               f"{metrics['ndcg_skipped_queries']} for NDCG")
+    print(describe_buckets(metrics["long_tail"]["buckets"]))
     if not run.args.no_save:
         source = "reused (same checkpoint)" if metrics["run"]["codes_from_cache"] else "written"
         print(f"metrics {run.files.metrics}; codes {source} {metrics['run']['codes']}")
     if run.args.plots:
         draw_figures(run, metrics, codes)
+
+
+def describe_buckets(buckets):
+    """One line: mAP of the head / medium / tail classes by training frequency (docs/METHOD.md §8.3)."""
+    parts = [f"{name} {'-' if buckets[name]['map'] is None else format(buckets[name]['map'], '.4f')} "
+             f"({len(buckets[name]['classes'])} classes)" for name in BUCKETS]
+    return "mAP by training frequency of the classes: " + ", ".join(parts)
 
 
 def draw_figures(run, metrics, codes):
@@ -175,12 +202,16 @@ def run_checkpoint_tasks(run, network):
 
 def report_best_checkpoint(run, network, best_codes):
     """After training: every metric and the cached codes of the best checkpoint, from its evaluation's
-    codes when this process computed them, else by encoding the saved checkpoint."""
+    codes when this process computed them, else by encoding the saved checkpoint. Returns the metrics
+    (None on ranks other than 0)."""
     barrier(run.context)  # rank 0 has finished writing the checkpoint
     if best_codes is None:
         codes, key, _ = checkpoint_codes(run, network)
     elif run.context.is_main:
         codes, key = best_codes, codes_key(run)
         save_codes(run, codes, key)
-    if run.context.is_main:
-        report_evaluation(run, checkpoint_metrics(run, codes, key, False), codes)
+    if not run.context.is_main:
+        return None
+    metrics = checkpoint_metrics(run, codes, key, False)
+    report_evaluation(run, metrics, codes)
+    return metrics

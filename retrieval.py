@@ -17,14 +17,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from checkpoint_tasks import report_best_checkpoint, run_checkpoint_tasks
+from checkpoint_tasks import dataset_label, report_best_checkpoint, run_checkpoint_tasks, run_loss_label
 from data import DATASETS, DataOptions, get_dataset_spec
 from data.files import truncated_paths, truncation_note
+from data.hierarchy_files import read_hierarchy
 from engine import HashingObjective, Loaders, NonFiniteLoss, Progress, Run, Trainer, restore_training_state
 from engine import train as train_epochs
 from hashing import codetable
 from hashing.conventions import NORMALIZE, TIES, ZERO_HIT, Convention
-from loss import LOSSES, PROXY_LOSSES, HierarchicalProxyLoss, build_loss, loss_label
+from loss import (LOSSES, PROXY_LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss, build_experts_loss,
+                  build_loss)
 from network import BACKBONES, build_network
 from utils.atomic import ensure_writable_dir
 from utils.checkpoint import imagenet_state_dict, read_train_state
@@ -53,6 +55,12 @@ def non_negative_int(text):
     if value is None or value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
+
+
+def inference_head(text):
+    if text == "mean" or (text.isdigit()):
+        return text if text == "mean" else int(text)
+    raise argparse.ArgumentTypeError(f"must be a head index (0, 1, ...) or 'mean', got {text!r}")
 
 
 def finite_float(text):
@@ -87,6 +95,9 @@ def add_data_arguments(parser):
     group.add_argument("--cache", action="store_true",
                        help="decode each image once, resized, into a uint8 memory-mapped file under the data root, "
                             "reused by later epochs and runs")
+    group.add_argument("--imbalance", type=finite_float, default=1.0, metavar="RHO",
+                       help="digits: long-tailed training set whose class frequencies decay exponentially from "
+                            "the commonest to the rarest class, RHO times rarer; queries stay balanced; 1 = balanced")
     group.add_argument("--skip_bad_images", action="store_true",
                        help="check every image once before training and leave out missing or undecodable ones "
                             "(default: stop at the first, naming the file)")
@@ -105,6 +116,11 @@ def add_model_arguments(parser):
                          help="the backbone's ImageNet weights (a torchvision state_dict file); default: torchvision's "
                               "file from the torch hub cache, downloaded if missing")
     weights.add_argument("--no_pretrained", action="store_true", help="train the backbone from scratch")
+    group.add_argument("--experts", type=positive_int, default=1, metavar="E",
+                       help="E >= 2 hash heads on the shared trunk, trained collaboratively (ECL); 1 = one head")
+    group.add_argument("--inference_head", type=inference_head, default=0, metavar="HEAD",
+                       help="with --experts: the head whose outputs give the codes, or 'mean' of the heads' "
+                            "outputs before the sign")
 
 
 def loss_flag(loss_name, hyperparameter):
@@ -131,7 +147,11 @@ def add_loss_arguments(parser):
     group = parser.add_argument_group("hierarchical proxies (HPL) on top of " + ", ".join(PROXY_LOSSES))
     group.add_argument("--hierarchy", type=non_negative_int, default=0, metavar="K",
                        help="number of coarse clusters of the class proxies; 0 = no hierarchy")
+    group.add_argument("--hierarchy_file", default=None, metavar="CSV",
+                       help="a given class hierarchy (class,level1[,level2...]), or a shipped one: voc, coco, digits")
     add_hyperparameter_flags(group, "hierarchy", HierarchicalProxyLoss)
+    group = parser.add_argument_group("collaborative experts (ECL) with --experts E >= 2; weights 0 = off")
+    add_hyperparameter_flags(group, "ecl", CollaborativeExpertsLoss)
 
 
 def add_optimisation_arguments(parser):
@@ -197,6 +217,13 @@ def check_flags(args):
     if args.split != "paper" and args.dataset != "flickr":
         raise UserError(f"--split {args.split} applies to --dataset flickr only; --dataset {args.dataset} has one "
                         "protocol (see README, Datasets)")
+    if args.hierarchy and args.hierarchy_file:
+        raise UserError("--hierarchy K clusters the proxies and --hierarchy_file gives the groups: use one of them")
+    if args.inference_head != 0 and args.experts == 1:
+        raise UserError(f"--inference_head {args.inference_head} needs --experts E >= 2 (one head has nothing to "
+                        "choose from)")
+    if args.inference_head not in ("mean", 0) and args.inference_head >= args.experts:
+        raise UserError(f"--inference_head {args.inference_head}: the heads are 0 to {args.experts - 1}, or mean")
 
 
 def uses_checkpoint(args):
@@ -208,13 +235,20 @@ def uses_checkpoint(args):
 
 def data_options(args):
     return DataOptions(cache=args.cache, skip_bad_images=args.skip_bad_images, strict_images=args.strict_images,
-                       split=args.split)
+                       split=args.split, imbalance=args.imbalance)
 
 
 def build_splits(spec, args, input_size):
+    if args.imbalance != 1 and "imbalance" not in spec.options:
+        raise UserError(f"--imbalance: --dataset {args.dataset} has no long-tailed variant (only "
+                        f"{', '.join(name for name, other in DATASETS.items() if 'imbalance' in other.options)})")
     try:
         splits = spec.build(Path(args.data_root), args.seed, input_size, data_options(args))
     except NotImplementedError as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:
+        if args.imbalance == 1:
+            raise
         raise UserError(str(exc)) from None
     if args.subset:
         splits = type(splits)(*(Subset(part, range(min(args.subset, len(part)))) for part in splits))
@@ -260,8 +294,8 @@ def make_loaders(splits, args, spec, device, context=DistContext()):
 
 def run_files(args):
     """Where this run's files go: OUTPUT_DIR/{dataset}_{backbone}_{hash_bit}[_{loss}].*"""
-    return RunFiles.for_run(args.output_dir, args.dataset, args.backbone, args.hash_bit,
-                            loss_label(args.loss, args.hierarchy), args.checkpoint)
+    return RunFiles.for_run(args.output_dir, dataset_label(args), args.backbone, args.hash_bit,
+                            run_loss_label(args), args.checkpoint)
 
 
 def prepare_run(args, device, context, input_size):
@@ -281,13 +315,14 @@ def make_network(args, backbone):
     """The hash network, starting from ImageNet weights when training (--test loads a whole checkpoint)."""
     if args.weights and not backbone.pretrained_available:
         raise UserError(f"--weights: the {args.backbone} backbone has no ImageNet weights to load")
+    heads = dict(experts=args.experts, inference_head=args.inference_head)
     if not backbone.pretrained_available or args.no_pretrained or uses_checkpoint(args):
-        return build_network(args.backbone, args.hash_bit)
+        return build_network(args.backbone, args.hash_bit, **heads)
     state, source = imagenet_state_dict(backbone.imagenet_weights, args.backbone, args.weights,
                                         show_progress=not args.no_progress)
     print(f"{args.backbone}: ImageNet weights from {source}")
     try:
-        return build_network(args.backbone, args.hash_bit, pretrained=state)
+        return build_network(args.backbone, args.hash_bit, pretrained=state, **heads)
     except ValueError as exc:
         raise UserError(f"cannot use {source} for --backbone {args.backbone}: {exc}") from None
 
@@ -307,8 +342,19 @@ def hyperparameter_values(args, owner, loss_class):
     return {h.name: getattr(args, loss_flag(owner, h)) for h in loss_class.HYPERPARAMETERS}
 
 
+def given_hierarchy(args, spec):
+    """The coarse levels of --hierarchy_file, read for this dataset (None without the flag)."""
+    if not args.hierarchy_file:
+        return None
+    try:
+        return read_hierarchy(args.hierarchy_file, spec.num_classes, spec.class_names).levels
+    except ValueError as exc:
+        raise UserError(f"--hierarchy_file: {exc}") from None
+
+
 def build_criterion(args, spec):
-    """The loss of --loss with its flags, wrapped in hierarchical proxies when --hierarchy K > 0."""
+    """The loss of --loss with its flags, wrapped in hierarchical proxies with --hierarchy K > 0 or
+    --hierarchy_file, and in collaborative experts with --experts E >= 2 (one such loss per head)."""
     loss_class, zeta = LOSSES[args.loss], None
     if loss_class.uses_zeta:
         try:
@@ -318,14 +364,21 @@ def build_criterion(args, spec):
             raise UserError(f"{flag}: {exc}; or pass --zeta VALUE") from None
         if disagreement:
             warn(disagreement)
-    try:
-        return build_loss(args.loss, spec.num_classes, args.hash_bit, zeta=zeta, seed=args.seed,
-                          hierarchy=args.hierarchy,
+    hierarchy = given_hierarchy(args, spec) or args.hierarchy
+
+    def build_head():
+        return build_loss(args.loss, spec.num_classes, args.hash_bit, zeta=zeta, seed=args.seed, hierarchy=hierarchy,
                           hierarchy_settings=hyperparameter_values(args, "hierarchy", HierarchicalProxyLoss),
                           **hyperparameter_values(args, args.loss, loss_class))
+    try:
+        if args.experts == 1:
+            return build_head()
+        return build_experts_loss(args.experts, build_head,
+                                  **hyperparameter_values(args, "ecl", CollaborativeExpertsLoss))
     except ValueError as exc:
-        raise UserError(f"--hierarchy {args.hierarchy}: {exc}" if args.hierarchy else f"--loss {args.loss}: {exc}") \
-            from None
+        flag = ("--experts" if args.experts > 1 else "--hierarchy_file" if args.hierarchy_file
+                else "--hierarchy" if args.hierarchy else "--loss")
+        raise UserError(f"{flag} {getattr(args, flag[2:])}: {exc}") from None
 
 
 def build_trainer(args, objective, lr, device):
@@ -351,11 +404,11 @@ def describe_training(run, trainer, lr):
     """The header line and the record that start the run's logs."""
     args, context, criterion = run.args, run.context, trainer.objective.criterion
     settings = criterion.hyperparameters()
-    label = loss_label(args.loss, args.hierarchy)
+    label = run_loss_label(args)
     sizes = {name: len(part) for name, part in run.splits._asdict().items()}
     described = ", ".join(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
                           for name, value in settings.items())
-    header = (f"{args.dataset} / {args.backbone} / {args.hash_bit} bits: {sizes}, loss {label} ({described}), "
+    header = (f"{dataset_label(args)} / {args.backbone} / {args.hash_bit} bits: {sizes}, loss {label} ({described}), "
               f"lr {lr:g}{f' (proxies {args.rate:g})' if list(criterion.parameters()) else ''}, device {run.device}"
               + (f" x {context.world_size} processes" if context.enabled else ""))
     data_files = run.spec.describe(Path(args.data_root), data_options(args)) if run.spec.describe else {}
@@ -421,9 +474,12 @@ def train(run, network, default_lr):
     fingerprints = gather_objects(context, state_fingerprint(objective))
     if context.enabled and len(set(fingerprints)) > 1:
         warn("the ranks ended with different models")
+    metrics = None
     if progress.best_epoch and not args.no_save:
-        report_best_checkpoint(run, network, best_codes)
-    summary = (f"best {run.map_name} {progress.best_map:.4f} at epoch {progress.best_epoch}; "
+        metrics = report_best_checkpoint(run, network, best_codes)
+    tail = metrics and metrics["long_tail"]["buckets"]["tail"]["map"]
+    summary = (f"best {run.map_name} {progress.best_map:.4f} at epoch {progress.best_epoch}"
+               + (f" (tail classes {tail:.4f})" if tail is not None else "") + "; "
                f"checkpoint {'not saved (--no_save)' if args.no_save else run.files.checkpoint}; "
                f"training {progress.train_seconds:.1f}s")
     run.log.say(summary)
@@ -432,7 +488,7 @@ def train(run, network, default_lr):
                   train_seconds=progress.train_seconds, truncated_images=truncated,
                   **({"rank_fingerprints": fingerprints} if context.enabled else {}))
     return {"map": progress.best_map, "epoch": progress.best_epoch, "topk": run.topk,
-            "train_seconds": progress.train_seconds}
+            "train_seconds": progress.train_seconds, "long_tail": metrics and metrics["long_tail"]}
 
 
 def report_truncated_images(run):

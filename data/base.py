@@ -20,6 +20,7 @@ class DataOptions:
     skip_bad_images: bool = False  # leave out missing or undecodable images instead of stopping
     strict_images: bool = False  # a truncated image is an error instead of being padded (the paper's loader pads)
     split: str = "paper"  # "paper": the paper's fixed split where one is shipped (flickr); "random": seeded
+    imbalance: float = 1.0  # --imbalance: ratio of the commonest to the rarest class (long-tailed variants)
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,19 @@ class DatasetSpec:
     # skipping them); None for in-memory datasets
     list_splits: Optional[Callable[..., dict]] = None
     describe: Optional[Callable[..., dict]] = None  # describe(root) -> what the run log records of the data files
+    class_names: tuple = ()  # the classes in label order, where the dataset names them
+    options: tuple = ()  # DataOptions fields beyond the common ones that its build() honours (digits: "imbalance")
 
     def with_classes_of(self, splits):
         """This spec, with num_classes taken from the built splits when the dataset leaves it to the data."""
         return self if self.num_classes else replace(self, num_classes=label_width(splits.train))
+
+
+def split_labels(dataset):
+    """The (N, C) float label tensor of a dataset, through Subset wrappers (their indices applied)."""
+    if isinstance(dataset, Subset):
+        return split_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    return torch.as_tensor(dataset.labels, dtype=torch.float32)
 
 
 def label_width(dataset):

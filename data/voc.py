@@ -83,10 +83,10 @@ def build(year, root, seed, input_size, options=DataOptions()):
 
 
 VOC2007 = DatasetSpec(
-    name="voc2007", num_classes=20, default_topk=5011, build=partial(build, "2007"),
+    name="voc2007", num_classes=20, default_topk=5011, build=partial(build, "2007"), class_names=CLASSES,
     list_splits=partial(list_splits, "2007"),
     summary="PASCAL VOC2007: trainval 5,011 = train = database, test 4,952 queries")
 VOC2012 = DatasetSpec(
-    name="voc2012", num_classes=20, default_topk=5717, build=partial(build, "2012"),
+    name="voc2012", num_classes=20, default_topk=5717, build=partial(build, "2012"), class_names=CLASSES,
     list_splits=partial(list_splits, "2012"),
     summary="PASCAL VOC2012: train 5,717 = database, val 5,823 queries")

@@ -32,15 +32,17 @@ def file_sha256(path):
         return None
 
 
-def cache_key(checkpoint, dataset, backbone, hash_bit, seed, subset, data_root, *, split="paper"):
+def cache_key(checkpoint, dataset, backbone, hash_bit, seed, subset, data_root, *, split="paper", **reading):
     """What the codes depend on, as a dict; None when the checkpoint does not exist. (A cache written
-    before --split existed has no "split" and is re-encoded once: its Flickr codes were of a seeded split.)"""
+    before --split existed has no "split" and is re-encoded once: its Flickr codes were of a seeded split.)
+    `reading`: further settings that change the codes of one checkpoint (a multi-head network's inference
+    head); only those given enter the key, so the keys of plain runs stay as they were."""
     checkpoint_sha256 = file_sha256(checkpoint)
     if checkpoint_sha256 is None:
         return None
     return {"format": FORMAT_VERSION, "checkpoint_sha256": checkpoint_sha256, "dataset": dataset,
             "backbone": backbone, "hash_bit": int(hash_bit), "seed": int(seed), "subset": int(subset),
-            "data_root": str(Path(data_root).resolve()), "split": split}
+            "data_root": str(Path(data_root).resolve()), "split": split, **reading}
 
 
 def save(path, codes, key):

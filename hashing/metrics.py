@@ -442,10 +442,12 @@ def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, topk=None,
                             radius, threads, convention)
 
 
-def metrics_of_codes(codes, topk=None, top_ns=None, radius=HAMMING_RADIUS, threads=None, convention=Convention()):
+def metrics_of_codes(codes, topk=None, top_ns=None, radius=HAMMING_RADIUS, threads=None, convention=Convention(),
+                     train_counts=None):
     """retrieval_metrics() of a CodeSet (hashing/codes.py): the packed codes are used as they are. Besides the
     paper's figures: the convention, wap, ndcg, acg and the queries left out under zero_hit="skip". mAP and
-    precision@top-N follow the convention's tie rule (ties="aware": their expectation over tie orders)."""
+    precision@top-N follow the convention's tie rule (ties="aware": their expectation over tie orders). With the
+    training set's per-class label counts, also its long_tail_breakdown() under "long_tail"."""
     problem = _problem(codes)
     k = _map_depth(topk, problem.num_items)
     top_ns = _check_top_ns(default_top_ns(problem.num_items) if top_ns is None else top_ns, problem.num_items)
@@ -453,7 +455,7 @@ def metrics_of_codes(codes, topk=None, top_ns=None, radius=HAMMING_RADIUS, threa
     stats = _convention_statistics(codes, k, convention, top_ns, threads, histograms=True)
     figures = summarize(stats, convention)
     curves = _radius_curves(stats["items_at_distance"], stats["relevant_at_distance"])
-    return {
+    metrics = {
         "num_queries": problem.num_queries,
         "num_database": problem.num_items,
         "hash_bit": problem.hash_bit,
@@ -475,3 +477,44 @@ def metrics_of_codes(codes, topk=None, top_ns=None, radius=HAMMING_RADIUS, threa
                                     "precision": float(curves.precision_empty_as_zero[radius]),
                                     "retrieving": float(curves.retrieving[radius])},
     }
+    if train_counts is not None:
+        metrics["long_tail"] = long_tail_breakdown(stats[f"ap_{convention.normalize}"], codes.query_label_matrix(),
+                                                   train_counts)
+    return metrics
+
+
+# ============ long-tail breakdown (docs/METHOD.md §8.3) ============
+
+BUCKETS = ("head", "medium", "tail")
+
+
+def frequency_buckets(train_counts):
+    """{head, medium, tail: class indices}: the classes ranked by training frequency (commonest first,
+    ties by class index), the first and the last floor(C/3) being head and tail, the rest medium."""
+    counts = np.asarray(train_counts)
+    ranked = np.lexsort((np.arange(len(counts)), -counts))
+    third = len(counts) // 3
+    parts = (ranked[:third], ranked[third:len(counts) - third], ranked[len(counts) - third:])
+    return {name: sorted(int(c) for c in part) for name, part in zip(BUCKETS, parts)}
+
+
+def per_class_average_precision(average_precisions, query_labels):
+    """(C,) mean AP over the queries holding each class; NaN for a class no query holds."""
+    holds = np.asarray(query_labels) > 0
+    count = holds.sum(axis=0)
+    total = np.asarray(average_precisions, dtype=np.float64) @ holds
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def long_tail_breakdown(average_precisions, query_labels, train_counts):
+    """Per-class AP (with each class's training count and number of queries) and, per frequency bucket,
+    its classes and their mean class AP (classes without queries left out), as a JSON-ready dict."""
+    class_ap = per_class_average_precision(average_precisions, query_labels)
+    buckets = {}
+    for name, classes in frequency_buckets(train_counts).items():
+        values = class_ap[classes] if classes else np.array([])
+        values = values[~np.isnan(values)]
+        buckets[name] = {"classes": classes, "map": float(values.mean()) if len(values) else None}
+    return {"per_class": {"ap": _json_floats(class_ap), "train_count": [int(c) for c in train_counts],
+                          "num_queries": [int(n) for n in (np.asarray(query_labels) > 0).sum(axis=0)]},
+            "buckets": buckets}

@@ -21,7 +21,7 @@ from .errors import UserError
 
 TRAIN_STATE_FORMAT = "hyp2-retrieval/train-state/1"
 # Flags that define what is trained; a state saved under other values cannot be resumed.
-IDENTITY_FLAGS = ("dataset", "backbone", "hash_bit", "loss", "hierarchy")
+IDENTITY_FLAGS = ("dataset", "backbone", "hash_bit", "loss", "hierarchy", "hierarchy_file", "experts", "imbalance")
 # Flags that change the result when they differ on resume; allowed, but the user is told.
 RECIPE_FLAGS = ("batch_size", "lr", "rate", "beta", "seed", "subset", "amp")
 
