@@ -14,7 +14,7 @@ import torch
 from data.query_images import item_names, query_batch
 from engine import encode_splits
 from hashing import cache, plots
-from hashing.codes import pack_signs
+from hashing.codes import NonFiniteCodes, pack_signs
 from hashing.metrics import metrics_of_codes
 from hashing.search import search, write_index
 from loss import loss_label
@@ -51,7 +51,10 @@ def checkpoint_codes(run, network, weights_loaded=False):
         return codes, key, True
     if not weights_loaded:
         load_network_weights(network, run.files.checkpoint, hint=CHECKPOINT_HINT)
-    codes = encode_splits(network, run.loaders, run.device, run.context)
+    try:
+        codes = encode_splits(network, run.loaders, run.device, run.context)
+    except NonFiniteCodes as exc:
+        raise UserError(f"checkpoint {run.files.checkpoint} gives unusable codes ({exc}); retrain it") from None
     if run.writes_files:
         save_codes(run, codes, key)
     return codes, key, False

@@ -22,6 +22,7 @@ from data import DATASETS, get_dataset_spec
 from engine import HashingObjective, Loaders, NonFiniteLoss, Progress, Run, Trainer, restore_training_state
 from engine import train as train_epochs
 from hashing import codetable
+from hashing.codes import NonFiniteCodes
 from loss import LOSSES, PROXY_LOSSES, HierarchicalProxyLoss, build_loss, loss_label
 from network import BACKBONES, build_network
 from utils.atomic import ensure_writable_dir
@@ -60,6 +61,29 @@ def finite_float(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def non_negative_float(text):
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def zeta_value(text):
+    """ζ is a cosine between codes and must leave room below 1 (docs/METHOD.md §1)."""
+    value = finite_float(text)
+    if not -1 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [-1, 1), got {text!r}")
+    return value
+
+
+def seed_value(text):
+    """numpy's and the DataLoader workers' seeds take 0 <= seed < 2**32."""
+    value = non_negative_int(text)
+    if value >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32, got {text!r}")
     return value
 
 
@@ -117,7 +141,7 @@ def add_loss_arguments(parser):
     """--loss and one flag per hyper-parameter of every loss (published defaults), ζ, and the hierarchy."""
     group = parser.add_argument_group("loss (each loss's flags are used only by that loss)")
     group.add_argument("--loss", default="hyp2", choices=list(LOSSES), help="training loss")
-    group.add_argument("--zeta", type=finite_float, default=None, help="override the threshold zeta of the code table")
+    group.add_argument("--zeta", type=zeta_value, default=None, help="override the threshold zeta of the code table")
     group.add_argument("--codetable", default=None, metavar="XLSX",
                        help="read zeta from the paper's codetable.xlsx (cross-check with the built-in table)")
     for name, loss_class in LOSSES.items():
@@ -132,9 +156,9 @@ def add_optimisation_arguments(parser):
     group = parser.add_argument_group("optimisation")
     group.add_argument("--batch_size", type=positive_int, default=100, help="mini-batch size")
     group.add_argument("--epochs", type=positive_int, default=100, help="training epochs")
-    group.add_argument("--lr", type=finite_float, default=0, help="network learning rate; 0 = the backbone's default")
-    group.add_argument("--rate", type=finite_float, default=0.02, help="learning rate of the proxies")
-    group.add_argument("--seed", type=int, default=0, help="random seed (data split, init, batches)")
+    group.add_argument("--lr", type=non_negative_float, default=0, help="network learning rate; 0 = the backbone's default")
+    group.add_argument("--rate", type=non_negative_float, default=0.02, help="learning rate of the proxies")
+    group.add_argument("--seed", type=seed_value, default=0, help="random seed (data split, init, batches), 0 to 2**32-1")
     group.add_argument("--amp", nargs="?", const="auto", choices=["auto", "bf16", "fp16"], default=None,
                        help="mixed precision on CUDA (bf16 if supported, else fp16 with loss scaling); "
                             "ignored on the CPU")
@@ -351,15 +375,26 @@ def resume(run, trainer):
     return restore_training_state(trainer, state, run.device)
 
 
+def divergence_hint(args, exc, lr):
+    """What to change when training diverged: the loss's flags when the loss was not finite before the
+    first optimiser step (no learning rate was used yet), else the learning rates."""
+    if getattr(exc, "before_any_step", False):
+        flags = [f"--{loss_flag(args.loss, h)} {getattr(args, loss_flag(args.loss, h))}"
+                 for h in LOSSES[args.loss].HYPERPARAMETERS]
+        return (f"the loss is not finite before any update, so check the settings of --loss {args.loss}"
+                + (f" ({', '.join(flags)})" if flags else "") + (f", --zeta {args.zeta}" if args.zeta is not None else ""))
+    return f"lower --lr (now {lr:g}) or --rate (now {args.rate:g})"
+
+
 def train_reporting_failures(run, trainer, progress, lr):
     """engine.train, with a one-line message that says what to do when the loss diverges or on Ctrl-C."""
     args = run.args
     try:
         return train_epochs(run, trainer, progress)
-    except NonFiniteLoss as exc:
+    except (NonFiniteLoss, NonFiniteCodes) as exc:
         best = (f"the best checkpoint {run.files.checkpoint} (epoch {progress.best_epoch}, mAP "
-                f"{progress.best_map:.4f}) is intact" if progress.best_epoch else "no checkpoint was saved yet")
-        raise UserError(f"{exc}: lower --lr (now {lr:g}) or --rate (now {args.rate:g}); {best}") from None
+                f"{progress.best_map:.4f}, finite) is kept" if progress.best_epoch else "no checkpoint was saved")
+        raise UserError(f"{exc}: {divergence_hint(args, exc, lr)}; {best}") from None
     except KeyboardInterrupt:
         if progress.epoch and not args.no_save:
             raise TrainingInterrupted(f"interrupted; the state after epoch {progress.epoch} is in {run.files.last}: "

@@ -40,6 +40,12 @@ def _load(path, what, missing, unreadable):
                         f"corrupt or not a PyTorch checkpoint; {unreadable}") from None
 
 
+def non_finite_names(state):
+    """Names of a state_dict's floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, tensor in state.items()
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
 def save_state_dict(module, path):
     save({name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}, path)
 
@@ -54,6 +60,10 @@ def read_state_dict(path, what="checkpoint",
         state = state["network"]  # a .last.pt holds the network too
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} does not hold a network state_dict")
+    non_finite = non_finite_names(state)
+    if non_finite:
+        raise UserError(f"{path} holds NaN or infinite values ({len(non_finite)} tensors, e.g. {non_finite[0]}): "
+                        f"it comes from a diverged training; retrain with a lower --lr")
     return state
 
 

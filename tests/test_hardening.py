@@ -1,0 +1,66 @@
+"""Issue 13: a red-team and first-hour pass. No code runs from a data file, no NaN model is saved or
+scored, runs do not overwrite each other, caches and resumed states match the data they came from."""
+import numpy as np
+import pytest
+import torch
+
+import engine
+import loss as loss_module
+import retrieval
+from hashing.codes import NonFiniteCodes, pack_signs
+
+RUN = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "200",
+       "--batch_size", "20", "--eval_every", "1", "--device", "cpu"]
+
+
+def run(argv):
+    return retrieval.main(retrieval.get_args_parser().parse_args(RUN + argv))
+
+
+def cli_failure(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        retrieval.cli(RUN + argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exit_info.value.code, err
+
+
+# ============ item 2: NaN models ============
+
+def test_nan_outputs_have_no_code():
+    with pytest.raises(NonFiniteCodes, match="1 of 4 network outputs are NaN or infinite"):
+        pack_signs(np.array([[0.5, -1.0], [np.nan, 2.0]]))
+
+
+def test_a_network_that_turns_nan_is_never_saved(tmp_path, capsys, monkeypatch):
+    real_epoch = engine.train_one_epoch
+
+    def poison_after_epoch_1(trainer, loader, device, epoch, context):
+        value = real_epoch(trainer, loader, device, epoch, context)
+        first = next(trainer.objective.network.parameters())
+        with torch.no_grad():
+            first.view(-1)[0] = float("nan")  # the loss of the epoch stayed finite
+        return value
+
+    monkeypatch.setattr(engine, "train_one_epoch", poison_after_epoch_1)
+    code, err = cli_failure(["--epochs", "2", "--output_dir", str(tmp_path)], capsys)
+    assert code == 1 and "became NaN or infinite in epoch 1: lower --lr" in err and "no checkpoint was saved" in err
+    assert not (tmp_path / "digits_small_16.ckpt").exists() and not (tmp_path / "digits_small_16.last.pt").exists()
+
+
+def test_a_nan_checkpoint_is_refused_by_test(tmp_path, capsys):
+    from network import build_network
+    state = build_network("small", 16).state_dict()
+    next(iter(state.values())).view(-1)[0] = float("nan")
+    torch.save(state, tmp_path / "digits_small_16.ckpt")
+    code, err = cli_failure(["--test", "--output_dir", str(tmp_path)], capsys)
+    assert code == 1 and "holds NaN or infinite values (1 tensors" in err
+    assert not (tmp_path / "digits_small_16.metrics.json").exists()
+
+
+def test_a_loss_that_is_nan_before_any_update_blames_the_loss_flags(tmp_path, capsys, monkeypatch):
+    real_forward = loss_module.HyP2Loss.forward
+    monkeypatch.setattr(loss_module.HyP2Loss, "forward", lambda self, c, y: real_forward(self, c, y) * float("nan"))
+    code, err = cli_failure(["--epochs", "1", "--output_dir", str(tmp_path)], capsys)
+    assert code == 1 and "the loss became nan in epoch 1, iteration 1" in err
+    assert "check the settings of --loss hyp2 (--beta 0.5" in err and "--lr" not in err
