@@ -6,6 +6,8 @@ The codes of a checkpoint come from OUTPUT_DIR/{run}.codes.npz when they were co
 checkpoint bytes and data flags (hashing/cache.py); otherwise the network encodes both splits. Under
 torchrun every rank encodes its shard; rank 0 computes, prints and writes.
 """
+import argparse
+import dataclasses
 import sys
 
 import numpy as np
@@ -133,23 +135,35 @@ def search_images(run, network, codes):
     return results
 
 
-def warn_if_data_differs_from_training(run):
-    """--test evaluates on the splits built from --seed/--subset; say so if training used others."""
+def settings_differing_from_training(run):
+    """["--seed 1 (trained with 0)", ...]: the data flags under which --test evaluates other splits than
+    the run was trained and evaluated on; empty when they agree or there is no training log."""
     try:
         trained_args = read_run_log(run.files.event_log)["args"]
     except (OSError, ValueError, KeyError):
-        return
-    for flag in ("seed", "subset", "data_root"):
-        if flag in trained_args and trained_args[flag] != getattr(run.args, flag):
-            warn(f"{run.files.checkpoint} was trained with --{flag} {trained_args[flag]}, this run uses "
-                 f"--{flag} {getattr(run.args, flag)}; the splits may differ and so may the mAP")
+        return []
+    return [f"--{flag} {getattr(run.args, flag)} (trained with {trained_args[flag]})"
+            for flag in ("seed", "subset", "data_root")
+            if flag in trained_args and trained_args[flag] != getattr(run.args, flag)]
+
+
+def without_writing_when_settings_differ(run):
+    """--test under other data settings than the run's: the figures are printed, but the run's own
+    metrics and codes are not replaced by them (the run is returned with --no_save set)."""
+    differing = settings_differing_from_training(run) if run.args.test and not run.args.no_save else []
+    if not differing:
+        return run
+    warn(f"{run.files.checkpoint} was trained under other settings than {', '.join(differing)}; the splits may "
+         f"differ and so may the mAP, so {run.files.metrics.name} and {run.files.codes.name} are left as they are")
+    return dataclasses.replace(run, args=argparse.Namespace(**{**vars(run.args), "no_save": True}))
 
 
 def run_checkpoint_tasks(run, network):
     """--test, --query and --export_index with the saved checkpoint; returns what they found."""
+    if run.context.is_main:
+        run = without_writing_when_settings_differ(run)
+    run = dataclasses.replace(run, args=broadcast_object(run.context, run.args))
     args = run.args
-    if args.test and run.context.is_main:
-        warn_if_data_differs_from_training(run)
     if args.query:  # queries need the network even when the database codes are cached
         load_network_weights(network, run.files.checkpoint, hint=CHECKPOINT_HINT)
     codes, key, cached = checkpoint_codes(run, network, weights_loaded=bool(args.query))

@@ -26,10 +26,11 @@ from hashing.codes import NonFiniteCodes
 from loss import LOSSES, PROXY_LOSSES, HierarchicalProxyLoss, build_loss, loss_label
 from network import BACKBONES, build_network
 from utils.atomic import ensure_writable_dir
-from utils.checkpoint import imagenet_state_dict, read_train_state
+from utils.checkpoint import imagenet_state_dict, read_train_state, require_checkpoint_file
 from utils.device import select_device
 from utils.dist import (DistContext, barrier, gather_objects, init_distributed, shard_bounds, shutdown,
                         state_fingerprint)
+from utils.lock import run_lock
 from utils.errors import TrainingInterrupted, UserError, run_reporting_errors
 from utils.reproducibility import loader_generator, seed_everything, seed_worker
 from utils.runlog import RunFiles, RunLog, setup_for_distributed, warn
@@ -190,6 +191,9 @@ def add_output_arguments(parser):
     group.add_argument("--checkpoint", default=None,
                        help="checkpoint to write/test (default: OUTPUT_DIR/{dataset}_{backbone}_{hash_bit}[_{loss}].ckpt)")
     group.add_argument("--no_save", action="store_true", help="write no checkpoint or log")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start a new training even though OUTPUT_DIR holds this run's checkpoint or training "
+                            "state (replaced as the new run writes its own); without it such a run stops and suggests --resume")
     group.add_argument("--no_progress", action="store_true",
                        help="no progress bars (they are off anyway when stderr is not a terminal)")
 
@@ -204,6 +208,45 @@ def check_flags(args):
     """Combinations of flags that cannot work, refused before any work is done."""
     if args.plots and args.no_save:
         raise UserError("--plots writes figures and --no_save writes nothing: drop one of them")
+
+
+def output_and_input_paths(args, files):
+    """([(what, path) written], [(what, path) read]) by this invocation."""
+    written = [("--export_index", args.export_index)] if args.export_index else []
+    if not args.no_save:
+        written += [("the codes cache", files.codes), ("the metrics file", files.metrics)]
+        if not uses_checkpoint(args):
+            written += [("--checkpoint", files.checkpoint), ("the training state", files.last),
+                        ("the text log", files.text_log), ("the event log", files.event_log)]
+    read = [("--weights", args.weights), ("--codetable", args.codetable), ("--resume", args.resume or None)]
+    read += [("--query", path) for path in args.query or []]
+    if uses_checkpoint(args):
+        read.append(("--checkpoint", files.checkpoint))
+    return written, [(what, path) for what, path in read if path]
+
+
+def check_paths(args, files):
+    """No invocation writes a file it reads, or one file twice (--export_index onto the checkpoint once
+    replaced it with an 81-byte index)."""
+    written, read = output_and_input_paths(args, files)
+    seen = {}
+    for what, path in read + written:
+        resolved = Path(path).resolve()
+        if resolved in seen and (what, path) in written:
+            raise UserError(f"{what} {path} is also {seen[resolved]}: writing it would destroy that file; "
+                            "choose another path")
+        seen.setdefault(resolved, what)
+
+
+def refuse_to_replace_a_run(args, files):
+    """A new training (no --resume) into a run's files stops, unless --overwrite: then the new run replaces
+    them file by file as it writes its own (atomically, so a failing new run leaves the old files whole)."""
+    if uses_checkpoint(args) or args.no_save or args.resume is not None:
+        return
+    existing = [path for path in (files.checkpoint, files.last) if path.exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} holds an earlier run: continue it with --resume, keep it by choosing "
+                        "another --output_dir, or start afresh with --overwrite")
 
 
 def uses_checkpoint(args):
@@ -461,13 +504,23 @@ def run_command(args, device, context):
 
 def main(args):
     check_flags(args)
+    files = run_files(args)
+    check_paths(args, files)
+    if uses_checkpoint(args):
+        require_checkpoint_file(files.checkpoint)
     device = select_device(args.device, args.cuda)
     context = init_distributed(device.type)
     if context.enabled and device.type == "cuda":
         device = torch.device("cuda", context.local_rank)
     setup_for_distributed(context.is_main, progress=not args.no_progress)
     try:
-        return run_command(args, device, context)
+        writes = context.is_main and not args.no_save
+        if writes:
+            ensure_writable_dir(args.output_dir)
+        with run_lock(files.with_suffix(".lock"), enabled=writes):
+            if context.is_main:
+                refuse_to_replace_a_run(args, files)
+            return run_command(args, device, context)
     finally:
         shutdown(context)
 

@@ -64,3 +64,73 @@ def test_a_loss_that_is_nan_before_any_update_blames_the_loss_flags(tmp_path, ca
     code, err = cli_failure(["--epochs", "1", "--output_dir", str(tmp_path)], capsys)
     assert code == 1 and "the loss became nan in epoch 1, iteration 1" in err
     assert "check the settings of --loss hyp2 (--beta 0.5" in err and "--lr" not in err
+
+
+# ============ item 3: runs do not overwrite each other ============
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One finished 1-epoch run (seed 0) with its checkpoint, codes and metrics; tests must not change it."""
+    out = tmp_path_factory.mktemp("trained")
+    run(["--epochs", "1", "--output_dir", str(out)])
+    return out
+
+
+def snapshot(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def test_a_new_training_does_not_replace_an_earlier_run(trained, capsys):
+    before = snapshot(trained)
+    code, err = cli_failure(["--epochs", "1", "--output_dir", str(trained)], capsys)
+    assert code == 1 and f"{trained}/digits_small_16.ckpt holds an earlier run: continue it with --resume" in err
+    assert "--overwrite" in err and snapshot(trained) == before
+
+
+def test_overwrite_starts_afresh(tmp_path):
+    run(["--epochs", "1", "--output_dir", str(tmp_path)])
+    result = run(["--epochs", "1", "--output_dir", str(tmp_path), "--overwrite"])
+    assert result["epoch"] == 1 and not list(tmp_path.glob("*.lock"))
+
+
+def test_a_second_process_on_the_same_run_stops_at_once(tmp_path, capsys):
+    from utils.lock import run_lock
+    with run_lock(tmp_path / "digits_small_16.lock"):  # another open file description: as another process
+        code, err = cli_failure(["--epochs", "1", "--output_dir", str(tmp_path)], capsys)
+    assert code == 1 and f"{tmp_path}/digits_small_16.lock is held by process " in err
+    assert not (tmp_path / "digits_small_16.ckpt").exists()
+
+
+def test_test_under_another_seed_leaves_the_runs_metrics_and_codes(trained, capsys):
+    before = snapshot(trained)
+    result = run(["--test", "--seed", "1", "--output_dir", str(trained)])
+    err = capsys.readouterr().err
+    assert "trained under other settings than --seed 1 (trained with 0)" in err and "left as they are" in err
+    assert 0 <= result["map"] <= 1 and snapshot(trained) == before
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("digits_small_16.ckpt", "--export_index {}/digits_small_16.ckpt is also --checkpoint"),
+    ("digits_small_16.metrics.json", "the metrics file {}/digits_small_16.metrics.json is also --export_index")])
+def test_no_output_path_equals_an_input_or_another_output(trained, capsys, target, expected):
+    before = snapshot(trained)
+    code, err = cli_failure(["--export_index", str(trained / target), "--output_dir", str(trained)], capsys)
+    assert code == 1 and expected.format(trained) in err and snapshot(trained) == before
+
+
+def test_checkpoint_onto_the_weights_file_is_refused(tmp_path, capsys):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"weights")
+    code, err = cli_failure(["--weights", str(weights), "--checkpoint", str(weights), "--output_dir",
+                             str(tmp_path)], capsys)
+    assert code == 1 and f"--checkpoint {weights} is also --weights" in err and weights.read_bytes() == b"weights"
+
+
+def test_test_checks_the_checkpoint_before_building_the_data(tmp_path, capsys, monkeypatch):
+    import data.registry
+    monkeypatch.setattr(data.registry, "get_dataset_spec", lambda name: pytest.fail("the data was built"))
+    monkeypatch.setattr(retrieval, "get_dataset_spec", lambda name: pytest.fail("the data was built"))
+    code, err = cli_failure(["--test", "--output_dir", str(tmp_path)], capsys)
+    assert code == 1 and f"no checkpoint at {tmp_path}/digits_small_16.ckpt" in err
+    code, err = cli_failure(["--test", "--checkpoint", str(tmp_path), "--output_dir", str(tmp_path)], capsys)
+    assert code == 1 and f"--checkpoint {tmp_path} is a folder" in err

@@ -46,6 +46,19 @@ def non_finite_names(state):
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
 
 
+def require_checkpoint_file(path):
+    """Before any data is built (or downloaded): the checkpoint --test/--query/--export_index use exists
+    and is a readable file, else a UserError that says what to do."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}: train first (the same command without --test) or pass "
+                        "--checkpoint PATH")
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path} is a folder, not a checkpoint file; pass the .ckpt file")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"--checkpoint {path} is not readable (permission denied); fix its permissions")
+
+
 def save_state_dict(module, path):
     save({name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}, path)
 
