@@ -9,10 +9,12 @@ torchrun every rank encodes its shard; rank 0 computes, prints and writes.
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from data.fingerprint import split_fingerprint
 from data.query_images import item_names, query_batch
 from engine import encode_splits
 from hashing import cache, plots
@@ -30,10 +32,14 @@ CHECKPOINT_HINT = "Pass the --backbone and --hash_bit it was trained with."
 
 
 def codes_key(run):
-    """What cached codes depend on: the checkpoint's bytes (hashed) and the data flags."""
+    """What cached codes depend on: the checkpoint's bytes (hashed), the data flags, the input size (the
+    transforms) and a digest of each evaluated split's labels and images (data/fingerprint.py)."""
     args = run.args
-    return cache.cache_key(run.files.checkpoint, args.dataset, args.backbone, args.hash_bit, args.seed, args.subset,
-                           args.data_root)
+    settings = {"dataset": args.dataset, "backbone": args.backbone, "hash_bit": args.hash_bit, "seed": args.seed,
+                "subset": args.subset, "data_root": str(Path(args.data_root).resolve()), "cache": args.cache,
+                "input_size": run.input_size, "query": split_fingerprint(run.splits.query),
+                "database": split_fingerprint(run.splits.database)}
+    return cache.cache_key(run.files.checkpoint, settings)
 
 
 def save_codes(run, codes, key):
@@ -46,11 +52,11 @@ def checkpoint_codes(run, network, weights_loaded=False):
     by rank 0 when the network had to encode, unless --no_save."""
     key = codes_key(run)
     codes = cache.load(run.files.codes, key)
-    # Same flags but other split sizes means the data on disk changed since the codes were cached.
-    sizes = (len(run.splits.query), len(run.splits.database))
-    fresh = codes is not None and (len(codes.query_bits), len(codes.database_bits)) == sizes
-    if broadcast_object(run.context, fresh):
+    if broadcast_object(run.context, codes is not None):
         return codes, key, True
+    if run.files.codes.exists() and run.context.is_main:
+        print(f"note: {run.files.codes} is damaged or was computed from another checkpoint or other data; "
+              "encoding again", file=sys.stderr)
     if not weights_loaded:
         load_network_weights(network, run.files.checkpoint, hint=CHECKPOINT_HINT)
     try:

@@ -134,3 +134,51 @@ def test_test_checks_the_checkpoint_before_building_the_data(tmp_path, capsys, m
     assert code == 1 and f"no checkpoint at {tmp_path}/digits_small_16.ckpt" in err
     code, err = cli_failure(["--test", "--checkpoint", str(tmp_path), "--output_dir", str(tmp_path)], capsys)
     assert code == 1 and f"--checkpoint {tmp_path} is a folder" in err
+
+
+# ============ item 4: the codes cache follows the data ============
+
+def list_run(tmp_path, *extra):
+    from tests.fixture_files import small_list_folder
+    if not (tmp_path / "data").exists():
+        small_list_folder(tmp_path / "data")
+    return ["--dataset", "list", "--data_root", str(tmp_path / "data"), "--backbone", "small", "--hash_bit", "16",
+            "--batch_size", "8", "--device", "cpu", "--workers", "0", *extra]
+
+
+def main(argv):
+    return retrieval.main(retrieval.get_args_parser().parse_args(argv))
+
+
+def test_test_does_not_reuse_codes_after_the_labels_change(tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    main(list_run(tmp_path, "--epochs", "1", "--output_dir", str(out)))
+    assert main(list_run(tmp_path, "--test", "--output_dir", str(out)))["metrics"]["run"]["codes_from_cache"]
+    test_list = tmp_path / "data" / "test.txt"
+    rows = test_list.read_text().splitlines()
+    test_list.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # labels move to other images
+
+    after = main(list_run(tmp_path, "--test", "--output_dir", str(out)))
+    fresh_out = tmp_path / "fresh"  # the same checkpoint evaluated with no cache at all
+    fresh_out.mkdir()
+    shutil.copy(out / "list_small_16.ckpt", fresh_out)
+    truth = main(list_run(tmp_path, "--test", "--output_dir", str(fresh_out)))
+    assert not after["metrics"]["run"]["codes_from_cache"] and after["map"] == truth["map"]
+
+
+def test_split_fingerprint_changes_with_labels_order_and_image_files(tmp_path):
+    import os
+    from data.files import ImageFileDataset
+    from data.fingerprint import split_fingerprint
+    from torch.utils.data import Subset
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for path in paths:
+        path.write_bytes(b"png")
+    labels = np.eye(3)
+    base = split_fingerprint(ImageFileDataset(paths, labels, None))
+    assert split_fingerprint(ImageFileDataset(paths, labels, None)) == base
+    assert split_fingerprint(ImageFileDataset(paths, labels[[1, 0, 2]], None)) != base
+    assert split_fingerprint(Subset(ImageFileDataset(paths, labels, None), [1, 0, 2])) != base
+    os.utime(paths[2], ns=(1, 1))  # an image replaced in place
+    assert split_fingerprint(ImageFileDataset(paths, labels, None)) != base
