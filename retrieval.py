@@ -281,6 +281,18 @@ def retrieval_depth(args, spec, database_size):
     return topk
 
 
+def train_batch_size(args, train_size, world_size):
+    """Each process's share of --batch_size; UserError when it would be a single sample (BatchNorm needs 2)."""
+    batch_size = max(1, args.batch_size // world_size)
+    if uses_checkpoint(args):  # no training: the train loader is not used
+        return batch_size
+    if batch_size < 2 or train_size < 2 * world_size:
+        raise UserError(f"training needs at least 2 images per batch and process (BatchNorm), but --batch_size "
+                        f"{args.batch_size} over {world_size} process(es) and a train split of {train_size} give "
+                        f"{min(batch_size, train_size // world_size)}; raise --batch_size or add training images")
+    return batch_size
+
+
 def make_loaders(splits, args, spec, device, context=DistContext()):
     """Train loader (each rank a 1/world share of every global batch) and per-rank eval shards.
 
@@ -288,12 +300,17 @@ def make_loaders(splits, args, spec, device, context=DistContext()):
     worker seeds are functions of (--seed, epoch) (engine.set_epoch), so a resumed run replays the batches.
     """
     workers = args.workers if args.workers >= 0 else (0 if spec.in_memory else min(8, os.cpu_count() or 1))
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
-                  persistent_workers=workers > 0)
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker)
     sampler = DistributedSampler(splits.train, num_replicas=context.world_size, rank=context.rank,
                                  shuffle=True, seed=args.seed)
-    train = DataLoader(splits.train, batch_size=max(1, args.batch_size // context.world_size), sampler=sampler,
+    # Training workers start afresh every epoch, seeded from the generator engine.set_epoch reseeds: persistent
+    # workers would carry their random state over from epoch to epoch, which a resumed run cannot replay.
+    batch_size = train_batch_size(args, len(splits.train), context.world_size)
+    per_rank = math.ceil(len(splits.train) / context.world_size)
+    # BatchNorm cannot train on a batch of one, so a last batch of one sample is left out (drop_last).
+    train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, drop_last=per_rank % batch_size == 1,
                        generator=loader_generator(args.seed), **common)
+    common["persistent_workers"] = workers > 0  # evaluation draws no random numbers
 
     def eval_loader(dataset):
         start, stop = shard_bounds(len(dataset), args.batch_size, context)

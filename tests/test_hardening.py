@@ -182,3 +182,34 @@ def test_split_fingerprint_changes_with_labels_order_and_image_files(tmp_path):
     assert split_fingerprint(Subset(ImageFileDataset(paths, labels, None), [1, 0, 2])) != base
     os.utime(paths[2], ns=(1, 1))  # an image replaced in place
     assert split_fingerprint(ImageFileDataset(paths, labels, None)) != base
+
+
+# ============ item 5: resume is bit-identical with DataLoader workers ============
+
+def test_resume_with_workers_equals_an_uninterrupted_run(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["--workers", "2", "--eval_every", "1"]
+    full = main(list_run(tmp_path, *common, "--epochs", "3", "--output_dir", str(straight)))
+    main(list_run(tmp_path, *common, "--epochs", "1", "--output_dir", str(resumed)))
+    again = main(list_run(tmp_path, *common, "--epochs", "3", "--output_dir", str(resumed), "--resume"))
+    first = torch.load(straight / "list_small_16.last.pt", weights_only=True)["network"]
+    second = torch.load(resumed / "list_small_16.last.pt", weights_only=True)["network"]
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert (again["map"], again["epoch"]) == (full["map"], full["epoch"])
+
+
+# ============ tracebacks turned into one-line errors ============
+
+def test_a_last_training_batch_of_one_sample_is_left_out(tmp_path):
+    # 200 digits in batches of 3: 66 batches of 3 and one of 2, then 199: ... and a last batch of 1.
+    result = run(["--subset", "199", "--batch_size", "3", "--epochs", "1", "--no_save", "--eval_every", "1"])
+    assert result["epoch"] == 1
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--batch_size", "1"], "--batch_size 1 over 1 process(es) and a train split of 200 give 1"),
+    (["--subset", "1"], "a train split of 1 give 1"),
+])
+def test_batches_of_one_sample_are_refused(argv, expected, capsys, tmp_path):
+    code, err = cli_failure(["--epochs", "1", "--output_dir", str(tmp_path), *argv], capsys)
+    assert code == 1 and expected in err
