@@ -45,6 +45,7 @@ class Run:
     files: RunFiles
     log: RunLog
     input_size: int  # side of the square images the network takes
+    data_identity: dict = None  # what --resume checks the data against (retrieval.data_identity)
 
     @property
     def writes_files(self):
@@ -217,5 +218,6 @@ def train(run, trainer, progress):
         run.log.say(line)
         run.log.event("epoch", **entry)
         if run.writes_files:
-            save_train_state(run.files.last, training_state(trainer, progress), vars(args))
+            save_train_state(run.files.last, {**training_state(trainer, progress), "data": run.data_identity},
+                             vars(args))
     return best_codes

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from checkpoint_tasks import report_best_checkpoint, run_checkpoint_tasks
 from data import DATASETS, get_dataset_spec
+from data.fingerprint import split_fingerprint
 from engine import HashingObjective, Loaders, NonFiniteLoss, Progress, Run, Trainer, restore_training_state
 from engine import train as train_epochs
 from hashing import codetable
@@ -426,10 +427,19 @@ def describe_training(run, trainer, lr):
     return header, record
 
 
+def data_identity(run):
+    """What a training state records of its data and files, checked on --resume: the dataset, its root,
+    the class count, a digest of each split's labels and image list, and the checkpoint path."""
+    args = run.args
+    return {"checkpoint": str(run.files.checkpoint.resolve()), "dataset": args.dataset,
+            "data_root": str(Path(args.data_root).resolve()), "classes": run.spec.num_classes,
+            **{f"{name} split": split_fingerprint(part, file_status=False) for name, part in run.splits._asdict().items()}}
+
+
 def resume(run, trainer):
     """Restore what engine.train saved in .last.pt; returns the Progress to continue from."""
     args = run.args
-    state, changed = read_train_state(args.resume or run.files.last, vars(args))
+    state, changed = read_train_state(args.resume or run.files.last, vars(args), run.data_identity)
     for change in changed:
         warn(f"resuming with {change}; the result will differ from an uninterrupted run")
     return restore_training_state(trainer, state, run.device)
@@ -469,6 +479,7 @@ def train(run, network, default_lr):
     objective = HashingObjective(network, criterion).to(run.device)
     lr = args.lr or default_lr
     trainer = build_trainer(args, objective, lr, run.device)
+    run.data_identity = data_identity(run)
     if run.writes_files:
         ensure_writable_dir(args.output_dir)
         ensure_writable_dir(run.files.checkpoint.parent, "--checkpoint")

@@ -18,14 +18,18 @@ def _unwrap(dataset):
     return dataset, indices
 
 
-def split_fingerprint(dataset):
-    """Hex SHA-256 over the items' labels and images (in-memory bytes, else path, size and mtime)."""
+def split_fingerprint(dataset, file_status=True):
+    """Hex SHA-256 over the items' labels and images (in-memory bytes, else path, and with `file_status`
+    each file's size and mtime, which a copy of the data to another disk changes)."""
     base, indices = _unwrap(dataset)
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(base.labels.numpy()[indices]).tobytes())
     if hasattr(base, "paths"):
         for index in indices:
             path = base.paths[index]
+            if not file_status:
+                digest.update(f"{path}\n".encode())
+                continue
             try:
                 status = os.stat(path)
                 digest.update(f"{path}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())

@@ -213,3 +213,36 @@ def test_a_last_training_batch_of_one_sample_is_left_out(tmp_path):
 def test_batches_of_one_sample_are_refused(argv, expected, capsys, tmp_path):
     code, err = cli_failure(["--epochs", "1", "--output_dir", str(tmp_path), *argv], capsys)
     assert code == 1 and expected in err
+
+
+# ============ item 6: --resume checks the data ============
+
+def five_class_list_folder(folder):
+    from tests.fixture_files import write_list_folder
+    rows = [(f"images/{index:03d}.png", [int(index % 5 == c or (index + 1) % 5 == c) for c in range(5)])
+            for index in range(24)]
+    return write_list_folder(folder, {"train.txt": rows[:16], "database.txt": rows[:16], "test.txt": rows[16:]})
+
+
+def test_resume_refuses_a_state_of_other_data(tmp_path, capsys):
+    main(list_run(tmp_path, "--epochs", "1", "--output_dir", str(tmp_path / "out")))
+    state = tmp_path / "out" / "list_small_16.last.pt"
+    other_classes = five_class_list_folder(tmp_path / "five")
+    argv = list_run(tmp_path, "--epochs", "2", "--output_dir", str(tmp_path / "out"), "--resume")
+    argv[argv.index("--data_root") + 1] = str(other_classes)
+    with pytest.raises(SystemExit):
+        retrieval.cli(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{state} was saved by a run on other data (its data_root, classes" in err
+
+    rows = (tmp_path / "data" / "train.txt").read_text().splitlines()  # same classes, other labels
+    (tmp_path / "data" / "train.txt").write_text("\n".join(rows[::-1]) + "\n")
+    with pytest.raises(SystemExit):
+        retrieval.cli(list_run(tmp_path, "--epochs", "2", "--output_dir", str(tmp_path / "out"), "--resume"))
+    assert "on other data (its train split differ" in capsys.readouterr().err
+
+
+def test_resume_refuses_the_state_of_a_run_in_another_folder(trained, tmp_path, capsys):
+    code, err = cli_failure(["--epochs", "2", "--output_dir", str(tmp_path), "--resume",
+                             str(trained / "digits_small_16.last.pt")], capsys)
+    assert code == 1 and f"whose checkpoint is {trained}/digits_small_16.ckpt, not {tmp_path}/digits_small_16.ckpt" in err

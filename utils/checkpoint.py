@@ -109,8 +109,23 @@ def save_train_state(path, state, args):
     save({"format": TRAIN_STATE_FORMAT, "args": dict(args), **state}, path)
 
 
-def read_train_state(path, args):
-    """The training state at `path`, refused (UserError) when it belongs to another experiment."""
+def check_same_data(path, saved, current):
+    """UserError when a training state was saved on other data or by a run with other files."""
+    if saved is None or current is None:
+        return
+    if saved.get("checkpoint") != current["checkpoint"]:
+        raise UserError(f"{path} is the state of the run whose checkpoint is {saved.get('checkpoint')}, not "
+                        f"{current['checkpoint']}; resume with the --output_dir (and --checkpoint) of that run")
+    differing = [name for name in current if name != "checkpoint" and saved.get(name) != current[name]]
+    if differing:
+        raise UserError(f"{path} was saved by a run on other data (its {', '.join(differing)} differ: "
+                        f"{', '.join(f'{saved.get(name)} then, {current[name]} now' for name in differing[:2])}); "
+                        "resume with the same data, or start without --resume")
+
+
+def read_train_state(path, args, data=None):
+    """The training state at `path`, refused (UserError) when it belongs to another experiment, or, when
+    `data` (the run's data identity) is given, to other data or another run's files."""
     state = _load(path, "training state", "nothing to resume (it is written after every epoch); start without "
                   "--resume", "start without --resume")
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
@@ -120,6 +135,7 @@ def read_train_state(path, args):
         if flag in saved and saved[flag] != args.get(flag, saved[flag]):
             raise UserError(f"{path} was saved by a run with --{flag} {saved[flag]}, this run has "
                             f"--{flag} {args[flag]}; resume with the same --{flag} or start without --resume")
+    check_same_data(path, state.get("data"), data)
     changed = [f"--{flag} {args[flag]} (saved run: {saved[flag]})" for flag in RECIPE_FLAGS
                if flag in saved and flag in args and saved[flag] != args[flag]]
     return state, changed
