@@ -110,9 +110,13 @@ def draw_figures(run, metrics, codes):
         paths.append(plots.plot_convergence([(metrics["run"]["loss"], log)], run.files.figure("convergence"), title))
     except (OSError, ValueError, KeyError):
         print(f"note: no readable training log {run.files.event_log}, so no convergence figure", file=sys.stderr)
-    print(f"t-SNE of up to {plots.TSNE_SAMPLE} database codes...", file=sys.stderr)
-    paths.append(plots.plot_tsne(codes.database_signs(), codes.database_label_matrix(), run.files.figure("tsne"),
-                                 title, seed=run.args.seed))
+    if len(codes.database_bits) < plots.TSNE_MIN_ITEMS:
+        print(f"note: a t-SNE needs at least {plots.TSNE_MIN_ITEMS} database items, this database has "
+              f"{len(codes.database_bits)}; no t-SNE figure", file=sys.stderr)
+    else:
+        print(f"t-SNE of up to {plots.TSNE_SAMPLE} database codes...", file=sys.stderr)
+        paths.append(plots.plot_tsne(codes.database_signs(), codes.database_label_matrix(),
+                                     run.files.figure("tsne"), title, seed=run.args.seed))
     print("figures: " + ", ".join(str(path) for path in paths))
 
 

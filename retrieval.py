@@ -11,6 +11,7 @@ The method and every definition: docs/METHOD.md.
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from hashing import codetable
 from hashing.codes import NonFiniteCodes
 from loss import LOSSES, PROXY_LOSSES, HierarchicalProxyLoss, build_loss, loss_label
 from network import BACKBONES, build_network
-from utils.atomic import ensure_writable_dir
+from utils.atomic import ensure_writable_dir, remove_leftovers
 from utils.checkpoint import imagenet_state_dict, read_train_state, require_checkpoint_file
 from utils.device import select_device
 from utils.dist import (DistContext, barrier, gather_objects, init_distributed, shard_bounds, shutdown,
@@ -239,10 +240,22 @@ def check_paths(args, files):
         seen.setdefault(resolved, what)
 
 
+def remove_interrupted_writes(files):
+    """The hidden temporary files a killed run left next to this run's files (under the run lock)."""
+    removed = sum(remove_leftovers(path) for path in (files.checkpoint, files.last, files.codes, files.metrics))
+    if removed:
+        print(f"note: removed {removed} temporary file(s) of an interrupted write next to {files.checkpoint}",
+              file=sys.stderr)
+
+
 def refuse_to_replace_a_run(args, files):
     """A new training (no --resume) into a run's files stops, unless --overwrite: then the new run replaces
     them file by file as it writes its own (atomically, so a failing new run leaves the old files whole)."""
-    if uses_checkpoint(args) or args.no_save or args.resume is not None:
+    if uses_checkpoint(args) or args.no_save:
+        return
+    if files.checkpoint.is_dir():
+        raise UserError(f"--checkpoint {files.checkpoint} is a folder; pass a file path for the checkpoint")
+    if args.resume is not None:
         return
     existing = [path for path in (files.checkpoint, files.last) if path.exists()]
     if existing and not args.overwrite:
@@ -333,6 +346,9 @@ def prepare_run(args, device, context, input_size):
     spec = get_dataset_spec(args.dataset)
     splits = build_splits(spec, args, input_size)
     spec = spec.with_classes_of(splits)
+    if args.top_n and max(args.top_n) > len(splits.database):
+        raise UserError(f"--top_n {max(args.top_n)} exceeds the database ({len(splits.database)} items); "
+                        f"pass values up to {len(splits.database)}")
     files = run_files(args)
     log = RunLog(files, enabled=context.is_main and not args.no_save and not uses_checkpoint(args))
     return Run(args=args, device=device, context=context, spec=spec, splits=splits,
@@ -546,6 +562,8 @@ def main(args):
         if writes:
             ensure_writable_dir(args.output_dir)
         with run_lock(files.with_suffix(".lock"), enabled=writes):
+            if writes:
+                remove_interrupted_writes(files)
             if context.is_main:
                 refuse_to_replace_a_run(args, files)
             return run_command(args, device, context)

@@ -37,12 +37,23 @@ class UnreadableImage(UserError):
         super().__init__(message)
 
 
+def to_rgb(image):
+    """An RGB image with 8 bits a channel. 16-bit and 32-bit grey images are scaled down (65535 -> 255):
+    PIL's convert("RGB") would clip every value above 255 to white."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    scale = 255.0 if image.mode == "F" and values.max(initial=0) <= 1 else 255.0 / 65535.0
+    grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
 def read_rgb(path, what="image", hint="replace the file or remove its line from the split"):
     """The image at `path` as an RGB PIL image; UnreadableImage (naming `what` and the `hint`) if it
     cannot be decoded."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UnreadableImage(f"cannot read {what} {path} ({exc}); {hint}") from None
 

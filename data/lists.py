@@ -38,7 +38,7 @@ def read_list(list_file, num_classes=0, classes_from=None):
     num_classes when that is given (classes_from names its origin for the message)."""
     list_file = Path(list_file)
     try:
-        lines = list_file.read_text().splitlines()
+        lines = list_file.read_text(encoding="utf-8-sig").splitlines()  # -sig: drop a BOM (Windows editors)
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read {list_file} ({getattr(exc, 'strerror', None) or exc}); the list format "
                         f"needs {', '.join(LIST_FILES.values())} in {list_file.parent} (see README, Datasets)") from None

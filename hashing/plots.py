@@ -95,6 +95,10 @@ def plot_convergence(runs, path, title):
     return _finish(figure, axes, path)
 
 
+# scikit-learn's t-SNE needs a perplexity below the number of points, and the smallest it accepts here is 2.
+TSNE_MIN_ITEMS = 3
+
+
 def tsne_embedding(codes, seed=0):
     """2-D t-SNE of +-1 codes (euclidean distance on +-1 codes is 2 * sqrt(Hamming distance))."""
     from sklearn.manifold import TSNE

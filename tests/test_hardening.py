@@ -246,3 +246,82 @@ def test_resume_refuses_the_state_of_a_run_in_another_folder(trained, tmp_path, 
     code, err = cli_failure(["--epochs", "2", "--output_dir", str(tmp_path), "--resume",
                              str(trained / "digits_small_16.last.pt")], capsys)
     assert code == 1 and f"whose checkpoint is {trained}/digits_small_16.ckpt, not {tmp_path}/digits_small_16.ckpt" in err
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path):
+    from PIL import Image
+    from data.files import read_rgb
+    values = np.array([[0, 257, 32896], [65535, 1000, 51400]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")  # a 16-bit grey PNG
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    rgb = np.asarray(read_rgb(tmp_path / "deep.png"))
+    expected = np.rint(values / 257).astype(np.uint8)  # 65535 / 257 = 255
+    assert rgb.shape == (2, 3, 3) and np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+
+
+def test_a_bom_in_a_list_file_is_ignored(tmp_path):
+    from data.lists import read_list
+    from tests.fixture_files import small_list_folder
+    folder = small_list_folder(tmp_path / "data")
+    plain = read_list(folder / "test.txt")
+    (folder / "test.txt").write_bytes(b"\xef\xbb\xbf" + (folder / "test.txt").read_bytes())
+    with_bom = read_list(folder / "test.txt")
+    assert with_bom[0] == plain[0] and np.array_equal(with_bom[1], plain[1])
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch):
+    import errno
+    from utils.checkpoint import save
+    from utils.errors import UserError
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("utils.atomic.os.fsync", no_space)
+    with pytest.raises(UserError, match="No space left on device"):
+        save({"weight": torch.zeros(3)}, tmp_path / "x.ckpt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_torch_save_errors_become_one_line(tmp_path, monkeypatch):
+    """torch.save writing to a full disk raises RuntimeError; the checkpoint is now serialised in memory."""
+    from utils.checkpoint import save
+    real_save = torch.save
+
+    def fails_on_files(obj, target):
+        if not hasattr(target, "getbuffer"):
+            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+        return real_save(obj, target)
+    monkeypatch.setattr(torch, "save", fails_on_files)
+    save({"weight": torch.ones(2)}, tmp_path / "x.ckpt")
+    assert torch.equal(torch.load(tmp_path / "x.ckpt", weights_only=True)["weight"], torch.ones(2))
+
+
+@pytest.mark.parametrize("device", ["mps", "meta"])
+def test_devices_other_than_cpu_and_cuda_are_refused(device, capsys):
+    code, err = cli_failure(["--device", device, "--epochs", "1", "--no_save"], capsys)
+    assert code == 1 and f"--device {device}: this tool runs on the CPU or CUDA only" in err
+
+
+def test_leftover_temporary_files_are_removed_by_the_next_run(tmp_path, capsys):
+    leftover = tmp_path / ".digits_small_16.ckpt.abc123.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    unrelated = tmp_path / ".other.ckpt.abc123.tmp"
+    unrelated.write_bytes(b"another run's")
+    code, err = cli_failure(["--epochs", "1", "--output_dir", str(tmp_path), "--batch_size", "1"], capsys)
+    assert "removed 1 temporary file(s)" in err and not leftover.exists() and unrelated.exists()
+
+
+def test_top_n_and_checkpoint_are_checked_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: pytest.fail("training started"))
+    code, err = cli_failure(["--epochs", "1", "--output_dir", str(tmp_path), "--top_n", "201"], capsys)
+    assert code == 1 and "--top_n 201 exceeds the database (200 items)" in err
+    code, err = cli_failure(["--epochs", "1", "--output_dir", str(tmp_path), "--checkpoint", str(tmp_path)], capsys)
+    assert code == 1 and f"--checkpoint {tmp_path} is a folder" in err
+
+
+def test_plots_of_a_tiny_database_skip_the_tsne(tmp_path, capsys):
+    run(["--subset", "2", "--batch_size", "2", "--epochs", "1", "--output_dir", str(tmp_path)])
+    run(["--subset", "2", "--batch_size", "2", "--test", "--plots", "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "a t-SNE needs at least 3 database items, this database has 2" in err
+    assert (tmp_path / "digits_small_16.topn.png").exists() and not (tmp_path / "digits_small_16.tsne.png").exists()

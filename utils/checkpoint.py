@@ -7,6 +7,7 @@
   downloads the file there when it is missing. Offline and not cached: one message naming the file
   and the folder.
 """
+import io
 import os
 import pickle
 import urllib.error
@@ -27,7 +28,11 @@ RECIPE_FLAGS = ("batch_size", "lr", "rate", "beta", "seed", "subset", "amp")
 
 
 def save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+    """torch.save into memory, then an atomic write of the bytes: torch.save writing to a file itself turns
+    a full disk (ENOSPC) into a RuntimeError, which atomic_write could not report as one line."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()), binary=True)
 
 
 def _load(path, what, missing, unreadable):
