@@ -1,6 +1,7 @@
 """Datasets of image files: decoded lazily, one image at a time in the DataLoader workers, or read
 from the opt-in uint8 cache (`--cache`, data/image_cache.py). Each dataset family module only lists
 (paths, labels) per split and calls file_splits()."""
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,9 +53,12 @@ def read_rgb(path, what="image", hint="replace the file or remove its line from 
     """The image at `path` as an RGB PIL image; UnreadableImage (naming `what` and the `hint`) if it
     cannot be decoded."""
     try:
-        with Image.open(path) as image:
-            return to_rgb(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            # Over PIL's pixel limit PIL only warns (an error from twice the limit): refuse both alike.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return to_rgb(image)
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(f"cannot read {what} {path} ({exc}); {hint}") from None
 
 

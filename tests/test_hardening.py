@@ -325,3 +325,23 @@ def test_plots_of_a_tiny_database_skip_the_tsne(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "a t-SNE needs at least 3 database items, this database has 2" in err
     assert (tmp_path / "digits_small_16.topn.png").exists() and not (tmp_path / "digits_small_16.tsne.png").exists()
+
+
+def test_a_damaged_image_cache_is_rebuilt_with_a_note(tmp_path, capsys):
+    argv = list_run(tmp_path, "--epochs", "1", "--no_save", "--cache")
+    first = main(argv)
+    (cache_file,) = (tmp_path / "data").rglob("*.npy")
+    cache_file.write_bytes(b"replaced by something else")
+    capsys.readouterr()
+    again = main(argv)
+    assert f"the image cache {cache_file} is unusable" in capsys.readouterr().err
+    assert again["map"] == first["map"] and np.load(cache_file).dtype == np.uint8
+
+
+@pytest.mark.parametrize("limit", [100, 40])  # the 8x8 image is over the limit; over twice the limit
+def test_a_query_image_over_the_pixel_limit_is_one_line(trained, tmp_path, capsys, monkeypatch, limit):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit // 2)
+    code, err = cli_failure(["--query", str(tmp_path / "big.png"), "--output_dir", str(trained)], capsys)
+    assert code == 1 and f"query image {tmp_path}/big.png" in err and "pixels" in err
