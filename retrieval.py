@@ -161,6 +161,13 @@ def add_optimisation_arguments(parser):
     group.add_argument("--epochs", type=positive_int, default=100, help="training epochs")
     group.add_argument("--lr", type=non_negative_float, default=0, help="network learning rate; 0 = the backbone's default")
     group.add_argument("--rate", type=non_negative_float, default=0.02, help="learning rate of the proxies")
+    group.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (the paper's 0.9)")
+    group.add_argument("--weight_decay", type=non_negative_float, default=5e-4,
+                       help="SGD weight decay (the paper's 5e-4)")
+    group.add_argument("--lr_step", type=positive_int, default=10,
+                       help="multiply the learning rates by --lr_gamma every N epochs (the paper's 10)")
+    group.add_argument("--lr_gamma", type=non_negative_float, default=0.5,
+                       help="learning-rate decay factor of each --lr_step (the paper's 0.5)")
     group.add_argument("--seed", type=seed_value, default=0, help="random seed (data split, init, batches), 0 to 2**32-1")
     group.add_argument("--amp", nargs="?", const="auto", choices=["auto", "bf16", "fp16"], default=None,
                        help="mixed precision on CUDA (bf16 if supported, else fp16 with loss scaling); "
@@ -408,14 +415,15 @@ def build_criterion(args, spec):
 
 
 def build_trainer(args, objective, lr, device):
-    """SGD over the network and (at --rate) the loss's learnable state, StepLR, and --amp's autocast dtype
+    """SGD over the network and (at --rate) the loss's learnable state (--momentum, --weight_decay), StepLR
+    (--lr_step, --lr_gamma), and --amp's autocast dtype
     and gradient scaler (both off on the CPU, where they do not help)."""
     param_groups = [{"params": objective.network.parameters(), "lr": lr}]
     loss_parameters = list(objective.criterion.parameters())
     if loss_parameters:  # SGD rejects an empty group, and losses with fixed targets have no parameters
         param_groups.append({"params": loss_parameters, "lr": args.rate})
-    optimizer = torch.optim.SGD(param_groups, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
+    optimizer = torch.optim.SGD(param_groups, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
     amp_dtype = None
     if args.amp is not None and device.type == "cuda":
         amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")

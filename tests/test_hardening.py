@@ -345,3 +345,19 @@ def test_a_query_image_over_the_pixel_limit_is_one_line(trained, tmp_path, capsy
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit // 2)
     code, err = cli_failure(["--query", str(tmp_path / "big.png"), "--output_dir", str(trained)], capsys)
     assert code == 1 and f"query image {tmp_path}/big.png" in err and "pixels" in err
+
+
+# ============ first-hour fixes ============
+
+def test_optimiser_settings_are_flags_with_the_papers_defaults(trained):
+    from utils.runlog import read_run_log
+    recorded = read_run_log(trained / "digits_small_16.jsonl")["args"]
+    assert (recorded["momentum"], recorded["weight_decay"], recorded["lr_step"], recorded["lr_gamma"]) == \
+        (0.9, 5e-4, 10, 0.5)  # docs/METHOD.md §2
+    args = retrieval.get_args_parser().parse_args(["--momentum", "0.5", "--weight_decay", "0", "--lr_step", "3",
+                                                   "--lr_gamma", "0.1"])
+    objective = engine.HashingObjective(torch.nn.Linear(2, 2), torch.nn.Module())
+    trainer = retrieval.build_trainer(args, objective, 0.1, torch.device("cpu"))
+    group = trainer.optimizer.param_groups[0]
+    assert (group["momentum"], group["weight_decay"]) == (0.5, 0)
+    assert (trainer.scheduler.step_size, trainer.scheduler.gamma) == (3, 0.1)

@@ -24,7 +24,8 @@ TRAIN_STATE_FORMAT = "hyp2-retrieval/train-state/1"
 # Flags that define what is trained; a state saved under other values cannot be resumed.
 IDENTITY_FLAGS = ("dataset", "backbone", "hash_bit", "loss", "hierarchy")
 # Flags that change the result when they differ on resume; allowed, but the user is told.
-RECIPE_FLAGS = ("batch_size", "lr", "rate", "beta", "seed", "subset", "amp")
+RECIPE_FLAGS = ("batch_size", "lr", "rate", "beta", "seed", "subset", "amp", "momentum", "weight_decay", "lr_step",
+                "lr_gamma")
 
 
 def save(obj, path):
