@@ -120,6 +120,26 @@ def draw_figures(run, metrics, codes):
     print("figures: " + ", ".join(str(path) for path in paths))
 
 
+def query_split_index(run, item):
+    """N of a --query item "DATASET:N" naming the N-th image of this run's query split (e.g. digits:3, a
+    query mosaic of the embedded dataset), else None for an image file."""
+    name, _, number = item.rpartition(":")
+    if name != run.args.dataset or not number.isdigit():
+        return None
+    if int(number) >= len(run.splits.query):
+        raise UserError(f"--query {item}: the query split of --dataset {name} has {len(run.splits.query)} images "
+                        f"({name}:0 to {name}:{len(run.splits.query) - 1})")
+    return int(number)
+
+
+def query_image(run, item):
+    """The preprocessed (3, S, S) image of a --query item: an image file, or DATASET:N (query_split_index)."""
+    index = query_split_index(run, item)
+    if index is not None:
+        return run.splits.query[index][0]
+    return query_batch([item], run.splits.database, run.input_size)[0]
+
+
 def search_images(run, network, codes):
     """--query: the --num_matches nearest database items of each image, printed and returned."""
     args, database = run.args, run.splits.database
@@ -127,7 +147,7 @@ def search_images(run, network, codes):
     outputs = []
     with torch.no_grad():
         for start in range(0, len(args.query), args.batch_size):
-            images = query_batch(args.query[start:start + args.batch_size], database, run.input_size)
+            images = torch.stack([query_image(run, item) for item in args.query[start:start + args.batch_size]])
             outputs.append(network(images.to(run.device)).float().cpu().numpy())
     distances, indices = search(pack_signs(np.concatenate(outputs)), codes.database_bits, args.num_matches)
     name, labels = item_names(database), codes.database_label_matrix()
@@ -175,6 +195,8 @@ def run_checkpoint_tasks(run, network):
     run = dataclasses.replace(run, args=broadcast_object(run.context, run.args))
     args = run.args
     if args.query:  # queries need the network even when the database codes are cached
+        for item in args.query:  # a bad DATASET:N before any work
+            query_split_index(run, item)
         load_network_weights(network, run.files.checkpoint, hint=CHECKPOINT_HINT)
     codes, key, cached = checkpoint_codes(run, network, weights_loaded=bool(args.query))
     result = {"topk": run.topk}

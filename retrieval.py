@@ -188,7 +188,8 @@ def add_evaluation_arguments(parser):
     group.add_argument("--plots", action="store_true",
                        help="draw the figures (top-N, PR, convergence, t-SNE) as OUTPUT_DIR/{run}.*.png")
     group.add_argument("--query", nargs="+", default=None, metavar="IMAGE",
-                       help="search the database with these images using the saved checkpoint")
+                       help="search the database with these images using the saved checkpoint; DATASET:N is the "
+                            "N-th image of the query split (e.g. digits:0)")
     group.add_argument("--num_matches", type=positive_int, default=10, help="matches printed per --query image")
     group.add_argument("--export_index", default=None, metavar="PATH",
                        help="write the database codes as a FAISS IndexBinaryFlat to PATH")

@@ -361,3 +361,15 @@ def test_optimiser_settings_are_flags_with_the_papers_defaults(trained):
     group = trainer.optimizer.param_groups[0]
     assert (group["momentum"], group["weight_decay"]) == (0.5, 0)
     assert (trainer.scheduler.step_size, trainer.scheduler.gamma) == (3, 0.1)
+
+
+def test_query_digits_n_searches_with_the_n_th_query_mosaic(trained, capsys):
+    from hashing.cache import read
+    result = run(["--query", "digits:3", "digits:0", "--num_matches", "5", "--output_dir", str(trained)])
+    codes, _ = read(trained / "digits_small_16.codes.npz")
+    for item, found in zip((3, 0), result["matches"]):  # the query split's own code, brute-force ranked
+        distances = np.count_nonzero(codes.database_signs() != codes.query_signs()[item], axis=1)
+        order = np.lexsort((np.arange(len(distances)), distances))[:5]
+        assert [m["index"] for m in found["matches"]] == order.tolist()
+    code, err = cli_failure(["--query", "digits:999", "--output_dir", str(trained)], capsys)
+    assert code == 1 and "--query digits:999: the query split of --dataset digits has 200 images" in err
