@@ -100,14 +100,14 @@ def report_evaluation(run, metrics, codes):
 
 
 def draw_figures(run, metrics, codes):
-    """The paper's figures for this run as OUTPUT_DIR/{run}.{topn,pr,convergence,tsne}.png."""
+    """The paper's figures for this run as OUTPUT_DIR/{run}.{topn,pr,convergence,tsne}.{--plot_format}."""
     title = plots.describe_run(metrics["run"])
     runs = [(metrics["run"]["loss"], metrics)]
-    paths = [plots.plot_top_n_precision(runs, run.files.figure("topn"), title),
-             plots.plot_precision_recall(runs, run.files.figure("pr"), title)]
+    paths = [plots.plot_top_n_precision(runs, run.files.figure("topn", run.args.plot_format), title),
+             plots.plot_precision_recall(runs, run.files.figure("pr", run.args.plot_format), title)]
     try:
         log = read_run_log(run.files.event_log)
-        paths.append(plots.plot_convergence([(metrics["run"]["loss"], log)], run.files.figure("convergence"), title))
+        paths.append(plots.plot_convergence([(metrics["run"]["loss"], log)], run.files.figure("convergence", run.args.plot_format), title))
     except (OSError, ValueError, KeyError):
         print(f"note: no readable training log {run.files.event_log}, so no convergence figure", file=sys.stderr)
     if len(codes.database_bits) < plots.TSNE_MIN_ITEMS:
@@ -116,7 +116,7 @@ def draw_figures(run, metrics, codes):
     else:
         print(f"t-SNE of up to {plots.TSNE_SAMPLE} database codes...", file=sys.stderr)
         paths.append(plots.plot_tsne(codes.database_signs(), codes.database_label_matrix(),
-                                     run.files.figure("tsne"), title, seed=run.args.seed))
+                                     run.files.figure("tsne", run.args.plot_format), title, seed=run.args.seed))
     print("figures: " + ", ".join(str(path) for path in paths))
 
 

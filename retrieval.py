@@ -187,6 +187,8 @@ def add_evaluation_arguments(parser):
                        help="N of precision@top-N (default: 100, 200, ..., 1000, or ten steps up to a smaller database)")
     group.add_argument("--plots", action="store_true",
                        help="draw the figures (top-N, PR, convergence, t-SNE) as OUTPUT_DIR/{run}.*.png")
+    group.add_argument("--plot_format", choices=["png", "pdf", "svg"], default="png",
+                       help="file format of the --plots figures")
     group.add_argument("--query", nargs="+", default=None, metavar="IMAGE",
                        help="search the database with these images using the saved checkpoint; DATASET:N is the "
                             "N-th image of the query split (e.g. digits:0)")

@@ -321,10 +321,12 @@ def test_top_n_and_checkpoint_are_checked_before_training(tmp_path, capsys, monk
 
 def test_plots_of_a_tiny_database_skip_the_tsne(tmp_path, capsys):
     run(["--subset", "2", "--batch_size", "2", "--epochs", "1", "--output_dir", str(tmp_path)])
-    run(["--subset", "2", "--batch_size", "2", "--test", "--plots", "--output_dir", str(tmp_path)])
+    run(["--subset", "2", "--batch_size", "2", "--test", "--plots", "--plot_format", "pdf", "--output_dir",
+         str(tmp_path)])
     err = capsys.readouterr().err
     assert "a t-SNE needs at least 3 database items, this database has 2" in err
-    assert (tmp_path / "digits_small_16.topn.png").exists() and not (tmp_path / "digits_small_16.tsne.png").exists()
+    assert (tmp_path / "digits_small_16.topn.pdf").read_bytes().startswith(b"%PDF")
+    assert not list(tmp_path.glob("*.tsne.*"))
 
 
 def test_a_damaged_image_cache_is_rebuilt_with_a_note(tmp_path, capsys):
@@ -373,3 +375,22 @@ def test_query_digits_n_searches_with_the_n_th_query_mosaic(trained, capsys):
         assert [m["index"] for m in found["matches"]] == order.tolist()
     code, err = cli_failure(["--query", "digits:999", "--output_dir", str(trained)], capsys)
     assert code == 1 and "--query digits:999: the query split of --dataset digits has 200 images" in err
+
+
+def test_plot_format_and_an_epoch_axis_on_the_convergence_figure(tmp_path, monkeypatch):
+    from hashing import plots
+    log = {"topk": 10, "epochs": [{"epoch": 1, "train_seconds": 4.0, "map": 0.5},
+                                  {"epoch": 2, "train_seconds": 9.0},
+                                  {"epoch": 3, "train_seconds": 15.0, "map": 0.7}]}
+    drawn = {}
+    real_finish = plots._finish
+
+    def keep_axes(figure, axes, path, legend=True):
+        drawn["axes"] = figure.axes
+        return real_finish(figure, axes, path, legend)
+    monkeypatch.setattr(plots, "_finish", keep_axes)
+    path = plots.plot_convergence([("hyp2", log)], tmp_path / "run.convergence.svg", "t")
+    by_epoch, by_time = drawn["axes"]
+    assert by_epoch.get_xlabel() == "epoch" and by_epoch.lines[0].get_xdata().tolist() == [1, 3]
+    assert by_time.lines[0].get_xdata().tolist() == [4.0, 15.0] and by_epoch.get_ylabel() == "mAP@10"
+    assert path.read_bytes().lstrip().startswith(b"<?xml") and b"<svg" in path.read_bytes()
