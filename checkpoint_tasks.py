@@ -6,6 +6,8 @@ The codes of a checkpoint come from OUTPUT_DIR/{run}.codes.npz when they were co
 checkpoint bytes and data flags (hashing/cache.py); otherwise the network encodes both splits. Under
 torchrun every rank encodes its shard; rank 0 computes, prints and writes.
 """
+import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,10 +15,11 @@ import numpy as np
 import torch
 
 from data.base import split_labels
+from data.fingerprint import split_fingerprint
 from data.query_images import item_names, query_batch
 from engine import encode_splits
 from hashing import cache, plots
-from hashing.codes import pack_signs
+from hashing.codes import NonFiniteCodes, pack_signs
 from hashing.metrics import BUCKETS, metrics_of_codes
 from hashing.search import search, write_index
 from loss import loss_label
@@ -41,12 +44,17 @@ def run_loss_label(args):
 
 
 def codes_key(run):
-    """What cached codes depend on: the checkpoint's bytes (hashed), the data flags and, with several
+    """What cached codes depend on: the checkpoint's bytes (hashed), the data flags, the input size (the
+    transforms), a digest of each evaluated split's labels and images (data/fingerprint.py) and, with several
     heads, which head (or their mean) gives the codes."""
     args = run.args
-    reading = {"inference_head": str(args.inference_head)} if args.experts > 1 else {}
-    return cache.cache_key(run.files.checkpoint, dataset_label(args), args.backbone, args.hash_bit, args.seed,
-                           args.subset, args.data_root, split=args.split, **reading)
+    settings = {"dataset": dataset_label(args), "backbone": args.backbone, "hash_bit": args.hash_bit,
+                "seed": args.seed, "subset": args.subset, "data_root": str(Path(args.data_root).resolve()),
+                "split": args.split, "cache": args.cache, "input_size": run.input_size,
+                "query": split_fingerprint(run.splits.query), "database": split_fingerprint(run.splits.database)}
+    if args.experts > 1:
+        settings["inference_head"] = str(args.inference_head)
+    return cache.cache_key(run.files.checkpoint, settings)
 
 
 def save_codes(run, codes, key):
@@ -59,14 +67,17 @@ def checkpoint_codes(run, network, weights_loaded=False):
     by rank 0 when the network had to encode, unless --no_save."""
     key = codes_key(run)
     codes = cache.load(run.files.codes, key)
-    # Same flags but other split sizes means the data on disk changed since the codes were cached.
-    sizes = (len(run.splits.query), len(run.splits.database))
-    fresh = codes is not None and (len(codes.query_bits), len(codes.database_bits)) == sizes
-    if broadcast_object(run.context, fresh):
+    if broadcast_object(run.context, codes is not None):
         return codes, key, True
+    if run.files.codes.exists() and run.context.is_main:
+        print(f"note: {run.files.codes} is damaged or was computed from another checkpoint or other data; "
+              "encoding again", file=sys.stderr)
     if not weights_loaded:
         load_network_weights(network, run.files.checkpoint, hint=CHECKPOINT_HINT)
-    codes = encode_splits(network, run.loaders, run.device, run.context)
+    try:
+        codes = encode_splits(network, run.loaders, run.device, run.context)
+    except NonFiniteCodes as exc:
+        raise UserError(f"checkpoint {run.files.checkpoint} gives unusable codes ({exc}); retrain it") from None
     if run.writes_files:
         save_codes(run, codes, key)
     return codes, key, False
@@ -121,20 +132,44 @@ def describe_buckets(buckets):
 
 
 def draw_figures(run, metrics, codes):
-    """The paper's figures for this run as OUTPUT_DIR/{run}.{topn,pr,convergence,tsne}.png."""
+    """The paper's figures for this run as OUTPUT_DIR/{run}.{topn,pr,convergence,tsne}.{--plot_format}."""
     title = plots.describe_run(metrics["run"])
     runs = [(metrics["run"]["loss"], metrics)]
-    paths = [plots.plot_top_n_precision(runs, run.files.figure("topn"), title),
-             plots.plot_precision_recall(runs, run.files.figure("pr"), title)]
+    paths = [plots.plot_top_n_precision(runs, run.files.figure("topn", run.args.plot_format), title),
+             plots.plot_precision_recall(runs, run.files.figure("pr", run.args.plot_format), title)]
     try:
         log = read_run_log(run.files.event_log)
-        paths.append(plots.plot_convergence([(metrics["run"]["loss"], log)], run.files.figure("convergence"), title))
+        paths.append(plots.plot_convergence([(metrics["run"]["loss"], log)], run.files.figure("convergence", run.args.plot_format), title))
     except (OSError, ValueError, KeyError):
         print(f"note: no readable training log {run.files.event_log}, so no convergence figure", file=sys.stderr)
-    print(f"t-SNE of up to {plots.TSNE_SAMPLE} database codes...", file=sys.stderr)
-    paths.append(plots.plot_tsne(codes.database_signs(), codes.database_label_matrix(), run.files.figure("tsne"),
-                                 title, seed=run.args.seed))
+    if len(codes.database_bits) < plots.TSNE_MIN_ITEMS:
+        print(f"note: a t-SNE needs at least {plots.TSNE_MIN_ITEMS} database items, this database has "
+              f"{len(codes.database_bits)}; no t-SNE figure", file=sys.stderr)
+    else:
+        print(f"t-SNE of up to {plots.TSNE_SAMPLE} database codes...", file=sys.stderr)
+        paths.append(plots.plot_tsne(codes.database_signs(), codes.database_label_matrix(),
+                                     run.files.figure("tsne", run.args.plot_format), title, seed=run.args.seed))
     print("figures: " + ", ".join(str(path) for path in paths))
+
+
+def query_split_index(run, item):
+    """N of a --query item "DATASET:N" naming the N-th image of this run's query split (e.g. digits:3, a
+    query mosaic of the embedded dataset), else None for an image file."""
+    name, _, number = item.rpartition(":")
+    if name != run.args.dataset or not number.isdigit():
+        return None
+    if int(number) >= len(run.splits.query):
+        raise UserError(f"--query {item}: the query split of --dataset {name} has {len(run.splits.query)} images "
+                        f"({name}:0 to {name}:{len(run.splits.query) - 1})")
+    return int(number)
+
+
+def query_image(run, item):
+    """The preprocessed (3, S, S) image of a --query item: an image file, or DATASET:N (query_split_index)."""
+    index = query_split_index(run, item)
+    if index is not None:
+        return run.splits.query[index][0]
+    return query_batch([item], run.splits.database, run.input_size)[0]
 
 
 def search_images(run, network, codes):
@@ -144,7 +179,7 @@ def search_images(run, network, codes):
     outputs = []
     with torch.no_grad():
         for start in range(0, len(args.query), args.batch_size):
-            images = query_batch(args.query[start:start + args.batch_size], database, run.input_size)
+            images = torch.stack([query_image(run, item) for item in args.query[start:start + args.batch_size]])
             outputs.append(network(images.to(run.device)).float().cpu().numpy())
     distances, indices = search(pack_signs(np.concatenate(outputs)), codes.database_bits, args.num_matches)
     name, labels = item_names(database), codes.database_label_matrix()
@@ -162,24 +197,38 @@ def search_images(run, network, codes):
     return results
 
 
-def warn_if_data_differs_from_training(run):
-    """--test evaluates on the splits built from --seed/--subset/--split; say so if training used others."""
+def settings_differing_from_training(run):
+    """["--seed 1 (trained with 0)", ...]: the data flags under which --test evaluates other splits than
+    the run was trained and evaluated on; empty when they agree or there is no training log."""
     try:
         trained_args = read_run_log(run.files.event_log)["args"]
     except (OSError, ValueError, KeyError):
-        return
-    for flag in ("seed", "subset", "data_root", "split"):
-        if flag in trained_args and trained_args[flag] != getattr(run.args, flag):
-            warn(f"{run.files.checkpoint} was trained with --{flag} {trained_args[flag]}, this run uses "
-                 f"--{flag} {getattr(run.args, flag)}; the splits may differ and so may the mAP")
+        return []
+    return [f"--{flag} {getattr(run.args, flag)} (trained with {trained_args[flag]})"
+            for flag in ("seed", "subset", "data_root", "split")
+            if flag in trained_args and trained_args[flag] != getattr(run.args, flag)]
+
+
+def without_writing_when_settings_differ(run):
+    """--test under other data settings than the run's: the figures are printed, but the run's own
+    metrics and codes are not replaced by them (the run is returned with --no_save set)."""
+    differing = settings_differing_from_training(run) if run.args.test and not run.args.no_save else []
+    if not differing:
+        return run
+    warn(f"{run.files.checkpoint} was trained under other settings than {', '.join(differing)}; the splits may "
+         f"differ and so may the mAP, so {run.files.metrics.name} and {run.files.codes.name} are left as they are")
+    return dataclasses.replace(run, args=argparse.Namespace(**{**vars(run.args), "no_save": True}))
 
 
 def run_checkpoint_tasks(run, network):
     """--test, --query and --export_index with the saved checkpoint; returns what they found."""
+    if run.context.is_main:
+        run = without_writing_when_settings_differ(run)
+    run = dataclasses.replace(run, args=broadcast_object(run.context, run.args))
     args = run.args
-    if args.test and run.context.is_main:
-        warn_if_data_differs_from_training(run)
     if args.query:  # queries need the network even when the database codes are cached
+        for item in args.query:  # a bad DATASET:N before any work
+            query_split_index(run, item)
         load_network_weights(network, run.files.checkpoint, hint=CHECKPOINT_HINT)
     codes, key, cached = checkpoint_codes(run, network, weights_loaded=bool(args.query))
     result = {"topk": run.topk}

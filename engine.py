@@ -18,7 +18,7 @@ from data import DatasetSpec, RetrievalSplits
 from hashing.codes import CodeSet
 from hashing.conventions import Convention
 from hashing.metrics import map_of_codes
-from utils.checkpoint import save_state_dict, save_train_state
+from utils.checkpoint import non_finite_names, save_state_dict, save_train_state
 from utils.dist import (DistContext, all_true, broadcast_object, gather_rows, sum_over_ranks,
                         sync_buffers)
 from utils.reproducibility import capture_rng_state, restore_rng_state
@@ -53,6 +53,7 @@ class Run:
         """'mAP@K', followed by the convention in brackets when it is not the paper's."""
         described = self.convention.describe()
         return f"mAP@{self.topk}" + (f" ({described})" if described else "")
+    data_identity: dict = None  # what --resume checks the data against (retrieval.data_identity)
 
     @property
     def writes_files(self):
@@ -97,6 +98,16 @@ class Progress:
 class NonFiniteLoss(Exception):
     def __init__(self, value, epoch, step):
         super().__init__(f"the loss became {value} in epoch {epoch}, iteration {step}")
+        # Before the first optimiser step the learning rates cannot be at fault: the loss's settings are.
+        self.before_any_step = (epoch, step) == (1, 1)
+
+
+class NonFiniteParameters(NonFiniteLoss):
+    """The network's parameters or buffers became NaN or infinite (the loss may still look finite)."""
+
+    def __init__(self, name, epoch):
+        Exception.__init__(self, f"the network's {name} became NaN or infinite in epoch {epoch}")
+        self.before_any_step = False
 
 
 def to_device(images, device):
@@ -195,6 +206,9 @@ def train(run, trainer, progress):
         set_epoch(run.loaders.train, criterion, args.seed, epoch)
         loss = train_one_epoch(trainer, run.loaders.train, run.device, epoch, run.context)
         sync_buffers(run.context, trainer.objective)
+        non_finite = non_finite_names(network.state_dict())
+        if non_finite:  # never saved as "best" nor as the state to resume from
+            raise NonFiniteParameters(non_finite[0], epoch)
         lr = trainer.optimizer.param_groups[0]["lr"]
         trainer.scheduler.step()
         progress.train_seconds += time.perf_counter() - started
@@ -212,5 +226,6 @@ def train(run, trainer, progress):
         run.log.say(line)
         run.log.event("epoch", **entry)
         if run.writes_files:
-            save_train_state(run.files.last, training_state(trainer, progress), vars(args))
+            save_train_state(run.files.last, {**training_state(trainer, progress), "data": run.data_identity},
+                             vars(args))
     return best_codes

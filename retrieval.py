@@ -11,6 +11,7 @@ The method and every definition: docs/METHOD.md.
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -20,19 +21,22 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from checkpoint_tasks import dataset_label, report_best_checkpoint, run_checkpoint_tasks, run_loss_label
 from data import DATASETS, DataOptions, get_dataset_spec
 from data.files import truncated_paths, truncation_note
+from data.fingerprint import split_fingerprint
 from data.hierarchy_files import read_hierarchy
 from engine import HashingObjective, Loaders, NonFiniteLoss, Progress, Run, Trainer, restore_training_state
 from engine import train as train_epochs
 from hashing import codetable
+from hashing.codes import NonFiniteCodes
 from hashing.conventions import NORMALIZE, TIES, ZERO_HIT, Convention
 from loss import (LOSSES, PROXY_LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss, build_experts_loss,
                   build_loss)
 from network import BACKBONES, build_network
-from utils.atomic import ensure_writable_dir
-from utils.checkpoint import imagenet_state_dict, read_train_state
+from utils.atomic import ensure_writable_dir, remove_leftovers
+from utils.checkpoint import imagenet_state_dict, read_train_state, require_checkpoint_file
 from utils.device import select_device
 from utils.dist import (DistContext, barrier, gather_objects, init_distributed, shard_bounds, shutdown,
                         state_fingerprint)
+from utils.lock import run_lock
 from utils.errors import TrainingInterrupted, UserError, run_reporting_errors
 from utils.reproducibility import loader_generator, seed_everything, seed_worker
 from utils.runlog import RunFiles, RunLog, setup_for_distributed, warn
@@ -70,6 +74,29 @@ def finite_float(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def non_negative_float(text):
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def zeta_value(text):
+    """ζ is a cosine between codes and must leave room below 1 (docs/METHOD.md §1)."""
+    value = finite_float(text)
+    if not -1 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [-1, 1), got {text!r}")
+    return value
+
+
+def seed_value(text):
+    """numpy's and the DataLoader workers' seeds take 0 <= seed < 2**32."""
+    value = non_negative_int(text)
+    if value >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32, got {text!r}")
     return value
 
 
@@ -139,7 +166,7 @@ def add_loss_arguments(parser):
     """--loss and one flag per hyper-parameter of every loss (published defaults), ζ, and the hierarchy."""
     group = parser.add_argument_group("loss (each loss's flags are used only by that loss)")
     group.add_argument("--loss", default="hyp2", choices=list(LOSSES), help="training loss")
-    group.add_argument("--zeta", type=finite_float, default=None, help="override the threshold zeta of the code table")
+    group.add_argument("--zeta", type=zeta_value, default=None, help="override the threshold zeta of the code table")
     group.add_argument("--codetable", default=None, metavar="XLSX",
                        help="read zeta from the paper's codetable.xlsx (cross-check with the built-in table)")
     for name, loss_class in LOSSES.items():
@@ -158,9 +185,16 @@ def add_optimisation_arguments(parser):
     group = parser.add_argument_group("optimisation")
     group.add_argument("--batch_size", type=positive_int, default=100, help="mini-batch size")
     group.add_argument("--epochs", type=positive_int, default=100, help="training epochs")
-    group.add_argument("--lr", type=finite_float, default=0, help="network learning rate; 0 = the backbone's default")
-    group.add_argument("--rate", type=finite_float, default=0.02, help="learning rate of the proxies")
-    group.add_argument("--seed", type=int, default=0, help="random seed (data split, init, batches)")
+    group.add_argument("--lr", type=non_negative_float, default=0, help="network learning rate; 0 = the backbone's default")
+    group.add_argument("--rate", type=non_negative_float, default=0.02, help="learning rate of the proxies")
+    group.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (the paper's 0.9)")
+    group.add_argument("--weight_decay", type=non_negative_float, default=5e-4,
+                       help="SGD weight decay (the paper's 5e-4)")
+    group.add_argument("--lr_step", type=positive_int, default=10,
+                       help="multiply the learning rates by --lr_gamma every N epochs (the paper's 10)")
+    group.add_argument("--lr_gamma", type=non_negative_float, default=0.5,
+                       help="learning-rate decay factor of each --lr_step (the paper's 0.5)")
+    group.add_argument("--seed", type=seed_value, default=0, help="random seed (data split, init, batches), 0 to 2**32-1")
     group.add_argument("--amp", nargs="?", const="auto", choices=["auto", "bf16", "fp16"], default=None,
                        help="mixed precision on CUDA (bf16 if supported, else fp16 with loss scaling); "
                             "ignored on the CPU")
@@ -187,8 +221,11 @@ def add_evaluation_arguments(parser):
                        help="N of precision@top-N (default: 100, 200, ..., 1000, or ten steps up to a smaller database)")
     group.add_argument("--plots", action="store_true",
                        help="draw the figures (top-N, PR, convergence, t-SNE) as OUTPUT_DIR/{run}.*.png")
+    group.add_argument("--plot_format", choices=["png", "pdf", "svg"], default="png",
+                       help="file format of the --plots figures")
     group.add_argument("--query", nargs="+", default=None, metavar="IMAGE",
-                       help="search the database with these images using the saved checkpoint")
+                       help="search the database with these images using the saved checkpoint; DATASET:N is the "
+                            "N-th image of the query split (e.g. digits:0)")
     group.add_argument("--num_matches", type=positive_int, default=10, help="matches printed per --query image")
     group.add_argument("--export_index", default=None, metavar="PATH",
                        help="write the database codes as a FAISS IndexBinaryFlat to PATH")
@@ -200,6 +237,9 @@ def add_output_arguments(parser):
     group.add_argument("--checkpoint", default=None,
                        help="checkpoint to write/test (default: OUTPUT_DIR/{dataset}_{backbone}_{hash_bit}[_{loss}].ckpt)")
     group.add_argument("--no_save", action="store_true", help="write no checkpoint or log")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start a new training even though OUTPUT_DIR holds this run's checkpoint or training "
+                            "state (replaced as the new run writes its own); without it such a run stops and suggests --resume")
     group.add_argument("--no_progress", action="store_true",
                        help="no progress bars (they are off anyway when stderr is not a terminal)")
 
@@ -224,6 +264,57 @@ def check_flags(args):
                         "choose from)")
     if args.inference_head not in ("mean", 0) and args.inference_head >= args.experts:
         raise UserError(f"--inference_head {args.inference_head}: the heads are 0 to {args.experts - 1}, or mean")
+
+
+def output_and_input_paths(args, files):
+    """([(what, path) written], [(what, path) read]) by this invocation."""
+    written = [("--export_index", args.export_index)] if args.export_index else []
+    if not args.no_save:
+        written += [("the codes cache", files.codes), ("the metrics file", files.metrics)]
+        if not uses_checkpoint(args):
+            written += [("--checkpoint", files.checkpoint), ("the training state", files.last),
+                        ("the text log", files.text_log), ("the event log", files.event_log)]
+    read = [("--weights", args.weights), ("--codetable", args.codetable), ("--resume", args.resume or None)]
+    read += [("--query", path) for path in args.query or []]
+    if uses_checkpoint(args):
+        read.append(("--checkpoint", files.checkpoint))
+    return written, [(what, path) for what, path in read if path]
+
+
+def check_paths(args, files):
+    """No invocation writes a file it reads, or one file twice (--export_index onto the checkpoint once
+    replaced it with an 81-byte index)."""
+    written, read = output_and_input_paths(args, files)
+    seen = {}
+    for what, path in read + written:
+        resolved = Path(path).resolve()
+        if resolved in seen and (what, path) in written:
+            raise UserError(f"{what} {path} is also {seen[resolved]}: writing it would destroy that file; "
+                            "choose another path")
+        seen.setdefault(resolved, what)
+
+
+def remove_interrupted_writes(files):
+    """The hidden temporary files a killed run left next to this run's files (under the run lock)."""
+    removed = sum(remove_leftovers(path) for path in (files.checkpoint, files.last, files.codes, files.metrics))
+    if removed:
+        print(f"note: removed {removed} temporary file(s) of an interrupted write next to {files.checkpoint}",
+              file=sys.stderr)
+
+
+def refuse_to_replace_a_run(args, files):
+    """A new training (no --resume) into a run's files stops, unless --overwrite: then the new run replaces
+    them file by file as it writes its own (atomically, so a failing new run leaves the old files whole)."""
+    if uses_checkpoint(args) or args.no_save:
+        return
+    if files.checkpoint.is_dir():
+        raise UserError(f"--checkpoint {files.checkpoint} is a folder; pass a file path for the checkpoint")
+    if args.resume is not None:
+        return
+    existing = [path for path in (files.checkpoint, files.last) if path.exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} holds an earlier run: continue it with --resume, keep it by choosing "
+                        "another --output_dir, or start afresh with --overwrite")
 
 
 def uses_checkpoint(args):
@@ -269,6 +360,18 @@ def retrieval_depth(args, spec, database_size):
     return topk
 
 
+def train_batch_size(args, train_size, world_size):
+    """Each process's share of --batch_size; UserError when it would be a single sample (BatchNorm needs 2)."""
+    batch_size = max(1, args.batch_size // world_size)
+    if uses_checkpoint(args):  # no training: the train loader is not used
+        return batch_size
+    if batch_size < 2 or train_size < 2 * world_size:
+        raise UserError(f"training needs at least 2 images per batch and process (BatchNorm), but --batch_size "
+                        f"{args.batch_size} over {world_size} process(es) and a train split of {train_size} give "
+                        f"{min(batch_size, train_size // world_size)}; raise --batch_size or add training images")
+    return batch_size
+
+
 def make_loaders(splits, args, spec, device, context=DistContext()):
     """Train loader (each rank a 1/world share of every global batch) and per-rank eval shards.
 
@@ -276,12 +379,17 @@ def make_loaders(splits, args, spec, device, context=DistContext()):
     worker seeds are functions of (--seed, epoch) (engine.set_epoch), so a resumed run replays the batches.
     """
     workers = args.workers if args.workers >= 0 else (0 if spec.in_memory else min(8, os.cpu_count() or 1))
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
-                  persistent_workers=workers > 0)
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker)
     sampler = DistributedSampler(splits.train, num_replicas=context.world_size, rank=context.rank,
                                  shuffle=True, seed=args.seed)
-    train = DataLoader(splits.train, batch_size=max(1, args.batch_size // context.world_size), sampler=sampler,
+    # Training workers start afresh every epoch, seeded from the generator engine.set_epoch reseeds: persistent
+    # workers would carry their random state over from epoch to epoch, which a resumed run cannot replay.
+    batch_size = train_batch_size(args, len(splits.train), context.world_size)
+    per_rank = math.ceil(len(splits.train) / context.world_size)
+    # BatchNorm cannot train on a batch of one, so a last batch of one sample is left out (drop_last).
+    train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, drop_last=per_rank % batch_size == 1,
                        generator=loader_generator(args.seed), **common)
+    common["persistent_workers"] = workers > 0  # evaluation draws no random numbers
 
     def eval_loader(dataset):
         start, stop = shard_bounds(len(dataset), args.batch_size, context)
@@ -303,6 +411,9 @@ def prepare_run(args, device, context, input_size):
     spec = get_dataset_spec(args.dataset)
     splits = build_splits(spec, args, input_size)
     spec = spec.with_classes_of(splits)
+    if args.top_n and max(args.top_n) > len(splits.database):
+        raise UserError(f"--top_n {max(args.top_n)} exceeds the database ({len(splits.database)} items); "
+                        f"pass values up to {len(splits.database)}")
     files = run_files(args)
     log = RunLog(files, enabled=context.is_main and not args.no_save and not uses_checkpoint(args))
     return Run(args=args, device=device, context=context, spec=spec, splits=splits,
@@ -382,14 +493,15 @@ def build_criterion(args, spec):
 
 
 def build_trainer(args, objective, lr, device):
-    """SGD over the network and (at --rate) the loss's learnable state, StepLR, and --amp's autocast dtype
+    """SGD over the network and (at --rate) the loss's learnable state (--momentum, --weight_decay), StepLR
+    (--lr_step, --lr_gamma), and --amp's autocast dtype
     and gradient scaler (both off on the CPU, where they do not help)."""
     param_groups = [{"params": objective.network.parameters(), "lr": lr}]
     loss_parameters = list(objective.criterion.parameters())
     if loss_parameters:  # SGD rejects an empty group, and losses with fixed targets have no parameters
         param_groups.append({"params": loss_parameters, "lr": args.rate})
-    optimizer = torch.optim.SGD(param_groups, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
+    optimizer = torch.optim.SGD(param_groups, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
     amp_dtype = None
     if args.amp is not None and device.type == "cuda":
         amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
@@ -421,13 +533,33 @@ def describe_training(run, trainer, lr):
     return header, record
 
 
+def data_identity(run):
+    """What a training state records of its data and files, checked on --resume: the dataset, its root,
+    the class count, a digest of each split's labels and image list, and the checkpoint path."""
+    args = run.args
+    return {"checkpoint": str(run.files.checkpoint.resolve()), "dataset": args.dataset,
+            "data_root": str(Path(args.data_root).resolve()), "classes": run.spec.num_classes,
+            **{f"{name} split": split_fingerprint(part, file_status=False) for name, part in run.splits._asdict().items()}}
+
+
 def resume(run, trainer):
     """Restore what engine.train saved in .last.pt; returns the Progress to continue from."""
     args = run.args
-    state, changed = read_train_state(args.resume or run.files.last, vars(args))
+    state, changed = read_train_state(args.resume or run.files.last, vars(args), run.data_identity)
     for change in changed:
         warn(f"resuming with {change}; the result will differ from an uninterrupted run")
     return restore_training_state(trainer, state, run.device)
+
+
+def divergence_hint(args, exc, lr):
+    """What to change when training diverged: the loss's flags when the loss was not finite before the
+    first optimiser step (no learning rate was used yet), else the learning rates."""
+    if getattr(exc, "before_any_step", False):
+        flags = [f"--{loss_flag(args.loss, h)} {getattr(args, loss_flag(args.loss, h))}"
+                 for h in LOSSES[args.loss].HYPERPARAMETERS]
+        return (f"the loss is not finite before any update, so check the settings of --loss {args.loss}"
+                + (f" ({', '.join(flags)})" if flags else "") + (f", --zeta {args.zeta}" if args.zeta is not None else ""))
+    return f"lower --lr (now {lr:g}) or --rate (now {args.rate:g})"
 
 
 def train_reporting_failures(run, trainer, progress, lr):
@@ -435,10 +567,10 @@ def train_reporting_failures(run, trainer, progress, lr):
     args = run.args
     try:
         return train_epochs(run, trainer, progress)
-    except NonFiniteLoss as exc:
+    except (NonFiniteLoss, NonFiniteCodes) as exc:
         best = (f"the best checkpoint {run.files.checkpoint} (epoch {progress.best_epoch}, mAP "
-                f"{progress.best_map:.4f}) is intact" if progress.best_epoch else "no checkpoint was saved yet")
-        raise UserError(f"{exc}: lower --lr (now {lr:g}) or --rate (now {args.rate:g}); {best}") from None
+                f"{progress.best_map:.4f}, finite) is kept" if progress.best_epoch else "no checkpoint was saved")
+        raise UserError(f"{exc}: {divergence_hint(args, exc, lr)}; {best}") from None
     except KeyboardInterrupt:
         if progress.epoch and not args.no_save:
             raise TrainingInterrupted(f"interrupted; the state after epoch {progress.epoch} is in {run.files.last}: "
@@ -453,6 +585,7 @@ def train(run, network, default_lr):
     objective = HashingObjective(network, criterion).to(run.device)
     lr = args.lr or default_lr
     trainer = build_trainer(args, objective, lr, run.device)
+    run.data_identity = data_identity(run)
     if run.writes_files:
         ensure_writable_dir(args.output_dir)
         ensure_writable_dir(run.files.checkpoint.parent, "--checkpoint")
@@ -521,13 +654,25 @@ def run_command(args, device, context):
 
 def main(args):
     check_flags(args)
+    files = run_files(args)
+    check_paths(args, files)
+    if uses_checkpoint(args):
+        require_checkpoint_file(files.checkpoint)
     device = select_device(args.device, args.cuda)
     context = init_distributed(device.type)
     if context.enabled and device.type == "cuda":
         device = torch.device("cuda", context.local_rank)
     setup_for_distributed(context.is_main, progress=not args.no_progress)
     try:
-        return run_command(args, device, context)
+        writes = context.is_main and not args.no_save
+        if writes:
+            ensure_writable_dir(args.output_dir)
+        with run_lock(files.with_suffix(".lock"), enabled=writes):
+            if writes:
+                remove_interrupted_writes(files)
+            if context.is_main:
+                refuse_to_replace_a_run(args, files)
+            return run_command(args, device, context)
     finally:
         shutdown(context)
 

@@ -25,14 +25,29 @@ NUM_CLASSES = 10
 QUERY_PER_CLASS, TRAIN_PER_CLASS = 100, 500
 
 
+# The only globals a CIFAR-10 batch refers to: how numpy pickles an array. Anything else (os.system, eval, ...)
+# would run code while unpickling, so a crafted batch file is refused instead (see README, Threat model).
+ARRAY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                 ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles builtin containers, bytes, str, numbers and numpy arrays; refuses every other global."""
+
+    def find_class(self, module, name):
+        if (module, name) not in ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not part of a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
 def read_batch(path):
     """uint8 (N, 3, 32, 32) images and int64 (N,) classes of one pickled CIFAR-10 batch."""
     try:
         with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+            batch = BatchUnpickler(handle, encoding="bytes").load()
         images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         classes = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"cannot read the CIFAR-10 batch {path} ({type(exc).__name__}: {exc}); delete "
                         f"{Path(path).parent} to extract the archive again") from None
     if len(images) != len(classes) or classes.min() < 0 or classes.max() >= NUM_CLASSES:

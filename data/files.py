@@ -1,6 +1,7 @@
 """Datasets of image files: decoded lazily, one image at a time in the DataLoader workers, or read
 from the opt-in uint8 cache (`--cache`, data/image_cache.py). Each dataset family module only lists
 (paths, labels) per split and calls file_splits()."""
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -51,9 +52,23 @@ def truncated_images_loaded():
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _open_rgb(path):
-    with Image.open(path) as image:
+def to_rgb(image):
+    """An RGB image with 8 bits a channel. 16-bit and 32-bit grey images are scaled down (65535 -> 255):
+    PIL's convert("RGB") would clip every value above 255 to white."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
         return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    scale = 255.0 if image.mode == "F" and values.max(initial=0) <= 1 else 255.0 / 65535.0
+    grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _open_rgb(path):
+    with warnings.catch_warnings():
+        # Over PIL's pixel limit PIL only warns (an error from twice the limit): refuse both alike.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return to_rgb(image)
 
 
 def decode_rgb(path, strict=False, what="image", hint="replace the file or remove its line from the split"):
@@ -66,14 +81,14 @@ def decode_rgb(path, strict=False, what="image", hint="replace the file or remov
     """
     try:
         return _open_rgb(path), False
-    except (ValueError, Image.DecompressionBombError) as exc:
+    except (ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(f"cannot read {what} {path} ({exc}); {hint}") from None
     except OSError as exc:
         error = exc
     try:
         with truncated_images_loaded():
             image = _open_rgb(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(f"cannot read {what} {path} ({exc}); {hint}") from None
     if strict:
         raise UnreadableImage(f"{what} {path} is truncated ({error}); --strict_images makes this an error: replace "

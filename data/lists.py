@@ -67,7 +67,7 @@ def read_list(list_file, num_classes=0, classes_from=None, problems=None):
     """parse_list of a list file, paths relative to its folder."""
     list_file = Path(list_file)
     try:
-        lines = list_file.read_text().splitlines()
+        lines = list_file.read_text(encoding="utf-8-sig").splitlines()  # -sig: drop a BOM (Windows editors)
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or exc
         raise UserError(f"cannot read {list_file} ({reason}); the list format needs "

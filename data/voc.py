@@ -38,7 +38,7 @@ SPLITS = {"2007": ("trainval", "test"), "2012": ("train", "val")}  # (train = da
 def read_image_ids(voc_dir, split):
     path = Path(voc_dir) / "ImageSets" / "Main" / f"{split}.txt"
     try:
-        return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        return [line.split()[0] for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except OSError as exc:
         raise UserError(f"cannot read the VOC split file {path} ({exc.strerror}); {voc_dir} is incomplete: "
                         "delete it and rerun to extract the official archives again") from None

@@ -53,8 +53,8 @@ def test_cached_codes_equal_a_fresh_encoding_bit_for_bit(trained):
     out, _ = trained
     args = retrieval.get_args_parser().parse_args(SHORT + ["--output_dir", str(out), "--test"])
     checkpoint = out / f"{RUN}.ckpt"
-    key = codes_cache.cache_key(checkpoint, "digits", "small", 16, 0, 500, args.data_root)
-    cached = codes_cache.load(out / f"{RUN}.codes.npz", key)
+    cached, key = codes_cache.read(out / f"{RUN}.codes.npz")
+    assert key["checkpoint_sha256"] == codes_cache.file_sha256(checkpoint)
     model = build_network("small", 16)
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     splits = retrieval.build_splits(digits.SPEC, args, 32)
@@ -132,8 +132,7 @@ def test_query_image_is_encoded_like_the_query_split(trained, tmp_path):
     out, _ = trained
     paths, _ = save_query_mosaics(tmp_path, 20)
     result = run(SHORT + ["--output_dir", str(out), "--query", *map(str, paths), "--num_matches", "500"])
-    cached = codes_cache.load(out / f"{RUN}.codes.npz", codes_cache.cache_key(
-        out / f"{RUN}.ckpt", "digits", "small", 16, 0, 500, "./data"))
+    cached, _ = codes_cache.read(out / f"{RUN}.codes.npz")
     query_codes = cached.query_signs()[:20]
     database_codes = cached.database_signs()
     same = 0

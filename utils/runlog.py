@@ -82,8 +82,8 @@ class RunFiles:
     def codes(self):
         return self.with_suffix(".codes.npz")
 
-    def figure(self, kind):
-        return self.with_suffix(f".{kind}.png")
+    def figure(self, kind, extension="png"):
+        return self.with_suffix(f".{kind}.{extension}")
 
 
 class RunLog:
