@@ -62,8 +62,10 @@ def non_negative_int(text):
 
 
 def inference_head(text):
-    if text == "mean" or (text.isdigit()):
-        return text if text == "mean" else int(text)
+    if text == "mean":
+        return text
+    if text.isdigit():
+        return int(text)
     raise argparse.ArgumentTypeError(f"must be a head index (0, 1, ...) or 'mean', got {text!r}")
 
 
