@@ -34,7 +34,7 @@ class DatasetSpec:
     # opening an image (what `python -m data.verify` checks; bad lines go to `problems` where the format allows
     # skipping them); None for in-memory datasets
     list_splits: Optional[Callable[..., dict]] = None
-    describe: Optional[Callable[..., dict]] = None  # describe(root) -> what the run log records of the data files
+    describe: Optional[Callable[..., dict]] = None  # describe(root, options) -> what the run log records of the files
 
     def with_classes_of(self, splits):
         """This spec, with num_classes taken from the built splits when the dataset leaves it to the data."""
