@@ -35,7 +35,7 @@ class DatasetSpec:
     # opening an image (what `python -m data.verify` checks; bad lines go to `problems` where the format allows
     # skipping them); None for in-memory datasets
     list_splits: Optional[Callable[..., dict]] = None
-    describe: Optional[Callable[..., dict]] = None  # describe(root) -> what the run log records of the data files
+    describe: Optional[Callable[..., dict]] = None  # describe(root, options) -> what the run log records of the files
     class_names: tuple = ()  # the classes in label order, where the dataset names them
     options: tuple = ()  # DataOptions fields beyond the common ones that its build() honours (digits: "imbalance")
 

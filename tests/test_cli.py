@@ -99,7 +99,7 @@ def test_real_process_exit_status_and_message(tmp_path):
     result = subprocess.run([sys.executable, "retrieval.py", "--dataset", "flickr", "--backbone", "small",
                              "--data_root", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.startswith(f"error: no MIRFlickr-25k in {tmp_path / 'flickr25k'}")
+    assert result.stderr.startswith(f"error: no MIRFlickr-25k images in {tmp_path / 'flickr25k' / 'mirflickr'}")
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
