@@ -139,7 +139,8 @@ def draw_figures(run, metrics, codes):
              plots.plot_precision_recall(runs, run.files.figure("pr", run.args.plot_format), title)]
     try:
         log = read_run_log(run.files.event_log)
-        paths.append(plots.plot_convergence([(metrics["run"]["loss"], log)], run.files.figure("convergence", run.args.plot_format), title))
+        paths.append(plots.plot_convergence([(metrics["run"]["loss"], log)],
+                                            run.files.figure("convergence", run.args.plot_format), title))
     except (OSError, ValueError, KeyError):
         print(f"note: no readable training log {run.files.event_log}, so no convergence figure", file=sys.stderr)
     if len(codes.database_bits) < plots.TSNE_MIN_ITEMS:

@@ -28,6 +28,7 @@ from engine import train as train_epochs
 from hashing import codetable
 from hashing.codes import NonFiniteCodes
 from hashing.conventions import NORMALIZE, TIES, ZERO_HIT, Convention
+from hashing.metrics import _check_top_ns as check_top_ns  # the metrics' own rule, applied before training
 from loss import (LOSSES, PROXY_LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss, build_experts_loss,
                   build_loss)
 from network import BACKBONES, build_network
@@ -36,8 +37,8 @@ from utils.checkpoint import imagenet_state_dict, read_train_state, require_chec
 from utils.device import select_device
 from utils.dist import (DistContext, barrier, gather_objects, init_distributed, shard_bounds, shutdown,
                         state_fingerprint)
-from utils.lock import run_lock
 from utils.errors import TrainingInterrupted, UserError, run_reporting_errors
+from utils.lock import run_lock
 from utils.reproducibility import loader_generator, seed_everything, seed_worker
 from utils.runlog import RunFiles, RunLog, setup_for_distributed, warn
 
@@ -187,7 +188,8 @@ def add_optimisation_arguments(parser):
     group = parser.add_argument_group("optimisation")
     group.add_argument("--batch_size", type=positive_int, default=100, help="mini-batch size")
     group.add_argument("--epochs", type=positive_int, default=100, help="training epochs")
-    group.add_argument("--lr", type=non_negative_float, default=0, help="network learning rate; 0 = the backbone's default")
+    group.add_argument("--lr", type=non_negative_float, default=0,
+                       help="network learning rate; 0 = the backbone's default")
     group.add_argument("--rate", type=non_negative_float, default=0.02, help="learning rate of the proxies")
     group.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum (the paper's 0.9)")
     group.add_argument("--weight_decay", type=non_negative_float, default=5e-4,
@@ -196,7 +198,8 @@ def add_optimisation_arguments(parser):
                        help="multiply the learning rates by --lr_gamma every N epochs (the paper's 10)")
     group.add_argument("--lr_gamma", type=non_negative_float, default=0.5,
                        help="learning-rate decay factor of each --lr_step (the paper's 0.5)")
-    group.add_argument("--seed", type=seed_value, default=0, help="random seed (data split, init, batches), 0 to 2**32-1")
+    group.add_argument("--seed", type=seed_value, default=0,
+                       help="random seed (data split, init, batches), 0 to 2**32-1")
     group.add_argument("--amp", nargs="?", const="auto", choices=["auto", "bf16", "fp16"], default=None,
                        help="mixed precision on CUDA (bf16 if supported, else fp16 with loss scaling); "
                             "ignored on the CPU")
@@ -241,7 +244,8 @@ def add_output_arguments(parser):
     group.add_argument("--no_save", action="store_true", help="write no checkpoint or log")
     group.add_argument("--overwrite", action="store_true",
                        help="start a new training even though OUTPUT_DIR holds this run's checkpoint or training "
-                            "state (replaced as the new run writes its own); without it such a run stops and suggests --resume")
+                            "state (replaced as the new run writes its own); without it such a run stops and "
+                            "suggests --resume")
     group.add_argument("--no_progress", action="store_true",
                        help="no progress bars (they are off anyway when stderr is not a terminal)")
 
@@ -413,9 +417,11 @@ def prepare_run(args, device, context, input_size):
     spec = get_dataset_spec(args.dataset)
     splits = build_splits(spec, args, input_size)
     spec = spec.with_classes_of(splits)
-    if args.top_n and max(args.top_n) > len(splits.database):
-        raise UserError(f"--top_n {max(args.top_n)} exceeds the database ({len(splits.database)} items); "
-                        f"pass values up to {len(splits.database)}")
+    if args.top_n:  # checked before training, not after it
+        try:
+            check_top_ns(args.top_n, len(splits.database))
+        except ValueError as exc:
+            raise UserError(f"--top_n: {exc}") from None
     files = run_files(args)
     log = RunLog(files, enabled=context.is_main and not args.no_save and not uses_checkpoint(args))
     return Run(args=args, device=device, context=context, spec=spec, splits=splits,
@@ -541,7 +547,8 @@ def data_identity(run):
     args = run.args
     return {"checkpoint": str(run.files.checkpoint.resolve()), "dataset": args.dataset,
             "data_root": str(Path(args.data_root).resolve()), "classes": run.spec.num_classes,
-            **{f"{name} split": split_fingerprint(part, file_status=False) for name, part in run.splits._asdict().items()}}
+            **{f"{name} split": split_fingerprint(part, file_status=False)
+               for name, part in run.splits._asdict().items()}}
 
 
 def resume(run, trainer):
@@ -559,8 +566,10 @@ def divergence_hint(args, exc, lr):
     if getattr(exc, "before_any_step", False):
         flags = [f"--{loss_flag(args.loss, h)} {getattr(args, loss_flag(args.loss, h))}"
                  for h in LOSSES[args.loss].HYPERPARAMETERS]
+        if args.zeta is not None:
+            flags.append(f"--zeta {args.zeta}")
         return (f"the loss is not finite before any update, so check the settings of --loss {args.loss}"
-                + (f" ({', '.join(flags)})" if flags else "") + (f", --zeta {args.zeta}" if args.zeta is not None else ""))
+                + (f" ({', '.join(flags)})" if flags else ""))
     return f"lower --lr (now {lr:g}) or --rate (now {args.rate:g})"
 
 

@@ -7,7 +7,9 @@ SHA-256 of the checkpoint's bytes and everything else the codes depend on (the c
 data flags, the input size, a digest of each split's labels and images). A cache whose key differs
 from the current run's is ignored and rewritten, so a retrained checkpoint or an edited split file
 never reuses stale codes. The metrics are recomputed from the codes every time, so evaluation
-options (K, top-N) need not be in the key. Codes computed on another device may differ in the sign of outputs within floating-point
+options (K, top-N) need not be in the key.
+
+Codes computed on another device may differ in the sign of outputs within floating-point
 rounding of 0; the cache does not try to detect that.
 """
 import hashlib

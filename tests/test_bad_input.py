@@ -124,12 +124,11 @@ def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys
     # The logs belong to the new run; every result and state file must keep its bytes.
     before = {path.name: path.read_bytes() for path in out.iterdir() if path.suffix not in (".txt", ".jsonl")}
 
-    def full_disk(obj, handle, *args, **kwargs):
-        handle.write(b"partial")
+    def full_disk(fd):  # checkpoints are serialised in memory, then written: the disk fills while writing
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("utils.checkpoint.torch.save", full_disk)
-    code, _, err = cli(listed(tmp_path, ["--epochs", "2"]), capsys)
+    monkeypatch.setattr("utils.atomic.os.fsync", full_disk)
+    code, _, err = cli(listed(tmp_path, ["--epochs", "2", "--overwrite"]), capsys)
     # The first file due is the training state after epoch 1; it and every other file stay as they were.
     assert code == 1 and f"could not write {out}/list_small_16.last.pt (No space left on device); " \
                          "the previous file is intact" in err
