@@ -29,7 +29,8 @@ from utils.dist import barrier, broadcast_object
 from utils.errors import UserError
 from utils.runlog import read_run_log, warn
 
-CHECKPOINT_HINT = "Pass the --backbone, --hash_bit and --experts it was trained with."
+CHECKPOINT_HINT = ("Pass the --backbone and --hash_bit it was trained with "
+                   "(and --experts for a multi-head checkpoint).")
 
 
 def dataset_label(args):
