@@ -150,7 +150,8 @@ def draw_figures(run, metrics, codes):
     else:
         print(f"t-SNE of up to {plots.TSNE_SAMPLE} database codes...", file=sys.stderr)
         paths.append(plots.plot_tsne(codes.database_signs(), codes.database_label_matrix(),
-                                     run.files.figure("tsne", run.args.plot_format), title, seed=run.args.seed))
+                                     run.files.figure("tsne", run.args.plot_format), title, seed=run.args.seed,
+                                     class_names=run.spec.class_names))
     print("figures: " + ", ".join(str(path) for path in paths))
 
 

@@ -45,7 +45,9 @@ def read_prepared(folder):
     """(names relative to folder, labels) from img.txt and targets.txt."""
     img_txt, targets_txt = folder / "img.txt", folder / "targets.txt"
     try:
-        return parse_prepared(img_txt.read_text(), targets_txt.read_text(), img_txt, targets_txt)
+        # utf-8-sig: a BOM (Windows editors) is not part of the first image name
+        return parse_prepared(img_txt.read_text(encoding="utf-8-sig"), targets_txt.read_text(encoding="utf-8-sig"),
+                              img_txt, targets_txt)
     except OSError as exc:
         raise UserError(f"cannot read {exc.filename} ({exc.strerror})") from None
 
@@ -67,7 +69,7 @@ def read_annotations(folder):
     for column, label in enumerate(LABELS):
         path = folder / "annotations" / f"{label}.txt"
         try:
-            lines = path.read_text().splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except OSError as exc:
             raise UserError(f"cannot read {path} ({exc.strerror}); annotations/ needs the 38 label files of "
                             "mirflickr25k_annotations_v080.zip (24 concepts and 14 *_r1)") from None
@@ -172,5 +174,5 @@ def describe(root, options=DataOptions()):
 
 SPEC = DatasetSpec(
     name="flickr", num_classes=len(LABELS), default_topk=1000, build=build, list_splits=list_splits,
-    describe=describe,
+    describe=describe, class_names=LABELS,
     summary="MIRFlickr-25k: the paper's fixed split (1,000 queries, 4,000 train, 19,581 database), shipped")

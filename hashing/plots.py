@@ -116,8 +116,15 @@ def tsne_embedding(codes, seed=0):
         np.asarray(codes, dtype=np.float32))
 
 
-def plot_tsne(codes, labels, path, title, sample=TSNE_SAMPLE, seed=0):
-    """t-SNE of a seeded random sample of database codes, coloured by each item's first label."""
+def _class_name(cls, class_names):
+    if cls < 0:
+        return "no label"
+    return class_names[cls] if cls < len(class_names) else f"class {cls}"
+
+
+def plot_tsne(codes, labels, path, title, sample=TSNE_SAMPLE, seed=0, class_names=()):
+    """t-SNE of a seeded random sample of database codes, coloured by each item's first label (named by
+    `class_names` where the dataset has them, else by class index)."""
     labels = np.asarray(labels) > 0
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(codes), size=min(sample, len(codes)), replace=False))
@@ -133,7 +140,7 @@ def plot_tsne(codes, labels, path, title, sample=TSNE_SAMPLE, seed=0):
         for cls in np.unique(first_label):
             members = first_label == cls
             axes.scatter(points[members, 0], points[members, 1], s=6,
-                         color=palette(cls) if cls >= 0 else "gray", label=f"class {cls}" if cls >= 0 else "no label")
+                         color=palette(cls) if cls >= 0 else "gray", label=_class_name(cls, class_names))
         axes.legend(title="first label", fontsize="x-small", markerscale=2, loc="center left",
                     bbox_to_anchor=(1.01, 0.5))
     else:

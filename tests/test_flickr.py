@@ -99,8 +99,9 @@ def test_prepared_img_and_targets_files(tmp_path, small_protocol):
     for n in numbers:
         row = ["1" if name in ANNOTATED[n] else "0" for name in flickr.LABELS]
         rows.append(" ".join(row))
-    (folder / "img.txt").write_text("".join(f"im{n}.jpg\n" for n in numbers))
-    (folder / "targets.txt").write_text("\n".join(rows) + "\n")
+    bom = "\ufeff"  # as Windows editors save them; not part of the first name or label
+    (folder / "img.txt").write_text(bom + "".join(f"im{n}.jpg\n" for n in numbers), encoding="utf-8")
+    (folder / "targets.txt").write_text(bom + "\n".join(rows) + "\n", encoding="utf-8")
     splits = get_dataset_spec("flickr").build(tmp_path, seed=0, input_size=16, options=RANDOM)
     read = {path.rsplit("/", 1)[1]: label_names(row) for part in splits for path, row in zip(part.paths, part.labels.numpy())}
     assert read == {f"im{n}.jpg": sorted(ANNOTATED[n]) for n in numbers}

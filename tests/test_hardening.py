@@ -395,3 +395,31 @@ def test_plot_format_and_an_epoch_axis_on_the_convergence_figure(tmp_path, monke
     assert by_epoch.get_xlabel() == "epoch" and by_epoch.lines[0].get_xdata().tolist() == [1, 3]
     assert by_time.lines[0].get_xdata().tolist() == [4.0, 15.0] and by_epoch.get_ylabel() == "mAP@10"
     assert path.read_bytes().lstrip().startswith(b"<?xml") and b"<svg" in path.read_bytes()
+
+
+def test_a_torchrun_peer_of_a_failed_process_says_so_in_one_line(monkeypatch, capsys):
+    import torch.distributed as dist
+    from utils.errors import UserError, run_reporting_errors
+
+    def collective_fails():
+        raise dist.DistBackendError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        run_reporting_errors(collective_fails)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: process 1 stopped because another torchrun process failed (DistBackendError)")
+
+    def user_error_on_rank_1():
+        raise UserError("no folder data/x")
+
+    monkeypatch.setattr("builtins.print", lambda *args, **kwargs: None)  # as on ranks other than 0
+    with pytest.raises(SystemExit):
+        run_reporting_errors(user_error_on_rank_1)
+    assert capsys.readouterr().err == "error: no folder data/x\n"
+
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single process: a backend error is a bug, shown in full
+    with pytest.raises(dist.DistBackendError):
+        run_reporting_errors(collective_fails)
