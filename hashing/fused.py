@@ -16,7 +16,8 @@ compiled loop (docs/METHOD.md §3.8):
 
 numba is optional: when it cannot be imported (or the keys do not fit 16 bits) metrics.py uses NumPy, with
 identical figures (tests/test_fused.py). Compiled code is cached next to this file, or, on a read-only
-checkout, in numba's user-wide cache directory; when neither is writable numba compiles at each start.
+checkout, in numba's user-wide cache directory; when neither is writable numba compiles at each start (some
+seconds on first use, as after any change to this file).
 """
 import numpy as np
 
@@ -49,6 +50,15 @@ def packed_matrix(word_columns):
     return np.ascontiguousarray(np.stack([w.astype(np.uint64) for w in word_columns]))
 
 
+def _compiled(function):
+    """numba.njit, the machine code cached on disk where numba finds a writable place (next to this file, else
+    its user-wide cache directory, or NUMBA_CACHE_DIR); on a read-only checkout and home, compiled at each start."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # "cannot cache function ...: no locator available": no writable cache location
+        return numba.njit(nogil=True)(function)
+
+
 if numba is not None:
     @intrinsic
     def _popcount(typingctx, value):
@@ -58,7 +68,7 @@ if numba is not None:
             return builder.call(function, args)
         return numba.types.int64(numba.types.uint64), codegen
 
-    @numba.njit(cache=True, nogil=True)
+    @_compiled
     def _compute_keys(query_words, database, num_grades, keys):
         """Step 1 for one query: keys[i] = distance * num_grades + shared labels, word by word over the database
         so that the loops vectorise."""
@@ -74,7 +84,7 @@ if numba is not None:
             for item in range(num_items):
                 keys[item] += _popcount(query_labels[word] & db_labels[word, item])
 
-    @numba.njit(cache=True, nogil=True)
+    @_compiled
     def _count_keys(keys, histograms):
         """The histogram of the keys, summed over the four rows of `histograms`: consecutive items, often of the
         same key, go to different rows, so that the increments do not wait for each other."""
@@ -89,7 +99,7 @@ if numba is not None:
         for item in range(whole, num_items):
             histograms[0, keys[item]] += 1
 
-    @numba.njit(cache=True, nogil=True)
+    @_compiled
     def _rank_grades(keys, first_rank, num_grades, ranked, candidates):
         """Step 2: ranked[t] = shared labels of the item of rank t (0-based), for t < len(ranked), ties by index;
         first_rank[d] is the rank of the first item at distance d, candidates an int32 scratch of len(keys) + 1."""
@@ -111,7 +121,7 @@ if numba is not None:
             if rank < depth:
                 ranked[rank] = key - distance * num_grades
 
-    @numba.njit(cache=True, nogil=True)
+    @_compiled
     def _ranking_sums(ranked, k, log2_positions, sums, hits_so_far):
         """Step 3: the SUM_COLUMNS of the first k ranks (each in rank order, as metrics' NumPy path adds them),
         and hits_so_far[t] = relevant items among the first t + 1 ranks."""
@@ -130,7 +140,7 @@ if numba is not None:
         sums[0], sums[2], sums[3], sums[4] = precision_sum, weighted_sum, dcg, grade_sum
         sums[1] = hits_so_far[k - 1] if k > 0 else 0
 
-    @numba.njit(cache=True, nogil=True)
+    @_compiled
     def rank_chunk(query, databases, depths, log2_positions, out):
         """Steps 1-3 for each query of a chunk.
 

@@ -71,3 +71,16 @@ def test_keys_beyond_16_bits_take_the_numpy_path():
     # (n + 1) (G + 1) distinct (distance, shared labels) keys must fit the kernel's uint16 keys
     assert not fused.fits(hash_bit=4095, max_grade=20)
     assert fused.fits(hash_bit=64, max_grade=20) == fused.available()
+
+
+@needs_numba
+def test_a_read_only_checkout_compiles_without_a_cache(monkeypatch):
+    from numba.core import caching
+
+    def unwritable(locator):
+        raise PermissionError("read-only")
+    monkeypatch.setattr(caching._CacheLocator, "ensure_cache_path", unwritable)
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    with pytest.raises(RuntimeError, match="no locator"):  # what a plain cache=True would do at import
+        fused.numba.njit(cache=True)(lambda x: x + 1)
+    assert fused._compiled(lambda x: x + 1)(2) == 3
