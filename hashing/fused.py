@@ -102,20 +102,25 @@ if numba is not None:
     @_compiled
     def _rank_grades(keys, first_rank, num_grades, ranked, candidates):
         """Step 2: ranked[t] = shared labels of the item of rank t (0-based), for t < len(ranked), ties by index;
-        first_rank[d] is the rank of the first item at distance d, candidates an int32 scratch of len(keys) + 1."""
+        first_rank[d] is the rank of the first item at distance d, candidates an int32 scratch of len(keys) + 1.
+        Keys split into (distance, grade) by table: a 64-bit integer division per item would cost more than the
+        rest of the loop."""
         depth = len(ranked)
         next_rank = first_rank.copy()
         boundary = 0  # the smallest distance whose items reach rank `depth`
         while boundary < len(first_rank) - 1 and first_rank[boundary + 1] < depth:
             boundary += 1
         limit = (boundary + 1) * num_grades
+        distance_of = np.empty(limit, np.int64)
+        for key in range(limit):
+            distance_of[key] = key // num_grades
         found = 0
         for item in range(len(keys)):  # a branch-free compaction of the few items at or below the boundary
             candidates[found] = item
             found += keys[item] < limit
         for candidate in range(found):
             key = keys[candidates[candidate]]
-            distance = key // num_grades
+            distance = distance_of[key]
             rank = next_rank[distance]
             next_rank[distance] = rank + 1
             if rank < depth:
