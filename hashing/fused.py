@@ -115,11 +115,13 @@ if numba is not None:
         for key in range(limit):
             distance_of[key] = key // num_grades
         found = 0
-        for item in range(len(keys)):  # a branch-free compaction of the few items at or below the boundary
-            candidates[found] = item
-            found += keys[item] < limit
-        for candidate in range(found):
-            key = keys[candidates[candidate]]
+        everything = boundary == len(first_rank) - 1
+        if not everything:
+            for item in range(len(keys)):  # a branch-free compaction of the few items at or below the boundary
+                candidates[found] = item
+                found += keys[item] < limit
+        for candidate in range(len(keys) if everything else found):
+            key = keys[candidate if everything else candidates[candidate]]
             distance = distance_of[key]
             rank = next_rank[distance]
             next_rank[distance] = rank + 1

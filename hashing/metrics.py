@@ -9,6 +9,9 @@ distance is a popcount of an XOR and relevance a bitwise AND. Distances are smal
 chunk of queries is ranked by numpy's stable radix sort on uint8/uint16 keys, and for K < N a per-row
 histogram of distances finds the boundary distance first, so only about K candidates per query are
 ranked. Chunks run on a few threads (numpy releases the GIL) and memory stays bounded by the chunk.
+With numba installed, hashing/fused.py does the whole pass in one compiled loop per query instead (distances,
+(distance x shared labels) counts, a counting sort per tie rule; docs/METHOD.md §3.8), with identical figures;
+this module's NumPy code is its fallback.
 
 The other standard figures (docs/METHOD.md §3.4) reuse that pass: precision@top-N reads the same
 ranking, and the precision-recall curve over Hamming radii and the precision within Hamming radius 2
@@ -415,8 +418,8 @@ def ranking_metrics_of_codes(codes, topk=None, convention=Convention(), threads=
 
 
 def convention_table(codes, topk=None, seed=0, threads=None):
-    """ranking_metrics_of_codes() under every convention (conventions.every_convention), one pass per tie
-    rule: a list of dicts with the convention's normalize, zero_hit and ties added."""
+    """ranking_metrics_of_codes() under every convention (conventions.every_convention), from one pass (fused
+    kernel; NumPy: one pass per tie rule): a list of dicts with the convention's normalize, zero_hit and ties added."""
     k = _map_depth(topk, len(codes.database_bits))
     per_query = _statistics_by_tie_rule(codes, (k, ()), TIES, seed, threads)
     return [{**convention.as_dict(), **summarize(per_query[convention.ties], convention), "map_topk": k}
