@@ -64,10 +64,15 @@ def every_convention(seed=0):
             for ties in TIES for normalize in NORMALIZE for zero_hit in ZERO_HIT]
 
 
+def database_permutation(num_items, seed):
+    """The seeded tie order of ties="random": item order[j] comes j-th among items at equal distance."""
+    return np.random.default_rng(seed).permutation(num_items)
+
+
 def shuffled_database(codes, seed):
     """The CodeSet with its database in a seeded random order: ranking it with index tie-breaking ranks
     the original database with a random tie order, one permutation shared by every query."""
-    order = np.random.default_rng(seed).permutation(len(codes.database_bits))
+    order = database_permutation(len(codes.database_bits), seed)
     return type(codes)(codes.query_bits, codes.query_labels, codes.database_bits[order], codes.database_labels[order],
                        codes.hash_bit, codes.num_classes)
 
@@ -161,18 +166,25 @@ def ranked_statistics(grades, grade_counts):
     grade_counts: (m, G + 1) items of the whole database sharing g labels (for R and the ideal DCG).
     Irrelevant items add nothing to any numerator, so only the relevant entries are visited.
     """
-    k = grades.shape[1]
     hits = _Hits(grades)
     grade_so_far = np.cumsum(hits.value, dtype=np.int64)
     grade_so_far -= np.concatenate([[0], grade_so_far])[hits.earlier]
-    precision_sums, num_relevant = hits.precision_sums(), hits.per_row
-    weighted_sums = hits.row_sums(grade_so_far / hits.rank)
+    sums = {"precision_sum": hits.precision_sums(), "hits": hits.per_row,
+            "weighted_sum": hits.row_sums(grade_so_far / hits.rank),
+            "dcg": hits.row_sums(_gains(int(hits.value.max(initial=0)))[hits.value] / np.log2(hits.rank + 1)),
+            "grade_sum": grades.sum(axis=1)}
+    return statistics_of_ranking_sums(sums, grade_counts, grades.shape[1])
+
+
+def statistics_of_ranking_sums(sums, grade_counts, k):
+    """Per-query figures from the sums over the first k ranks (hashing/fused.SUM_COLUMNS, each summed in rank
+    order): precision_sum and weighted_sum (over the relevant ranks t of precision@t and of the shared labels of
+    ranks <= t over t), hits, dcg and grade_sum (the shared labels of the first k)."""
     total_relevant = grade_counts[:, 1:].sum(axis=1)
-    denominators = {"hits": num_relevant, "min": np.minimum(total_relevant, k), "relevant": total_relevant}
+    denominators = {"hits": sums["hits"], "min": np.minimum(total_relevant, k), "relevant": total_relevant}
     defined = {normalize: denominator > 0 for normalize, denominator in denominators.items()}
-    dcg = hits.row_sums(_gains(int(hits.value.max(initial=0)))[hits.value] / np.log2(hits.rank + 1))
-    return _per_query(precision_sums, weighted_sums, denominators, defined, dcg,
-                      ideal_dcg(grade_counts, k), grades.sum(axis=1) / k)
+    return _per_query(sums["precision_sum"], sums["weighted_sum"], denominators, defined, sums["dcg"],
+                      ideal_dcg(grade_counts, k), sums["grade_sum"] / k)
 
 
 # ---------- the expectation over tie orders (ties aware) ----------

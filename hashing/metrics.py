@@ -9,6 +9,9 @@ distance is a popcount of an XOR and relevance a bitwise AND. Distances are smal
 chunk of queries is ranked by numpy's stable radix sort on uint8/uint16 keys, and for K < N a per-row
 histogram of distances finds the boundary distance first, so only about K candidates per query are
 ranked. Chunks run on a few threads (numpy releases the GIL) and memory stays bounded by the chunk.
+With numba installed, hashing/fused.py does the whole pass in one compiled loop per query instead (distances,
+(distance x shared labels) counts, a counting sort per tie rule; docs/METHOD.md §3.8), with identical figures;
+this module's NumPy code is its fallback.
 
 The other standard figures (docs/METHOD.md §3.4) reuse that pass: precision@top-N reads the same
 ranking, and the precision-recall curve over Hamming radii and the precision within Hamming radius 2
@@ -27,12 +30,17 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import fused
 from .codes import CodeSet, hamming_distances, word_columns
-from .conventions import (Convention, every_convention, expected_hits, precision_sums_of_ranking, ranked_statistics,
-                          shuffled_database, summarize, tie_aware_statistics)
+from .conventions import (TIES, Convention, database_permutation, every_convention, expected_hits,
+                          precision_sums_of_ranking, ranked_statistics, shuffled_database, statistics_of_ranking_sums,
+                          summarize, tie_aware_statistics)
 
 # Elements (queries x database items) per chunk: a few MB per working array, cache friendly.
 _CHUNK_ELEMENTS = 1 << 20
+# Queries per call of the fused kernel, whose memory is one database-sized key array per call plus per-query
+# (distance x shared labels) counts: enough rows that the NumPy work on those counts is not per-query overhead.
+_FUSED_ROWS = 64
 
 # The paper's top-N precision curve (N = 100, 200, ..., 1000) and the usual table radius.
 PAPER_TOP_NS = tuple(range(100, 1001, 100))
@@ -114,16 +122,24 @@ class _Problem(NamedTuple):
     hash_bit: int
     db_label_patterns: list = None  # word columns of the distinct database label rows (graded metrics)
     pattern_counts: np.ndarray = None  # how many database items have each of them
+    fused_query: tuple = None  # (codes, labels) as the fused kernel's (rows, words) matrices; None: NumPy path
+    fused_database: tuple = None
+    max_grade: int = 0  # the most labels a query has: every chunk counts shared labels 0..max_grade (same shapes)
 
 
 def _problem(codes, label_patterns=False):
     if len(codes.query_bits) == 0 or len(codes.database_bits) == 0:
         raise ValueError("retrieval metrics need at least one query and one database item")
-    db_labels = word_columns(codes.database_labels)
-    patterns, counts = _distinct_rows(db_labels) if label_patterns else (None, None)
-    return _Problem(word_columns(codes.query_bits), word_columns(codes.query_labels),
-                    word_columns(codes.database_bits), db_labels,
-                    len(codes.query_bits), len(codes.database_bits), codes.hash_bit, patterns, counts)
+    query = word_columns(codes.query_bits), word_columns(codes.query_labels)
+    database = word_columns(codes.database_bits), word_columns(codes.database_labels)
+    max_grade = int(sum(np.bitwise_count(words).astype(np.int64) for words in query[1]).max())
+    fused_sides = (None, None)
+    if fused.fits(codes.hash_bit, max_grade):
+        fused_sides = (tuple(fused.packed_matrix(words).T.copy() for words in query),
+                       tuple(fused.packed_matrix(words) for words in database))
+    patterns, counts = _distinct_rows(database[1]) if label_patterns and fused_sides[0] is None else (None, None)
+    return _Problem(*query, *database, len(codes.query_bits), len(codes.database_bits), codes.hash_bit, patterns,
+                    counts, *fused_sides, max_grade)
 
 
 def _distinct_rows(words):
@@ -171,7 +187,7 @@ def _graded_chunk(dist, query_labels, problem, depths, ties):
     hits_at_top_n and the distance histograms. ties="aware" makes no ranking: everything comes from the
     counts of (distance, shared labels) pairs; "index" ranks and reads the shared labels of the top K."""
     map_depth, top_ns = depths
-    max_grade = int(sum(np.bitwise_count(w).astype(np.int64) for w in query_labels).max())
+    max_grade = problem.max_grade
     if ties == "aware":
         shared = _shared_labels(query_labels, problem.db_labels, np.s_[None, :])
         counts = _counts_by_distance_and_grade(dist, shared, problem.hash_bit, max_grade)
@@ -195,9 +211,10 @@ def _per_query_statistics(problem, map_depth=0, top_ns=(), histograms=False, thr
     items_at_distance and relevant_at_distance (the histograms of _distance_histograms).
     graded "index" or "aware" (the tie rule; "random" is "index" on a shuffled database) computes instead
     every convention's figures (conventions.PER_QUERY_KEYS), hits_at_top_n and the histograms."""
+    if problem.fused_query is not None and not graded:
+        return _fused_statistics(problem, (map_depth, top_ns), ("index",), 0, threads, graded=False)["index"]
     rank_depth = max(map_depth, max(top_ns, default=0))
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // problem.num_items)
-    starts = range(0, problem.num_queries, rows_per_chunk)
 
     def chunk(start):
         part = slice(start, start + rows_per_chunk)
@@ -223,13 +240,70 @@ def _per_query_statistics(problem, map_depth=0, top_ns=(), histograms=False, thr
                 dist, query_labels, problem.db_labels, problem.hash_bit)
         return stats
 
+    return _concatenate(_map_chunks(chunk, range(0, problem.num_queries, rows_per_chunk), threads))
+
+
+def _map_chunks(chunk, starts, threads):
+    """chunk(start) for every start, on a few threads (NumPy and the fused kernel release the GIL)."""
     threads = threads or min(4, os.cpu_count() or 1)
     if threads == 1 or len(starts) == 1:
-        parts = [chunk(s) for s in starts]
-    else:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            parts = list(pool.map(chunk, starts))
-    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        return [chunk(s) for s in starts]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(chunk, starts))
+
+
+def _concatenate(parts):
+    """Per-chunk dicts of per-query arrays (or of such dicts) -> one dict of arrays over all queries."""
+    if isinstance(parts[0], dict):
+        return {name: _concatenate([part[name] for part in parts]) for name in parts[0]}
+    return np.concatenate(parts)
+
+
+def _fused_statistics(problem, depths, rules, seed, threads, graded):
+    """_per_query_statistics by the fused kernel (hashing/fused.py) for every tie rule of `rules` in one pass:
+    {rule: stats}. Each stats has the distance histograms; graded: conventions.PER_QUERY_KEYS (+ hits_at_top_n),
+    else average_precision (when map_depth) and hits_at_top_n (when top_ns)."""
+    map_depth, top_ns = depths
+    ranked_rules = [rule for rule in ("index", "random") if rule in rules]
+    # ties="random" ranks the database permuted once up front by index (conventions.shuffled_database)
+    order = database_permutation(problem.num_items, seed) if "random" in rules else np.zeros(0, dtype=np.int64)
+    shuffled = tuple(np.ascontiguousarray(matrix[:, order]) for matrix in problem.fused_database)
+    kernel_depths = (map_depth, np.asarray(top_ns, dtype=np.int64), "index" in rules) if ranked_rules else \
+        (0, np.zeros(0, dtype=np.int64), False)
+    # The DCG discounts from NumPy's log2, as the NumPy path divides by, so both paths agree to the last bit.
+    log2_positions = np.log2(np.arange(2, max(map_depth, max(top_ns, default=0)) + 2))
+
+    def chunk(start):
+        query = tuple(matrix[start:start + _FUSED_ROWS] for matrix in problem.fused_query)
+        counts = np.zeros((len(query[0]), problem.hash_bit + 1, problem.max_grade + 1), dtype=np.int64)
+        sums = np.zeros((len(ranked_rules), len(query[0]), len(fused.SUM_COLUMNS)))
+        hits_at_top_n = np.zeros((len(ranked_rules), len(query[0]), len(kernel_depths[1])), dtype=np.int64)
+        fused.rank_chunk(query, (problem.fused_database, shuffled), kernel_depths, log2_positions,
+                         (counts, sums, hits_at_top_n))
+        items = counts.sum(axis=2)
+        histograms = {"items_at_distance": items, "relevant_at_distance": items - counts[:, :, 0]}
+        by_rule = {rule: {**histograms, **_ranked_rule_statistics(sums[i], hits_at_top_n[i], counts, depths, graded)}
+                   for i, rule in enumerate(ranked_rules)}
+        if "aware" in rules:
+            by_rule["aware"] = {**histograms, **tie_aware_statistics(counts, map_depth)}
+            if top_ns:
+                by_rule["aware"]["hits_at_top_n"] = expected_hits(counts, top_ns)
+        return by_rule
+
+    return _concatenate(_map_chunks(chunk, range(0, problem.num_queries, _FUSED_ROWS), threads))
+
+
+def _ranked_rule_statistics(sums, hits_at_top_n, counts, depths, graded):
+    """The per-query arrays of one ranked tie rule from the kernel's sums (see _fused_statistics)."""
+    map_depth, top_ns = depths
+    stats = {"hits_at_top_n": hits_at_top_n} if top_ns else {}
+    named = dict(zip(fused.SUM_COLUMNS, sums.T))
+    if graded:
+        stats.update(statistics_of_ranking_sums(named, counts.sum(axis=1), map_depth))
+    elif map_depth:
+        hits = named["hits"]
+        stats["average_precision"] = np.where(hits > 0, named["precision_sum"] / np.maximum(hits, 1), 0.0)
+    return stats
 
 
 def _map_depth(topk, num_items):
@@ -314,11 +388,24 @@ def average_precisions_of_codes(codes, topk=None, threads=None):
 
 def _convention_statistics(codes, k, convention, top_ns=(), threads=None, histograms=False):
     """Per-query figures of every metric under the convention's tie rule, in one pass (a CodeSet)."""
-    if convention.ties == "random":
-        codes = shuffled_database(codes, convention.seed)
-    graded = "aware" if convention.ties == "aware" else "index"
-    return _per_query_statistics(_problem(codes, label_patterns=True), map_depth=k, top_ns=top_ns, threads=threads,
-                                 graded=graded, histograms=histograms)
+    return _statistics_by_tie_rule(codes, (k, top_ns), (convention.ties,), convention.seed, threads,
+                                   histograms)[convention.ties]
+
+
+def _statistics_by_tie_rule(codes, depths, rules, seed=0, threads=None, histograms=False):
+    """Per-query figures of every metric (conventions.PER_QUERY_KEYS, hits_at_top_n when top_ns, the distance
+    histograms on request) under each tie rule of `rules`, as {rule: dict}, for depths (K, top_ns). The fused
+    kernel serves every rule from one pass (one distance and histogram computation, one counting sort per ranked
+    rule); NumPy makes one pass per rule, "random" being "index" on the seeded shuffle of the database."""
+    problem = _problem(codes, label_patterns=True)
+    if problem.fused_query is not None:
+        return _fused_statistics(problem, depths, rules, seed, threads, graded=True)
+    by_rule = {}
+    for rule in rules:
+        rule_problem = _problem(shuffled_database(codes, seed), label_patterns=True) if rule == "random" else problem
+        by_rule[rule] = _per_query_statistics(rule_problem, *depths, histograms=histograms, threads=threads,
+                                              graded="aware" if rule == "aware" else "index")
+    return by_rule
 
 
 def ranking_metrics_of_codes(codes, topk=None, convention=Convention(), threads=None):
@@ -331,15 +418,12 @@ def ranking_metrics_of_codes(codes, topk=None, convention=Convention(), threads=
 
 
 def convention_table(codes, topk=None, seed=0, threads=None):
-    """ranking_metrics_of_codes() under every convention (conventions.every_convention), one pass per tie
-    rule: a list of dicts with the convention's normalize, zero_hit and ties added."""
+    """ranking_metrics_of_codes() under every convention (conventions.every_convention), from one pass (fused
+    kernel; NumPy: one pass per tie rule): a list of dicts with the convention's normalize, zero_hit and ties added."""
     k = _map_depth(topk, len(codes.database_bits))
-    rows, per_query = [], {}
-    for convention in every_convention(seed):
-        if convention.ties not in per_query:
-            per_query = {convention.ties: _convention_statistics(codes, k, convention, threads=threads)}
-        rows.append({**convention.as_dict(), **summarize(per_query[convention.ties], convention), "map_topk": k})
-    return rows
+    per_query = _statistics_by_tie_rule(codes, (k, ()), TIES, seed, threads)
+    return [{**convention.as_dict(), **summarize(per_query[convention.ties], convention), "map_topk": k}
+            for convention in every_convention(seed)]
 
 
 def _ranking_metric(name, arrays, topk, convention):
