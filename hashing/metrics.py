@@ -134,7 +134,7 @@ def _problem(codes, label_patterns=False):
     database = word_columns(codes.database_bits), word_columns(codes.database_labels)
     max_grade = int(sum(np.bitwise_count(words).astype(np.int64) for words in query[1]).max())
     fused_sides = (None, None)
-    if fused.fits(codes.hash_bit, max_grade):
+    if fused.fits(codes.hash_bit, max_grade, len(codes.query_bits) * len(codes.database_bits)):
         fused_sides = (tuple(fused.packed_matrix(words).T.copy() for words in query),
                        tuple(fused.packed_matrix(words) for words in database))
     patterns, counts = _distinct_rows(database[1]) if label_patterns and fused_sides[0] is None else (None, None)

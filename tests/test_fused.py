@@ -18,6 +18,11 @@ def numpy_path(monkeypatch):
     monkeypatch.setattr(fused, "enabled", False)
 
 
+@pytest.fixture
+def kernel_for_small_problems(monkeypatch):
+    monkeypatch.setattr(fused, "MIN_PAIRS", 0)
+
+
 def every_figure(codes, k, top_ns):
     """Everything metrics.py computes for one problem: all 18 conventions, the full metrics dict under each tie
     rule (precision@top-N, radius curves), and the per-query AP of the default."""
@@ -34,7 +39,7 @@ def codes_arrays(codes):
 
 @needs_numba
 @pytest.mark.parametrize("seed, bits, classes", [(0, 3, 4), (1, 5, 3), (2, 70, 70)])  # 70: two words of each
-def test_kernel_and_numpy_give_identical_figures(monkeypatch, seed, bits, classes):
+def test_kernel_and_numpy_give_identical_figures(monkeypatch, kernel_for_small_problems, seed, bits, classes):
     rng = np.random.default_rng(seed)
     for num_queries, num_items in ((7, 40), (3, 9)):
         problem = tied_problem(int(rng.integers(1000)), num_queries, num_items, bits=bits, classes=classes,
@@ -67,20 +72,23 @@ def test_numpy_path_matches_the_brute_force_ranking(numpy_path, ties):
         assert got == pytest.approx(expected, abs=1e-12), (metric, normalize, zero_hit)
 
 
-def test_keys_beyond_16_bits_take_the_numpy_path():
+def test_small_problems_and_keys_beyond_16_bits_take_the_numpy_path():
     # (n + 1) (G + 1) distinct (distance, shared labels) keys must fit the kernel's uint16 keys
-    assert not fused.fits(hash_bit=4095, max_grade=20)
-    assert fused.fits(hash_bit=64, max_grade=20) == fused.available()
+    assert not fused.fits(hash_bit=4095, max_grade=20, pairs=fused.MIN_PAIRS)
+    assert fused.fits(hash_bit=64, max_grade=20, pairs=fused.MIN_PAIRS) == fused.available()
+    assert not fused.fits(hash_bit=64, max_grade=20, pairs=fused.MIN_PAIRS - 1)  # NumPy: no numba to load
 
 
 @needs_numba
 def test_a_read_only_checkout_compiles_without_a_cache(monkeypatch):
     from numba.core import caching
 
+    from hashing import fused_kernel
+
     def unwritable(locator):
         raise PermissionError("read-only")
     monkeypatch.setattr(caching._CacheLocator, "ensure_cache_path", unwritable)
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     with pytest.raises(RuntimeError, match="no locator"):  # what a plain cache=True would do at import
-        fused.numba.njit(cache=True)(lambda x: x + 1)
-    assert fused._compiled(lambda x: x + 1)(2) == 3
+        fused_kernel.numba.njit(cache=True)(lambda x: x + 1)
+    assert fused_kernel._compiled(lambda x: x + 1)(2) == 3
