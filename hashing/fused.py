@@ -20,8 +20,6 @@ hashing/fused_kernel.py, imported on first use, so that processes scoring small 
 checkout, in numba's user-wide cache directory; when neither is writable numba compiles at each start (some
 seconds on first use, as after any change to this file).
 """
-import numpy as np
-
 import importlib.util
 
 import numpy as np

@@ -2,7 +2,6 @@
 a clean folder passes and its manifest lists the splits in order, relative to --data_root."""
 import json
 
-import pytest
 
 from data import verify
 from tests.fixture_files import small_list_folder
