@@ -5,6 +5,7 @@ import torch
 
 import retrieval
 from network import build_network
+from tests.cli_runs import exit_status
 from tests.fixture_files import small_list_folder
 from utils.runlog import read_run_log
 
@@ -12,15 +13,8 @@ SMALL = ["--backbone", "small", "--hash_bit", "16", "--batch_size", "8", "--epoc
 
 
 def cli(argv, capsys):
-    """Exit status and stderr of the CLI; a clean exit is status 0."""
-    try:
-        retrieval.cli(argv)
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err
-    return code, captured.out, captured.err
+    """Exit status, stdout and stderr of the CLI; a clean exit is status 0."""
+    return exit_status(retrieval.cli, argv, capsys)
 
 
 def listed(tmp_path, argv=()):

@@ -10,20 +10,8 @@ import engine
 import retrieval
 from utils.runlog import read_run_log
 
-RUN = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "200",
-       "--batch_size", "20", "--eval_every", "1", "--device", "cpu"]
-
-
-def run(argv):
-    return retrieval.main(retrieval.get_args_parser().parse_args(RUN + argv))
-
-
-def cli_failure(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        retrieval.cli(RUN + argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return exit_info.value.code, err
+from tests.cli_runs import SMALL_DIGITS_RUN as RUN
+from tests.cli_runs import run_small_digits as run, small_digits_failure as cli_failure
 
 
 def epochs(out):

@@ -2,21 +2,14 @@
 a clean folder passes and its manifest lists the splits in order, relative to --data_root."""
 import json
 
-
 from data import verify
+from tests.cli_runs import exit_status
 from tests.fixture_files import small_list_folder
 from tests.test_protocol import nuswide_folder, truncated_jpeg
 
 
 def run_verify(argv, capsys):
-    try:
-        verify.main(argv)
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err
-    return code, captured.out, captured.err
+    return exit_status(verify.main, argv, capsys)
 
 
 def test_clean_folder_passes_and_writes_the_manifest(tmp_path, capsys):
