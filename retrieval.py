@@ -28,7 +28,7 @@ from engine import train as train_epochs
 from hashing import codetable
 from hashing.codes import NonFiniteCodes
 from hashing.conventions import NORMALIZE, TIES, ZERO_HIT, Convention
-from hashing.metrics import _check_top_ns as check_top_ns  # the metrics' own rule, applied before training
+from hashing.metrics import check_top_ns
 from loss import (LOSSES, PROXY_LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss, build_experts_loss,
                   build_loss)
 from network import BACKBONES, build_network

@@ -310,7 +310,7 @@ def _map_depth(topk, num_items):
     return num_items if topk is None or topk <= 0 else min(int(topk), num_items)
 
 
-def _check_top_ns(top_ns, num_items):
+def check_top_ns(top_ns, num_items):
     top_ns = [int(n) for n in top_ns]
     if not top_ns or min(top_ns) < 1 or max(top_ns) > num_items:
         raise ValueError(f"every N of precision@top-N must be between 1 and the database size {num_items}, "
@@ -479,7 +479,7 @@ def precision_at_top_n(query_codes, query_labels, db_codes, db_labels, top_ns=PA
     "first N" do not exist). A query with no relevant item scores 0, as in mAP.
     """
     problem = _problem_of_arrays(query_codes, query_labels, db_codes, db_labels)
-    top_ns = _check_top_ns(top_ns, problem.num_items)
+    top_ns = check_top_ns(top_ns, problem.num_items)
     hits = _per_query_statistics(problem, top_ns=top_ns, threads=threads)["hits_at_top_n"]
     return hits.mean(axis=0) / np.asarray(top_ns)
 
@@ -534,7 +534,7 @@ def metrics_of_codes(codes, topk=None, top_ns=None, radius=HAMMING_RADIUS, threa
     training set's per-class label counts, also its long_tail_breakdown() under "long_tail"."""
     problem = _problem(codes)
     k = _map_depth(topk, problem.num_items)
-    top_ns = _check_top_ns(default_top_ns(problem.num_items) if top_ns is None else top_ns, problem.num_items)
+    top_ns = check_top_ns(default_top_ns(problem.num_items) if top_ns is None else top_ns, problem.num_items)
     radius = _check_radius(radius, problem.hash_bit)
     stats = _convention_statistics(codes, k, convention, top_ns, threads, histograms=True)
     figures = summarize(stats, convention)
