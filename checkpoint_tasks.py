@@ -6,16 +6,21 @@ The codes of a checkpoint come from OUTPUT_DIR/{run}.codes.npz when they were co
 checkpoint bytes and data flags (hashing/cache.py); otherwise the network encodes both splits. Under
 torchrun every rank encodes its shard; rank 0 computes, prints and writes.
 """
+import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from data.base import split_labels
+from data.fingerprint import split_fingerprint
 from data.query_images import item_names, query_batch
 from engine import encode_splits
 from hashing import cache, plots
-from hashing.codes import pack_signs
-from hashing.metrics import metrics_of_codes
+from hashing.codes import NonFiniteCodes, pack_signs
+from hashing.metrics import BUCKETS, metrics_of_codes
 from hashing.search import search, write_index
 from loss import loss_label
 from utils.atomic import write_json
@@ -24,14 +29,33 @@ from utils.dist import barrier, broadcast_object
 from utils.errors import UserError
 from utils.runlog import read_run_log, warn
 
-CHECKPOINT_HINT = "Pass the --backbone and --hash_bit it was trained with."
+CHECKPOINT_HINT = ("Pass the --backbone and --hash_bit it was trained with "
+                   "(and --experts for a multi-head checkpoint).")
+
+
+def dataset_label(args):
+    """The dataset as run names and the codes cache name it: --dataset, plus _ltRHO for --imbalance RHO."""
+    return args.dataset + (f"_lt{args.imbalance:g}" if args.imbalance != 1 else "")
+
+
+def run_loss_label(args):
+    """loss.loss_label of this run: the loss, its hierarchy (K clusters or the given file's name), its heads."""
+    hierarchy = Path(args.hierarchy_file).stem if args.hierarchy_file else args.hierarchy
+    return loss_label(args.loss, hierarchy, args.experts)
 
 
 def codes_key(run):
-    """What cached codes depend on: the checkpoint's bytes (hashed) and the data flags."""
+    """What cached codes depend on: the checkpoint's bytes (hashed), the data flags, the input size (the
+    transforms), a digest of each evaluated split's labels and images (data/fingerprint.py) and, with several
+    heads, which head (or their mean) gives the codes."""
     args = run.args
-    return cache.cache_key(run.files.checkpoint, args.dataset, args.backbone, args.hash_bit, args.seed, args.subset,
-                           args.data_root)
+    settings = {"dataset": dataset_label(args), "backbone": args.backbone, "hash_bit": args.hash_bit,
+                "seed": args.seed, "subset": args.subset, "data_root": str(Path(args.data_root).resolve()),
+                "split": args.split, "cache": args.cache, "input_size": run.input_size,
+                "query": split_fingerprint(run.splits.query), "database": split_fingerprint(run.splits.database)}
+    if args.experts > 1:
+        settings["inference_head"] = str(args.inference_head)
+    return cache.cache_key(run.files.checkpoint, settings)
 
 
 def save_codes(run, codes, key):
@@ -44,14 +68,17 @@ def checkpoint_codes(run, network, weights_loaded=False):
     by rank 0 when the network had to encode, unless --no_save."""
     key = codes_key(run)
     codes = cache.load(run.files.codes, key)
-    # Same flags but other split sizes means the data on disk changed since the codes were cached.
-    sizes = (len(run.splits.query), len(run.splits.database))
-    fresh = codes is not None and (len(codes.query_bits), len(codes.database_bits)) == sizes
-    if broadcast_object(run.context, fresh):
+    if broadcast_object(run.context, codes is not None):
         return codes, key, True
+    if run.files.codes.exists() and run.context.is_main:
+        print(f"note: {run.files.codes} is damaged or was computed from another checkpoint or other data; "
+              "encoding again", file=sys.stderr)
     if not weights_loaded:
         load_network_weights(network, run.files.checkpoint, hint=CHECKPOINT_HINT)
-    codes = encode_splits(network, run.loaders, run.device, run.context)
+    try:
+        codes = encode_splits(network, run.loaders, run.device, run.context)
+    except NonFiniteCodes as exc:
+        raise UserError(f"checkpoint {run.files.checkpoint} gives unusable codes ({exc}); retrain it") from None
     if run.writes_files:
         save_codes(run, codes, key)
     return codes, key, False
@@ -61,12 +88,16 @@ def checkpoint_metrics(run, codes, key, cached, selection=None):
     """Every metric of the codes (hashing.metrics.metrics_of_codes) with a "run" record (and how training
     selected the checkpoint, when known), written to OUTPUT_DIR/{run}.metrics.json unless --no_save."""
     args = run.args
+    train_counts = (split_labels(run.splits.train) > 0).sum(dim=0).numpy()
     try:
-        metrics = metrics_of_codes(codes, topk=run.topk, top_ns=args.top_n)
+        metrics = metrics_of_codes(codes, topk=run.topk, top_ns=args.top_n, convention=run.convention,
+                                   train_counts=train_counts)
     except ValueError as exc:
         raise UserError(f"--top_n: {exc}") from None
     metrics["run"] = {"dataset": args.dataset, "backbone": args.backbone, "hash_bit": args.hash_bit,
-                      "loss": loss_label(args.loss, args.hierarchy), "seed": args.seed, "subset": args.subset,
+                      "loss": run_loss_label(args), "seed": args.seed, "subset": args.subset,
+                      "imbalance": args.imbalance, "experts": args.experts,
+                      "inference_head": str(args.inference_head),
                       "checkpoint": str(run.files.checkpoint), "checkpoint_sha256": key["checkpoint_sha256"],
                       "codes": str(run.files.codes), "codes_from_cache": cached, "selection": selection}
     if not args.no_save:
@@ -81,6 +112,12 @@ def report_evaluation(run, metrics, codes):
     print("precision@top-N: " + ", ".join(f"{n} {p:.4f}" for n, p in zip(top_n["n"], top_n["precision"])))
     print(f"precision within Hamming radius {within['radius']}: {within['precision']:.4f} "
           f"({within['retrieving']:.1%} of queries retrieve an item)")
+    print(f"graded @{metrics['map_topk']}: NDCG {metrics['ndcg']:.4f}  ACG {metrics['acg']:.4f}  "
+          f"WAP {metrics['wap']:.4f}")
+    if run.convention.zero_hit == "skip":
+        print(f"left out of the means (zero_hit=skip): {metrics['skipped_queries']} queries for mAP and WAP, "
+              f"{metrics['ndcg_skipped_queries']} for NDCG")
+    print(describe_buckets(metrics["long_tail"]["buckets"]))
     if not run.args.no_save:
         source = "reused (same checkpoint)" if metrics["run"]["codes_from_cache"] else "written"
         print(f"metrics {run.files.metrics}; codes {source} {metrics['run']['codes']}")
@@ -88,21 +125,54 @@ def report_evaluation(run, metrics, codes):
         draw_figures(run, metrics, codes)
 
 
+def describe_buckets(buckets):
+    """One line: mAP of the head / medium / tail classes by training frequency (docs/METHOD.md §8.3)."""
+    parts = [f"{name} {'-' if buckets[name]['map'] is None else format(buckets[name]['map'], '.4f')} "
+             f"({len(buckets[name]['classes'])} classes)" for name in BUCKETS]
+    return "mAP by training frequency of the classes: " + ", ".join(parts)
+
+
 def draw_figures(run, metrics, codes):
-    """The paper's figures for this run as OUTPUT_DIR/{run}.{topn,pr,convergence,tsne}.png."""
+    """The paper's figures for this run as OUTPUT_DIR/{run}.{topn,pr,convergence,tsne}.{--plot_format}."""
     title = plots.describe_run(metrics["run"])
     runs = [(metrics["run"]["loss"], metrics)]
-    paths = [plots.plot_top_n_precision(runs, run.files.figure("topn"), title),
-             plots.plot_precision_recall(runs, run.files.figure("pr"), title)]
+    paths = [plots.plot_top_n_precision(runs, run.files.figure("topn", run.args.plot_format), title),
+             plots.plot_precision_recall(runs, run.files.figure("pr", run.args.plot_format), title)]
     try:
         log = read_run_log(run.files.event_log)
-        paths.append(plots.plot_convergence([(metrics["run"]["loss"], log)], run.files.figure("convergence"), title))
+        paths.append(plots.plot_convergence([(metrics["run"]["loss"], log)],
+                                            run.files.figure("convergence", run.args.plot_format), title))
     except (OSError, ValueError, KeyError):
         print(f"note: no readable training log {run.files.event_log}, so no convergence figure", file=sys.stderr)
-    print(f"t-SNE of up to {plots.TSNE_SAMPLE} database codes...", file=sys.stderr)
-    paths.append(plots.plot_tsne(codes.database_signs(), codes.database_label_matrix(), run.files.figure("tsne"),
-                                 title, seed=run.args.seed))
+    if len(codes.database_bits) < plots.TSNE_MIN_ITEMS:
+        print(f"note: a t-SNE needs at least {plots.TSNE_MIN_ITEMS} database items, this database has "
+              f"{len(codes.database_bits)}; no t-SNE figure", file=sys.stderr)
+    else:
+        print(f"t-SNE of up to {plots.TSNE_SAMPLE} database codes...", file=sys.stderr)
+        paths.append(plots.plot_tsne(codes.database_signs(), codes.database_label_matrix(),
+                                     run.files.figure("tsne", run.args.plot_format), title, seed=run.args.seed,
+                                     class_names=run.spec.class_names))
     print("figures: " + ", ".join(str(path) for path in paths))
+
+
+def query_split_index(run, item):
+    """N of a --query item "DATASET:N" naming the N-th image of this run's query split (e.g. digits:3, a
+    query mosaic of the embedded dataset), else None for an image file."""
+    name, _, number = item.rpartition(":")
+    if name != run.args.dataset or not number.isdigit():
+        return None
+    if int(number) >= len(run.splits.query):
+        raise UserError(f"--query {item}: the query split of --dataset {name} has {len(run.splits.query)} images "
+                        f"({name}:0 to {name}:{len(run.splits.query) - 1})")
+    return int(number)
+
+
+def query_image(run, item):
+    """The preprocessed (3, S, S) image of a --query item: an image file, or DATASET:N (query_split_index)."""
+    index = query_split_index(run, item)
+    if index is not None:
+        return run.splits.query[index][0]
+    return query_batch([item], run.splits.database, run.input_size)[0]
 
 
 def search_images(run, network, codes):
@@ -112,7 +182,7 @@ def search_images(run, network, codes):
     outputs = []
     with torch.no_grad():
         for start in range(0, len(args.query), args.batch_size):
-            images = query_batch(args.query[start:start + args.batch_size], database, run.input_size)
+            images = torch.stack([query_image(run, item) for item in args.query[start:start + args.batch_size]])
             outputs.append(network(images.to(run.device)).float().cpu().numpy())
     distances, indices = search(pack_signs(np.concatenate(outputs)), codes.database_bits, args.num_matches)
     name, labels = item_names(database), codes.database_label_matrix()
@@ -138,24 +208,38 @@ def trained_selection(run):
         return None
 
 
-def warn_if_data_differs_from_training(run):
-    """--test evaluates on the splits built from --seed/--subset; say so if training used others."""
+def settings_differing_from_training(run):
+    """["--seed 1 (trained with 0)", ...]: the data flags under which --test evaluates other splits than
+    the run was trained and evaluated on; empty when they agree or there is no training log."""
     try:
         trained_args = read_run_log(run.files.event_log)["args"]
     except (OSError, ValueError, KeyError):
-        return
-    for flag in ("seed", "subset", "data_root"):
-        if flag in trained_args and trained_args[flag] != getattr(run.args, flag):
-            warn(f"{run.files.checkpoint} was trained with --{flag} {trained_args[flag]}, this run uses "
-                 f"--{flag} {getattr(run.args, flag)}; the splits may differ and so may the mAP")
+        return []
+    return [f"--{flag} {getattr(run.args, flag)} (trained with {trained_args[flag]})"
+            for flag in ("seed", "subset", "data_root", "split")
+            if flag in trained_args and trained_args[flag] != getattr(run.args, flag)]
+
+
+def without_writing_when_settings_differ(run):
+    """--test under other data settings than the run's: the figures are printed, but the run's own
+    metrics and codes are not replaced by them (the run is returned with --no_save set)."""
+    differing = settings_differing_from_training(run) if run.args.test and not run.args.no_save else []
+    if not differing:
+        return run
+    warn(f"{run.files.checkpoint} was trained under other settings than {', '.join(differing)}; the splits may "
+         f"differ and so may the mAP, so {run.files.metrics.name} and {run.files.codes.name} are left as they are")
+    return dataclasses.replace(run, args=argparse.Namespace(**{**vars(run.args), "no_save": True}))
 
 
 def run_checkpoint_tasks(run, network):
     """--test, --query and --export_index with the saved checkpoint; returns what they found."""
+    if run.context.is_main:
+        run = without_writing_when_settings_differ(run)
+    run = dataclasses.replace(run, args=broadcast_object(run.context, run.args))
     args = run.args
-    if args.test and run.context.is_main:
-        warn_if_data_differs_from_training(run)
     if args.query:  # queries need the network even when the database codes are cached
+        for item in args.query:  # a bad DATASET:N before any work
+            query_split_index(run, item)
         load_network_weights(network, run.files.checkpoint, hint=CHECKPOINT_HINT)
     codes, key, cached = checkpoint_codes(run, network, weights_loaded=bool(args.query))
     result = {"topk": run.topk}
@@ -164,7 +248,7 @@ def run_checkpoint_tasks(run, network):
     if args.test:
         metrics = checkpoint_metrics(run, codes, key, cached, trained_selection(run))
         report_evaluation(run, metrics, codes)
-        print(f"mAP@{run.topk}: {metrics['map']:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, "
+        print(f"{run.map_name}: {metrics['map']:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, "
               f"{run.files.checkpoint})")
         result.update(map=metrics["map"], metrics=metrics)
     if args.query:
@@ -179,12 +263,15 @@ def run_checkpoint_tasks(run, network):
 def report_best_checkpoint(run, network, best_codes, selection):
     """After training: every metric and the cached codes of the kept checkpoint, from its evaluation's
     codes when this process computed them, else by encoding the saved checkpoint; `selection` says how
-    it was kept (--select)."""
+    it was kept (--select). Returns the metrics (None on ranks other than 0)."""
     barrier(run.context)  # rank 0 has finished writing the checkpoint
     if best_codes is None:
         codes, key, _ = checkpoint_codes(run, network)
     elif run.context.is_main:
         codes, key = best_codes, codes_key(run)
         save_codes(run, codes, key)
-    if run.context.is_main:
-        report_evaluation(run, checkpoint_metrics(run, codes, key, False, selection), codes)
+    if not run.context.is_main:
+        return None
+    metrics = checkpoint_metrics(run, codes, key, False, selection)
+    report_evaluation(run, metrics, codes)
+    return metrics

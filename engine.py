@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 
 from data import DatasetSpec, RetrievalSplits
 from hashing.codes import CodeSet
+from hashing.conventions import Convention
 from hashing.metrics import map_of_codes
-from utils.checkpoint import load_network_weights, save_state_dict, save_train_state
+from utils.checkpoint import load_network_weights, non_finite_names, save_state_dict, save_train_state
 from utils.dist import (DistContext, all_true, broadcast_object, gather_rows, sum_over_ranks,
                         sync_buffers)
 from utils.reproducibility import capture_rng_state, restore_rng_state
@@ -45,12 +46,20 @@ class Run:
     files: RunFiles
     log: RunLog
     input_size: int  # side of the square images the network takes
+    convention: Convention = Convention()  # how mAP@K is computed (--map_normalize, --zero_hit, --ties)
+    data_identity: dict = None  # what --resume checks the data against (retrieval.data_identity)
     validation: Loaders = None  # --select val: the validation queries and their database (train unused)
     validation_topk: int = 0  # K of the validation mAP: K clamped to the validation database
 
     @property
     def select(self):
         return getattr(self.args, "select", "test")
+
+    @property
+    def map_name(self):
+        """'mAP@K', followed by the convention in brackets when it is not the paper's."""
+        described = self.convention.describe()
+        return f"mAP@{self.topk}" + (f" ({described})" if described else "")
 
     @property
     def writes_files(self):
@@ -92,7 +101,7 @@ class Progress:
     train_seconds: float = 0.0
 
 
-SELECTION_RULES = ("test", "val", "last")  # --select; docs/METHOD.md §3.5
+SELECTION_RULES = ("test", "val", "last")  # --select; docs/METHOD.md §3.10
 
 
 class Selected(NamedTuple):
@@ -106,6 +115,16 @@ class Selected(NamedTuple):
 class NonFiniteLoss(Exception):
     def __init__(self, value, epoch, step):
         super().__init__(f"the loss became {value} in epoch {epoch}, iteration {step}")
+        # Before the first optimiser step the learning rates cannot be at fault: the loss's settings are.
+        self.before_any_step = (epoch, step) == (1, 1)
+
+
+class NonFiniteParameters(NonFiniteLoss):
+    """The network's parameters or buffers became NaN or infinite (the loss may still look finite)."""
+
+    def __init__(self, name, epoch):
+        Exception.__init__(self, f"the network's {name} became NaN or infinite in epoch {epoch}")
+        self.before_any_step = False
 
 
 def to_device(images, device):
@@ -156,11 +175,11 @@ def encode_splits(network, loaders, device, context=DistContext()):
                                 *encode(network, loaders.database, device, context, "encode database"))
 
 
-def evaluate(network, loaders, device, topk, context=DistContext()):
+def evaluate(network, loaders, device, topk, context=DistContext(), convention=Convention()):
     """(mAP@topk of the queries against the database by Hamming ranking, the same on every rank; the
     codes it was computed from)."""
     codes = encode_splits(network, loaders, device, context)
-    mean_ap = map_of_codes(codes, topk) if context.is_main else None
+    mean_ap = map_of_codes(codes, topk, convention) if context.is_main else None
     return broadcast_object(context, mean_ap), codes
 
 
@@ -197,8 +216,8 @@ def evaluate_for_selection(run, network):
     """(the mAP that --select compares, the test-query codes or None). --select val ranks the validation
     queries against their own database and never encodes the test queries."""
     if run.select == "val":
-        return evaluate(network, run.validation, run.device, run.validation_topk, run.context)[0], None
-    return evaluate(network, run.loaders, run.device, run.topk, run.context)
+        return evaluate(network, run.validation, run.device, run.validation_topk, run.context, run.convention)[0], None
+    return evaluate(network, run.loaders, run.device, run.topk, run.context, run.convention)
 
 
 def evaluate_selected(run, network, progress, best_state):
@@ -208,7 +227,7 @@ def evaluate_selected(run, network, progress, best_state):
         network.load_state_dict(best_state)
     else:
         load_network_weights(network, run.files.checkpoint)
-    test_map, codes = evaluate(network, run.loaders, run.device, run.topk, run.context)
+    test_map, codes = evaluate(network, run.loaders, run.device, run.topk, run.context, run.convention)
     return Selected(test_map, progress.best_epoch, codes)
 
 
@@ -223,6 +242,9 @@ def train(run, trainer, progress):
         set_epoch(run.loaders.train, criterion, args.seed, epoch)
         loss = train_one_epoch(trainer, run.loaders.train, run.device, epoch, run.context)
         sync_buffers(run.context, trainer.objective)
+        non_finite = non_finite_names(network.state_dict())
+        if non_finite:  # never saved as "best" nor as the state to resume from
+            raise NonFiniteParameters(non_finite[0], epoch)
         lr = trainer.optimizer.param_groups[0]["lr"]
         trainer.scheduler.step()
         progress.train_seconds += time.perf_counter() - started
@@ -238,13 +260,14 @@ def train(run, trainer, progress):
                     save_state_dict(network, run.files.checkpoint)
                 run.log.event("best", map=entry[key], epoch=epoch, checkpoint=str(run.files.checkpoint),
                               select=run.select)
-            label = f"val mAP@{run.validation_topk}" if key == "val_map" else f"mAP@{run.topk}"
+            label = f"val mAP@{run.validation_topk}" if key == "val_map" else run.map_name
             line += f"  {label} {entry[key]:.4f}  (kept {progress.best_map:.4f} @ epoch {progress.best_epoch})"
         progress.epoch = epoch
         run.log.say(line)
         run.log.event("epoch", **entry)
         if run.writes_files:
-            save_train_state(run.files.last, training_state(trainer, progress), vars(args))
+            save_train_state(run.files.last, {**training_state(trainer, progress), "data": run.data_identity},
+                             vars(args))
     if run.select == "val":
         return evaluate_selected(run, network, progress, best_state)
     return Selected(progress.best_map, progress.best_epoch, best_codes)

@@ -16,6 +16,7 @@ Pair-based losses use the pairs of distinct samples of the batch.
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -349,24 +350,50 @@ class DCHLoss(HashingLoss):
         return pair_term + self.quantization * torch.log1p(to_binary / self.gamma).mean()
 
 
-def hash_centres(num_classes, hash_bit, generator, attempts=20):
-    """CSQ's centres: rows of [H; -H] for a Hadamard matrix H of order hash_bit while they last, then
-    random balanced +-1 rows (redrawn up to `attempts` times until all pairs differ in > n/4 bits)."""
+def min_pairwise_distance(centres):
+    """The smallest Hamming distance between two rows of a +-1 matrix (n + 1 for fewer than two rows)."""
+    if len(centres) < 2:
+        return centres.shape[1] + 1
+    rows = centres.numpy()  # NumPy: a tiny product, where torch's thread pool costs more than the arithmetic
+    distances = (rows.shape[1] - rows @ rows.T) / 2
+    return int(distances[~np.eye(len(rows), dtype=bool)].min())
+
+
+def distinct_bernoulli_rows(count, hash_bit, taken, generator):
+    """`count` random +-1 rows (each bit +1 with probability 1/2), distinct from each other and from `taken`:
+    rows equal to an earlier one are dropped and drawn again."""
+    seen, rows = {tuple(row) for row in taken.tolist()}, []
+    while len(rows) < count:  # ends: the caller ensures 2^n >= len(taken) + count
+        block = torch.where(torch.rand(2 * count, hash_bit, generator=generator) < 0.5, -1.0, 1.0)
+        for row in map(tuple, block.tolist()):
+            if len(rows) < count and row not in seen:
+                seen.add(row)
+                rows.append(row)
+    return torch.tensor(rows, dtype=torch.float32).reshape(count, hash_bit)
+
+
+def hash_centres(num_classes, hash_bit, generator, draws=50):
+    """CSQ's centres (docs/METHOD.md §6.6): rows of [H; -H] for a Hadamard matrix H of order hash_bit
+    while they last, then Bernoulli rows, all pairwise distinct; of `draws` draws of those rows, the one
+    with the largest minimum pairwise distance is kept."""
+    if num_classes > 2 ** min(hash_bit, 62):
+        raise ValueError(f"{num_classes} classes need {num_classes} distinct centres, more than the "
+                         f"{2 ** hash_bit} codes of {hash_bit} bits")
     hadamard = hadamard_matrix(hash_bit)
     if hadamard is None:
         fixed = torch.empty(0, hash_bit)
     else:
         rows = torch.from_numpy(hadamard).float()
         fixed = torch.cat([rows, -rows])[:num_classes]
-    centres = fixed
-    for _ in range(attempts if len(fixed) < num_classes else 0):
-        order = torch.argsort(torch.rand(num_classes - len(fixed), hash_bit, generator=generator), dim=1)
-        centres = torch.cat([fixed, torch.where(order < hash_bit // 2, -1.0, 1.0)])
-        distances = (hash_bit - centres @ centres.T) / 2
-        off_diagonal = distances[~torch.eye(num_classes, dtype=torch.bool)]
-        if off_diagonal.numel() == 0 or off_diagonal.min() > hash_bit / 4:
-            break
-    return centres
+    if len(fixed) == num_classes:
+        return fixed
+    best, best_distance = None, -1
+    for _ in range(draws):
+        centres = torch.cat([fixed, distinct_bernoulli_rows(num_classes - len(fixed), hash_bit, fixed, generator)])
+        distance = min_pairwise_distance(centres)
+        if distance > best_distance:
+            best, best_distance = centres, distance
+    return best
 
 
 class CSQLoss(SeededTargetsLoss):
@@ -387,6 +414,10 @@ class CSQLoss(SeededTargetsLoss):
         generator = self.generator()
         self.register_buffer("centres", hash_centres(num_classes, hash_bit, generator))
         self.register_buffer("tie_breaker", random_signs((hash_bit,), generator))
+
+    def hyperparameters(self):
+        """...and the smallest Hamming distance between two centres, which the run log records."""
+        return {**super().hyperparameters(), "min_centre_distance": min_pairwise_distance(self.centres)}
 
     def target_centres(self, labels):
         summed = (labels > 0).float() @ self.centres
@@ -464,77 +495,270 @@ class OrthoHashLoss(SeededTargetsLoss):
 class HierarchicalProxyLoss(HashingLoss):
     """Hierarchical proxies (HPL, Yang et al., WACV 2022) on top of a ProxyLoss (docs/METHOD.md §6.9).
 
-    The fine proxies are the wrapped loss's class proxies. k-means (scikit-learn, seeded) on their
-    directions groups the C classes into K clusters; a coarse proxy is the mean of its cluster's fine
-    proxies (so the coarse level trains the fine proxies too), and a sample's coarse labels are the
-    clusters of its labels. The loss is
+    The fine proxies are the wrapped loss's class proxies. Each coarse level groups the C classes: a
+    coarse proxy is the mean of its group's fine proxies (so the coarse levels train the fine proxies
+    too), and a sample's coarse labels are the groups of its labels. The loss is
 
-      proxy loss(fine proxies, labels) + coarse_weight * proxy loss(coarse proxies, coarse labels) + code penalty
+      proxy loss(fine) + coarse_weight * sum over coarse levels of proxy loss(coarse level) + code penalty
 
-    with the wrapped loss's formula at both levels (HyP2/HHF use zeta of K classes at the coarse one).
-    The clusters are recomputed every `refresh_every` training iterations (at iterations 0, T, 2T, ...);
-    the assignment and the iteration counter are buffers, so they round-trip through state_dict().
-    The paper fixes no refresh period or level weight; the defaults are ours.
+    with the wrapped loss's formula at every level (HyP2/HHF use zeta of K_l classes at a level of K_l
+    groups). The groups are either given (`levels`: one class -> group index list per level, e.g. read
+    from a --hierarchy_file) or, with `num_coarse` K, one level found by k-means (scikit-learn, seeded) on
+    the fine proxies' directions, recomputed every `refresh_every` training iterations.
+
+    The first `warmup_epochs` epochs (set by the training loop through set_epoch) train the fine level
+    alone, and clustering starts from the proxies trained there (HPL starts from trained fine proxies).
+    Assignments, iteration and epoch counters are buffers, so they round-trip through state_dict(). The
+    paper fixes no refresh period or level weight; the defaults are ours.
     """
 
     HYPERPARAMETERS = (
         Hyperparameter("refresh_every", 100, "re-cluster the proxies every N training iterations", flag="hierarchy_every"),
-        Hyperparameter("coarse_weight", 0.5, "weight of the coarse level's loss", flag="hierarchy_weight"))
+        Hyperparameter("coarse_weight", 0.5, "weight of each coarse level's loss", flag="hierarchy_weight"),
+        Hyperparameter("warmup_epochs", 0, "epochs of fine-level training before the first clustering "
+                       "(and before any coarse level counts)", flag="hierarchy_warmup"))
 
-    def __init__(self, base, num_coarse, seed=0, **hyperparameters):
+    def __init__(self, base, num_coarse=0, seed=0, levels=None, **hyperparameters):
         if not isinstance(base, ProxyLoss):
             raise ValueError(f"hierarchical proxies need a proxy loss ({', '.join(PROXY_LOSSES)}), "
                              f"not {base.name or type(base).__name__}")
-        if not 2 <= num_coarse < base.num_classes:
-            raise ValueError(f"the coarse level needs 2 to {base.num_classes - 1} clusters for "
-                             f"{base.num_classes} classes, got {num_coarse}")
         super().__init__(base.num_classes, base.hash_bit, **hyperparameters)
         if self.refresh_every < 1:
             raise ValueError(f"the refresh period must be >= 1 iteration, got {self.refresh_every}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"the warm-up must be >= 0 epochs, got {self.warmup_epochs}")
         self.base = base
-        self.num_coarse = int(num_coarse)
         self.seed = int(seed)
-        self.coarse_zeta = base.coarse_zeta(self.num_coarse)
-        self.register_buffer("assignment", torch.zeros(base.num_classes, dtype=torch.long))
+        self.given = levels is not None
+        if self.given:
+            # A given hierarchy is a (levels, C) buffer; the clustered one keeps its (C,) `assignment`
+            # buffer, so training states of earlier versions still resume.
+            given = torch.as_tensor(levels, dtype=torch.long).reshape(-1, base.num_classes)
+            self.register_buffer("given_levels", given)
+            self.level_sizes = [int(level.max()) + 1 for level in given]
+        else:
+            if not 2 <= num_coarse < base.num_classes:
+                raise ValueError(f"the coarse level needs 2 to {base.num_classes - 1} clusters for "
+                                 f"{base.num_classes} classes, got {num_coarse}")
+            self.register_buffer("assignment", torch.zeros(base.num_classes, dtype=torch.long))
+            self.level_sizes = [int(num_coarse)]
+        self.num_coarse = self.level_sizes[0]
+        self.level_zetas = [base.coarse_zeta(size) for size in self.level_sizes]
+        self.coarse_zeta = self.level_zetas[0]
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.epoch = 0  # set by the training loop before every epoch, so no state of its own
         self.refresh()
+
+    def level_assignment(self, level):
+        """(C,) class -> group index at coarse level `level`."""
+        return self.given_levels[level] if self.given else self.assignment
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def warming_up(self):
+        """Epochs count from 1, so epoch <= warmup_epochs is inside the warm-up."""
+        return self.training and self.warmup_epochs > 0 and self.epoch <= self.warmup_epochs
 
     @torch.no_grad()
     def refresh(self):
-        """Re-cluster the fine proxies: the losses compare directions, so k-means runs on unit vectors."""
+        """Re-cluster the fine proxies (a given hierarchy stays): the losses compare directions, so k-means
+        runs on unit vectors."""
+        if self.given:
+            return
         from sklearn.cluster import KMeans
         directions = F.normalize(self.base.proxies.detach().float(), dim=1).cpu().double().numpy()
         clusters = KMeans(n_clusters=self.num_coarse, n_init=10, random_state=self.seed).fit_predict(directions)
         self.assignment.copy_(torch.as_tensor(clusters, dtype=torch.long))
 
-    def membership(self):
-        """(C, K) one-hot cluster membership of the classes."""
-        return F.one_hot(self.assignment, self.num_coarse).to(self.base.proxies.dtype)
+    def membership(self, level=0):
+        """(C, K_l) one-hot group membership of the classes at coarse level `level`."""
+        return F.one_hot(self.level_assignment(level), self.level_sizes[level]).to(self.base.proxies.dtype)
 
-    def coarse_proxies(self):
-        membership = self.membership()
+    def coarse_proxies(self, level=0):
+        membership = self.membership(level)
         sizes = membership.sum(dim=0).clamp(min=1)  # k-means may leave a cluster empty on duplicate proxies
         return (membership.T @ self.base.proxies) / sizes[:, None]
 
-    def coarse_labels(self, labels):
-        return ((labels > 0).to(self.base.proxies.dtype) @ self.membership() > 0).float()
+    def coarse_labels(self, labels, level=0):
+        return ((labels > 0).to(self.base.proxies.dtype) @ self.membership(level) > 0).float()
 
     def forward(self, codes, labels):
+        base = self.base
+        loss = base.loss_given_proxies(codes, labels, base.proxies, base.zeta) + base.code_penalty(codes)
+        if self.warming_up():
+            return loss
         if self.training:
             if int(self.iteration) % self.refresh_every == 0:
                 self.refresh()
             self.iteration += 1
-        base = self.base
-        fine = base.loss_given_proxies(codes, labels, base.proxies, base.zeta)
-        coarse = base.loss_given_proxies(codes, self.coarse_labels(labels), self.coarse_proxies(), self.coarse_zeta)
-        return fine + self.coarse_weight * coarse + base.code_penalty(codes)
+        for level, zeta in enumerate(self.level_zetas):
+            coarse = base.loss_given_proxies(codes, self.coarse_labels(labels, level), self.coarse_proxies(level), zeta)
+            loss = loss + self.coarse_weight * coarse
+        return loss
 
     def hyperparameters(self):
-        settings = {**self.base.hyperparameters(), "hierarchy": self.num_coarse,
-                    "hierarchy_every": self.refresh_every, "hierarchy_weight": self.coarse_weight}
+        settings = {**self.base.hyperparameters(),
+                    "hierarchy": "given" if self.given else self.num_coarse, "hierarchy_levels": self.level_sizes,
+                    "hierarchy_every": self.refresh_every, "hierarchy_weight": self.coarse_weight,
+                    "hierarchy_warmup": self.warmup_epochs}
         if self.coarse_zeta is not None:
-            settings["coarse_zeta"] = self.coarse_zeta
+            settings["coarse_zeta"] = self.level_zetas if self.given else self.coarse_zeta
         return settings
+
+
+def class_proxies(loss):
+    """The learnable class proxies of a proxy loss, hierarchical or not."""
+    return loss.base.proxies if isinstance(loss, HierarchicalProxyLoss) else loss.proxies
+
+
+def label_probabilities(codes, proxies, margin, temperature):
+    """(B, C) per-label probabilities sigma((cos(x_i, P_c) - margin) / T) (docs/METHOD.md §8.2)."""
+    return torch.sigmoid((cosine_matrix(codes, proxies) - margin) / temperature)
+
+
+def binary_kl(teacher, student, eps=1e-6):
+    """Elementwise KL(Bernoulli(teacher) || Bernoulli(student))."""
+    teacher, student = teacher.clamp(eps, 1 - eps), student.clamp(eps, 1 - eps)
+    return teacher * torch.log(teacher / student) + (1 - teacher) * torch.log((1 - teacher) / (1 - student))
+
+
+def multi_positive_info_nce(codes, proxies, labels, tau):
+    """Mean over samples with a label of -(1/|Y_i|) sum_{c in Y_i} log(e^{z_ic} / (e^{z_ic} + sum_{c' not in Y_i}
+    e^{z_ic'})), z = cos(x, P) / tau: each positive proxy against the negatives only (docs/METHOD.md §8.4)."""
+    positive = labels > 0
+    logits = cosine_matrix(codes, proxies) / tau
+    negatives = torch.logsumexp(torch.where(positive, float("-inf"), logits), dim=1, keepdim=True)
+    log_ratio = logits - torch.logaddexp(logits, negatives)
+    count = positive.sum(dim=1)
+    per_sample = -torch.where(positive, log_ratio, 0).sum(dim=1) / count.clamp(min=1)
+    return masked_mean(per_sample, count > 0)
+
+
+class CollaborativeExpertsLoss(HashingLoss):
+    """E hash heads trained together, after ECL (Xu et al., IEEE TMM 2023) as docs/METHOD.md §8 reads it.
+
+    codes: (B, E, n), one output per head; every head has its own proxy loss (own proxies). With
+    p^e = label_probabilities(x^e, P^e, m = (1 + zeta) / 2, temperature):
+
+      L = sum_e L_head(x^e) + distill * L_kd + feature * L_feat + contrastive * L_con
+      L_kd   = mean over ordered head pairs (e, f), e != f, of mean_{i,c} w_c KL(p^f_ic (detached) || p^e_ic)
+      L_feat = mean over head pairs of mean_i (1 - cos(x^e_i, x^f_i))
+      L_con  = mean over heads of multi_positive_info_nce(x^e, P^e, y, tau)
+
+    w_c (detached, mean 1) = 1 + reweight * max(0, S_label,c - S_distill,c), from two probe classifiers on
+    the detached mean code: one trained by BCE on the labels, one on the heads' mean probabilities;
+    S_.,c is an EMA (momentum `ema`) of each probe's mean probability on the positives of class c.
+    A weight of 0 switches a term off; reweight 0 gives uniform w.
+    """
+
+    HYPERPARAMETERS = (
+        Hyperparameter("distill", 0.0, "weight of the mutual distillation between heads", flag="ecl_distill"),
+        Hyperparameter("temperature", 0.2, "temperature T of the per-label probabilities", flag="ecl_temperature"),
+        Hyperparameter("reweight", 4.0, "gamma of the per-class distillation weights (0: uniform)",
+                       flag="ecl_reweight"),
+        Hyperparameter("ema", 0.99, "momentum of the probes' per-class scores", flag="ecl_ema"),
+        Hyperparameter("feature", 0.0, "weight of the feature distillation 1 - cos between heads", flag="ecl_feature"),
+        Hyperparameter("contrastive", 0.0, "weight of the sample-proxy contrastive term", flag="ecl_contrastive"),
+        Hyperparameter("tau", 0.1, "temperature of the contrastive term", flag="ecl_tau"))
+
+    def __init__(self, heads, **hyperparameters):
+        heads = list(heads)
+        if len(heads) < 2:
+            raise ValueError(f"collaborative experts need at least 2 heads, got {len(heads)}")
+        if not all(isinstance(head, (ProxyLoss, HierarchicalProxyLoss)) for head in heads):
+            raise ValueError(f"collaborative experts need a proxy loss ({', '.join(PROXY_LOSSES)})")
+        super().__init__(heads[0].num_classes, heads[0].hash_bit, **hyperparameters)
+        if self.temperature <= 0 or self.tau <= 0:
+            raise ValueError("the temperatures --ecl_temperature and --ecl_tau must be > 0")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"--ecl_ema must be in [0, 1), got {self.ema}")
+        self.heads = nn.ModuleList(heads)
+        zeta = getattr(heads[0], "zeta", None)
+        zeta = getattr(heads[0].base, "zeta", None) if isinstance(heads[0], HierarchicalProxyLoss) else zeta
+        self.margin = (1 + (zeta or 0.0)) / 2
+        if self.reweighted:
+            # Probes exist only when their weights are used, so that no parameter goes without a gradient (DDP).
+            self.label_probe = nn.Linear(self.hash_bit, self.num_classes)
+            self.distill_probe = nn.Linear(self.hash_bit, self.num_classes)
+            self.register_buffer("label_scores", torch.full((self.num_classes,), 0.5))
+            self.register_buffer("distill_scores", torch.full((self.num_classes,), 0.5))
+
+    @property
+    def reweighted(self):
+        return self.distill > 0 and self.reweight > 0
+
+    @property
+    def num_heads(self):
+        return len(self.heads)
+
+    def set_epoch(self, epoch):
+        for head in self.heads:
+            if hasattr(head, "set_epoch"):
+                head.set_epoch(epoch)
+
+    def head_pairs(self):
+        return [(e, f) for e in range(self.num_heads) for f in range(self.num_heads) if e != f]
+
+    def probabilities(self, codes):
+        """(E, B, C) per-label probabilities of every head."""
+        return torch.stack([label_probabilities(codes[:, e], class_proxies(head), self.margin, self.temperature)
+                            for e, head in enumerate(self.heads)])
+
+    def class_weights(self, codes, labels, probabilities):
+        """((C,) detached distillation weights of mean 1, the probes' own loss); updates the probes' scores."""
+        if not self.reweighted:
+            return torch.ones(self.num_classes, device=codes.device), codes.new_zeros(())
+        features = codes.detach().mean(dim=1)
+        label_logits, distill_logits = self.label_probe(features), self.distill_probe(features)
+        probe_loss = (F.binary_cross_entropy_with_logits(label_logits, (labels > 0).float())
+                      + F.binary_cross_entropy_with_logits(distill_logits, probabilities.detach().mean(dim=0)))
+        if self.training:
+            self.update_scores(label_logits.detach(), distill_logits.detach(), labels)
+        weights = 1 + self.reweight * F.relu(self.label_scores - self.distill_scores)
+        return (weights / weights.mean()).detach(), probe_loss
+
+    @torch.no_grad()
+    def update_scores(self, label_logits, distill_logits, labels):
+        positive = (labels > 0).float()
+        count = positive.sum(dim=0)
+        seen = count > 0
+        for scores, logits in ((self.label_scores, label_logits), (self.distill_scores, distill_logits)):
+            batch_scores = (torch.sigmoid(logits) * positive).sum(dim=0) / count.clamp(min=1)
+            scores.copy_(torch.where(seen, self.ema * scores + (1 - self.ema) * batch_scores, scores))
+
+    def distillation(self, probabilities, weights):
+        terms = [(weights * binary_kl(probabilities[f].detach(), probabilities[e])).mean()
+                 for e, f in self.head_pairs()]
+        return torch.stack(terms).mean()
+
+    def feature_distillation(self, codes):
+        terms = [(1 - F.cosine_similarity(codes[:, e], codes[:, f], dim=1)).mean() for e, f in self.head_pairs()]
+        return torch.stack(terms).mean()
+
+    def contrastive_term(self, codes, labels):
+        return torch.stack([multi_positive_info_nce(codes[:, e], class_proxies(head), labels, self.tau)
+                            for e, head in enumerate(self.heads)]).mean()
+
+    def forward(self, codes, labels):
+        codes = codes.float()
+        if codes.dim() != 3 or codes.shape[1] != self.num_heads:
+            raise ValueError(f"expected (batch, {self.num_heads} heads, bits) outputs, got {tuple(codes.shape)}")
+        loss = sum(head(codes[:, e], labels) for e, head in enumerate(self.heads))
+        if self.distill > 0:
+            probabilities = self.probabilities(codes)
+            weights, probe_loss = self.class_weights(codes, labels, probabilities)
+            # The probes see detached codes, so their loss trains them alone.
+            loss = loss + self.distill * self.distillation(probabilities, weights) + probe_loss
+        if self.feature > 0:
+            loss = loss + self.feature * self.feature_distillation(codes)
+        if self.contrastive > 0:
+            loss = loss + self.contrastive * self.contrastive_term(codes, labels)
+        return loss
+
+    def hyperparameters(self):
+        own = {f"ecl_{name}": value for name, value in super().hyperparameters().items()}
+        return {**self.heads[0].hyperparameters(), "experts": self.num_heads, **own}
 
 
 LOSSES = {loss_class.name: loss_class for loss_class in (
@@ -543,9 +767,14 @@ LOSSES = {loss_class.name: loss_class for loss_class in (
 PROXY_LOSSES = [name for name, loss_class in LOSSES.items() if issubclass(loss_class, ProxyLoss)]
 
 
-def loss_label(name, hierarchy=0):
-    """The loss as output files and tables name it: the name, plus _hplK with K hierarchical clusters."""
-    return name + (f"_hpl{hierarchy}" if hierarchy else "")
+def loss_label(name, hierarchy=0, experts=1):
+    """The loss as output files and tables name it: the name, plus _hplK with K hierarchical clusters or
+    _hpl-NAME with the given hierarchy NAME (a str), plus _eclE with E collaborative heads."""
+    if isinstance(hierarchy, str):
+        name += f"_hpl-{hierarchy}"
+    elif hierarchy:
+        name += f"_hpl{hierarchy}"
+    return name + (f"_ecl{experts}" if experts > 1 else "")
 
 
 def tunable_hyperparameters(name):
@@ -558,8 +787,9 @@ def build_loss(name, num_classes, hash_bit, zeta=None, seed=0, hierarchy=0, hier
     """The loss registered under `name`, e.g. build_loss("hyp2", 20, 48, beta=0.5).
 
     zeta and seed reach the losses that use them (zeta=None: the code table's value). hierarchy K > 0
-    wraps the loss in HierarchicalProxyLoss with K clusters and `hierarchy_settings` (its
-    hyper-parameters). Raises ValueError for an unknown name or impossible settings.
+    wraps the loss in HierarchicalProxyLoss with K clusters, and a list of level assignments (one
+    class -> group index list per level) in one with that given hierarchy; `hierarchy_settings` are its
+    hyper-parameters. Raises ValueError for an unknown name or impossible settings.
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}")
@@ -567,6 +797,14 @@ def build_loss(name, num_classes, hash_bit, zeta=None, seed=0, hierarchy=0, hier
     run_supplied = {"zeta": zeta} if loss_class.uses_zeta else {}
     run_supplied.update({"seed": seed} if loss_class.uses_seed else {})
     loss = loss_class(num_classes, hash_bit, **run_supplied, **hyperparameters)
+    if isinstance(hierarchy, (list, tuple)):
+        return HierarchicalProxyLoss(loss, seed=seed, levels=hierarchy, **(hierarchy_settings or {}))
     if not hierarchy:
         return loss
     return HierarchicalProxyLoss(loss, hierarchy, seed, **(hierarchy_settings or {}))
+
+
+def build_experts_loss(experts, build_head, **settings):
+    """CollaborativeExpertsLoss over `experts` heads, each `build_head()` (a fresh proxy loss, so every
+    head draws its own proxies), with its hyper-parameters `settings`; ValueError for impossible ones."""
+    return CollaborativeExpertsLoss([build_head() for _ in range(experts)], **settings)

@@ -82,6 +82,7 @@ class BackboneSpec:
     input_size: int                  # square input side the images are resized to
     default_lr: float                # network learning rate when --lr is 0
     imagenet_weights: object = None  # the torchvision weights enum member the paper's code used
+    hash_layer: str = "fc"           # name of the last Linear (the hash layer), which --experts replicates
 
     @property
     def pretrained_available(self):
@@ -108,9 +109,9 @@ def _build_resnet(hash_bit, imagenet_state=None):
 
 
 BACKBONES = {
-    "small": BackboneSpec(_build_small, input_size=32, default_lr=0.05),
+    "small": BackboneSpec(_build_small, input_size=32, default_lr=0.05, hash_layer="hash_layer"),
     "alexnet": BackboneSpec(_build_alexnet, input_size=224, default_lr=0.01,
-                            imagenet_weights=models.AlexNet_Weights.IMAGENET1K_V1),
+                            imagenet_weights=models.AlexNet_Weights.IMAGENET1K_V1, hash_layer="hash_layer.6"),
     "googlenet": BackboneSpec(InceptionV3Hash, input_size=448, default_lr=0.02,
                               imagenet_weights=models.Inception_V3_Weights.IMAGENET1K_V1),
     # The paper's code has no learning rate for resnet (it crashes there); 0.01 as for AlexNet, the
@@ -120,13 +121,50 @@ BACKBONES = {
 }
 
 
-def build_network(name, hash_bit, pretrained=None):
+class HashExperts(nn.Module):
+    """E hash heads on one shared trunk (--experts, docs/METHOD.md §8): the backbone with its hash layer
+    replaced by Identity, and E Linear heads (head 0 is the backbone's own hash layer).
+
+    In training mode the output is (B, E, n), one code per head, for the collaborative loss; in eval mode
+    it is (B, n), the code used for retrieval: head `inference_head`, or with "mean" the mean of the
+    heads' outputs (taken before the sign).
+    """
+
+    def __init__(self, network, hash_layer_name, experts, inference_head=0):
+        super().__init__()
+        if experts < 2:
+            raise ValueError(f"a multi-head network needs at least 2 heads, got {experts}")
+        if inference_head != "mean" and not 0 <= int(inference_head) < experts:
+            raise ValueError(f"inference head {inference_head} does not exist: choose 0 to {experts - 1} or mean")
+        hash_layer = network.get_submodule(hash_layer_name)
+        parent_name, _, child = hash_layer_name.rpartition(".")
+        setattr(network.get_submodule(parent_name), child, nn.Identity())
+        self.trunk = network
+        heads = [hash_layer] + [nn.Linear(hash_layer.in_features, hash_layer.out_features) for _ in range(experts - 1)]
+        self.heads = nn.ModuleList(heads)
+        self.inference_head = inference_head
+
+    def forward(self, images):
+        features = self.trunk(images)
+        if self.training:
+            return torch.stack([head(features) for head in self.heads], dim=1)
+        if self.inference_head == "mean":
+            return torch.stack([head(features) for head in self.heads]).mean(dim=0)
+        return self.heads[int(self.inference_head)](features)
+
+
+def build_network(name, hash_bit, pretrained=None, experts=1, inference_head=0):
     """The hash network `name` with a hash_bit-wide output.
 
     pretrained: a torchvision ImageNet state_dict of the backbone (see utils/checkpoint.imagenet_state_dict), loaded
     before the last layer is replaced by the hash layer; None or False for random initialisation.
     A state_dict that does not fit the backbone raises ValueError.
+    experts E > 1: a HashExperts network with E heads, retrieving with `inference_head` (an index or "mean");
+    E = 1 is the plain network, whose state_dict is the paper's checkpoint format.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    return BACKBONES[name].build(hash_bit, imagenet_state=pretrained or None)
+    network = BACKBONES[name].build(hash_bit, imagenet_state=pretrained or None)
+    if experts == 1:
+        return network
+    return HashExperts(network, BACKBONES[name].hash_layer, experts, inference_head)

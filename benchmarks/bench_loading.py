@@ -112,7 +112,7 @@ def run_variant(variant, root, size, workers):
     import torch
     from torch.utils.data import DataLoader
 
-    from data import get_dataset_spec
+    from data import DataOptions, get_dataset_spec
     from data.transforms import image_transform
 
     spec = get_dataset_spec("voc2007")
@@ -126,7 +126,7 @@ def run_variant(variant, root, size, workers):
             if variant == "cache_build":
                 for old in (Path(root) / "VOCdevkit" / "VOC2007" / "cache").glob("*.npy"):
                     old.unlink()
-            train = spec.build(root, 0, size, cache=variant != "lazy").train
+            train = spec.build(root, 0, size, DataOptions(cache=variant != "lazy")).train
         timings["prepare_s"] = time.perf_counter() - started
         loader = DataLoader(train, batch_size=100, shuffle=True, num_workers=workers,
                             generator=torch.Generator().manual_seed(0))

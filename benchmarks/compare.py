@@ -136,7 +136,7 @@ def cell_args(options, variant, bits, seed, extra=()):
     loss, hierarchy = split_variant(variant)
     output_dir = grid_root(options) / f"{variant}_{bits}bit_seed{seed}"
     owned = dict(loss=loss, hierarchy=hierarchy, hash_bit=bits, seed=seed, output_dir=str(output_dir), test=False,
-                 no_save=False, checkpoint=None, query=None, export_index=None)
+                 no_save=False, overwrite=True, checkpoint=None, query=None, export_index=None)
     settings = {key: value for key, value in vars(options).items() if key not in GRID_FLAGS}
     args = retrieval.get_args_parser().parse_args(list(extra), namespace=argparse.Namespace(**{**settings, **owned}))
     if any(getattr(args, key) != value for key, value in owned.items()):

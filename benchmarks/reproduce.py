@@ -19,7 +19,6 @@ import argparse
 import csv
 import io
 import shlex
-import statistics
 import sys
 import time
 from functools import lru_cache
@@ -32,11 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval  # noqa: E402
 from benchmarks import compare  # noqa: E402
 from data import flickr, voc  # noqa: E402
-from loss import LOSSES  # noqa: E402
 from network import BACKBONES, build_network  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.errors import UserError, run_reporting_errors  # noqa: E402
-from utils.runlog import read_run_log  # noqa: E402
 
 TABLES = {"flickr_nus": ("flickr", "nuswide"), "voc": ("voc2007", "voc2012")}
 

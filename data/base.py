@@ -1,6 +1,6 @@
 """What every dataset module provides: a DatasetSpec for the registry and the three retrieval splits."""
 from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -14,17 +14,41 @@ class RetrievalSplits(NamedTuple):
 
 
 @dataclass(frozen=True)
+class DataOptions:
+    """How a dataset is read (the data flags of the command line)."""
+    cache: bool = False  # --cache: decode each image once into a memory-mapped uint8 file
+    skip_bad_images: bool = False  # leave out missing or undecodable images instead of stopping
+    strict_images: bool = False  # a truncated image is an error instead of being padded (the paper's loader pads)
+    split: str = "paper"  # "paper": the paper's fixed split where one is shipped (flickr); "random": seeded
+    imbalance: float = 1.0  # --imbalance: ratio of the commonest to the rarest class (long-tailed variants)
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     name: str
     num_classes: int  # 0: read from the data (the generic list format)
     default_topk: int  # K of mAP@K when --retrieve is 0; 0 means the whole database
-    build: Callable[..., RetrievalSplits]  # build(root, seed, input_size, cache=False, skip_bad_images=False) -> RetrievalSplits
+    build: Callable[..., RetrievalSplits]  # build(root, seed, input_size, options=DataOptions()) -> RetrievalSplits
     summary: str
     in_memory: bool = False  # in-memory datasets gain nothing from DataLoader worker processes
+    # list_splits(root, seed, options, problems=None) -> {"train"|"query"|"database": LabelledPaths}, without
+    # opening an image (what `python -m data.verify` checks; bad lines go to `problems` where the format allows
+    # skipping them); None for in-memory datasets
+    list_splits: Optional[Callable[..., dict]] = None
+    describe: Optional[Callable[..., dict]] = None  # describe(root, options) -> what the run log records of the files
+    class_names: tuple = ()  # the classes in label order, where the dataset names them
+    options: tuple = ()  # DataOptions fields beyond the common ones that its build() honours (digits: "imbalance")
 
     def with_classes_of(self, splits):
         """This spec, with num_classes taken from the built splits when the dataset leaves it to the data."""
         return self if self.num_classes else replace(self, num_classes=label_width(splits.train))
+
+
+def split_labels(dataset):
+    """The (N, C) float label tensor of a dataset, through Subset wrappers (their indices applied)."""
+    if isinstance(dataset, Subset):
+        return split_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    return torch.as_tensor(dataset.labels, dtype=torch.float32)
 
 
 def label_width(dataset):

@@ -25,14 +25,29 @@ NUM_CLASSES = 10
 QUERY_PER_CLASS, TRAIN_PER_CLASS = 100, 500
 
 
+# The only globals a CIFAR-10 batch refers to: how numpy pickles an array. Anything else (os.system, eval, ...)
+# would run code while unpickling, so a crafted batch file is refused instead (see README, Threat model).
+ARRAY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                 ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles builtin containers, bytes, str, numbers and numpy arrays; refuses every other global."""
+
+    def find_class(self, module, name):
+        if (module, name) not in ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not part of a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
 def read_batch(path):
     """uint8 (N, 3, 32, 32) images and int64 (N,) classes of one pickled CIFAR-10 batch."""
     try:
         with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+            batch = BatchUnpickler(handle, encoding="bytes").load()
         images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         classes = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"cannot read the CIFAR-10 batch {path} ({type(exc).__name__}: {exc}); delete "
                         f"{Path(path).parent} to extract the archive again") from None
     if len(images) != len(classes) or classes.min() < 0 or classes.max() >= NUM_CLASSES:
@@ -56,8 +71,8 @@ def mini_protocol(classes, seed, query_per_class=QUERY_PER_CLASS, train_per_clas
     return query, train, np.setdiff1d(np.arange(len(classes)), query)
 
 
-def build(root, seed, input_size, cache=False, skip_bad_images=False):
-    del cache, skip_bad_images  # held in memory already, decoded from the batches
+def build(root, seed, input_size, options=None):
+    del options  # held in memory already, decoded from the batches
     folder = ensure_extracted(Path(root), FOLDER, ARCHIVES)
     images, classes = (np.concatenate(parts) for parts in zip(*(read_batch(folder / name) for name in BATCHES)))
     labels = np.eye(NUM_CLASSES, dtype=np.float32)[classes]

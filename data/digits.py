@@ -6,6 +6,10 @@ channels; its label is the multi-hot set of those classes. The source digits are
 two disjoint pools: queries are built from one, train/database mosaics from the other, so a query
 never reuses a scan seen in training. The database is the training set, as in VOC2007's protocol.
 Everything is a function of the seed.
+
+Long-tailed variant (`imbalance` rho > 1, docs/METHOD.md §8.1): class c (digit c) may appear in at most
+n_c = round(n_max * rho^(-c / (C - 1))) training mosaics, n_max being a class's share of the balanced set;
+the training set (= database) is drawn from a larger pool, tail classes first, and the queries stay balanced.
 """
 from functools import lru_cache
 
@@ -69,19 +73,57 @@ def make_mosaics(images, targets, pool, count, rng):
     return np.repeat(mosaics[:, None], 3, axis=1), labels
 
 
-def generate(seed, train_size=TRAIN_SIZE, query_size=QUERY_SIZE):
-    """(train_images, train_labels, query_images, query_labels), deterministic in `seed`."""
+def class_budgets(imbalance, head_count, num_classes=NUM_CLASSES):
+    """n_c = round(head_count * imbalance^(-c / (C - 1))): exponentially decaying from class 0 to class C - 1."""
+    return np.round(head_count * float(imbalance) ** (-np.arange(num_classes) / (num_classes - 1))).astype(np.int64)
+
+
+def long_tailed_selection(labels, budgets, rng):
+    """Sorted indices of the rows of (N, C) `labels` kept so that class c is in at most budgets[c] of them.
+
+    Tail first: rows are offered in order of their rarest class (highest index) descending, ties in random
+    order, and a row is kept when every one of its classes still has room, so the scarce tail rows are
+    taken before head-only rows fill the head budgets.
+    """
+    positive = labels > 0
+    rarest = np.where(positive, np.arange(labels.shape[1]), -1).max(axis=1)
+    order = np.lexsort((rng.random(len(labels)), -rarest))
+    room, kept = budgets.copy(), []
+    for row in order:
+        classes = np.flatnonzero(positive[row])
+        if (room[classes] > 0).all():
+            room[classes] -= 1
+            kept.append(row)
+    return np.sort(np.asarray(kept, dtype=np.int64))
+
+
+LONG_TAIL_POOL_FACTOR = 5  # pool of mosaics the long-tailed training set is drawn from, x TRAIN_SIZE
+
+
+def generate(seed, train_size=TRAIN_SIZE, query_size=QUERY_SIZE, imbalance=1.0):
+    """(train_images, train_labels, query_images, query_labels), deterministic in `seed`; imbalance > 1
+    draws a long-tailed training set (class_budgets with the balanced set's mean class count as n_max)."""
     images, targets = load_source_digits()
-    pools_rng, train_rng, query_rng = (np.random.default_rng([seed, stream]) for stream in range(3))
+    pools_rng, train_rng, query_rng, tail_rng = (np.random.default_rng([seed, stream]) for stream in range(4))
     train_pool, query_pool = split_pools(targets, pools_rng)
-    train = make_mosaics(images, targets, train_pool, train_size, train_rng)
+    if imbalance == 1:
+        train = make_mosaics(images, targets, train_pool, train_size, train_rng)
+    else:
+        pool_images, pool_labels = make_mosaics(images, targets, train_pool, LONG_TAIL_POOL_FACTOR * train_size,
+                                                train_rng)
+        head_count = int(round(train_size * (MAX_DIGITS + 1) / 2 / NUM_CLASSES))  # 1-3 digits: 2 per mosaic
+        kept = long_tailed_selection(pool_labels, class_budgets(imbalance, head_count), tail_rng)
+        train = pool_images[kept], pool_labels[kept]
     query = make_mosaics(images, targets, query_pool, query_size, query_rng)
     return (*train, *query)
 
 
-def build(root, seed, input_size, cache=False, skip_bad_images=False):
-    del root, cache, skip_bad_images  # nothing on disk: the source digits come with scikit-learn, and stay in memory
-    train_images, train_labels, query_images, query_labels = generate(seed)
+def build(root, seed, input_size, options=None):
+    del root  # nothing on disk: the source digits come with scikit-learn, and stay in memory
+    imbalance = options.imbalance if options is not None else 1.0
+    if imbalance < 1:
+        raise ValueError(f"--imbalance {imbalance:g}: the ratio of the commonest to the rarest class must be >= 1")
+    train_images, train_labels, query_images, query_labels = generate(seed, imbalance=imbalance)
     # Mirrored digits are other glyphs, so no flip augmentation here.
     train_transform = BatchTransform(input_size, train=True, hflip=False)
     eval_transform = BatchTransform(input_size, train=False)
@@ -93,4 +135,5 @@ def build(root, seed, input_size, cache=False, skip_bad_images=False):
 
 SPEC = DatasetSpec(
     name="digits", num_classes=NUM_CLASSES, default_topk=0, build=build, in_memory=True,
+    class_names=tuple(str(digit) for digit in range(NUM_CLASSES)), options=("imbalance",),
     summary="embedded: 2x2 mosaics of 1-3 scikit-learn digits; 4,000 train = database, 500 queries")

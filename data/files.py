@@ -1,26 +1,29 @@
 """Datasets of image files: decoded lazily, one image at a time in the DataLoader workers, or read
 from the opt-in uint8 cache (`--cache`, data/image_cache.py). Each dataset family module only lists
 (paths, labels) per split and calls file_splits()."""
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 from utils.errors import UserError
 from utils.runlog import progress_bar, warn
 
-from .base import RetrievalSplits
+from .base import DataOptions, RetrievalSplits
 from .image_cache import CachedImageDataset, ImageCache, decoding_loader
 from .transforms import BatchTransform, image_transform, resize_steps
 
 
 class LabelledPaths(NamedTuple):
-    """One split of a file dataset: image paths (str) and their (N, C) 0/1 labels."""
+    """One split of a file dataset: image paths (str), their (N, C) 0/1 labels, and the file that lists them."""
     paths: list
     labels: np.ndarray
+    source: str = ""
 
 
 class UnreadableImage(UserError):
@@ -37,14 +40,65 @@ class UnreadableImage(UserError):
         super().__init__(message)
 
 
-def read_rgb(path, what="image", hint="replace the file or remove its line from the split"):
-    """The image at `path` as an RGB PIL image; UnreadableImage (naming `what` and the `hint`) if it
-    cannot be decoded."""
+@contextmanager
+def truncated_images_loaded():
+    """PIL pads a truncated image with grey instead of failing, as the paper's code (which sets
+    ImageFile.LOAD_TRUNCATED_IMAGES globally) does; only for the decode inside this block."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
     try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def to_rgb(image):
+    """An RGB image with 8 bits a channel. 16-bit and 32-bit grey images are scaled down (65535 -> 255):
+    PIL's convert("RGB") would clip every value above 255 to white."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    scale = 255.0 if image.mode == "F" and values.max(initial=0) <= 1 else 255.0 / 65535.0
+    grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _open_rgb(path):
+    with warnings.catch_warnings():
+        # Over PIL's pixel limit PIL only warns (an error from twice the limit): refuse both alike.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return to_rgb(image)
+
+
+def decode_rgb(path, strict=False, what="image", hint="replace the file or remove its line from the split"):
+    """(RGB PIL image, whether it was truncated) of the file at `path`.
+
+    A file is truncated when PIL fails to decode it strictly but decodes it with
+    LOAD_TRUNCATED_IMAGES; such an image is returned padded unless `strict`. UnreadableImage (naming
+    `what` and the `hint`) if it cannot be decoded at all. The strict attempt comes first, so only
+    truncated files are decoded twice.
+    """
+    try:
+        return _open_rgb(path), False
+    except (ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(f"cannot read {what} {path} ({exc}); {hint}") from None
+    except OSError as exc:
+        error = exc
+    try:
+        with truncated_images_loaded():
+            image = _open_rgb(path)
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableImage(f"cannot read {what} {path} ({exc}); {hint}") from None
+    if strict:
+        raise UnreadableImage(f"{what} {path} is truncated ({error}); --strict_images makes this an error: replace "
+                              "the file, or drop --strict_images to load it padded as the paper's code does")
+    return image, True
+
+
+def read_rgb(path, what="image", hint="replace the file or remove its line from the split"):
+    """The image at `path` as an RGB PIL image (a truncated one padded); UnreadableImage if it cannot be decoded."""
+    return decode_rgb(path, what=what, hint=hint)[0]
 
 
 def require_files(paths, listed_in, allow_missing=False):
@@ -57,30 +111,36 @@ def require_files(paths, listed_in, allow_missing=False):
                         "--skip_bad_images to leave them out")
 
 
-class _Readable(Dataset):
-    """Whether each image decodes; iterated by DataLoader workers to check a dataset in parallel."""
+class ImageCheck(Dataset):
+    """Item i: "ok", "truncated" or "unreadable: REASON" for image i; iterated by DataLoader workers
+    to check a dataset in parallel."""
 
-    def __init__(self, paths):
+    def __init__(self, paths, strict=False):
         self.paths = paths
+        self.strict = strict
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         try:
-            read_rgb(self.paths[index])
-        except UnreadableImage:
-            return False
-        return True
+            return "truncated" if decode_rgb(self.paths[index], self.strict)[1] else "ok"
+        except UnreadableImage as exc:
+            return f"unreadable: {exc}"
 
 
-def drop_unreadable(splits):
+def check_images(paths, strict=False, desc="checking images"):
+    """ImageCheck's verdict for every path, in order, decoded in DataLoader workers with a progress bar."""
+    loader = decoding_loader(ImageCheck(paths, strict), batch_size=64, collate_fn=list)
+    return [verdict for batch in progress_bar(loader, desc=desc, unit="batch") for verdict in batch]
+
+
+def drop_unreadable(splits, strict=False):
     """--skip_bad_images: decode every image once (in DataLoader workers) and leave out the missing and
     unreadable ones, with a warning that counts them. Returns the filtered LabelledPaths, same order."""
     every_image = list(dict.fromkeys(path for split in splits for path in split.paths))
-    loader = decoding_loader(_Readable(every_image), batch_size=64, collate_fn=list)
-    readable = [ok for batch in progress_bar(loader, desc="checking images", unit="batch") for ok in batch]
-    bad = {path for path, ok in zip(every_image, readable) if not ok}
+    verdicts = check_images(every_image, strict)
+    bad = {path for path, verdict in zip(every_image, verdicts) if verdict.startswith("unreadable")}
     if bad:
         examples = ", ".join(sorted(bad)[:3])
         warn(f"--skip_bad_images left out {len(bad)} of {len(every_image)} images that are missing or cannot be "
@@ -88,43 +148,84 @@ def drop_unreadable(splits):
     kept = []
     for split in splits:
         keep = np.array([path not in bad for path in split.paths], dtype=bool)
-        kept.append(LabelledPaths([path for path, ok in zip(split.paths, keep) if ok], split.labels[keep]))
+        paths = [path for path, ok in zip(split.paths, keep) if ok]
+        kept.append(LabelledPaths(paths, split.labels[keep], split.source))
     return kept
 
 
 class ImageFileDataset(Dataset):
-    """Images read from `paths` when an item is requested; `transform` maps a PIL image to a tensor."""
+    """Images read from `paths` when an item is requested; `transform` maps a PIL image to a tensor.
 
-    def __init__(self, paths, labels, transform):
+    Truncated images are padded (an error if `strict`), and marked in `truncated`, one byte per image
+    in shared memory, so that the marks set by DataLoader worker processes are seen by the main process.
+    """
+
+    def __init__(self, paths, labels, transform, strict=False):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} images but {len(labels)} label rows")
         self.paths = [str(path) for path in paths]
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
         self.transform = transform
+        self.strict = strict
+        self.truncated = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return self.transform(read_rgb(self.paths[index])), self.labels[index]
+        image, truncated = decode_rgb(self.paths[index], self.strict)
+        if truncated:
+            self.truncated[index] = 1
+        return self.transform(image), self.labels[index]
+
+    def truncated_paths(self):
+        return {self.paths[i] for i in torch.nonzero(self.truncated).flatten().tolist()}
 
 
-def file_splits(name, train, query, database, input_size, cache_dir=None, skip_unreadable=False):
-    """RetrievalSplits of three LabelledPaths: decoded lazily, or, with a cache_dir, read from the image
-    cache of dataset `name` there (built on first use; one cache for all splits, so each image is
-    decoded once however many splits hold it). skip_unreadable: see drop_unreadable."""
-    if skip_unreadable:
-        train, query, database = drop_unreadable([train, query, database])
+def truncated_paths(datasets):
+    """The distinct image files found truncated so far while decoding any of `datasets` (through Subsets)."""
+    found = set()
+    for dataset in datasets:
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
+        found |= dataset.truncated_paths() if hasattr(dataset, "truncated_paths") else set()
+    return found
+
+
+def truncation_note(count):
+    """The one line a run prints when it padded truncated images ("" when there were none)."""
+    if not count:
+        return ""
+    return (f"{count} truncated image{'s were' if count != 1 else ' was'} padded, as the paper's loader does "
+            "(--strict_images makes them an error)")
+
+
+def file_splits(name, splits, input_size, cache_dir=None, options=DataOptions()):
+    """RetrievalSplits of {"train", "query", "database": LabelledPaths}: decoded lazily, or, with a
+    cache_dir, read from the image cache of dataset `name` there (built on first use; one cache for all
+    splits, so each image is decoded once however many splits hold it). Missing files stop the run here,
+    before any training, unless options.skip_bad_images leaves them out with the undecodable ones."""
+    train, query, database = (splits[part] for part in ("train", "query", "database"))
+    for split in (train, query, database):
+        require_files(split.paths, split.source, allow_missing=options.skip_bad_images)
+    if options.skip_bad_images:
+        train, query, database = drop_unreadable([train, query, database], options.strict_images)
     if cache_dir is None:
-        return RetrievalSplits(
-            train=ImageFileDataset(*train, image_transform(input_size, train=True)),
-            query=ImageFileDataset(*query, image_transform(input_size, train=False)),
-            database=ImageFileDataset(*database, image_transform(input_size, train=False)))
+        def lazy(split, train_transform=False):
+            transform = image_transform(input_size, train=train_transform)
+            return ImageFileDataset(split.paths, split.labels, transform, options.strict_images)
+
+        return RetrievalSplits(train=lazy(train, train_transform=True), query=lazy(query), database=lazy(database))
 
     every_image = list(dict.fromkeys([*train.paths, *query.paths, *database.paths]))
-    decoder = ImageFileDataset(every_image, np.zeros((len(every_image), 0)), v2.Compose(resize_steps(input_size)))
+    decoder = ImageFileDataset(every_image, np.zeros((len(every_image), 0)), v2.Compose(resize_steps(input_size)),
+                               options.strict_images)
     cache = ImageCache.open_or_build(cache_dir, name, decoder, input_size)
-    return RetrievalSplits(
-        train=CachedImageDataset(cache, *train, BatchTransform(input_size, train=True)),
-        query=CachedImageDataset(cache, *query, BatchTransform(input_size, train=False)),
-        database=CachedImageDataset(cache, *database, BatchTransform(input_size, train=False)))
+    note = truncation_note(len(decoder.truncated_paths()))
+    if note:
+        print(note)
+
+    def cached(split, train_transform=False):
+        return CachedImageDataset(cache, split.paths, split.labels, BatchTransform(input_size, train=train_transform))
+
+    return RetrievalSplits(train=cached(train, train_transform=True), query=cached(query), database=cached(database))

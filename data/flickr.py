@@ -1,15 +1,19 @@
 """MIRFlickr-25k as a multi-label retrieval dataset (38 labels).
 
-Folder DATA_ROOT/flickr25k/ with the images in mirflickr/ (im1.jpg ... im25000.jpg) and the labels in
-either form:
+Folder DATA_ROOT/flickr25k/ with the images in mirflickr/ (im1.jpg ... im25000.jpg).
+
+--split paper (the default) is the paper's fixed split (docs/METHOD.md §4), from the files that ship in
+data/splits/: img.txt (24,581 image names), targets.txt (their 38 labels) and the permutation perm;
+query = perm[:1000], train = perm[1000:5000], database = perm[5000:] (19,581). Only the images are needed.
+
+--split random draws a permutation from --seed instead, over labels in either form:
 - prepared (the paper's): img.txt (one image name per line, relative to mirflickr/) and targets.txt
   (38 labels 0/1 per line, same order);
 - official: annotations/ with the 38 files of mirflickr25k_annotations_v080.zip that list image
   numbers: the 24 concept files and the 14 *_r1 ("relevant") files. Labels follow the alphabetical
   order of the file names; images with no label are dropped (24,581 remain).
-Split as the paper's code: a random permutation of the images gives 1,000 queries, the next 4,000 are
-the training set and the rest (19,581) the database. The permutation is drawn from --seed once and
-saved as flickr25k/split_seed{seed}.json (image names in permuted order), which later runs reuse.
+The permutation is drawn once and saved as flickr25k/split_seed{seed}.json (image names in permuted
+order), which later runs reuse.
 """
 import json
 from pathlib import Path
@@ -20,9 +24,10 @@ from utils.atomic import write_json
 from utils.errors import UserError
 from utils.runlog import warn
 
-from .base import DatasetSpec
-from .files import LabelledPaths, file_splits, require_files
+from .base import DataOptions, DatasetSpec
+from .files import LabelledPaths, file_splits
 from .lists import parse_label_row
+from .protocol import shipped_bytes
 
 FOLDER = "flickr25k"
 IMAGES = "mirflickr"
@@ -33,17 +38,24 @@ RELEVANT = ("baby", "bird", "car", "clouds", "dog", "female", "flower", "male", 
             "sea", "tree")
 LABELS = tuple(sorted(CONCEPTS + tuple(f"{name}_r1" for name in RELEVANT)))
 NUM_IMAGES = 25000
-QUERY_SIZE, TRAIN_SIZE = 1000, 4000
+QUERY_SIZE, TRAIN_SIZE = 1000, 4000  # query = order[:1000], train = order[1000:5000], database = the rest
 
 
 def read_prepared(folder):
     """(names relative to folder, labels) from img.txt and targets.txt."""
     img_txt, targets_txt = folder / "img.txt", folder / "targets.txt"
     try:
-        names = [line.strip() for line in img_txt.read_text().splitlines() if line.strip()]
-        target_lines = [line for line in targets_txt.read_text().splitlines() if line.strip()]
+        # utf-8-sig: a BOM (Windows editors) is not part of the first image name
+        return parse_prepared(img_txt.read_text(encoding="utf-8-sig"), targets_txt.read_text(encoding="utf-8-sig"),
+                              img_txt, targets_txt)
     except OSError as exc:
         raise UserError(f"cannot read {exc.filename} ({exc.strerror})") from None
+
+
+def parse_prepared(img_text, targets_text, img_txt, targets_txt):
+    """(names relative to the flickr25k folder, labels) from the texts of img.txt and targets.txt."""
+    names = [line.strip() for line in img_text.splitlines() if line.strip()]
+    target_lines = [line for line in targets_text.splitlines() if line.strip()]
     if len(names) != len(target_lines):
         raise UserError(f"{img_txt} lists {len(names)} images but {targets_txt} has {len(target_lines)} label lines")
     labels = np.array([parse_label_row(line.split(), targets_txt, number, len(LABELS), "MIRFlickr-25k")
@@ -57,7 +69,7 @@ def read_annotations(folder):
     for column, label in enumerate(LABELS):
         path = folder / "annotations" / f"{label}.txt"
         try:
-            lines = path.read_text().splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except OSError as exc:
             raise UserError(f"cannot read {path} ({exc.strerror}); annotations/ needs the 38 label files of "
                             "mirflickr25k_annotations_v080.zip (24 concepts and 14 *_r1)") from None
@@ -92,8 +104,35 @@ def split_order(folder, names, seed):
     return order
 
 
-def build(root, seed, input_size, cache=False, skip_bad_images=False):
+def paper_split(folder):
+    """{"train", "query", "database": LabelledPaths} of the paper's split, from the shipped files."""
+    names, labels = parse_prepared(shipped_bytes("flickr25k_img.txt").decode(),
+                                   shipped_bytes("flickr25k_targets.txt").decode(),
+                                   "data/splits/flickr25k_img.txt.gz", "data/splits/flickr25k_targets.txt.gz")
+    perm = np.array(json.loads(shipped_bytes("flickr25k_permutation.json")))
+    source = "data/splits/flickr25k_img.txt.gz (the paper's split, shipped)"
+
+    def part(rows):
+        return LabelledPaths([str(folder / names[row]) for row in rows], labels[rows], source)
+
+    return cut(perm, part)
+
+
+def list_splits(root, seed=0, options=DataOptions(), problems=None):
+    """The paper's split (options.split == "paper") or a seeded one (see the module's docstring); a bad
+    line stops it, whether or not a `problems` list is given."""
+    del problems
     folder = Path(root) / FOLDER
+    if not (folder / IMAGES).is_dir():
+        raise UserError(f"no MIRFlickr-25k images in {folder / IMAGES}: put the images of mirflickr25k.zip there "
+                        "(im1.jpg ... im25000.jpg; see README, Datasets), or pass --data_root")
+    if options.split == "paper":
+        return paper_split(folder)
+    return random_split(folder, seed)
+
+
+def random_split(folder, seed):
+    """--split random: labels from img.txt + targets.txt or annotations/, a permutation drawn from seed."""
     if (folder / "img.txt").exists():
         names, labels = read_prepared(folder)
         listed_in = folder / "img.txt"
@@ -105,19 +144,35 @@ def build(root, seed, input_size, cache=False, skip_bad_images=False):
                         f"img.txt + targets.txt or the annotation files in {folder / 'annotations'} "
                         "(see README, Datasets); or pass --data_root")
     paths = [str(folder / name) for name in names]
-    require_files(paths, listed_in, allow_missing=skip_bad_images)
     row_of = {name: row for row, name in enumerate(names)}
     rows = np.array([row_of[name] for name in split_order(folder, names, seed)])
 
     def part(selected):
-        return LabelledPaths([paths[row] for row in selected], labels[selected])
+        return LabelledPaths([paths[row] for row in selected], labels[selected], str(listed_in))
 
-    query, train = part(rows[:QUERY_SIZE]), part(rows[QUERY_SIZE:QUERY_SIZE + TRAIN_SIZE])
-    database = part(rows[QUERY_SIZE + TRAIN_SIZE:])
-    return file_splits("flickr", train, query, database, input_size, cache_dir=folder / "cache" if cache else None,
-                       skip_unreadable=skip_bad_images)
+    return cut(rows, part)
+
+
+def cut(order, part):
+    """The three splits of a permutation of rows, as the paper's code cuts it; part(rows) -> LabelledPaths."""
+    return {"train": part(order[QUERY_SIZE:QUERY_SIZE + TRAIN_SIZE]), "query": part(order[:QUERY_SIZE]),
+            "database": part(order[QUERY_SIZE + TRAIN_SIZE:])}
+
+
+def build(root, seed, input_size, options=DataOptions()):
+    folder = Path(root) / FOLDER
+    return file_splits("flickr", list_splits(root, seed, options), input_size,
+                       cache_dir=folder / "cache" if options.cache else None, options=options)
+
+
+def describe(root, options=DataOptions()):
+    """What the run log records of the split in use."""
+    if options.split == "paper":
+        return {"split": "paper (the paper's img.txt, targets.txt and permutation, shipped in data/splits)"}
+    return {"split": "random (seeded, saved in flickr25k/split_seed{seed}.json)"}
 
 
 SPEC = DatasetSpec(
-    name="flickr", num_classes=len(LABELS), default_topk=1000, build=build,
-    summary="MIRFlickr-25k: 24,581 labelled images; seeded split 1,000 queries, 4,000 train, the rest database")
+    name="flickr", num_classes=len(LABELS), default_topk=1000, build=build, list_splits=list_splits,
+    describe=describe, class_names=LABELS,
+    summary="MIRFlickr-25k: the paper's fixed split (1,000 queries, 4,000 train, 19,581 database), shipped")

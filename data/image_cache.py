@@ -10,6 +10,7 @@ renamed when complete, so an interrupted build leaves nothing that a later run c
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,8 +65,15 @@ class ImageCache:
         images) unless a complete cache of the same image list exists."""
         file = cache_file_for(cache_dir, name, decoder.paths, input_size)
         cache = cls(file, decoder.paths, input_size)
-        if not file.exists():
-            cache.build(decoder)
+        if file.exists():
+            try:
+                cache.check_shape()
+                return cache
+            except (UserError, ValueError, OSError, EOFError) as exc:  # damaged, truncated or replaced
+                print(f"note: the image cache {file} is unusable ({exc}); building it again", file=sys.stderr)
+                cache._array = None
+                file.unlink()
+        cache.build(decoder)
         cache.check_shape()
         return cache
 
@@ -86,7 +94,7 @@ class ImageCache:
         expected = (len(self.row_of), 3, self.input_size, self.input_size)
         if self.array.shape != expected or self.array.dtype != np.uint8:
             raise UserError(f"image cache {self.file} holds {self.array.dtype} {self.array.shape}, expected uint8 "
-                            f"{expected}; delete it so that it is rebuilt")
+                            f"{expected}")
 
     def build(self, decoder):
         count, side = len(decoder), self.input_size

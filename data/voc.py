@@ -16,8 +16,8 @@ import numpy as np
 from utils.errors import UserError
 
 from .archives import Archive, ensure_extracted
-from .base import DatasetSpec
-from .files import LabelledPaths, file_splits, require_files
+from .base import DataOptions, DatasetSpec
+from .files import LabelledPaths, file_splits
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
            "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -38,7 +38,7 @@ SPLITS = {"2007": ("trainval", "test"), "2012": ("train", "val")}  # (train = da
 def read_image_ids(voc_dir, split):
     path = Path(voc_dir) / "ImageSets" / "Main" / f"{split}.txt"
     try:
-        return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        return [line.split()[0] for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except OSError as exc:
         raise UserError(f"cannot read the VOC split file {path} ({exc.strerror}); {voc_dir} is incomplete: "
                         "delete it and rerun to extract the official archives again") from None
@@ -58,28 +58,35 @@ def read_labels(annotation_file):
     return label
 
 
-def read_split(voc_dir, split, allow_missing=False):
+def read_split(voc_dir, split):
     """Image paths and labels of one ImageSets/Main split."""
     ids = read_image_ids(voc_dir, split)
     paths = [str(Path(voc_dir) / "JPEGImages" / f"{image_id}.jpg") for image_id in ids]
-    require_files(paths, Path(voc_dir) / "ImageSets" / "Main" / f"{split}.txt", allow_missing)
     labels = np.stack([read_labels(Path(voc_dir) / "Annotations" / f"{image_id}.xml") for image_id in ids])
-    return LabelledPaths(paths, labels)
+    return LabelledPaths(paths, labels, str(Path(voc_dir) / "ImageSets" / "Main" / f"{split}.txt"))
 
 
-def build(year, root, seed, input_size, cache=False, skip_bad_images=False):
-    del seed  # the official splits are fixed
+def list_splits(year, root, seed=0, options=None, problems=None):
+    """The official splits (train = database); extracts the archives first if needed. A bad annotation
+    stops it, whether or not a `problems` list is given."""
+    del seed, options, problems  # the official splits are fixed
     voc_dir = ensure_extracted(Path(root), Path("VOCdevkit") / f"VOC{year}", ARCHIVES[year])
     train_split, query_split = SPLITS[year]
-    train = read_split(voc_dir, train_split, skip_bad_images)
-    query = read_split(voc_dir, query_split, skip_bad_images)
-    return file_splits(f"voc{year}", train, query, train, input_size,
-                       cache_dir=voc_dir / "cache" if cache else None, skip_unreadable=skip_bad_images)
+    train = read_split(voc_dir, train_split)
+    return {"train": train, "query": read_split(voc_dir, query_split), "database": train}
+
+
+def build(year, root, seed, input_size, options=DataOptions()):
+    voc_dir = Path(root) / "VOCdevkit" / f"VOC{year}"
+    return file_splits(f"voc{year}", list_splits(year, root), input_size,
+                       cache_dir=voc_dir / "cache" if options.cache else None, options=options)
 
 
 VOC2007 = DatasetSpec(
-    name="voc2007", num_classes=20, default_topk=5011, build=partial(build, "2007"),
+    name="voc2007", num_classes=20, default_topk=5011, build=partial(build, "2007"), class_names=CLASSES,
+    list_splits=partial(list_splits, "2007"),
     summary="PASCAL VOC2007: trainval 5,011 = train = database, test 4,952 queries")
 VOC2012 = DatasetSpec(
-    name="voc2012", num_classes=20, default_topk=5717, build=partial(build, "2012"),
+    name="voc2012", num_classes=20, default_topk=5717, build=partial(build, "2012"), class_names=CLASSES,
+    list_splits=partial(list_splits, "2012"),
     summary="PASCAL VOC2012: train 5,717 = database, val 5,823 queries")

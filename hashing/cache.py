@@ -3,16 +3,18 @@ evaluating or searching with the same checkpoint again needs no network pass.
 
 The file holds a CodeSet (hashing/codes.py: packed sign bits and packed labels, 6 bytes a code at 48
 bits, ~40x less than the JSON text the paper's code caches) and the key it was computed under: the
-SHA-256 of the checkpoint's bytes and the flags that change the data or its reading. A cache whose key
-differs from the current run's is ignored and rewritten, so a retrained checkpoint never reuses stale
-codes. Codes computed on another device may differ in the sign of outputs within floating-point
+SHA-256 of the checkpoint's bytes and everything else the codes depend on (the caller's settings: the
+data flags, the input size, a digest of each split's labels and images). A cache whose key differs
+from the current run's is ignored and rewritten, so a retrained checkpoint or an edited split file
+never reuses stale codes. The metrics are recomputed from the codes every time, so evaluation
+options (K, top-N) need not be in the key.
+
+Codes computed on another device may differ in the sign of outputs within floating-point
 rounding of 0; the cache does not try to detect that.
 """
 import hashlib
 import json
 import zipfile
-from pathlib import Path
-
 import numpy as np
 
 from utils.atomic import atomic_write
@@ -20,7 +22,7 @@ from utils.atomic import atomic_write
 from .codes import CodeSet
 
 # Bump when the file layout or the meaning of the stored codes changes: older files are then re-encoded.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def file_sha256(path):
@@ -32,14 +34,13 @@ def file_sha256(path):
         return None
 
 
-def cache_key(checkpoint, dataset, backbone, hash_bit, seed, subset, data_root):
-    """What the codes depend on, as a dict; None when the checkpoint does not exist."""
+def cache_key(checkpoint, settings):
+    """What the codes depend on, as a dict: the checkpoint's SHA-256 and `settings` (JSON values); None
+    when the checkpoint does not exist."""
     checkpoint_sha256 = file_sha256(checkpoint)
     if checkpoint_sha256 is None:
         return None
-    return {"format": FORMAT_VERSION, "checkpoint_sha256": checkpoint_sha256, "dataset": dataset,
-            "backbone": backbone, "hash_bit": int(hash_bit), "seed": int(seed), "subset": int(subset),
-            "data_root": str(Path(data_root).resolve())}
+    return {"format": FORMAT_VERSION, "checkpoint_sha256": checkpoint_sha256, **settings}
 
 
 def save(path, codes, key):
@@ -52,16 +53,20 @@ def save(path, codes, key):
     atomic_write(path, write, binary=True)
 
 
-def load(path, key):
-    """The CodeSet cached at `path` if it was computed under `key`, else None (missing, stale or unreadable)."""
-    if key is None:
-        return None
+def read(path):
+    """(CodeSet, key) stored at `path`; None when it is missing or unreadable (a damaged or foreign file).
+    Read without unpickling (allow_pickle=False), so a replaced file cannot run code."""
     try:
         with np.load(path, allow_pickle=False) as stored:
-            if json.loads(str(stored["key"])) != key:
-                return None
-            return CodeSet(query_bits=stored["query_bits"], query_labels=stored["query_labels"],
-                           database_bits=stored["database_bits"], database_labels=stored["database_labels"],
-                           hash_bit=int(stored["hash_bit"]), num_classes=int(stored["num_classes"]))
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+            codes = CodeSet(query_bits=stored["query_bits"], query_labels=stored["query_labels"],
+                            database_bits=stored["database_bits"], database_labels=stored["database_labels"],
+                            hash_bit=int(stored["hash_bit"]), num_classes=int(stored["num_classes"]))
+            return codes, json.loads(str(stored["key"]))
+    except (OSError, KeyError, ValueError, TypeError, IndexError, EOFError, zipfile.BadZipFile):
         return None
+
+
+def load(path, key):
+    """The CodeSet cached at `path` if it was computed under `key`, else None (missing, stale or unreadable)."""
+    stored = read(path) if key is not None else None
+    return stored[0] if stored is not None and stored[1] == key else None

@@ -31,8 +31,17 @@ def _pack_rows(matrix, what):
     return np.packbits(matrix > 0 if what == "labels" else matrix >= 0, axis=1)
 
 
+class NonFiniteCodes(ValueError):
+    """Outputs with NaN or infinite entries: they have no sign, and ranking them would give a figure
+    that means nothing (a NaN model once scored mAP 0.83), so they are refused."""
+
+
 def pack_signs(outputs):
-    """Real-valued or +-1 (N, n) outputs -> packed sign bits (N, ceil(n / 8)) uint8; 0 counts as +1."""
+    """Real-valued or +-1 (N, n) outputs -> packed sign bits (N, ceil(n / 8)) uint8; 0 counts as +1.
+    NonFiniteCodes when an output is NaN or infinite."""
+    finite = np.isfinite(as_numpy(outputs))
+    if not finite.all():
+        raise NonFiniteCodes(f"{np.count_nonzero(~finite)} of {finite.size} network outputs are NaN or infinite")
     return _pack_rows(outputs, "codes")
 
 

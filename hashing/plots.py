@@ -6,8 +6,10 @@ runs (one line per loss, as in the paper's figures) are drawn by the same code. 
 matplotlib's object API with the Agg canvas, so importing this module changes no global backend.
 """
 import io
+from pathlib import Path
 
 import matplotlib
+
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -27,8 +29,9 @@ def describe_run(run):
 
 
 def _save(figure, path):
+    """Write the figure atomically, in the format of the path's extension (png, pdf or svg)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=DPI, bbox_inches="tight")
     atomic_write(path, lambda handle: handle.write(buffer.getvalue()), binary=True)
 
 
@@ -82,17 +85,27 @@ def plot_precision_recall(runs, path, title):
 
 
 def plot_convergence(runs, path, title):
-    """runs: [(label, run log)] with run logs as written to {run}.json: mAP of the evaluated epochs
-    against the cumulative training seconds (evaluation time excluded)."""
-    figure, axes = _axes(f"convergence — {title}", "training time (s)", "mAP")
+    """runs: [(label, run log)] with run logs as written to {run}.jsonl: mAP of the evaluated epochs against
+    the epoch (left) and against the cumulative training seconds, evaluation time excluded (right)."""
+    figure = Figure(figsize=(FIGURE_SIZE[0] * 2, FIGURE_SIZE[1]))
+    by_epoch, by_time = figure.subplots(1, 2, sharey=True)
+    figure.suptitle(f"convergence — {title}")
     topks = {log.get("topk") for _, log in runs}
+    for axes, xlabel in ((by_epoch, "epoch"), (by_time, "training time (s)")):
+        axes.set_xlabel(xlabel)
+        axes.grid(True, alpha=0.3)
+    by_epoch.set_ylabel(f"mAP@{next(iter(topks))}" if len(topks) == 1 and None not in topks else "mAP")
     for (label, log), marker in zip(runs, MARKERS * len(runs)):
         evaluated = [epoch for epoch in log["epochs"] if epoch.get("map") is not None]
-        axes.plot([e["train_seconds"] for e in evaluated], [e["map"] for e in evaluated], marker=marker,
-                  markersize=4, label=label if len(topks) == 1 else f"{label} (mAP@{log.get('topk')})")
-    if len(topks) == 1 and None not in topks:
-        axes.set_ylabel(f"mAP@{topks.pop()}")
-    return _finish(figure, axes, path)
+        label = label if len(topks) == 1 else f"{label} (mAP@{log.get('topk')})"
+        maps = [e["map"] for e in evaluated]
+        by_epoch.plot([e["epoch"] for e in evaluated], maps, marker=marker, markersize=4, label=label)
+        by_time.plot([e["train_seconds"] for e in evaluated], maps, marker=marker, markersize=4, label=label)
+    return _finish(figure, by_epoch, path)
+
+
+# scikit-learn's t-SNE needs a perplexity below the number of points, and the smallest it accepts here is 2.
+TSNE_MIN_ITEMS = 3
 
 
 def plot_mean_curves(curves, path, title, ylabel="mAP"):
@@ -117,8 +130,15 @@ def tsne_embedding(codes, seed=0):
         np.asarray(codes, dtype=np.float32))
 
 
-def plot_tsne(codes, labels, path, title, sample=TSNE_SAMPLE, seed=0):
-    """t-SNE of a seeded random sample of database codes, coloured by each item's first label."""
+def _class_name(cls, class_names):
+    if cls < 0:
+        return "no label"
+    return class_names[cls] if cls < len(class_names) else f"class {cls}"
+
+
+def plot_tsne(codes, labels, path, title, sample=TSNE_SAMPLE, seed=0, class_names=()):
+    """t-SNE of a seeded random sample of database codes, coloured by each item's first label (named by
+    `class_names` where the dataset has them, else by class index)."""
     labels = np.asarray(labels) > 0
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(codes), size=min(sample, len(codes)), replace=False))
@@ -134,7 +154,7 @@ def plot_tsne(codes, labels, path, title, sample=TSNE_SAMPLE, seed=0):
         for cls in np.unique(first_label):
             members = first_label == cls
             axes.scatter(points[members, 0], points[members, 1], s=6,
-                         color=palette(cls) if cls >= 0 else "gray", label=f"class {cls}" if cls >= 0 else "no label")
+                         color=palette(cls) if cls >= 0 else "gray", label=_class_name(cls, class_names))
         axes.legend(title="first label", fontsize="x-small", markerscale=2, loc="center left",
                     bbox_to_anchor=(1.01, 0.5))
     else:

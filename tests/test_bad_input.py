@@ -5,6 +5,7 @@ import torch
 
 import retrieval
 from network import build_network
+from tests.cli_runs import exit_status
 from tests.fixture_files import small_list_folder
 from utils.runlog import read_run_log
 
@@ -12,15 +13,8 @@ SMALL = ["--backbone", "small", "--hash_bit", "16", "--batch_size", "8", "--epoc
 
 
 def cli(argv, capsys):
-    """Exit status and stderr of the CLI; a clean exit is status 0."""
-    try:
-        retrieval.cli(argv)
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err
-    return code, captured.out, captured.err
+    """Exit status, stdout and stderr of the CLI; a clean exit is status 0."""
+    return exit_status(retrieval.cli, argv, capsys)
 
 
 def listed(tmp_path, argv=()):
@@ -124,12 +118,11 @@ def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys
     # The logs belong to the new run; every result and state file must keep its bytes.
     before = {path.name: path.read_bytes() for path in out.iterdir() if path.suffix not in (".txt", ".jsonl")}
 
-    def full_disk(obj, handle, *args, **kwargs):
-        handle.write(b"partial")
+    def full_disk(fd):  # checkpoints are serialised in memory, then written: the disk fills while writing
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("utils.checkpoint.torch.save", full_disk)
-    code, _, err = cli(listed(tmp_path, ["--epochs", "2"]), capsys)
+    monkeypatch.setattr("utils.atomic.os.fsync", full_disk)
+    code, _, err = cli(listed(tmp_path, ["--epochs", "2", "--overwrite"]), capsys)
     # The first file due is the training state after epoch 1; it and every other file stay as they were.
     assert code == 1 and f"could not write {out}/list_small_16.last.pt (No space left on device); " \
                          "the previous file is intact" in err

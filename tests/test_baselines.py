@@ -256,21 +256,39 @@ def test_csq_centres_are_hadamard_rows(bits):
     assert torch.equal(centres[0], torch.from_numpy(hadamard_matrix(bits)[0]).float())
 
 
+def brute_force_min_distance(rows):
+    rows = rows.tolist()
+    return min(sum(a != b for a, b in zip(rows[i], rows[j])) for i in range(len(rows)) for j in range(i))
+
+
 def test_csq_random_centres_when_hadamard_runs_out():
-    bits, classes = 6, 20  # no Hadamard matrix of order 6: all centres are random and balanced
-    centres = hash_centres(classes, bits, torch.Generator().manual_seed(0))
-    assert centres.shape == (classes, bits) and (centres.sum(dim=1) == 0).all()
+    centres = hash_centres(20, 6, torch.Generator().manual_seed(0))  # no Hadamard matrix of order 6: all random
+    assert centres.shape == (20, 6) and len(torch.unique(centres, dim=0)) == 20
     centres = hash_centres(40, 16, torch.Generator().manual_seed(0))  # 32 Hadamard rows, 8 random ones
     assert torch.equal(centres[:16], torch.from_numpy(hadamard_matrix(16)).float())
-    assert (centres[32:].sum(dim=1) == 0).all()
+    assert torch.equal(centres[16:32], -centres[:16]) and len(torch.unique(centres, dim=0)) == 40
+    every_3_bit_code = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * 3)
+    assert torch.equal(hash_centres(8, 3, torch.Generator()).unique(dim=0), every_3_bit_code)
+    with pytest.raises(ValueError, match="9 classes need 9 distinct centres, more than the 8 codes of 3 bits"):
+        hash_centres(9, 3, torch.Generator())
+
+
+@pytest.mark.parametrize("bits", [12, 24, 36, 48, 64])
+def test_csq_centres_are_distinct_and_the_log_has_their_minimum_distance(bits):
+    for classes in (20, 21, 38, 81):
+        criterion = build_loss("csq", classes, bits, seed=1)
+        assert len(torch.unique(criterion.centres, dim=0)) == classes
+        assert criterion.hyperparameters()["min_centre_distance"] == brute_force_min_distance(criterion.centres)
+        if 2 * bits >= classes:  # Hadamard rows only: orthogonal, or a row and its negative
+            assert criterion.hyperparameters()["min_centre_distance"] == bits // 2
 
 
 def test_hadamard_orders():
-    for order in [1, 2, 4, 8, 12, 20, 24, 40, 44, 48, 96, 128]:
+    for order in [1, 2, 4, 8, 12, 20, 24, 28, 36, 40, 44, 48, 72, 96, 128]:
         matrix = hadamard_matrix(order)
         assert np.array_equal(matrix @ matrix.T, order * np.eye(order))
         assert set(np.unique(matrix)) <= {-1, 1}
-    assert hadamard_matrix(6) is None and hadamard_matrix(3) is None
+    assert hadamard_matrix(6) is None and hadamard_matrix(3) is None and hadamard_matrix(52) is None
 
 
 @pytest.mark.parametrize("name", ["csq", "orthohash"])

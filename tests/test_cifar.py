@@ -63,3 +63,27 @@ def test_corrupt_batch_is_named(tmp_path):
         (folder / name).write_bytes(b"garbage")
     with pytest.raises(UserError, match=r"cannot read the CIFAR-10 batch .*data_batch_1"):
         get_dataset_spec("cifar10").build(tmp_path, seed=0, input_size=32)
+
+
+class RunsCode:
+    """A pickle payload that would call os.system when unpickled by pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_batch_file_does_not_run_code(tmp_path):
+    import pickle
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "code-ran"
+    payload = {b"data": RunsCode(marker), b"labels": [0]}
+    for name in cifar.BATCHES:
+        (folder / name).write_bytes(pickle.dumps(payload))
+    with pytest.raises(UserError, match=r"data_batch_1 .*refused to load posix.system"):
+        get_dataset_spec("cifar10").build(tmp_path, seed=0, input_size=32)
+    assert not marker.exists()

@@ -33,6 +33,13 @@ def cli_error(argv, capsys):
     (["--topk", "-5"], "--retrieve/--topk: must be an integer >= 0"),
     (["--beta", "nan"], "--beta: must be a finite number, got 'nan'"),
     (["--epochs", "1.5"], "--epochs: '1.5' is not an integer"),
+    (["--lr", "nan"], "--lr: must be a finite number, got 'nan'"),
+    (["--lr", "-0.1"], "--lr: must be >= 0, got '-0.1'"),
+    (["--rate", "inf"], "--rate: must be a finite number, got 'inf'"),
+    (["--zeta", "1"], "--zeta: must be in [-1, 1), got '1'"),
+    (["--zeta", "-1.5"], "--zeta: must be in [-1, 1), got '-1.5'"),
+    (["--seed", "-1"], "--seed: must be an integer >= 0, got '-1'"),
+    (["--seed", str(2 ** 32)], "--seed: must be below 2**32"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ])
 def test_bad_flags_are_rejected_by_argparse(argv, expected, capsys):
@@ -92,7 +99,7 @@ def test_real_process_exit_status_and_message(tmp_path):
     result = subprocess.run([sys.executable, "retrieval.py", "--dataset", "flickr", "--backbone", "small",
                              "--data_root", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.startswith(f"error: no MIRFlickr-25k in {tmp_path / 'flickr25k'}")
+    assert result.stderr.startswith(f"error: no MIRFlickr-25k images in {tmp_path / 'flickr25k' / 'mirflickr'}")
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 

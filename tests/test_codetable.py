@@ -132,3 +132,54 @@ def test_workbook_errors_name_the_file(tmp_path):
     path = _paper_style_workbook(tmp_path / "codetable.xlsx")
     with pytest.raises(ValueError, match="no value at row 128"):
         codetable.zeta_from_workbook(path, 128, 20)
+
+
+def test_a_workbook_that_understates_its_unpacked_size_is_read_only_as_far_as_it_says(tmp_path):
+    """A zip bomb may declare small sizes: zipfile stops at the declared size, so the cap still holds."""
+    import struct
+    import tracemalloc
+    import zipfile
+    bomb = tmp_path / "lying.xlsx"
+    _paper_style_workbook(bomb)
+    with pytest.warns(UserWarning, match="Duplicate name"), \
+            zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("xl/worksheets/sheet1.xml", b"<" * (32 << 20))  # replaces the sheet, 32 MiB
+    data = bytearray(bomb.read_bytes())
+    for signature, size_offset in ((b"PK\x01\x02", 24), (b"PK\x03\x04", 22)):
+        start = 0
+        while (start := data.find(signature, start)) >= 0:
+            if struct.unpack_from("<I", data, start + size_offset)[0] == 32 << 20:
+                struct.pack_into("<I", data, start + size_offset, 1000)  # claim 1,000 bytes
+            start += 4
+    bomb.write_bytes(data)
+    tracemalloc.start()
+    with pytest.raises(ValueError, match="cannot read .*lying.xlsx as an .xlsx workbook"):
+        codetable.zeta_from_workbook(bomb, 48, 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("old, new", [
+    (b' r="B2"', b' r="??"'),  # a bad cell reference
+    (b' r="B', b' x="B'),  # cells without r
+    (b'<row r="', b'<row x="'),  # rows without r
+    (b't="inlineStr"><is><t>k=1</t></is>', b't="s"><v>99999</v>'),  # a shared-string index out of range
+])
+def test_malformed_workbook_cells_give_a_value_error_naming_the_file(tmp_path, old, new):
+    import zipfile
+    good = _paper_style_workbook(tmp_path / "good.xlsx")
+    bad = tmp_path / "bad.xlsx"
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(bad, "w") as target:
+        for item in source.infolist():
+            content = source.read(item)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                assert old in content
+                content = content.replace(old, new)
+            target.writestr(item, content)
+    try:
+        value = codetable.zeta_from_workbook(bad, 48, 20)
+    except ValueError as exc:  # any other exception type would be a traceback
+        assert "bad.xlsx" in str(exc)
+    else:  # openpyxl tolerated the damage; then it must still read the right cell
+        assert value == pytest.approx(codetable.zeta(48, 20))

@@ -1,7 +1,6 @@
 """benchmarks/compare.py: a 2 x 2 grid end to end on a tiny digits subset, then resuming it."""
 import csv
 import importlib.util
-import json
 from argparse import Namespace
 from pathlib import Path
 

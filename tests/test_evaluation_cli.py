@@ -15,6 +15,8 @@ from benchmarks import plot_compare
 from data import digits
 from network import build_network
 from hashing import cache as codes_cache
+from hashing import evaluate
+from utils.runlog import read_run_log
 
 SHORT = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "500", "--epochs", "3",
          "--batch_size", "20", "--eval_every", "3", "--device", "cpu"]
@@ -40,6 +42,8 @@ def test_training_writes_metrics_codes_and_figures(trained):
     assert metrics["precision_at_top_n"]["n"] == list(range(50, 501, 50))
     assert len(metrics["precision_recall"]["precision"]) == 17
     assert metrics["run"]["loss"] == "hyp2" and not metrics["run"]["codes_from_cache"]
+    assert metrics["convention"] == {"normalize": "hits", "zero_hit": "zero", "ties": "index", "seed": 0}
+    assert read_run_log(out / f"{RUN}.jsonl")["convention"] == metrics["convention"]
     for figure in ("topn", "pr", "convergence", "tsne"):
         png = (out / f"{RUN}.{figure}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, figure
@@ -49,8 +53,8 @@ def test_cached_codes_equal_a_fresh_encoding_bit_for_bit(trained):
     out, _ = trained
     args = retrieval.get_args_parser().parse_args(SHORT + ["--output_dir", str(out), "--test"])
     checkpoint = out / f"{RUN}.ckpt"
-    key = codes_cache.cache_key(checkpoint, "digits", "small", 16, 0, 500, args.data_root)
-    cached = codes_cache.load(out / f"{RUN}.codes.npz", key)
+    cached, key = codes_cache.read(out / f"{RUN}.codes.npz")
+    assert key["checkpoint_sha256"] == codes_cache.file_sha256(checkpoint)
     model = build_network("small", 16)
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     splits = retrieval.build_splits(digits.SPEC, args, 32)
@@ -79,6 +83,23 @@ def test_retest_skips_the_network_and_a_changed_checkpoint_does_not(trained, tmp
     torch.save(state, out / f"{RUN}.ckpt")
     with pytest.raises(AssertionError, match="the network ran"):
         run(SHORT + ["--output_dir", str(out), "--test"])
+
+
+def test_test_under_another_convention_names_it_and_matches_the_standalone_evaluator(trained, tmp_path, capsys):
+    out = tmp_path / "result"
+    shutil.copytree(trained[0], out)
+    convention = ["--map_normalize", "min", "--zero_hit", "skip", "--ties", "aware"]
+    again = run(SHORT + ["--output_dir", str(out), "--test"] + convention)
+    printed = capsys.readouterr().out
+    assert f"mAP@500 (normalize=min, zero_hit=skip, ties=aware): {again['map']:.4f}" in printed
+    assert "graded @500: NDCG" in printed and "left out of the means" in printed
+    metrics = json.loads((out / f"{RUN}.metrics.json").read_text())
+    assert metrics["convention"] == {"normalize": "min", "zero_hit": "skip", "ties": "aware", "seed": 0}
+    assert 0 < metrics["ndcg"] <= 1 and metrics["acg"] > 0
+    table = evaluate.cli([str(out / f"{RUN}.codes.npz"), "--topk", "500"])
+    row = next(r for r in table["rows"] if (r["normalize"], r["zero_hit"], r["ties"]) == ("min", "skip", "aware"))
+    assert row["map"] == pytest.approx(again["map"], abs=1e-12)
+    assert row["ndcg"] == pytest.approx(metrics["ndcg"], abs=1e-12)
 
 
 def save_query_mosaics(folder, count):
@@ -111,8 +132,7 @@ def test_query_image_is_encoded_like_the_query_split(trained, tmp_path):
     out, _ = trained
     paths, _ = save_query_mosaics(tmp_path, 20)
     result = run(SHORT + ["--output_dir", str(out), "--query", *map(str, paths), "--num_matches", "500"])
-    cached = codes_cache.load(out / f"{RUN}.codes.npz", codes_cache.cache_key(
-        out / f"{RUN}.ckpt", "digits", "small", 16, 0, 500, "./data"))
+    cached, _ = codes_cache.read(out / f"{RUN}.codes.npz")
     query_codes = cached.query_signs()[:20]
     database_codes = cached.database_signs()
     same = 0

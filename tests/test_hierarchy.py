@@ -156,3 +156,79 @@ def test_reports_its_settings():
     assert settings["hierarchy"] == 2 and settings["hierarchy_every"] == 7 and settings["hierarchy_weight"] == 0.25
     assert settings["beta"] == 0.5 and settings["coarse_zeta"] == codetable.zeta(8, 2)
     assert "coarse_zeta" not in hierarchy("proxy_anchor").hyperparameters()
+
+
+# ============ given hierarchies (--hierarchy_file) and the warm-up (--hierarchy_warmup) ============
+
+def test_given_levels_add_each_coarse_level_with_its_weight():
+    torch.manual_seed(0)
+    levels = [[0, 0, 1, 1, 1, 2], [0, 0, 0, 1, 1, 1]]  # two coarse levels over 6 classes
+    criterion = HierarchicalProxyLoss(build_loss("hyp2", 6, 8), levels=levels, coarse_weight=0.3).eval()
+    codes, labels = batch(4, size=8, classes=6, bits=8)
+    fine = criterion.base.proxies.detach()
+    expected = reference_hyp2(codes, labels, fine, 0.5, criterion.base.zeta)
+    for level in levels:
+        groups = max(level) + 1
+        proxies = torch.stack([sum(fine[c] for c in range(6) if level[c] == g) for g in range(groups)])
+        coarse_labels = torch.tensor([[float(any(y[c] > 0 and level[c] == g for c in range(6))) for g in range(groups)]
+                                      for y in labels.tolist()])
+        expected += 0.3 * reference_hyp2(codes, coarse_labels, proxies, 0.5, codetable.zeta(8, groups))
+    assert criterion(codes, labels).item() == pytest.approx(expected, rel=1e-5)
+    assert criterion.hyperparameters()["hierarchy_levels"] == [3, 2]
+
+
+def test_warm_up_trains_the_fine_level_alone_and_clusters_afterwards(monkeypatch):
+    criterion = hierarchy(warmup_epochs=2, refresh_every=100)
+    refreshed_at = []
+    original = criterion.refresh
+    monkeypatch.setattr(criterion, "refresh", lambda: (refreshed_at.append(criterion.epoch), original()))
+    codes, labels = batch(0, size=4, classes=5, bits=8)
+    fine_only = criterion.base(codes, labels).item()
+    for epoch in (1, 2):
+        criterion.set_epoch(epoch)
+        assert criterion(codes, labels).item() == pytest.approx(fine_only)
+    assert refreshed_at == [] and int(criterion.iteration) == 0
+    criterion.set_epoch(3)
+    assert criterion(codes, labels).item() > fine_only  # the coarse level counts from now on
+    assert refreshed_at == [3] and int(criterion.iteration) == 1
+
+
+def test_shipped_hierarchies_read_as_documented():
+    from data.digits import SPEC as DIGITS
+    from data.hierarchy_files import read_hierarchy
+    from data.voc import CLASSES as VOC_CLASSES
+    voc = read_hierarchy("voc", 20, VOC_CLASSES)
+    assert voc.level_names == [["vehicle", "animal", "indoor", "person"]]
+    assert [VOC_CLASSES[c] for c in range(20) if voc.levels[0][c] == 3] == ["person"]
+    coco = read_hierarchy("coco", 80)
+    animal = coco.level_names[0].index("animal")
+    assert len(coco.level_names[0]) == 12 and sum(group == animal for group in coco.levels[0]) == 10
+    parity = read_hierarchy("digits", 10, DIGITS.class_names)
+    assert parity.levels == [[digit % 2 for digit in range(10)]] and parity.name == "digits"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("label,group\n0,a\n1,b\n2,a\n", "first line must be the header"),
+    ("class,group\n0,a\n1,b\n", "2 classes, but the dataset has 3"),
+    ("class,group\n0,a\n2,b\n1,a\n", "line 3: class '2', but class 1 of the dataset is '1'"),
+    ("class,group\n0,a\n1,\n2,a\n", "line 3: expected 2 non-empty fields"),
+    ("class,group\n0,a\n1,a\n2,a\n", "level 1 has 1 groups"),
+])
+def test_bad_hierarchy_files_name_the_file_and_line(tmp_path, text, message):
+    from data.hierarchy_files import read_hierarchy
+    path = tmp_path / "h.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        read_hierarchy(str(path), 3, ("0", "1", "2"))
+    assert str(path) in str(error.value)
+
+
+def test_cli_refuses_two_hierarchies_and_names_a_bad_file(tmp_path):
+    import retrieval
+    from utils.errors import UserError
+    parse = retrieval.get_args_parser().parse_args
+    with pytest.raises(UserError, match="--hierarchy K clusters .* --hierarchy_file gives the groups"):
+        retrieval.check_flags(parse(["--hierarchy", "2", "--hierarchy_file", "digits"]))
+    from data.digits import SPEC as DIGITS
+    with pytest.raises(UserError, match="--hierarchy_file: .*voc.csv: 20 classes, but the dataset has 10"):
+        retrieval.given_hierarchy(parse(["--hierarchy_file", "voc"]), DIGITS)

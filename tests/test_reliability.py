@@ -10,20 +10,8 @@ import engine
 import retrieval
 from utils.runlog import read_run_log
 
-RUN = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "200",
-       "--batch_size", "20", "--eval_every", "1", "--device", "cpu"]
-
-
-def run(argv):
-    return retrieval.main(retrieval.get_args_parser().parse_args(RUN + argv))
-
-
-def cli_failure(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        retrieval.cli(RUN + argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return exit_info.value.code, err
+from tests.cli_runs import SMALL_DIGITS_RUN as RUN
+from tests.cli_runs import run_small_digits as run, small_digits_failure as cli_failure
 
 
 def epochs(out):
@@ -54,7 +42,7 @@ def test_ctrl_c_keeps_the_last_epoch_and_says_how_to_resume(tmp_path, capsys, mo
         return real_epoch(trainer, loader, device, epoch, context)
 
     monkeypatch.setattr(engine, "train_one_epoch", interrupted_in_epoch_2)
-    code, err = cli_failure(["--epochs", "3", "--output_dir", str(tmp_path)], capsys)
+    code, err = cli_failure(["--epochs", "3", "--output_dir", str(tmp_path), "--overwrite"], capsys)
     assert code == 130
     assert f"the state after epoch 1 is in {tmp_path}/digits_small_16.last.pt" in err and "--resume" in err
     state = torch.load(tmp_path / "digits_small_16.last.pt", weights_only=True)
@@ -77,7 +65,7 @@ def test_non_finite_loss_stops_with_a_hint_and_keeps_the_best_checkpoint(tmp_pat
     run(["--epochs", "1", "--output_dir", str(tmp_path)])
     saved = (tmp_path / "digits_small_16.ckpt").read_bytes()
     monkeypatch.setattr(loss_module.HyP2Loss, "forward", nan_in_epoch_2)
-    code, err = cli_failure(["--epochs", "3", "--output_dir", str(tmp_path)], capsys)
+    code, err = cli_failure(["--epochs", "3", "--output_dir", str(tmp_path), "--overwrite"], capsys)
     assert code == 1
     assert "the loss became nan in epoch 2, iteration 3: lower --lr (now 0.05) or --rate (now 0.02)" in err
     assert f"the best checkpoint {tmp_path}/digits_small_16.ckpt (epoch 1" in err
@@ -93,7 +81,7 @@ def test_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, capsys, monke
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("utils.atomic.os.fsync", no_space)
-    code, err = cli_failure(["--epochs", "1", "--output_dir", str(tmp_path)], capsys)
+    code, err = cli_failure(["--epochs", "1", "--output_dir", str(tmp_path), "--overwrite"], capsys)
     assert code == 1
     assert "(No space left on device); the previous file is intact" in err
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.suffix not in (".txt", ".jsonl")}

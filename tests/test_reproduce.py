@@ -3,7 +3,6 @@ VOC2007 tree, resuming, seeds aggregated as mean ± sample std, and the cells' s
 import csv
 import json
 import shlex
-import shutil
 
 import pytest
 
@@ -132,12 +131,13 @@ def test_seeds_are_aggregated_and_unfinished_runs_shown_as_running(tmp_path):
     assert "0.600 ± 0.141 (2 seeds)" in (tmp_path / "out" / "reproduce_voc.md").read_text()
 
 
-def test_an_interrupted_run_resumes_from_its_training_state(reproduced, tmp_path):
-    source, _ = reproduced
-    shutil.copytree(source / "out", tmp_path / "out")
+def test_an_interrupted_run_resumes_from_its_training_state(tmp_path):
+    voc_fixture(tmp_path / "data")
+    one_cell = ["--table", "voc", "--bits", "16", "--losses", "hyp2", "--data_root", str(tmp_path / "data"),
+                "--output_dir", str(tmp_path / "out"), *SMOKE[:2], "--epochs", "{}", *SMOKE[4:]]
+    reproduce.main([token.format(1) for token in one_cell])
     # One more epoch than the finished run: its log no longer matches, but its .last.pt continues.
-    reproduce.main(["--table", "voc", "--bits", "16", "--losses", "hyp2", "--data_root", str(source / "data"),
-                    "--output_dir", str(tmp_path / "out"), *SMOKE[:2], "--epochs", "2", *SMOKE[4:]])
+    reproduce.main([token.format(2) for token in one_cell])
     events = [json.loads(line)["event"] for line in
               (tmp_path / "out" / "reproduce_voc" / "voc2007" / "hyp2_16bit_seed0" / "voc2007_small_16.jsonl")
               .read_text().splitlines()]

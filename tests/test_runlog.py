@@ -72,3 +72,14 @@ def test_training_state_of_the_earlier_format_resumes(tmp_path):
     result = retrieval.main(parse(common + ["--epochs", "2", "--resume"]))
     assert result["epoch"] in (1, 2)
     assert [e["epoch"] for e in read_run_log(tmp_path / "digits_small_16.jsonl")["epochs"]] == [1, 2]
+
+
+def test_libraries_imported_after_the_setup_find_print(tmp_path):
+    """numba, imported on the first large evaluation, registers every builtin by module and name."""
+    import subprocess
+    import sys
+    code = ("from utils.runlog import setup_for_distributed; setup_for_distributed(True); import numba; "
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=retrieval.__file__.rsplit("/", 1)[0], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr[-500:]

@@ -23,7 +23,7 @@ def example_codes(rng, bits=20, queries=7, items=40, classes=5):
 
 
 def key_for(checkpoint, seed=0):
-    return codes_cache.cache_key(checkpoint, "digits", "small", 20, seed, 0, ".")
+    return codes_cache.cache_key(checkpoint, {"dataset": "digits", "hash_bit": 20, "seed": seed})
 
 
 def test_cache_round_trips_bit_exactly_and_is_keyed_by_checkpoint_bytes(tmp_path):

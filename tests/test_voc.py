@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import archives, get_dataset_spec, voc
+from data import DataOptions, archives, get_dataset_spec, voc
 from fixture_files import add_tar_member, tar_folder, write_voc_tree
 from utils.errors import UserError
 
@@ -70,7 +70,7 @@ def test_cache_gives_the_same_images_and_is_shared_and_reused(voc2007_root):
     spec = get_dataset_spec("voc2007")
     lazy = spec.build(voc2007_root, seed=0, input_size=48)
     rng_state = torch.get_rng_state()
-    cached = spec.build(voc2007_root, seed=0, input_size=48, cache=True)
+    cached = spec.build(voc2007_root, seed=0, input_size=48, options=DataOptions(cache=True))
     # Building the cache leaves the global RNG alone, so a run that builds it trains like one that reuses it.
     assert torch.equal(torch.get_rng_state(), rng_state)
     cache_files = list((voc2007_root / "VOCdevkit" / "VOC2007" / "cache").glob("*.npy"))
@@ -81,13 +81,13 @@ def test_cache_gives_the_same_images_and_is_shared_and_reused(voc2007_root):
             assert torch.equal(getattr(cached, part)[index][0], getattr(lazy, part)[index][0])
             assert torch.equal(getattr(cached, part)[index][1], getattr(lazy, part)[index][1])
     stamp = cache_files[0].stat().st_mtime_ns
-    spec.build(voc2007_root, seed=0, input_size=48, cache=True)
+    spec.build(voc2007_root, seed=0, input_size=48, options=DataOptions(cache=True))
     assert cache_files[0].stat().st_mtime_ns == stamp
     assert len(list(cache_files[0].parent.iterdir())) == 1  # no temporary file left behind
 
 
 def test_cached_training_flips_some_images(voc2007_root):
-    splits = get_dataset_spec("voc2007").build(voc2007_root, seed=0, input_size=32, cache=True)
+    splits = get_dataset_spec("voc2007").build(voc2007_root, seed=0, input_size=32, options=DataOptions(cache=True))
     plain = torch.stack([splits.database[i][0] for i in range(3)])
     seen = torch.stack([torch.stack([splits.train[i][0] for i in range(3)]) for _ in range(12)])
     flipped = (seen == plain.flip(-1)).flatten(2).all(-1)

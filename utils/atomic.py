@@ -1,5 +1,6 @@
 """Write files so that a crash or a full disk never leaves a half-written file in place: write a
 temporary file in the same folder, flush it to disk, then rename it over the target."""
+import glob
 import json
 import os
 import tempfile
@@ -43,6 +44,16 @@ def atomic_write(path, write, binary=False):
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_leftovers(path):
+    """Delete the temporary files atomic_write left next to `path` when its process was killed (kill -9
+    skips the cleanup); returns how many. Call it only while no other process writes `path`."""
+    path = Path(path)
+    leftovers = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")) if path.parent.is_dir() else []
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def write_json(path, obj):

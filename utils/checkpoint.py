@@ -7,6 +7,7 @@
   downloads the file there when it is missing. Offline and not cached: one message naming the file
   and the folder.
 """
+import io
 import os
 import pickle
 import urllib.error
@@ -21,13 +22,19 @@ from .errors import UserError
 
 TRAIN_STATE_FORMAT = "hyp2-retrieval/train-state/1"
 # Flags that define what is trained; a state saved under other values cannot be resumed.
-IDENTITY_FLAGS = ("dataset", "backbone", "hash_bit", "loss", "hierarchy", "select", "val_size")
+IDENTITY_FLAGS = ("dataset", "backbone", "hash_bit", "loss", "hierarchy", "hierarchy_file", "experts", "imbalance",
+                  "select", "val_size")
 # Flags that change the result when they differ on resume; allowed, but the user is told.
-RECIPE_FLAGS = ("batch_size", "lr", "rate", "beta", "seed", "subset", "amp", "optimizer")
+RECIPE_FLAGS = ("batch_size", "lr", "rate", "beta", "seed", "subset", "amp", "momentum", "weight_decay", "lr_step",
+                "lr_gamma", "optimizer")
 
 
 def save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+    """torch.save into memory, then an atomic write of the bytes: torch.save writing to a file itself turns
+    a full disk (ENOSPC) into a RuntimeError, which atomic_write could not report as one line."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()), binary=True)
 
 
 def _load(path, what, missing, unreadable):
@@ -38,6 +45,25 @@ def _load(path, what, missing, unreadable):
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read {what} {path} ({type(exc).__name__}): the file is truncated, "
                         f"corrupt or not a PyTorch checkpoint; {unreadable}") from None
+
+
+def non_finite_names(state):
+    """Names of a state_dict's floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, tensor in state.items()
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def require_checkpoint_file(path):
+    """Before any data is built (or downloaded): the checkpoint --test/--query/--export_index use exists
+    and is a readable file, else a UserError that says what to do."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}: train first (the same command without --test) or pass "
+                        "--checkpoint PATH")
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path} is a folder, not a checkpoint file; pass the .ckpt file")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"--checkpoint {path} is not readable (permission denied); fix its permissions")
 
 
 def save_state_dict(module, path):
@@ -54,6 +80,10 @@ def read_state_dict(path, what="checkpoint",
         state = state["network"]  # a .last.pt holds the network too
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} does not hold a network state_dict")
+    non_finite = non_finite_names(state)
+    if non_finite:
+        raise UserError(f"{path} holds NaN or infinite values ({len(non_finite)} tensors, e.g. {non_finite[0]}): "
+                        f"it comes from a diverged training; retrain with a lower --lr")
     return state
 
 
@@ -86,8 +116,23 @@ def save_train_state(path, state, args):
     save({"format": TRAIN_STATE_FORMAT, "args": dict(args), **state}, path)
 
 
-def read_train_state(path, args):
-    """The training state at `path`, refused (UserError) when it belongs to another experiment."""
+def check_same_data(path, saved, current):
+    """UserError when a training state was saved on other data or by a run with other files."""
+    if saved is None or current is None:
+        return
+    if saved.get("checkpoint") != current["checkpoint"]:
+        raise UserError(f"{path} is the state of the run whose checkpoint is {saved.get('checkpoint')}, not "
+                        f"{current['checkpoint']}; resume with the --output_dir (and --checkpoint) of that run")
+    differing = [name for name in current if name != "checkpoint" and saved.get(name) != current[name]]
+    if differing:
+        raise UserError(f"{path} was saved by a run on other data (its {', '.join(differing)} differ: "
+                        f"{', '.join(f'{saved.get(name)} then, {current[name]} now' for name in differing[:2])}); "
+                        "resume with the same data, or start without --resume")
+
+
+def read_train_state(path, args, data=None):
+    """The training state at `path`, refused (UserError) when it belongs to another experiment, or, when
+    `data` (the run's data identity) is given, to other data or another run's files."""
     state = _load(path, "training state", "nothing to resume (it is written after every epoch); start without "
                   "--resume", "start without --resume")
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
@@ -97,6 +142,7 @@ def read_train_state(path, args):
         if flag in saved and saved[flag] != args.get(flag, saved[flag]):
             raise UserError(f"{path} was saved by a run with --{flag} {saved[flag]}, this run has "
                             f"--{flag} {args[flag]}; resume with the same --{flag} or start without --resume")
+    check_same_data(path, state.get("data"), data)
     changed = [f"--{flag} {args[flag]} (saved run: {saved[flag]})" for flag in RECIPE_FLAGS
                if flag in saved and flag in args and saved[flag] != args[flag]]
     return state, changed

@@ -13,6 +13,8 @@ def select_device(requested="auto", cuda_index=0):
         device = torch.device(requested)
     except RuntimeError:
         raise UserError(f"--device {requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {requested}: this tool runs on the CPU or CUDA only; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {requested} asks for CUDA but torch.cuda.is_available() is False; "

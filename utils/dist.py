@@ -105,7 +105,8 @@ def gather_rows(context, rows, device):
     counts = [int(s[0].item()) for s in shapes]
     width = int(max(s[1].item() for s in shapes))
     padded = torch.zeros((max(counts), width), dtype=torch.float32, device=device)
-    padded[:len(rows)] = rows.to(device, torch.float32)
+    if len(rows):  # an empty (0, 0) tensor has no width to copy into the (0, width) rows
+        padded[:len(rows)] = rows.to(device, torch.float32)
     parts = [torch.empty_like(padded) for _ in range(context.world_size)]
     dist.all_gather(parts, padded)
     return torch.cat([part[:count] for part, count in zip(parts, counts)]).cpu()

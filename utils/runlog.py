@@ -20,18 +20,28 @@ from tqdm import tqdm
 _progress_enabled = True
 
 
+_print_enabled = True
+
+
+def rank_zero_print(*args, force=False, **kwargs):
+    """builtins.print after setup_for_distributed: prints on the main process only, or with force=True.
+    A module-level function (not a closure), so libraries that look builtins up by module and name, as
+    numba does when it is imported, find it."""
+    if _print_enabled or force:
+        rank_zero_print.builtin_print(*args, **kwargs)
+
+
+rank_zero_print.builtin_print = builtins.print
+
+
 def setup_for_distributed(is_main, progress=True):
     """print() only on the main process (force=True overrides); progress bars per `progress`."""
-    global _progress_enabled
+    global _progress_enabled, _print_enabled
     _progress_enabled = is_main and progress
-    builtin_print = getattr(builtins.print, "builtin_print", builtins.print)
-
-    def rank_zero_print(*args, force=False, **kwargs):
-        if is_main or force:
-            builtin_print(*args, **kwargs)
-
-    rank_zero_print.builtin_print = builtin_print
-    builtins.print = rank_zero_print
+    _print_enabled = is_main
+    if builtins.print is not rank_zero_print:
+        rank_zero_print.builtin_print = getattr(builtins.print, "builtin_print", builtins.print)
+        builtins.print = rank_zero_print
 
 
 def progress_bar(iterable=None, **kwargs):
@@ -82,8 +92,8 @@ class RunFiles:
     def codes(self):
         return self.with_suffix(".codes.npz")
 
-    def figure(self, kind):
-        return self.with_suffix(f".{kind}.png")
+    def figure(self, kind, extension="png"):
+        return self.with_suffix(f".{kind}.{extension}")
 
 
 class RunLog:

@@ -1,0 +1,65 @@
+"""One process at a time per run: an advisory lock on OUTPUT_DIR/{run}.lock, so that two invocations
+writing the same run's files (checkpoint, training state, codes, metrics, logs) cannot interleave them.
+
+The lock is fcntl.flock on an open file: the kernel releases it when the process ends, even after
+kill -9, so a stale lock file never blocks a later run. The file names the holder (pid and command)
+for the message of a run that finds it taken. Where fcntl does not exist (Windows) runs are not locked.
+"""
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+
+def _acquire(path):
+    """The open lock file at `path`, flock-ed; None when another process holds it."""
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        try:  # the holder before us may have removed the file after we opened it: lock the current file
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()
+
+
+def _holder(path):
+    try:
+        return Path(path).read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+@contextlib.contextmanager
+def run_lock(path, enabled=True):
+    """Hold the lock at `path` for the duration of the block; UserError at once if another process holds it.
+    The file is removed when the block ends (a process killed with -9 leaves an unheld file, reused later)."""
+    if not enabled or fcntl is None:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = _acquire(path)
+    if handle is None:
+        raise UserError(f"{path} is held by {_holder(path)}, which is writing this run's files; wait for it to "
+                        "finish, or use another --output_dir")
+    with handle:
+        handle.truncate(0)
+        handle.write(f"process {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still holding the lock, so no one else has it yet
