@@ -119,6 +119,16 @@ def parse_loss_args(text):
     return parse_variant(variant), shlex.split(flags)
 
 
+def parse_with_run_flags(parser, argv, flags_set_per_run, harness, instead):
+    """(the harness's options, the retrieval.py flags it passes to every run); a flag the harness sets per run
+    is refused with the harness's own option to use `instead`."""
+    options, overrides = parser.parse_known_args(argv)
+    given = sorted({token.split("=")[0] for token in overrides} & set(flags_set_per_run))
+    if given:
+        raise UserError(f"{harness} sets {', '.join(given)} per run: use {instead}")
+    return options, overrides
+
+
 def refuse_grid_owned(options):
     """The grid sets these per cell: a value for all cells is a mistake."""
     given = [flag for flag in GRID_OWNED if getattr(options, flag) not in (None, False)]
@@ -173,6 +183,13 @@ def run_cell(args, verbose):
     except UserError as exc:
         return str(exc)
     return None
+
+
+def train_or_resume(args, verbose):
+    """run_cell, continuing from the run's training state when an earlier attempt was interrupted."""
+    if retrieval.run_files(args).last.exists():
+        args.resume = ""
+    return run_cell(args, verbose)
 
 
 def summarise(values):

@@ -13,7 +13,7 @@
    ± sample std over the seeds, drawn as OUTPUT_DIR/digits_study.convergence_{bits}.png.
 
 Runs are retrieval.py runs (benchmarks/compare.py's run_cell and finished_record): a finished run is
-reused, so an interrupted study resumes. Other arguments are retrieval.py flags for every run (e.g.
+reused and an interrupted one continues from its training state, so an interrupted study resumes. Other arguments are retrieval.py flags for every run (e.g.
 --device, --batch_size). Tables OUTPUT_DIR/digits_study.md and .csv and the figures are written at the end.
 """
 import argparse
@@ -31,7 +31,7 @@ from benchmarks import compare  # noqa: E402
 from hashing import plots  # noqa: E402
 from loss import LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
-from utils.errors import UserError, run_reporting_errors  # noqa: E402
+from utils.errors import run_reporting_errors  # noqa: E402
 
 # The project's recipe at the small backbone's default lr and at a fifth of it, plus the optimiser of the
 # loss's own code: DeepHash-pytorch trains the pair losses and CSQ with RMSprop (lr 1e-5, weight decay 1e-5,
@@ -69,11 +69,8 @@ def get_args_parser():
 
 def parse(argv):
     """The study's options; the retrieval.py flags for every run are options.overrides."""
-    options, overrides = get_args_parser().parse_known_args(argv)
-    given = sorted({token.split("=")[0] for token in overrides} & set(FLAGS_SET_PER_RUN))
-    if given:
-        raise UserError(f"the study sets {', '.join(given)} per run; use --losses, --bits, --seeds, --epochs, --subset")
-    options.overrides = overrides
+    options, options.overrides = compare.parse_with_run_flags(
+        get_args_parser(), argv, FLAGS_SET_PER_RUN, "the study", "--losses, --bits, --seeds, --epochs, --subset")
     return options
 
 
@@ -94,7 +91,7 @@ def run_once(args, options):
     failed or has not run."""
     record = compare.finished_record(args)
     if record is None and not options.collect:
-        error = compare.run_cell(args, options.verbose)
+        error = compare.train_or_resume(args, options.verbose)
         if error:
             print(f"failed: {args.loss} {args.hash_bit} bits seed {args.seed}: {error}", file=sys.stderr)
             return None

@@ -33,16 +33,17 @@ from benchmarks import compare  # noqa: E402
 from data import flickr, voc  # noqa: E402
 from network import BACKBONES, build_network  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
-from utils.errors import UserError, run_reporting_errors  # noqa: E402
+from utils.errors import run_reporting_errors  # noqa: E402
 
 TABLES = {"flickr_nus": ("flickr", "nuswide"), "voc": ("voc2007", "voc2012")}
 
 # docs/METHOD.md §2: the paper's training recipe (the backbone fixes the input size: 448 or 224).
 PAPER_RECIPE = ["--epochs", "100", "--batch_size", "100", "--rate", "0.02", "--optimizer", "sgd",
-                "--momentum", "0.9", "--weight_decay", "5e-4", "--eval_every", "5", "--select", "test"]
+                "--momentum", "0.9", "--weight_decay", "5e-4", "--lr_step", "10", "--lr_gamma", "0.5", "--eval_every", "5",
+                "--select", "test"]
 
 # docs/METHOD.md §4: (train, query, database) sizes, for the time estimate.
-SPLIT_SIZES = {"flickr": (4000, 1000, 19580), "nuswide": (10500, 2100, 193734),
+SPLIT_SIZES = {"flickr": (4000, 1000, 19581), "nuswide": (10500, 2100, 193734),
                "voc2007": (5011, 4952, 5011), "voc2012": (5717, 5823, 5717)}
 
 # The time estimate's assumptions: sustained training throughput of one modern GPU (an A100-class card
@@ -99,12 +100,8 @@ def get_args_parser():
 
 def parse(argv):
     """(options, the retrieval.py flags for every run)."""
-    options, overrides = get_args_parser().parse_known_args(argv)
-    given = sorted({token.split("=")[0] for token in overrides} & set(CELL_FLAGS))
-    if given:
-        raise UserError(f"reproduce sets {', '.join(given)} per run: use --table, --bits, --losses, --seeds, "
-                        "--output_dir")
-    return options, overrides
+    return compare.parse_with_run_flags(get_args_parser(), argv, CELL_FLAGS, "reproduce",
+                                        "--table, --bits, --losses, --seeds, --output_dir")
 
 
 def table_cells(options):
@@ -260,10 +257,8 @@ def run_cells(options, overrides, problems, invocation):
             args = retrieval.get_args_parser().parse_args(command(options, overrides, cell, seed))
             if compare.finished_record(args) is not None:
                 continue
-            if retrieval.run_files(args).last.exists():
-                args.resume = ""
             print(f"{' '.join(map(str, cell))} seed {seed}: training", file=sys.stderr)
-            error = compare.run_cell(args, options.verbose)
+            error = compare.train_or_resume(args, options.verbose)
             if error:
                 failures[cell] = error
                 print(f"failed: {error}", file=sys.stderr)

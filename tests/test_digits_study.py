@@ -1,6 +1,7 @@
 """benchmarks/digits_study.py: the convergence measure, the recipe search on a validation split, and a tiny
 study end to end."""
 import csv
+import json
 import statistics
 
 import pytest
@@ -57,3 +58,12 @@ def test_a_tiny_study_end_to_end(tmp_path, monkeypatch):
     # --collect tabulates the finished runs and trains nothing.
     monkeypatch.setattr(digits_study.compare, "run_cell", lambda *args: pytest.fail("trained under --collect"))
     assert digits_study.main(argv + ["--collect"])["rows"] == summary["rows"]
+
+    # An interrupted run (its log ends before "finish") continues from its training state when the study reruns.
+    monkeypatch.undo()
+    log_path = out / "digits_study" / "final" / f"hyp2_{chosen}_8bit_seed1" / "digits_small_8.jsonl"
+    lines = log_path.read_text().splitlines(keepends=True)
+    log_path.write_text("".join(line for line in lines if '"finish"' not in line))
+    assert digits_study.main(argv)["rows"][0]["runs"] == 2
+    events = [json.loads(line)["event"] for line in log_path.read_text().splitlines()]
+    assert events.count("resume") == 1 and events[-1] == "finish"

@@ -40,6 +40,7 @@ def test_dry_run_prints_the_papers_recipe_for_every_run(tmp_path, capsys):
         assert (args.backbone, args.lr, args.rate, args.optimizer, args.momentum, args.weight_decay) == \
             ("googlenet", 0.02, 0.02, "sgd", 0.9, 5e-4)
         assert (args.epochs, args.batch_size, args.eval_every, args.select) == (100, 100, 5, "test")
+        assert (args.lr_step, args.lr_gamma) == (10, 0.5) and "--lr_step" in argv
         assert args.retrieve == expected_k[args.dataset]
     assert {(a[a.index("--dataset") + 1], a[a.index("--hash_bit") + 1], a[a.index("--loss") + 1])
             for a in commands} == {(d, b, m) for d in ("voc2007", "voc2012") for b in ("16", "32")
