@@ -67,3 +67,20 @@ def test_a_tiny_study_end_to_end(tmp_path, monkeypatch):
     assert digits_study.main(argv)["rows"][0]["runs"] == 2
     events = [json.loads(line)["event"] for line in log_path.read_text().splitlines()]
     assert events.count("resume") == 1 and events[-1] == "finish"
+
+
+def test_the_shared_level_is_95_percent_of_the_best_final_mean_and_read_off_the_mean_curve():
+    def record(maps):
+        return {"epochs": [{"epoch": i + 1, "map": m, "train_seconds": float(i + 1)} for i, m in enumerate(maps)],
+                "train_seconds": float(len(maps))}
+
+    # fast: settles at 0.5 after one epoch; slow: seeds average 0.2, 0.6, 0.9 (final mean 0.9, the best).
+    results = {("fast", 8): [record([0.5, 0.5, 0.5])],
+               ("slow", 8): [record([0.1, 0.5, 0.8]), record([0.3, 0.7, 1.0])]}
+    options = digits_study.get_args_parser().parse_args(["--losses", "hyp2", "--bits", "8"])
+    options.losses = ["fast", "slow"]
+    rows = {row["loss"]: row for row in digits_study.summary_rows(options, {}, results)}
+    assert rows["slow"]["shared_level"] == pytest.approx(0.95 * 0.9)
+    assert rows["fast"]["epochs_to_95"] == 1 and rows["fast"]["epoch_to_shared_level"] is None
+    assert rows["slow"]["epoch_to_shared_level"] == 3  # mean curve 0.2, 0.6, 0.9: first >= 0.855 at epoch 3
+    assert digits_study.mean_curve(results[("slow", 8)]) == pytest.approx([(1, 0.2), (2, 0.6), (3, 0.9)])
