@@ -679,8 +679,9 @@ def train(run, network, default_lr):
     tail = metrics and metrics["long_tail"]["buckets"]["tail"]["map"]
     val = f", val mAP@{run.validation_topk} {progress.best_map:.4f}" if run.select == "val" else ""
     best = "best " if run.select == "test" else ""
-    summary = (f"{best}{run.map_name} {selected.map:.4f} at epoch {selected.epoch} (select {run.select}{val})"
-               + (f" (tail classes {tail:.4f})" if tail is not None else "") + "; "
+    tail_note = f", tail classes {tail:.4f}" if tail is not None else ""
+    summary = (f"{best}{run.map_name} {selected.map:.4f} at epoch {selected.epoch} (select {run.select}{val}"
+               f"{tail_note}); "
                f"checkpoint {'not saved (--no_save)' if args.no_save else run.files.checkpoint}; "
                f"training {progress.train_seconds:.1f}s")
     run.log.say(summary)
