@@ -53,7 +53,7 @@ class Run:
 
     @property
     def select(self):
-        return getattr(self.args, "select", "test")
+        return self.args.select
 
     @property
     def map_name(self):

@@ -431,12 +431,17 @@ def make_loaders(splits, args, spec, device, context=DistContext()):
     return Loaders(train, eval_loader(splits.query), eval_loader(splits.database))
 
 
+def validation_size(args):
+    """--val_size, or its default (the flag defaults to None so that check_flags can tell it was given)."""
+    return args.val_size or DEFAULT_VAL_SIZE
+
+
 def validation_splits(splits, args):
     """--select val: (the splits with the training split reduced, the validation splits), else (splits, None)."""
     if args.select != "val" or uses_checkpoint(args):  # a saved checkpoint is evaluated on the test queries
         return splits, None
     try:
-        validation = hold_out_validation(splits, args.val_size or DEFAULT_VAL_SIZE, args.seed)
+        validation = hold_out_validation(splits, validation_size(args), args.seed)
     except ValueError as exc:
         raise UserError(f"--val_size: {exc} in --dataset {args.dataset}; lower --val_size") from None
     return splits._replace(train=validation.train), validation
@@ -586,7 +591,7 @@ def describe_training(run, trainer, lr):
 
 
 def describe_selection(run):
-    """The --select rule in words, for the header and the summary line."""
+    """The --select rule in words, for the run's header line."""
     if run.select == "val":
         return (f"val (best val mAP@{run.validation_topk} of {len(run.validation.query.dataset)} held-out "
                 "training items)")

@@ -224,7 +224,7 @@ def describe_selection(options):
     the tables."""
     select = getattr(options, "select", "test")
     if select == "val":
-        return (f"epoch selected on {options.val_size or retrieval.DEFAULT_VAL_SIZE} validation items held out "
+        return (f"epoch selected on {retrieval.validation_size(options)} validation items held out "
                 "from the training set, then evaluated once on the test queries")
     if select == "last" or options.eval_every >= options.epochs:
         return "after the last epoch"
