@@ -56,6 +56,11 @@ class Run:
         return self.args.select
 
     @property
+    def selection_score_name(self):
+        """What --select compares: the validation mAP under --select val, else the test-query mAP."""
+        return f"val mAP@{self.validation_topk}" if self.select == "val" else self.map_name
+
+    @property
     def map_name(self):
         """'mAP@K', followed by the convention in brackets when it is not the paper's."""
         described = self.convention.describe()
@@ -260,8 +265,8 @@ def train(run, trainer, progress):
                     save_state_dict(network, run.files.checkpoint)
                 run.log.event("best", map=entry[key], epoch=epoch, checkpoint=str(run.files.checkpoint),
                               select=run.select)
-            label = f"val mAP@{run.validation_topk}" if key == "val_map" else run.map_name
-            line += f"  {label} {entry[key]:.4f}  (kept {progress.best_map:.4f} @ epoch {progress.best_epoch})"
+            line += (f"  {run.selection_score_name} {entry[key]:.4f}  (kept {progress.best_map:.4f} @ epoch "
+                     f"{progress.best_epoch})")
         progress.epoch = epoch
         run.log.say(line)
         run.log.event("epoch", **entry)

@@ -665,7 +665,7 @@ def train(run, network, default_lr):
                   best={"map": progress.best_map, "epoch": progress.best_epoch} if progress.best_epoch else None)
     if args.resume is not None:
         run.log.say(f"resumed after epoch {progress.epoch} "
-                    f"(best {run.map_name} {progress.best_map:.4f} at epoch {progress.best_epoch})")
+                    f"(kept {run.selection_score_name} {progress.best_map:.4f} at epoch {progress.best_epoch})")
     run.log.say(header)
     # ============ distributed: the objective (network and loss together) under DDP ============
     if context.enabled:
@@ -682,7 +682,7 @@ def train(run, network, default_lr):
     if progress.best_epoch and not args.no_save:
         metrics = report_best_checkpoint(run, network, selected.codes, selection)
     tail = metrics and metrics["long_tail"]["buckets"]["tail"]["map"]
-    val = f", val mAP@{run.validation_topk} {progress.best_map:.4f}" if run.select == "val" else ""
+    val = f", {run.selection_score_name} {progress.best_map:.4f}" if run.select == "val" else ""
     best = "best " if run.select == "test" else ""
     tail_note = f", tail classes {tail:.4f}" if tail is not None else ""
     summary = (f"{best}{run.map_name} {selected.map:.4f} at epoch {selected.epoch} (select {run.select}{val}"

@@ -111,6 +111,21 @@ def test_select_val_reports_the_kept_epochs_test_map_everywhere(selected_by_val,
     assert "(select val, val mAP@140" in (out / "digits_small_16.txt").read_text().splitlines()[-1]
 
 
+def test_a_resumed_select_val_run_names_its_validation_score_and_evaluates_the_saved_kept_epoch(tmp_path):
+    one_epoch = [token if token != "2" else "1" for token in TINY]
+    assert one_epoch[one_epoch.index("--epochs") + 1] == "1"
+    val = ["--select", "val", "--val_size", "60", "--output_dir", str(tmp_path)]
+    run(one_epoch + val)
+    resumed = run(TINY + val + ["--resume"])
+    resume_line = next(line for line in (tmp_path / "digits_small_16.txt").read_text().splitlines()
+                       if line.startswith("resumed after epoch 1"))
+    assert "(kept val mAP@140 " in resume_line
+    # Kept before or after the resume (then read back from the checkpoint file), the summary's mAP is the saved
+    # checkpoint's.
+    (tmp_path / "digits_small_16.codes.npz").unlink()
+    assert run(TINY + ["--output_dir", str(tmp_path), "--test"])["map"] == pytest.approx(resumed["map"])
+
+
 def test_select_last_keeps_the_last_epoch(tmp_path):
     summary = run(TINY + ["--select", "last", "--output_dir", str(tmp_path)])
     record = read_run_log(tmp_path / "digits_small_16.jsonl")
