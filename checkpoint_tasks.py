@@ -22,7 +22,6 @@ from hashing import cache, plots
 from hashing.codes import NonFiniteCodes, pack_signs
 from hashing.metrics import BUCKETS, metrics_of_codes
 from hashing.search import search, write_index
-from loss import loss_label
 from utils.atomic import write_json
 from utils.checkpoint import load_network_weights
 from utils.dist import barrier, broadcast_object
@@ -38,8 +37,18 @@ def dataset_label(args):
     return args.dataset + (f"_lt{args.imbalance:g}" if args.imbalance != 1 else "")
 
 
+def loss_label(name, hierarchy=0, experts=1):
+    """The loss as output files and tables name it: the name, plus _hplK with K hierarchical clusters or
+    _hpl-NAME with the given hierarchy NAME (a str), plus _eclE with E collaborative heads."""
+    if isinstance(hierarchy, str):
+        name += f"_hpl-{hierarchy}"
+    elif hierarchy:
+        name += f"_hpl{hierarchy}"
+    return name + (f"_ecl{experts}" if experts > 1 else "")
+
+
 def run_loss_label(args):
-    """loss.loss_label of this run: the loss, its hierarchy (K clusters or the given file's name), its heads."""
+    """loss_label of this run: the loss, its hierarchy (K clusters or the given file's name), its heads."""
     hierarchy = Path(args.hierarchy_file).stem if args.hierarchy_file else args.hierarchy
     return loss_label(args.loss, hierarchy, args.experts)
 

@@ -1,5 +1,5 @@
 """The baseline losses against plain-loop implementations of their docs/METHOD.md §6 formulas (one
-entry or pair at a time, written here independently of loss.py), plus gradients, edge cases, state."""
+entry or pair at a time, written here independently of the loss package), plus gradients, edge cases, state."""
 import math
 
 import numpy as np
