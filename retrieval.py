@@ -26,7 +26,7 @@ from session.files import check_paths, guarded_run_files
 from session.parts import DEFAULT_VAL_SIZE, OPTIMIZERS, make_network_on_every_rank, prepare_run
 from session.run import Run
 from session.training import report_truncated_images, train
-from utils.argtypes import (checked, finite_float, inference_head, non_negative_float, non_negative_int,
+from utils.argtypes import (DefaultsHelpFormatter, checked, finite_float, inference_head, non_negative_float, non_negative_int,
                             positive_int, seed_value)
 from utils.checkpoint import require_checkpoint_file
 from utils.device import select_device
@@ -40,7 +40,7 @@ def get_args_parser(add_help=True):
     """The command line, in groups; add_help=False lets other tools (benchmarks/compare.py) reuse it."""
     parser = argparse.ArgumentParser(
         description="HyP2 loss deep hashing: train a hash network and evaluate mAP@K by Hamming ranking.",
-        add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_help=add_help, formatter_class=DefaultsHelpFormatter)
     for add_group in (add_data_arguments, add_model_arguments, add_loss_arguments, add_optimisation_arguments,
                       add_evaluation_arguments, add_output_arguments, add_device_arguments):
         add_group(parser)

@@ -65,3 +65,14 @@ def seed_value(text):
     if value >= 2 ** 32:
         raise argparse.ArgumentTypeError(f"must be below 2**32, got {text!r}")
     return value
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where the help already says it (a default that depends on
+    other flags) or there is none to show (None, or False for a switch)."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if "default" in help_text or action.default in (None, False, argparse.SUPPRESS):
+            return help_text
+        return super()._get_help_string(action)
