@@ -1,11 +1,23 @@
 """Image transforms of the paper's recipe: resize to a square, random horizontal flip when training,
 ImageNet mean/std normalisation."""
+from dataclasses import dataclass
+
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a backbone's images are prepared (its pretrained weights' own configuration): resized to a
+    size x size square with `interpolation`, scaled to [0, 1], normalised with `mean` and `std`."""
+    size: int
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    interpolation: str = "bilinear"
 
 
 def resize_steps(input_size):

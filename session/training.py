@@ -107,13 +107,13 @@ def train_reporting_failures(run, trainer, progress, lr):
         raise TrainingInterrupted("interrupted before the first epoch finished; nothing to resume") from None
 
 
-def start_training(run, network, default_lr):
+def start_training(run, network):
     """The loss, the optimiser, the resumed state and the logs' start: (run, trainer, progress, lr)."""
     args = run.args
     # ============ loss, optimiser and mixed precision ============
     objective = HashingObjective(network, build_criterion(args, run.spec)).to(run.device)
-    lr = args.lr or default_lr
-    trainer = build_trainer(args, objective, lr, run.device)
+    lr = args.lr or run.backbone.default_lr
+    trainer = build_trainer(args, objective, lr, run.device, run.backbone)
     run = dataclasses.replace(run, data_identity=data_identity(run))
     # ============ optionally resume, then start the logs ============
     progress = resume(run, trainer) if args.resume is not None else Progress()
@@ -131,9 +131,9 @@ def start_training(run, network, default_lr):
     return run, trainer, progress, lr
 
 
-def train(run, network, default_lr):
+def train(run, network):
     """Train, keep the checkpoint --select chooses, report it; returns what the run found."""
-    run, trainer, progress, lr = start_training(run, network, default_lr)
+    run, trainer, progress, lr = start_training(run, network)
     selected = train_reporting_failures(run, trainer, progress, lr)
     fingerprints = gather_objects(run.context, state_fingerprint(trainer.objective))
     if run.context.enabled and len(set(fingerprints)) > 1:
