@@ -232,6 +232,12 @@ TIMM_SHORTCUTS = {
     "dinov2_vitb14": ("vit_base_patch14_dinov2.lvd142m", "dinov2", 224),
 }
 TIMM_PREFIX = "timm:"
+DEFAULT_BACKBONE = "googlenet"  # the paper's
+
+
+def file_label(name):
+    """The backbone as file names carry it: timm:MODEL becomes timm-MODEL (no ':' or '/' in file names)."""
+    return name.replace(":", "-").replace("/", "-")
 
 
 def _build_torchvision(name, head, hash_bit, pretrained=None, input_size=None):
@@ -394,7 +400,8 @@ def trunk_and_head_parameters(network, hash_layer):
 
 
 def build_network(spec, hash_bit, pretrained=None, experts=1, inference_head=0):
-    """The hash network of BackboneSpec `spec` (get_backbone) with a hash_bit-wide output.
+    """The hash network of `spec` (a BackboneSpec, or a backbone name for get_backbone) with a hash_bit-wide
+    output.
 
     pretrained: the backbone's pretrained state_dict (utils/weights.py reads it), loaded before the
     classifier gives way to the hash layer; None for random initialisation. A state_dict that does not
@@ -403,6 +410,7 @@ def build_network(spec, hash_bit, pretrained=None, experts=1, inference_head=0):
     checkpoint format for the paper's backbones. The network of a self-describing backbone carries
     `backbone_record`, which its checkpoints store so that they rebuild it alone.
     """
+    spec = get_backbone(spec) if isinstance(spec, str) else spec
     network = spec.build(hash_bit, pretrained=pretrained,
                          input_size=None if spec.source == "paper" else spec.input_size)
     if experts > 1:

@@ -19,7 +19,7 @@ from hashing import codetable
 from hashing.conventions import Convention
 from hashing.metrics import check_top_ns
 from loss import LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss, build_experts_loss, build_loss
-from network import build_network, get_backbone, hash_head, trunk_and_head_parameters
+from network import DEFAULT_BACKBONE, build_network, get_backbone, hash_head, trunk_and_head_parameters
 from utils.checkpoint import read_backbone_record
 from utils.dist import barrier, shard_bounds
 from utils.errors import UserError
@@ -35,7 +35,6 @@ OPTIMIZERS = {
     "adam": lambda groups, args: torch.optim.Adam(groups, weight_decay=args.weight_decay),
     "adamw": lambda groups, args: torch.optim.AdamW(groups, weight_decay=args.weight_decay),
 }
-DEFAULT_BACKBONE = "googlenet"  # the paper's
 DEFAULT_VAL_SIZE = 500
 
 
