@@ -39,7 +39,7 @@ def multi_positive_info_nce(codes, proxies, labels, tau):
 
 
 class CollaborativeExpertsLoss(HashingLoss):
-    """E hash heads trained together, after ECL (Xu et al., IEEE TMM 2023) as docs/METHOD.md §8 reads it.
+    """E hash heads trained together, after ECL (Xu et al., IEEE TMM 2023) as docs/METHOD.md §8.2 reads it.
 
     codes: (B, E, n), one output per head; every head has its own proxy loss (own proxies). With
     p^e = label_probabilities(x^e, P^e, m = (1 + zeta) / 2, temperature):
