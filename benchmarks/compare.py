@@ -1,7 +1,7 @@
 """Compare losses on one dataset and backbone: a grid of losses x hash bits x seeds, each cell a full
 training run of retrieval.py, summarised in OUTPUT_DIR/compare_{dataset}_{backbone}.md and .csv.
 
-    python benchmarks/compare.py                                   # the README's digits table (~25 min, 2 CPU cores)
+    python benchmarks/compare.py                                   # the digits table of docs/STUDIES.md (~25 min)
     python benchmarks/compare.py --losses hyp2 dpsh --bits 16 32 --seeds 0
     python benchmarks/compare.py --dataset voc2007 --backbone googlenet --bits 16 32 48 64 --epochs 100 \\
         --eval_every 5 --losses hyp2 orthohash proxy_anchor idhn dhn
