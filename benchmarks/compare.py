@@ -1,7 +1,7 @@
 """Compare losses on one dataset and backbone: a grid of losses x hash bits x seeds, each cell a full
 training run of retrieval.py, summarised in OUTPUT_DIR/compare_{dataset}_{backbone}.md and .csv.
 
-    python benchmarks/compare.py                                   # the README's digits table (~25 min, 2 CPU cores)
+    python benchmarks/compare.py                                   # the digits table of docs/STUDIES.md (~25 min)
     python benchmarks/compare.py --losses hyp2 dpsh --bits 16 32 --seeds 0
     python benchmarks/compare.py --dataset voc2007 --backbone googlenet --bits 16 32 48 64 --epochs 100 \\
         --eval_every 5 --losses hyp2 orthohash proxy_anchor idhn dhn
@@ -36,6 +36,9 @@ from loss import LOSSES, PROXY_LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.errors import UserError, run_reporting_errors  # noqa: E402
 from utils.runlog import read_run_log  # noqa: E402
+from utils.argtypes import positive_int  # noqa: E402
+from session.files import RunFiles  # noqa: E402
+from session.parts import validation_size  # noqa: E402
 
 DEFAULT_LOSSES = [*LOSSES, "hyp2_hpl4"]
 
@@ -99,7 +102,7 @@ def get_args_parser():
     grid = parser.add_argument_group("the grid")
     grid.add_argument("--losses", nargs="+", type=parse_variant, default=DEFAULT_LOSSES,
                       help=f"losses to compare (default: {' '.join(DEFAULT_LOSSES)})")
-    grid.add_argument("--bits", nargs="+", type=retrieval.positive_int, default=[12, 24, 48], help="hash bits")
+    grid.add_argument("--bits", nargs="+", type=positive_int, default=[12, 24, 48], help="hash bits")
     grid.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds (each cell is run per seed)")
     grid.add_argument("--loss_args", action="append", type=parse_loss_args, default=[], metavar="LOSS=FLAGS",
                       help="retrieval.py flags for one loss of the grid only, e.g. proxy_anchor='--lr 0.005' "
@@ -159,7 +162,7 @@ def cell_args(options, variant, bits, seed, extra=()):
 def finished_record(args):
     """The cell's run log (utils/runlog.py read_run_log) if it finished with these settings, else None."""
     try:
-        record = read_run_log(retrieval.run_files(args).event_log)
+        record = read_run_log(RunFiles.for_args(args).event_log)
     except OSError:
         return None
     if not record.get("finished") or not record.get("best"):
@@ -187,7 +190,7 @@ def run_cell(args, verbose):
 
 def train_or_resume(args, verbose):
     """run_cell, continuing from the run's training state when an earlier attempt was interrupted."""
-    if retrieval.run_files(args).last.exists():
+    if RunFiles.for_args(args).last.exists():
         args.resume = ""
     return run_cell(args, verbose)
 
@@ -224,7 +227,7 @@ def describe_selection(options):
     the tables."""
     select = getattr(options, "select", "test")
     if select == "val":
-        return (f"epoch selected on {retrieval.validation_size(options)} validation items held out "
+        return (f"epoch selected on {validation_size(options)} validation items held out "
                 "from the training set, then evaluated once on the test queries")
     if select == "last" or options.eval_every >= options.epochs:
         return "after the last epoch"

@@ -34,6 +34,8 @@ from data import flickr, voc  # noqa: E402
 from network import BACKBONES, build_network  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.errors import run_reporting_errors  # noqa: E402
+from utils.argtypes import positive_int  # noqa: E402
+from session.files import RunFiles  # noqa: E402
 
 TABLES = {"flickr_nus": ("flickr", "nuswide"), "voc": ("voc2007", "voc2012")}
 
@@ -85,7 +87,7 @@ def get_args_parser():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Other arguments are retrieval.py flags for every run (after the recipe's, so they override it).")
     parser.add_argument("--table", required=True, choices=list(TABLES), help="which of the paper's tables")
-    parser.add_argument("--bits", nargs="+", type=retrieval.positive_int, default=None,
+    parser.add_argument("--bits", nargs="+", type=positive_int, default=None,
                         help="hash bits (default: the table's)")
     parser.add_argument("--losses", nargs="+", type=compare.parse_variant, default=None,
                         help="methods (default: the table's rows)")
@@ -159,7 +161,7 @@ def cell_status(options, overrides, cell, problem, failures):
         args = retrieval.get_args_parser().parse_args(command(options, overrides, cell, seed))
         record = compare.finished_record(args)
         records += [record] if record else []
-        started |= record is None and retrieval.run_files(args).event_log.exists()
+        started |= record is None and RunFiles.for_args(args).event_log.exists()
     if problem:
         return f"no data: {problem}", records
     if cell in failures:
