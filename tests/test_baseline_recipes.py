@@ -11,14 +11,13 @@ import pytest
 import torch
 
 import retrieval
-from cli_runs import small_digits_failure
+from cli_runs import load_script, small_digits_failure
 from loss import build_loss
 from test_baselines import reference_hashnet
-from test_compare import load_compare
 from utils.config import read_config
 from utils.errors import UserError
 
-compare = load_compare()
+compare = load_script("benchmarks/compare.py")
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "authors"
 
 
