@@ -72,7 +72,7 @@ class Progress:
     train_seconds: float = 0.0
 
 
-SELECTION_RULES = ("test", "val", "last")  # --select; docs/METHOD.md §3.10
+SELECTION_RULES = ("test", "val", "last")  # --select; docs/METHOD.md §10
 
 
 class Selected(NamedTuple):

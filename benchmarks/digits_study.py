@@ -1,6 +1,6 @@
-"""A fair convergence comparison of the losses on `digits` (README "Convergence on digits").
+"""A fair convergence comparison of the losses on `digits` (docs/STUDIES.md, "Convergence on digits").
 
-    python -m benchmarks.digits_study --output_dir /tmp/study         # the README's study
+    python -m benchmarks.digits_study --output_dir /tmp/study         # docs/STUDIES.md's study
     python -m benchmarks.digits_study --losses hyp2 dpsh --bits 16 --seeds 0 --epochs 2 --subset 300   # smoke
 
 1. Search: for every loss, each recipe of its small search space (SEARCH_SPACE, recipe files in configs/digits_study/: the project's SGD at two

@@ -1,7 +1,8 @@
-"""The long-tail and hierarchy studies of docs/METHOD.md §8: each cell a full training run of retrieval.py,
-summarised in OUTPUT_DIR/longtail_study.md (rewritten atomically after every cell).
+"""The long-tail and hierarchy studies of docs/STUDIES.md (definitions: docs/METHOD.md §8, §9): each cell a
+full training run of retrieval.py, summarised in OUTPUT_DIR/longtail_study.md (rewritten atomically after every
+cell).
 
-    python benchmarks/longtail_study.py                              # both studies, 3 seeds (the README's tables)
+    python benchmarks/longtail_study.py                              # both studies, 3 seeds (docs/STUDIES.md's tables)
     python benchmarks/longtail_study.py --studies ecl --seeds 0 --epochs 6
     python benchmarks/longtail_study.py --studies hpl --seeds 0 1 2
     python benchmarks/longtail_study.py --table_only                # the table of the finished cells only
@@ -92,7 +93,7 @@ def render(options, cells, command):
     lines = ["# Long-tail and hierarchy studies (digits, small backbone)", "",
              f"{options.hash_bit} bits, {options.epochs} epochs, mAP@all after the last epoch; mean ± sample "
              "standard deviation over the finished seeds (runs column). Tail = mean AP of the 3 rarest training "
-             "classes (docs/METHOD.md §8.3).", ""]
+             "classes (docs/METHOD.md §9.2).", ""]
     for study in options.studies:
         variants, imbalances = STUDIES[study]
         lines += [f"## {study}", "", "| variant | " + " | ".join(

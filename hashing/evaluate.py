@@ -1,4 +1,4 @@
-"""Score hash codes produced anywhere under every convention of the ranking metrics (docs/METHOD.md §3.5-§3.9).
+"""Score hash codes produced anywhere under every convention of the ranking metrics (docs/METHOD.md §3.5-§3.7).
 
     python -m hashing.evaluate result/digits_small_48.codes.npz                 # this project's codes cache
     python -m hashing.evaluate tst_binary.npy trn_binary.npy --query_labels tst_label.npy \\

@@ -117,7 +117,7 @@ def report_evaluation(run, metrics, codes):
 
 
 def describe_buckets(buckets):
-    """One line: mAP of the head / medium / tail classes by training frequency (docs/METHOD.md §8.3)."""
+    """One line: mAP of the head / medium / tail classes by training frequency (docs/METHOD.md §9.2)."""
     parts = [f"{name} {'-' if buckets[name]['map'] is None else format(buckets[name]['map'], '.4f')} "
              f"({len(buckets[name]['classes'])} classes)" for name in BUCKETS]
     return "mAP by training frequency of the classes: " + ", ".join(parts)

@@ -1,17 +1,14 @@
 """docs/FLAGS.md is generated from retrieval.py's parser: the committed copy must match it."""
-import importlib.util
 from pathlib import Path
 
 import retrieval
+from tests.cli_runs import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_make_flags():
-    spec = importlib.util.spec_from_file_location("make_flags", ROOT / "docs" / "make_flags.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/make_flags.py")
 
 
 def test_committed_flags_reference_matches_the_parser():
