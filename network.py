@@ -243,7 +243,8 @@ def file_label(name):
 def _build_torchvision(name, head, hash_bit, pretrained=None, input_size=None):
     vision_transformer = name.startswith("vit_")
     model = models.get_model(name, **({"image_size": input_size} if vision_transformer and input_size else {}))
-    if pretrained is not None and vision_transformer and model.image_size != 224:
+    if pretrained is not None and vision_transformer and model.image_size != 224 \
+            and "encoder.pos_embedding" in pretrained:
         # The pretrained position embeddings are for 224-pixel inputs: interpolated to this grid.
         pretrained = models.vision_transformer.interpolate_embeddings(model.image_size, model.patch_size, pretrained)
     load_trunk(model, pretrained)

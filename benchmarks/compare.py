@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval  # noqa: E402
 from loss import LOSSES, PROXY_LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
-from utils.config import read_config  # noqa: E402
+from utils.config import config_arguments, read_config  # noqa: E402
 from utils.errors import UserError, run_reporting_errors  # noqa: E402
 from utils.runlog import read_run_log  # noqa: E402
 from utils.argtypes import positive_int  # noqa: E402
@@ -112,13 +112,7 @@ def recipe_flags(path, loss):
     named = values.pop("loss", loss)
     if named != loss:
         raise UserError(f"recipe file {path} is for --loss {named}, not {loss}")
-    flags = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            flags += [f"--{key}"] if value else []
-        else:
-            flags += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
-    return flags
+    return config_arguments(retrieval.get_args_parser(), values, path)
 
 
 def split_label(label):

@@ -131,24 +131,24 @@ def command(options, overrides, cell, seed):
 
 
 @lru_cache(maxsize=None)
-def forward_flops(backbone):
+def forward_flops(backbone, input_size=None):
     """FLOPs of one image's forward pass (torch's FlopCounterMode, on the meta device: no memory, no weights),
     with a 48-bit hash layer: its share is below 0.01 % at any code length of the paper."""
-    spec = get_backbone(backbone)
+    spec = get_backbone(backbone, input_size)
     with torch.device("meta"):
         network = build_network(spec, 48).eval()
-        size = spec.input_size
-        images = torch.empty(1, 3, size, size)
+        images = torch.empty(1, 3, spec.input_size, spec.input_size)
     with FlopCounterMode(display=False) as counter:
         network(images)
     return counter.get_total_flops()
 
 
-def estimate_seconds(dataset, epochs=100, eval_every=5):
+def estimate_seconds(dataset, epochs=100, eval_every=5, backbone=None, input_size=None):
     """(compute seconds, image-reading seconds) of one run on one GPU under the assumptions above: training
-    costs ~3 forward passes per image (forward and backward), each evaluation one per query and database image."""
+    costs ~3 forward passes per image (forward and backward), each evaluation one per query and database image.
+    The backbone is the paper's for the dataset unless given."""
     train, query, database = SPLIT_SIZES[dataset]
-    flops = forward_flops(compare.PAPER[dataset]["backbone"])
+    flops = forward_flops(backbone or compare.PAPER[dataset]["backbone"], input_size)
     evaluations = epochs // eval_every + (epochs % eval_every != 0)
     images = epochs * train + evaluations * (query + database)
     compute = (epochs * train * 3 + evaluations * (query + database)) * flops / ASSUMED_FLOPS_PER_SECOND
@@ -245,7 +245,8 @@ def print_commands(options, overrides, problems):
     print(f"# estimated time per run on one GPU ({ASSUMED_FLOPS_PER_SECOND / 1e12:.0f} TFLOP/s sustained, "
           f"{ASSUMED_IMAGES_PER_SECOND} JPEGs/s decoded; an estimate from FLOPs, not a measurement):", file=sys.stderr)
     for dataset in TABLES[options.table]:
-        compute, reading = estimate_seconds(dataset)
+        run = retrieval.get_args_parser().parse_args(command(options, overrides, (dataset, 16, "hyp2"), 0))
+        compute, reading = estimate_seconds(dataset, run.epochs, run.eval_every, run.backbone, run.input_size)
         print(f"#   {dataset}: compute {compute / 60:.0f} min, image decoding {reading / 60:.0f} min"
               + (f"  [no data: {problems[dataset]}]" if problems[dataset] else ""), file=sys.stderr)
 

@@ -43,12 +43,12 @@ def data_options(args):
                        split=args.split, imbalance=args.imbalance)
 
 
-def build_splits(spec, args, input_size):
+def build_splits(spec, args, preprocessing):
     if args.imbalance != 1 and "imbalance" not in spec.options:
         raise UserError(f"--imbalance: --dataset {args.dataset} has no long-tailed variant (only "
                         f"{', '.join(name for name, other in DATASETS.items() if 'imbalance' in other.options)})")
     try:
-        splits = spec.build(Path(args.data_root), args.seed, input_size, data_options(args))
+        splits = spec.build(Path(args.data_root), args.seed, preprocessing, data_options(args))
     except NotImplementedError as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:
@@ -137,7 +137,7 @@ def prepare_run(run):
     """The Run with its data (prepared for run.backbone), K, loaders and log: what every later stage reads."""
     args = run.args
     spec = get_dataset_spec(args.dataset)
-    splits = build_splits(spec, args, run.input_size)
+    splits = build_splits(spec, args, run.backbone.preprocessing)
     run = dataclasses.replace(run, spec=spec.with_classes_of(splits))
     splits, validation = validation_splits(run, splits)
     if args.top_n:  # checked before training, not after it
@@ -165,20 +165,23 @@ def backbone_of(args):
 
 def resolve_backbone(args):
     """The flags with --backbone resolved: as given, else the backbone a self-describing --checkpoint
-    records (--test, --query, --export_index rebuild its network without the training flags), else
-    googlenet, the paper's default. A flag that contradicts the checkpoint's record is a UserError."""
+    records (--test, --query, --export_index rebuild its network without the training flags: backbone,
+    input size, bits and heads), else googlenet, the paper's default. A flag that contradicts the
+    checkpoint's record is a UserError; --hash_bit and --experts at their defaults take the record's."""
     record = None
     if (args.test or args.query or args.export_index) and args.checkpoint and Path(args.checkpoint).is_file():
         record = read_backbone_record(args.checkpoint)
     if record is None:
         return argparse.Namespace(**{**vars(args), "backbone": args.backbone or DEFAULT_BACKBONE})
-    for flag, value in (("backbone", record["name"]), ("input_size", record.get("input_size")),
-                        ("hash_bit", record.get("hash_bit")), ("experts", record.get("experts", 1))):
+    recorded = {"backbone": record["name"], "input_size": record.get("input_size"),
+                "hash_bit": record.get("hash_bit"), "experts": record.get("experts", 1)}
+    defaults = {"backbone": None, "input_size": None, "hash_bit": 48, "experts": 1}
+    for flag, value in recorded.items():
         given = getattr(args, flag)
-        if given is not None and given != value and not (flag == "backbone" and value is None):
+        if given != defaults[flag] and given != value:
             raise UserError(f"--{flag} {given} contradicts --checkpoint {args.checkpoint}, whose network has "
                             f"{flag} {value}: drop --{flag} (the checkpoint says it) or pass the right checkpoint")
-    return argparse.Namespace(**{**vars(args), "backbone": record["name"], "input_size": record["input_size"]})
+    return argparse.Namespace(**{**vars(args), **recorded})
 
 
 def make_network(run):
