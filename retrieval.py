@@ -283,8 +283,13 @@ def main(args):
         shutdown(context)
 
 
+def parse_args(argv=None):
+    """The flags of `argv` (default sys.argv), with a --config file's values under them."""
+    return parse_args_with_config(get_args_parser(), argv)
+
+
 def cli(argv=None):
-    run_reporting_errors(lambda: main(parse_args_with_config(get_args_parser(), argv)))
+    run_reporting_errors(lambda: main(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -187,11 +187,17 @@ def parse_with_run_flags(parser, argv, flags_set_per_run, harness, instead):
     given = sorted({token.split("=")[0] for token in overrides} & set(flags_set_per_run))
     if given:
         raise UserError(f"{harness} sets {', '.join(given)} per run: use {instead}")
+    if "--config" in overrides or getattr(options, "config", None):
+        raise UserError(f"{harness} takes a recipe's flags themselves, not --config (a harness's runs take their "
+                        "recipes from its own options and files); e.g. --optimizer adamw --lr 0.001")
     return options, overrides
 
 
 def refuse_grid_owned(options):
     """The grid sets these per cell: a value for all cells is a mistake."""
+    if options.config:
+        raise UserError("compare.py takes a recipe's flags themselves, not --config (each row's recipe is its own: "
+                        "--loss_args, --baseline_recipe); e.g. --optimizer adamw --lr 0.001")
     given = [flag for flag in GRID_OWNED if getattr(options, flag) not in (None, False)]
     if given:
         raise UserError(f"compare.py may not be given --{', --'.join(given)}: the grid sets --loss, --hierarchy, "
