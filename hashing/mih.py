@@ -36,6 +36,12 @@ from utils.errors import UserError
 MAX_SUBSTRING_BITS = 24
 ROWS_PER_BUCKET = 128
 MIN_SUBSTRING_BITS = 8
+# Threads a batch of queries is split over (None: up to 4, as many as there are CPUs).
+THREADS = None
+
+
+def search_threads():
+    return THREADS or min(4, os.cpu_count() or 1)
 
 
 def default_substrings(hash_bit, num_rows):
@@ -119,7 +125,7 @@ class MultiIndexTables:
         kernel = _kernel()
         words = code_words(query_bits)
         keys = np.stack([substring_keys(words, start, end) for start, end in self.bounds], axis=1)
-        threads = threads or min(4, os.cpu_count() or 1)
+        threads = threads or search_threads()
         size = max(1, -(-len(words) // threads))
         parts = [slice(start, start + size) for start in range(0, len(words), size)]
 
