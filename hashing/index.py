@@ -29,7 +29,8 @@ An approximate method returns the rows it found in the same order; a query for w
 codes gets id -1 at distance hash_bit + 1 in the missing places.
 
 Changes. add() and remove() copy the arrays (O(N)), and the search structure is rebuilt at the next search,
-so change an index in batches. An index is not safe to change while another thread searches it.
+so change an index in batches. Several threads may search an index at once, but none may change it while
+another searches it.
 
 File. save() writes atomically: MAGIC, a little-endian uint32 header length, a JSON header (format,
 hash_bit, rows, method, options) padded to a multiple of 64 bytes, then the codes (rows x ceil(hash_bit / 8)
@@ -42,6 +43,7 @@ import importlib.util
 import json
 import math
 import struct
+import threading
 
 import numpy as np
 
@@ -133,11 +135,11 @@ class _Flat:
         return self.faiss_index.ntotal * self.faiss_index.code_size if self.use_faiss else 0
 
     def _distance_chunks(self, queries):
-        """(first query, distances of a chunk of queries to every code): bounded memory per chunk."""
+        """The distances of one chunk of queries after another to every code: bounded memory per chunk."""
         query_words, code_words = word_columns(queries), word_columns(self.codes)
         rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(len(self.codes), 1))
         for start in range(0, len(queries), rows_per_chunk):
-            yield start, hamming_distances([w[start:start + rows_per_chunk] for w in query_words], code_words,
+            yield hamming_distances([w[start:start + rows_per_chunk] for w in query_words], code_words,
                                            self.codes.shape[1] * 8)  # the padding bits are 0 on both sides
 
     def nearest(self, queries, k):
@@ -145,7 +147,7 @@ class _Flat:
             # A no-op re-sort with the pinned FAISS (its ties already come out by row); kept as a guard.
             return order_by_distance_then_row(*self.faiss_index.search(queries, k))
         distances, rows = [], []
-        for _, dist in self._distance_chunks(queries):
+        for dist in self._distance_chunks(queries):
             ranked = rank_top_k(dist, k)
             distances.append(np.take_along_axis(dist, ranked, axis=1).astype(np.int32))
             rows.append(ranked.astype(np.int64))
@@ -155,7 +157,7 @@ class _Flat:
         if self.use_faiss:
             return _ranked_range_result(*self.faiss_index.range_search(queries, radius + 1))  # FAISS: d < radius
         results = []
-        for _, dist in self._distance_chunks(queries):
+        for dist in self._distance_chunks(queries):
             for row in dist:
                 inside = np.flatnonzero(row <= radius)
                 order = np.argsort(row[inside], kind="stable")
@@ -255,6 +257,7 @@ class HammingIndex:
         self._codes = np.zeros((0, self.code_bytes), dtype=np.uint8)
         self._ids = np.zeros(0, dtype=np.int64)
         self._search_structure = None
+        self._building = threading.Lock()  # concurrent first searches build the structure once
 
     @classmethod
     def build(cls, codes, ids=None, hash_bit=None, method=DEFAULT_METHOD, **options):
@@ -371,16 +374,19 @@ class HammingIndex:
     # ---------- search ----------
 
     def _structure(self):
-        if self._search_structure is None:
-            method = self.resolved_method
-            options = {} if self.method == "auto" else self.options
-            if method == "flat":
-                self._search_structure = _Flat(self._codes, self.hash_bit, **options)
-            elif method == "mih":
-                self._search_structure = _MultiIndexHashing(self._codes, self.hash_bit, **options)
-            else:
-                self._search_structure = _FaissApproximate(self._codes, self.hash_bit, method, **options)
-        return self._search_structure
+        with self._building:
+            if self._search_structure is None:
+                self._search_structure = self._new_structure()
+            return self._search_structure
+
+    def _new_structure(self):
+        method = self.resolved_method
+        options = {} if self.method == "auto" else self.options
+        if method == "flat":
+            return _Flat(self._codes, self.hash_bit, **options)
+        if method == "mih":
+            return _MultiIndexHashing(self._codes, self.hash_bit, **options)
+        return _FaissApproximate(self._codes, self.hash_bit, method, **options)
 
     def _ids_of(self, rows):
         return np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1) if len(self) else rows

@@ -64,8 +64,8 @@ def code_words(bits):
 def substring_bounds(hash_bit, substrings):
     """[(first bit, end bit)] of m substrings of consecutive bits, the first n % m one bit longer."""
     base, longer = divmod(hash_bit, substrings)
-    ends = np.cumsum([base + (j < longer) for j in range(substrings)])
-    return [(int(end) - base - (j < longer), int(end)) for j, end in enumerate(ends)]
+    widths = [base + (j < longer) for j in range(substrings)]
+    return [(int(end - width), int(end)) for end, width in zip(np.cumsum(widths), widths)]
 
 
 def substring_keys(words, start, end):
@@ -132,8 +132,8 @@ class MultiIndexTables:
         def chunk(part):
             return kernel.search_chunk(words[part], keys[part], self.tables, k, max_distance)
 
-        if len(parts) == 1:
-            results = [chunk(parts[0])]
+        if len(parts) <= 1:
+            results = [chunk(slice(None))]
         else:
             with ThreadPoolExecutor(max_workers=len(parts)) as pool:
                 results = list(pool.map(chunk, parts))
