@@ -40,6 +40,7 @@ the search structures are rebuilt, never read from the file. load(mmap=True) map
 reading them.
 """
 import importlib.util
+import itertools
 import json
 import math
 import struct
@@ -110,13 +111,13 @@ def order_by_distance_then_row(distances, rows):
 def _segments(distances, rows, counts):
     """Per-query (distances int32, rows int64) from results laid end to end, counts[q] for query q."""
     bounds = np.concatenate([[0], np.cumsum(counts)])
-    return [(distances[a:b].astype(np.int32), rows[a:b].astype(np.int64)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(distances[a:b].astype(np.int32), rows[a:b].astype(np.int64)) for a, b in itertools.pairwise(bounds)]
 
 
 def _ranked_range_result(lims, distances, rows):
     """FAISS range_search output (lims, D, I) as per-query lists in (distance, row) order."""
     results = []
-    for start, end in zip(lims[:-1], lims[1:]):
+    for start, end in itertools.pairwise(lims):
         order = np.lexsort((rows[start:end], distances[start:end]))
         results.append((distances[start:end][order].astype(np.int32), rows[start:end][order].astype(np.int64)))
     return results

@@ -22,8 +22,7 @@ def test_the_search_benchmark_writes_its_table(tmp_path, capsys, restored_thread
     bench_search.main(args)
     table = (tmp_path / "bench_search_64bit.md").read_text()
     assert "(1 threads)" in table and "(mih: 1 threads)" in table
-    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| uniform") or
-            line.startswith("| clustered")]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith(("| uniform", "| clustered"))]
     assert [(row[0].strip(), row[2].strip()) for row in rows] == [
         (codes, method) for codes in ("uniform", "clustered") for method in ("flat", "mih", "ivf", "hnsw")]
     for row in rows:

@@ -29,7 +29,7 @@ class StandInModel:
 
 
 def test_the_search_example_runs(tmp_path, monkeypatch):
-    example = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    example = re.search(r"```python\n(.*?)```", DOC.read_text(), re.DOTALL).group(1)
     assert len(example.strip().splitlines()) <= 13  # the imports and about 10 lines
     api = types.ModuleType("hashing.api")
     api.load_checkpoint = StandInModel
