@@ -102,8 +102,9 @@ def _read_record(path):
     require_regular_file(path, "progress record", max_bytes=1 << 20)
     try:
         record = json.loads(path.read_text())
-        if not isinstance(record, dict) or not isinstance(record.get("done"), int) or \
-                not isinstance(record.get("hash_bit"), int):
+        counts = isinstance(record, dict) and all(isinstance(record.get(key), int) for key in ("done", "rows",
+                                                                                                "hash_bit"))
+        if not counts or not 0 <= record["done"] <= record["rows"] or record["hash_bit"] < 1:
             raise ValueError
         return record
     except ValueError:

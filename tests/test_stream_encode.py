@@ -183,3 +183,16 @@ def test_progress_is_recorded_while_running(folder, tmp_path, monkeypatch):
     network.register_forward_pre_hook(hook)
     encode_to_file(network, folder, TRANSFORM, tmp_path / "codes.npy", batch_size=10, workers=0)
     assert records == [None, 10, 20, 30]
+
+
+def test_an_unreadable_progress_record_is_a_one_line_error(folder, tmp_path):
+    network = make_network()
+    counting_calls(network, fail_on=2)
+    with pytest.raises(RuntimeError):
+        encode_to_file(network, folder, TRANSFORM, tmp_path / "codes.npy", batch_size=8, workers=0)
+    record_path = tmp_path / "codes.npy.progress.json"
+    record = json.loads(record_path.read_text())
+    for damaged in ("{not json", json.dumps({**record, "done": 41}), json.dumps({**record, "hash_bit": "20"})):
+        record_path.write_text(damaged)
+        with pytest.raises(UserError, match="progress record .* is unreadable"):
+            encode_to_file(make_network(), folder, TRANSFORM, tmp_path / "codes.npy", workers=0)
