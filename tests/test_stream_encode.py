@@ -55,6 +55,15 @@ def counting_calls(network, fail_on=None):
     return calls
 
 
+def interrupted_run(folder, output, batch_size, fail_on):
+    """Encode into `output` until the forward call `fail_on` raises; returns the progress record's path."""
+    network = make_network()
+    counting_calls(network, fail_on=fail_on)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        encode_to_file(network, folder, TRANSFORM, output, batch_size=batch_size, workers=0)
+    return output.with_name(output.name + ".progress.json")
+
+
 def test_streamed_codes_equal_in_memory_codes(folder, tmp_path, capsys):
     network = make_network()
     result = encode_to_file(network, folder, TRANSFORM, tmp_path / "codes.npy", batch_size=7, workers=0)
@@ -82,11 +91,7 @@ def test_streamed_codes_equal_in_memory_codes(folder, tmp_path, capsys):
 def test_an_interrupted_run_resumes_to_the_identical_file(folder, tmp_path, capsys):
     reference = encode_to_file(make_network(), folder, TRANSFORM, tmp_path / "reference.npy", batch_size=6,
                                workers=0)
-    network = make_network()
-    counting_calls(network, fail_on=4)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        encode_to_file(network, folder, TRANSFORM, tmp_path / "codes.npy", batch_size=6, workers=0)
-    record = json.loads((tmp_path / "codes.npy.progress.json").read_text())
+    record = json.loads(interrupted_run(folder, tmp_path / "codes.npy", batch_size=6, fail_on=4).read_text())
     assert record["done"] == 18 and not (tmp_path / "codes.npy").exists()
 
     network = make_network()  # a new process: same weights, no hook
@@ -101,11 +106,7 @@ def test_an_interrupted_run_resumes_to_the_identical_file(folder, tmp_path, caps
 def test_rows_written_after_the_last_record_are_redone(folder, tmp_path):
     # A killed process leaves rows written after its last record; they are not trusted but computed again.
     encode_to_file(make_network(), folder, TRANSFORM, tmp_path / "reference.npy", batch_size=5, workers=0)
-    network = make_network()
-    counting_calls(network, fail_on=6)
-    with pytest.raises(RuntimeError):
-        encode_to_file(network, folder, TRANSFORM, tmp_path / "codes.npy", batch_size=5, workers=0)
-    record_path = tmp_path / "codes.npy.progress.json"
+    record_path = interrupted_run(folder, tmp_path / "codes.npy", batch_size=5, fail_on=6)
     record = json.loads(record_path.read_text())
     record_path.write_text(json.dumps({**record, "done": 10}))
     partial = np.load(tmp_path / "codes.npy.partial", mmap_mode="r+")
@@ -120,10 +121,7 @@ def test_rows_written_after_the_last_record_are_redone(folder, tmp_path):
 
 
 def test_a_resume_with_other_inputs_is_refused(folder, tmp_path):
-    network = make_network()
-    counting_calls(network, fail_on=2)
-    with pytest.raises(RuntimeError):
-        encode_to_file(network, folder, TRANSFORM, tmp_path / "codes.npy", batch_size=8, workers=0)
+    interrupted_run(folder, tmp_path / "codes.npy", batch_size=8, fail_on=2)
     with pytest.raises(UserError, match="partial encoding of another network weights") as error:
         encode_to_file(make_network(seed=1), folder, TRANSFORM, tmp_path / "codes.npy", workers=0)
     assert "\n" not in str(error.value)
@@ -186,11 +184,7 @@ def test_progress_is_recorded_while_running(folder, tmp_path, monkeypatch):
 
 
 def test_an_unreadable_progress_record_is_a_one_line_error(folder, tmp_path):
-    network = make_network()
-    counting_calls(network, fail_on=2)
-    with pytest.raises(RuntimeError):
-        encode_to_file(network, folder, TRANSFORM, tmp_path / "codes.npy", batch_size=8, workers=0)
-    record_path = tmp_path / "codes.npy.progress.json"
+    record_path = interrupted_run(folder, tmp_path / "codes.npy", batch_size=8, fail_on=2)
     record = json.loads(record_path.read_text())
     for damaged in ("{not json", json.dumps({**record, "done": 41}), json.dumps({**record, "hash_bit": "20"})):
         record_path.write_text(damaged)
