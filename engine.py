@@ -57,6 +57,10 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype = None  # None: no autocast
+    clip_grad: float = None  # --clip_grad: the largest gradient norm, None for no clipping
+    # --freeze_backbone: the only part of the network in training mode (the frozen trunk's BatchNorm
+    # statistics and dropout stay as in evaluation); None trains the whole network
+    trainable_head: nn.Module = None
 
 
 @dataclass
@@ -122,6 +126,9 @@ class EpochStats(NamedTuple):
 def train_one_epoch(trainer, loader, device, epoch, context=DistContext()):
     """One pass over the training set; returns its EpochStats."""
     trainer.model.train()
+    if trainer.trainable_head is not None:
+        trainer.objective.network.eval()
+        trainer.trainable_head.train()
     total = torch.zeros((), device=device)
     seen = 0
     reset_peak_memory(device)
@@ -136,6 +143,9 @@ def train_one_epoch(trainer, loader, device, epoch, context=DistContext()):
             raise NonFiniteLoss(loss.item(), epoch, step)
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.scaler.scale(loss).backward()
+        if trainer.clip_grad is not None:
+            trainer.scaler.unscale_(trainer.optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(trainer.objective.parameters(), trainer.clip_grad)
         trainer.scaler.step(trainer.optimizer)
         trainer.scaler.update()
         total += loss.detach() * len(images)

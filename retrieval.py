@@ -20,15 +20,17 @@ from engine import SELECTION_RULES
 from hashing.codetable import check_zeta
 from hashing.conventions import NORMALIZE, TIES, ZERO_HIT
 from loss import LOSSES, PROXY_LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss
-from network import BACKBONES
+from network import TIMM_SHORTCUTS, TORCHVISION_BACKBONES
 from session.checkpoint_tasks import run_checkpoint_tasks
 from session.files import check_paths, guarded_run_files
-from session.parts import DEFAULT_VAL_SIZE, OPTIMIZERS, make_network_on_every_rank, prepare_run
+from session.parts import (DEFAULT_VAL_SIZE, OPTIMIZERS, backbone_of, make_network_on_every_rank, prepare_run,
+                           resolve_backbone)
 from session.run import Run
 from session.training import report_truncated_images, train
 from utils.argtypes import (DefaultsHelpFormatter, checked, finite_float, inference_head, non_negative_float, non_negative_int,
                             positive_int, seed_value)
 from utils.checkpoint import require_checkpoint_file
+from utils.config import parse_args_with_config
 from utils.device import select_device
 from utils.dist import init_distributed, shutdown
 from utils.errors import UserError, run_reporting_errors
@@ -41,10 +43,17 @@ def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(
         description="HyP2 loss deep hashing: train a hash network and evaluate mAP@K by Hamming ranking.",
         add_help=add_help, formatter_class=DefaultsHelpFormatter)
-    for add_group in (add_data_arguments, add_model_arguments, add_loss_arguments, add_optimisation_arguments,
-                      add_evaluation_arguments, add_output_arguments, add_device_arguments):
+    for add_group in (add_recipe_arguments, add_data_arguments, add_model_arguments, add_loss_arguments,
+                      add_optimisation_arguments, add_evaluation_arguments, add_output_arguments, add_device_arguments):
         add_group(parser)
     return parser
+
+
+def add_recipe_arguments(parser):
+    group = parser.add_argument_group("recipe")
+    group.add_argument("--config", default=None, metavar="YAML",
+                       help="read flag values from a recipe file (configs/; keys are flag names without --); a "
+                            "flag on the command line wins, and the run log records the resolved values")
 
 
 def add_data_arguments(parser):
@@ -72,13 +81,24 @@ def add_data_arguments(parser):
 
 def add_model_arguments(parser):
     group = parser.add_argument_group("model")
-    group.add_argument("--backbone", default="googlenet", choices=list(BACKBONES), help="backbone network")
+    group.add_argument("--backbone", default=None, metavar="NAME",
+                       help="the backbone: the paper's alexnet, googlenet (inception_v3) or resnet (ResNet-50), small "
+                            "(digits), a torchvision model (" + ", ".join(TORCHVISION_BACKBONES) + "), a named timm "
+                            "model (" + ", ".join(TIMM_SHORTCUTS) + ") or timm:MODEL for any timm model (default: "
+                            "googlenet, or with --test/--query/--export_index the one the --checkpoint records)")
+    group.add_argument("--input_size", type=positive_int, default=None, metavar="PIXELS",
+                       help="side of the square input images (default: the backbone's own); vision transformers "
+                            "interpolate their position embeddings to it")
     group.add_argument("--hash_bit", type=positive_int, default=48, help="number of hash bits n")
     weights = group.add_mutually_exclusive_group()
     weights.add_argument("--weights", default=None, metavar="PATH",
-                         help="the backbone's ImageNet weights (a torchvision state_dict file); default: torchvision's "
-                              "file from the torch hub cache, downloaded if missing")
+                         help="the backbone's pretrained weights: a .safetensors file or a state dict; default: "
+                              "torchvision's file from the torch hub cache, or timm's from the Hugging Face hub "
+                              "cache, downloaded if missing")
     weights.add_argument("--no_pretrained", action="store_true", help="train the backbone from scratch")
+    group.add_argument("--freeze_backbone", action="store_true",
+                       help="train only the hash layer (or heads) and the loss's parameters; the trunk stays as "
+                            "loaded, its BatchNorm statistics included")
     group.add_argument("--experts", type=positive_int, default=1, metavar="E",
                        help="E >= 2 hash heads on the shared trunk, trained collaboratively (ECL); 1 = one head")
     group.add_argument("--inference_head", type=inference_head, default=0, metavar="HEAD",
@@ -118,19 +138,31 @@ def add_optimisation_arguments(parser):
     group.add_argument("--batch_size", type=positive_int, default=100, help="mini-batch size")
     group.add_argument("--epochs", type=positive_int, default=100, help="training epochs")
     group.add_argument("--lr", type=non_negative_float, default=0,
-                       help="network learning rate; 0 = the backbone's default")
+                       help="network learning rate (the hash layer's, with --backbone_lr_mult); 0 = the backbone's "
+                            "default")
     group.add_argument("--rate", type=non_negative_float, default=0.02, help="learning rate of the proxies")
     group.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
-                       help="optimiser of the network and the proxies: the paper's SGD, or RMSprop / Adam (torch's "
-                            "defaults besides --lr and --weight_decay) as other losses' papers use")
+                       help="optimiser of the network and the proxies: the paper's SGD, RMSprop / Adam (torch's "
+                            "defaults besides --lr and --weight_decay) as other losses' papers use, or AdamW as "
+                            "transformer recipes use")
     group.add_argument("--momentum", type=non_negative_float, default=0.9,
                        help="SGD momentum (the paper's 0.9; --optimizer sgd only)")
     group.add_argument("--weight_decay", type=non_negative_float, default=5e-4,
                        help="weight decay of every optimiser (the paper's 5e-4)")
+    group.add_argument("--backbone_lr_mult", type=non_negative_float, default=1.0, metavar="M",
+                       help="the trunk's learning rate as a fraction of --lr (the hash layer's); 1 = one network "
+                            "group, as the paper")
+    group.add_argument("--scheduler", default="step", choices=["step", "cosine"],
+                       help="learning-rate schedule, stepped per epoch: the paper's StepLR (--lr_step, --lr_gamma) "
+                            "or cosine decay to 0 at the last epoch")
+    group.add_argument("--warmup_epochs", type=non_negative_int, default=0,
+                       help="epochs of linear learning-rate warm-up before the schedule")
     group.add_argument("--lr_step", type=positive_int, default=10,
                        help="multiply the learning rates by --lr_gamma every N epochs (the paper's 10)")
     group.add_argument("--lr_gamma", type=non_negative_float, default=0.5,
                        help="learning-rate decay factor of each --lr_step (the paper's 0.5)")
+    group.add_argument("--clip_grad", type=non_negative_float, default=0.0, metavar="NORM",
+                       help="clip the gradients' global norm to NORM; 0 = no clipping (the paper's)")
     group.add_argument("--seed", type=seed_value, default=0,
                        help="random seed (data split, init, batches), 0 to 2**32-1")
     group.add_argument("--amp", nargs="?", const="auto", choices=["auto", "bf16", "fp16"], default=None,
@@ -222,11 +254,10 @@ def run_command(run):
     seed_everything(run.args.seed)
     if run.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    backbone = BACKBONES[run.args.backbone]
-    run = prepare_run(run, backbone.input_size)
-    network = make_network_on_every_rank(run, backbone)
+    run = prepare_run(run)
+    network = make_network_on_every_rank(run)
     if run.trains:
-        return train(run, network, backbone.default_lr)
+        return train(run, network)
     result = run_checkpoint_tasks(run, network)
     report_truncated_images(run)
     return result
@@ -234,7 +265,8 @@ def run_command(run):
 
 def main(args):
     check_flags(args)
-    run = Run.plan(args)
+    args = resolve_backbone(args)
+    run = dataclasses.replace(Run.plan(args), backbone=backbone_of(args))
     check_paths(run)
     if not run.trains:
         require_checkpoint_file(run.files.checkpoint)
@@ -251,9 +283,13 @@ def main(args):
         shutdown(context)
 
 
+def parse_args(argv=None):
+    """The flags of `argv` (default sys.argv), with a --config file's values under them."""
+    return parse_args_with_config(get_args_parser(), argv)
+
+
 def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
-    run_reporting_errors(lambda: main(args))
+    run_reporting_errors(lambda: main(parse_args(argv)))
 
 
 if __name__ == "__main__":

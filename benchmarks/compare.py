@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval  # noqa: E402
 from loss import LOSSES, PROXY_LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
-from utils.config import read_config  # noqa: E402
+from utils.config import config_arguments, read_config  # noqa: E402
 from utils.errors import UserError, run_reporting_errors  # noqa: E402
 from utils.runlog import read_run_log  # noqa: E402
 from utils.argtypes import positive_int  # noqa: E402
@@ -112,13 +112,7 @@ def recipe_flags(path, loss):
     named = values.pop("loss", loss)
     if named != loss:
         raise UserError(f"recipe file {path} is for --loss {named}, not {loss}")
-    flags = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            flags += [f"--{key}"] if value else []
-        else:
-            flags += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
-    return flags
+    return config_arguments(retrieval.get_args_parser(), values, path)
 
 
 def split_label(label):
@@ -193,11 +187,17 @@ def parse_with_run_flags(parser, argv, flags_set_per_run, harness, instead):
     given = sorted({token.split("=")[0] for token in overrides} & set(flags_set_per_run))
     if given:
         raise UserError(f"{harness} sets {', '.join(given)} per run: use {instead}")
+    if "--config" in overrides or getattr(options, "config", None):
+        raise UserError(f"{harness} takes a recipe's flags themselves, not --config (a harness's runs take their "
+                        "recipes from its own options and files); e.g. --optimizer adamw --lr 0.001")
     return options, overrides
 
 
 def refuse_grid_owned(options):
     """The grid sets these per cell: a value for all cells is a mistake."""
+    if options.config:
+        raise UserError("compare.py takes a recipe's flags themselves, not --config (each row's recipe is its own: "
+                        "--loss_args, --baseline_recipe); e.g. --optimizer adamw --lr 0.001")
     given = [flag for flag in GRID_OWNED if getattr(options, flag) not in (None, False)]
     if given:
         raise UserError(f"compare.py may not be given --{', --'.join(given)}: the grid sets --loss, --hierarchy, "

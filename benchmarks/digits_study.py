@@ -3,7 +3,7 @@
     python -m benchmarks.digits_study --output_dir /tmp/study         # docs/STUDIES.md's study
     python -m benchmarks.digits_study --losses hyp2 dpsh --bits 16 --seeds 0 --epochs 2 --subset 300   # smoke
 
-1. Search: for every loss, each recipe of its small search space (SEARCH_SPACE: the project's SGD at two
+1. Search: for every loss, each recipe of its small search space (SEARCH_SPACE, recipe files in configs/digits_study/: the project's SGD at two
    learning rates, and the optimiser its source paper or DeepHash-pytorch uses) trains once (seed 0,
    --search_bits) with `--select val`: the score is the mAP of a validation split held out from the
    training set. The test queries play no part in the choice.
@@ -34,18 +34,25 @@ from benchmarks import compare  # noqa: E402
 from hashing import plots  # noqa: E402
 from loss import LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
+from utils.config import config_arguments, read_config  # noqa: E402
 from utils.errors import run_reporting_errors  # noqa: E402
 from utils.argtypes import positive_int  # noqa: E402
 
-# The project's recipe at the small backbone's default lr and at a fifth of it, plus the optimiser of the
-# loss's own code: DeepHash-pytorch trains the pair losses and CSQ with RMSprop (lr 1e-5, weight decay 1e-5,
-# for a pretrained AlexNet: 1e-3 here, where the network starts from scratch); Proxy-Anchor and OrthoHash
-# use Adam(W), IDHN Adam. HHF and HyP2 publish SGD only, so they get Adam as the third candidate.
-SGD_RECIPES = {"sgd_0.05": ["--optimizer", "sgd", "--lr", "0.05"], "sgd_0.01": ["--optimizer", "sgd", "--lr", "0.01"]}
-RMSPROP = {"rmsprop_1e-3": ["--optimizer", "rmsprop", "--lr", "1e-3", "--weight_decay", "1e-5"]}
-ADAM = {"adam_1e-3": ["--optimizer", "adam", "--lr", "1e-3", "--weight_decay", "1e-4", "--rate", "1e-2"]}
-SEARCH_SPACE = {loss: {**SGD_RECIPES, **(RMSPROP if loss in ("dhn", "dpsh", "hashnet", "dch", "csq") else ADAM)}
-                for loss in LOSSES}
+# The search candidates are recipe files in configs/digits_study/ (each says why it is there): the project's
+# SGD at two learning rates for every loss, and as a third candidate the optimiser of the loss's own code
+# (RMSprop for the pair losses and CSQ, as DeepHash-pytorch; Adam for the others).
+RECIPE_FOLDER = Path(__file__).resolve().parents[1] / "configs" / "digits_study"
+SGD_RECIPES = ("sgd_0.05", "sgd_0.01")
+OWN_OPTIMISER = {loss: "rmsprop_1e-3" if loss in ("dhn", "dpsh", "hashnet", "dch", "csq") else "adam_1e-3"
+                 for loss in LOSSES}
+SEARCH_SPACE = {loss: (*SGD_RECIPES, OWN_OPTIMISER[loss]) for loss in LOSSES}
+
+
+def recipe_flags(name):
+    """retrieval.py flags of the search candidate `name` (configs/digits_study/{name}.yaml)."""
+    path = RECIPE_FOLDER / f"{name}.yaml"
+    return config_arguments(retrieval.get_args_parser(), read_config(path), path)
+
 
 CONVERGED = 0.95  # "converged": the first epoch at 95 % of the run's final mAP
 FLAGS_SET_PER_RUN = ("--dataset", "--backbone", "--hash_bit", "--loss", "--seed", "--output_dir", "--select",
@@ -80,7 +87,7 @@ def parse(argv):
 
 def run_args(options, phase, loss, bits, seed, recipe):
     """retrieval.py's parsed flags of one run: phase "search" (select val) or "final" (select last)."""
-    name, flags = recipe, SEARCH_SPACE[loss][recipe]
+    name, flags = recipe, recipe_flags(recipe)
     selection = ["--select", "val", "--val_size", str(options.val_size), "--eval_every", str(options.epochs)] \
         if phase == "search" else ["--select", "last", "--eval_every", "1"]
     folder = Path(options.output_dir) / "digits_study" / phase / f"{loss}_{name}_{bits}bit_seed{seed}"

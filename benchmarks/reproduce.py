@@ -31,18 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval  # noqa: E402
 from benchmarks import compare  # noqa: E402
 from data import flickr, voc  # noqa: E402
-from network import BACKBONES, build_network  # noqa: E402
+from network import build_network, get_backbone  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
+from utils.config import config_arguments, read_config  # noqa: E402
 from utils.errors import run_reporting_errors  # noqa: E402
 from utils.argtypes import positive_int  # noqa: E402
 from session.files import RunFiles  # noqa: E402
 
 TABLES = {"flickr_nus": ("flickr", "nuswide"), "voc": ("voc2007", "voc2012")}
 
-# docs/METHOD.md §2: the paper's training recipe (the backbone fixes the input size: 448 or 224).
-PAPER_RECIPE = ["--epochs", "100", "--batch_size", "100", "--rate", "0.02", "--optimizer", "sgd",
-                "--momentum", "0.9", "--weight_decay", "5e-4", "--lr_step", "10", "--lr_gamma", "0.5", "--eval_every", "5",
-                "--select", "test"]
+# docs/METHOD.md §2: the paper's training recipe per table, as a file (the backbone fixes the input size).
+RECIPE_FILES = {"flickr_nus": "configs/paper/flickr_nus.yaml", "voc": "configs/paper/voc.yaml"}
+ROOT = Path(__file__).resolve().parents[1]
 
 # docs/METHOD.md §4: (train, query, database) sizes, for the time estimate.
 SPLIT_SIZES = {"flickr": (4000, 1000, 19581), "nuswide": (10500, 2100, 193734),
@@ -59,11 +59,11 @@ CELL_FLAGS = ("--dataset", "--hash_bit", "--loss", "--seed", "--output_dir", "--
 
 
 def recipe(dataset, data_root):
-    """The paper's flags for a dataset: its backbone and that backbone's learning rate, K, §2's recipe."""
-    paper = compare.PAPER[dataset]
-    backbone = paper["backbone"]
-    return ["--backbone", backbone, "--lr", f"{BACKBONES[backbone].default_lr:g}", "--retrieve", str(paper["topk"]),
-            *PAPER_RECIPE, "--data_root", data_root]
+    """The paper's flags for a dataset: its table's recipe file (configs/paper/), the dataset's K, the data root."""
+    table = next(name for name, datasets in TABLES.items() if dataset in datasets)
+    path = RECIPE_FILES[table]
+    from_file = config_arguments(retrieval.get_args_parser(), read_config(ROOT / path), path)
+    return [*from_file, "--retrieve", str(compare.PAPER[dataset]["topk"]), "--data_root", data_root]
 
 
 def data_problem(dataset, data_root):
@@ -131,23 +131,24 @@ def command(options, overrides, cell, seed):
 
 
 @lru_cache(maxsize=None)
-def forward_flops(backbone):
+def forward_flops(backbone, input_size=None):
     """FLOPs of one image's forward pass (torch's FlopCounterMode, on the meta device: no memory, no weights),
     with a 48-bit hash layer: its share is below 0.01 % at any code length of the paper."""
+    spec = get_backbone(backbone, input_size)
     with torch.device("meta"):
-        network = build_network(backbone, 48).eval()
-        size = BACKBONES[backbone].input_size
-        images = torch.empty(1, 3, size, size)
+        network = build_network(spec, 48).eval()
+        images = torch.empty(1, 3, spec.input_size, spec.input_size)
     with FlopCounterMode(display=False) as counter:
         network(images)
     return counter.get_total_flops()
 
 
-def estimate_seconds(dataset, epochs=100, eval_every=5):
+def estimate_seconds(dataset, epochs=100, eval_every=5, backbone=None, input_size=None):
     """(compute seconds, image-reading seconds) of one run on one GPU under the assumptions above: training
-    costs ~3 forward passes per image (forward and backward), each evaluation one per query and database image."""
+    costs ~3 forward passes per image (forward and backward), each evaluation one per query and database image.
+    The backbone is the paper's for the dataset unless given."""
     train, query, database = SPLIT_SIZES[dataset]
-    flops = forward_flops(compare.PAPER[dataset]["backbone"])
+    flops = forward_flops(backbone or compare.PAPER[dataset]["backbone"], input_size)
     evaluations = epochs // eval_every + (epochs % eval_every != 0)
     images = epochs * train + evaluations * (query + database)
     compute = (epochs * train * 3 + evaluations * (query + database)) * flops / ASSUMED_FLOPS_PER_SECOND
@@ -244,7 +245,8 @@ def print_commands(options, overrides, problems):
     print(f"# estimated time per run on one GPU ({ASSUMED_FLOPS_PER_SECOND / 1e12:.0f} TFLOP/s sustained, "
           f"{ASSUMED_IMAGES_PER_SECOND} JPEGs/s decoded; an estimate from FLOPs, not a measurement):", file=sys.stderr)
     for dataset in TABLES[options.table]:
-        compute, reading = estimate_seconds(dataset)
+        run = retrieval.get_args_parser().parse_args(command(options, overrides, (dataset, 16, "hyp2"), 0))
+        compute, reading = estimate_seconds(dataset, run.epochs, run.eval_every, run.backbone, run.input_size)
         print(f"#   {dataset}: compute {compute / 60:.0f} min, image decoding {reading / 60:.0f} min"
               + (f"  [no data: {problems[dataset]}]" if problems[dataset] else ""), file=sys.stderr)
 

@@ -28,7 +28,7 @@ class DatasetSpec:
     name: str
     num_classes: int  # 0: read from the data (the generic list format)
     default_topk: int  # K of mAP@K when --retrieve is 0; 0 means the whole database
-    build: Callable[..., RetrievalSplits]  # build(root, seed, input_size, options=DataOptions()) -> RetrievalSplits
+    build: Callable[..., RetrievalSplits]  # build(root, seed, preprocessing, options=DataOptions()) -> RetrievalSplits
     summary: str
     in_memory: bool = False  # in-memory datasets gain nothing from DataLoader worker processes
     # list_splits(root, seed, options, problems=None) -> {"train"|"query"|"database": LabelledPaths}, without

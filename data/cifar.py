@@ -71,16 +71,16 @@ def mini_protocol(classes, seed, query_per_class=QUERY_PER_CLASS, train_per_clas
     return query, train, np.setdiff1d(np.arange(len(classes)), query)
 
 
-def build(root, seed, input_size, options=None):
+def build(root, seed, preprocessing, options=None):
     del options  # held in memory already, decoded from the batches
     folder = ensure_extracted(Path(root), FOLDER, ARCHIVES)
     images, classes = (np.concatenate(parts) for parts in zip(*(read_batch(folder / name) for name in BATCHES)))
     labels = np.eye(NUM_CLASSES, dtype=np.float32)[classes]
     query, train, database = mini_protocol(classes, seed)
     return RetrievalSplits(
-        train=ArrayImageDataset(images[train], labels[train], BatchTransform(input_size, train=True)),
-        query=ArrayImageDataset(images[query], labels[query], BatchTransform(input_size, train=False)),
-        database=ArrayImageDataset(images[database], labels[database], BatchTransform(input_size, train=False)))
+        train=ArrayImageDataset(images[train], labels[train], BatchTransform(preprocessing, train=True)),
+        query=ArrayImageDataset(images[query], labels[query], BatchTransform(preprocessing, train=False)),
+        database=ArrayImageDataset(images[database], labels[database], BatchTransform(preprocessing, train=False)))
 
 
 SPEC = DatasetSpec(

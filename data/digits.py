@@ -118,15 +118,15 @@ def generate(seed, train_size=TRAIN_SIZE, query_size=QUERY_SIZE, imbalance=1.0):
     return (*train, *query)
 
 
-def build(root, seed, input_size, options=None):
+def build(root, seed, preprocessing, options=None):
     del root  # nothing on disk: the source digits come with scikit-learn, and stay in memory
     imbalance = options.imbalance if options is not None else 1.0
     if imbalance < 1:
         raise ValueError(f"--imbalance {imbalance:g}: the ratio of the commonest to the rarest class must be >= 1")
     train_images, train_labels, query_images, query_labels = generate(seed, imbalance=imbalance)
     # Mirrored digits are other glyphs, so no flip augmentation here.
-    train_transform = BatchTransform(input_size, train=True, hflip=False)
-    eval_transform = BatchTransform(input_size, train=False)
+    train_transform = BatchTransform(preprocessing, train=True, hflip=False)
+    eval_transform = BatchTransform(preprocessing, train=False)
     return RetrievalSplits(
         train=ArrayImageDataset(train_images, train_labels, train_transform),
         query=ArrayImageDataset(query_images, query_labels, eval_transform),

@@ -16,7 +16,7 @@ from utils.runlog import progress_bar, warn
 
 from .base import DataOptions, RetrievalSplits
 from .image_cache import CachedImageDataset, ImageCache, decoding_loader
-from .transforms import BatchTransform, image_transform, resize_steps
+from .transforms import BatchTransform, as_preprocessing, image_transform, resize_steps
 
 
 class LabelledPaths(NamedTuple):
@@ -200,11 +200,12 @@ def truncation_note(count):
             "(--strict_images makes them an error)")
 
 
-def file_splits(name, splits, input_size, cache_dir=None, options=DataOptions()):
+def file_splits(name, splits, preprocessing, cache_dir=None, options=DataOptions()):
     """RetrievalSplits of {"train", "query", "database": LabelledPaths}: decoded lazily, or, with a
     cache_dir, read from the image cache of dataset `name` there (built on first use; one cache for all
     splits, so each image is decoded once however many splits hold it). Missing files stop the run here,
     before any training, unless options.skip_bad_images leaves them out with the undecodable ones."""
+    preprocessing = as_preprocessing(preprocessing)
     train, query, database = (splits[part] for part in ("train", "query", "database"))
     for split in (train, query, database):
         require_files(split.paths, split.source, allow_missing=options.skip_bad_images)
@@ -212,20 +213,22 @@ def file_splits(name, splits, input_size, cache_dir=None, options=DataOptions())
         train, query, database = drop_unreadable([train, query, database], options.strict_images)
     if cache_dir is None:
         def lazy(split, train_transform=False):
-            transform = image_transform(input_size, train=train_transform)
+            transform = image_transform(preprocessing, train=train_transform)
             return ImageFileDataset(split.paths, split.labels, transform, options.strict_images)
 
         return RetrievalSplits(train=lazy(train, train_transform=True), query=lazy(query), database=lazy(database))
 
     every_image = list(dict.fromkeys([*train.paths, *query.paths, *database.paths]))
-    decoder = ImageFileDataset(every_image, np.zeros((len(every_image), 0)), v2.Compose(resize_steps(input_size)),
+    decoder = ImageFileDataset(every_image, np.zeros((len(every_image), 0)), v2.Compose(resize_steps(preprocessing)),
                                options.strict_images)
-    cache = ImageCache.open_or_build(cache_dir, name, decoder, input_size)
+    # the cache holds resized pixels, so another interpolation is another cache
+    cache_name = name if preprocessing.interpolation == "bilinear" else f"{name}_{preprocessing.interpolation}"
+    cache = ImageCache.open_or_build(cache_dir, cache_name, decoder, preprocessing.size)
     note = truncation_note(len(decoder.truncated_paths()))
     if note:
         print(note)
 
     def cached(split, train_transform=False):
-        return CachedImageDataset(cache, split.paths, split.labels, BatchTransform(input_size, train=train_transform))
+        return CachedImageDataset(cache, split.paths, split.labels, BatchTransform(preprocessing, train=train_transform))
 
     return RetrievalSplits(train=cached(train, train_transform=True), query=cached(query), database=cached(database))

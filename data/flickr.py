@@ -159,9 +159,9 @@ def cut(order, part):
             "database": part(order[QUERY_SIZE + TRAIN_SIZE:])}
 
 
-def build(root, seed, input_size, options=DataOptions()):
+def build(root, seed, preprocessing, options=DataOptions()):
     folder = Path(root) / FOLDER
-    return file_splits("flickr", list_splits(root, seed, options), input_size,
+    return file_splits("flickr", list_splits(root, seed, options), preprocessing,
                        cache_dir=folder / "cache" if options.cache else None, options=options)
 
 

@@ -101,10 +101,10 @@ def list_splits(name, subfolder, num_classes, root, seed=0, options=None, proble
     return splits
 
 
-def build(name, subfolder, num_classes, root, seed, input_size, options=DataOptions()):
+def build(name, subfolder, num_classes, root, seed, preprocessing, options=DataOptions()):
     splits = list_splits(name, subfolder, num_classes, root)
     cache_dir = Path(root) / subfolder / "cache" if options.cache else None
-    return file_splits(name, splits, input_size, cache_dir=cache_dir, options=options)
+    return file_splits(name, splits, preprocessing, cache_dir=cache_dir, options=options)
 
 
 def describe_nuswide(root, options=None):

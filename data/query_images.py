@@ -25,7 +25,7 @@ def read_query_image(path):
     return read_rgb(path, what="query image", hint="pass a PNG or JPEG image")
 
 
-def query_batch(paths, database, input_size):
+def query_batch(paths, database, preprocessing):
     """Float (B, 3, S, S) batch of the images at `paths`, preprocessed with the database's own eval
     transform: a BatchTransform (in-memory datasets) gets a uint8 tensor, any other transform the PIL
     image; a dataset without one gets the paper's eval recipe (resize, ImageNet normalisation)."""
@@ -37,7 +37,7 @@ def query_batch(paths, database, input_size):
             pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
             images.append(transform(pixels[None])[0])
         else:
-            images.append((transform or image_transform(input_size, train=False))(image))
+            images.append((transform or image_transform(preprocessing, train=False))(image))
     return torch.stack(images)
 
 

@@ -76,9 +76,9 @@ def list_splits(year, root, seed=0, options=None, problems=None):
     return {"train": train, "query": read_split(voc_dir, query_split), "database": train}
 
 
-def build(year, root, seed, input_size, options=DataOptions()):
+def build(year, root, seed, preprocessing, options=DataOptions()):
     voc_dir = Path(root) / "VOCdevkit" / f"VOC{year}"
-    return file_splits(f"voc{year}", list_splits(year, root), input_size,
+    return file_splits(f"voc{year}", list_splits(year, root), preprocessing,
                        cache_dir=voc_dir / "cache" if options.cache else None, options=options)
 
 

@@ -16,6 +16,7 @@ import torch
 from data.base import split_labels
 from data.fingerprint import split_fingerprint
 from data.query_images import item_names, query_batch
+from data.transforms import Preprocessing
 from engine import encode_splits
 from hashing import cache, plots
 from hashing.codes import NonFiniteCodes, pack_signs
@@ -45,6 +46,8 @@ def codes_key(run):
                 "query": split_fingerprint(run.splits.query), "database": split_fingerprint(run.splits.database)}
     if args.experts > 1:
         settings["inference_head"] = str(args.inference_head)
+    if run.backbone.preprocessing != Preprocessing(run.input_size):  # the paper's (ImageNet's) keeps older keys
+        settings["preprocessing"] = dataclasses.asdict(run.backbone.preprocessing)
     return cache.cache_key(run.files.checkpoint, settings)
 
 
@@ -163,7 +166,7 @@ def query_image(run, item):
     index = query_split_index(run, item)
     if index is not None:
         return run.splits.query[index][0]
-    return query_batch([item], run.splits.database, run.input_size)[0]
+    return query_batch([item], run.splits.database, run.backbone.preprocessing)[0]
 
 
 def search_images(run, network, codes):

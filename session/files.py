@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from network import DEFAULT_BACKBONE, file_label
 from utils.atomic import ensure_writable_dir, remove_leftovers
 from utils.errors import UserError
 from utils.lock import run_lock
@@ -43,7 +44,8 @@ def run_loss_label(args):
 def run_name(args):
     """{dataset}_{backbone}_{hash_bit}[_{loss}]: HyP2 keeps the paper's names, other losses append theirs."""
     label = run_loss_label(args)
-    return f"{dataset_label(args)}_{args.backbone}_{args.hash_bit}" + ("" if label == "hyp2" else f"_{label}")
+    backbone = file_label(args.backbone or DEFAULT_BACKBONE)
+    return f"{dataset_label(args)}_{backbone}_{args.hash_bit}" + ("" if label == "hyp2" else f"_{label}")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 (with its ImageNet weights), the loss and the optimiser. retrieval.py calls these in order; each takes the
 Run (or the flags) and returns a part, so a harness or a test can build one part alone.
 """
+import argparse
 import dataclasses
 import math
 import os
@@ -18,19 +19,21 @@ from hashing import codetable
 from hashing.conventions import Convention
 from hashing.metrics import check_top_ns
 from loss import LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss, build_experts_loss, build_loss
-from network import build_network
-from utils.checkpoint import imagenet_state_dict
+from network import DEFAULT_BACKBONE, build_network, get_backbone, hash_head, trunk_and_head_parameters
+from utils.checkpoint import read_backbone_record
 from utils.dist import barrier, shard_bounds
 from utils.errors import UserError
 from utils.reproducibility import loader_generator, seed_worker
 from utils.runlog import RunLog, warn
+from utils.weights import pretrained_state_dict
 
 # --optimizer: the network's and the proxies' optimiser; --momentum is SGD's (RMSprop's and Adam's are
-# torch's defaults, as DeepHash-pytorch uses them).
+# torch's defaults, as DeepHash-pytorch uses them; AdamW's too, as the transformer recipes in configs/ use it).
 OPTIMIZERS = {
     "sgd": lambda groups, args: torch.optim.SGD(groups, momentum=args.momentum, weight_decay=args.weight_decay),
     "rmsprop": lambda groups, args: torch.optim.RMSprop(groups, weight_decay=args.weight_decay),
     "adam": lambda groups, args: torch.optim.Adam(groups, weight_decay=args.weight_decay),
+    "adamw": lambda groups, args: torch.optim.AdamW(groups, weight_decay=args.weight_decay),
 }
 DEFAULT_VAL_SIZE = 500
 
@@ -40,12 +43,12 @@ def data_options(args):
                        split=args.split, imbalance=args.imbalance)
 
 
-def build_splits(spec, args, input_size):
+def build_splits(spec, args, preprocessing):
     if args.imbalance != 1 and "imbalance" not in spec.options:
         raise UserError(f"--imbalance: --dataset {args.dataset} has no long-tailed variant (only "
                         f"{', '.join(name for name, other in DATASETS.items() if 'imbalance' in other.options)})")
     try:
-        splits = spec.build(Path(args.data_root), args.seed, input_size, data_options(args))
+        splits = spec.build(Path(args.data_root), args.seed, preprocessing, data_options(args))
     except NotImplementedError as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:
@@ -130,12 +133,12 @@ def validation_splits(run, splits):
     return splits._replace(train=validation.train), validation
 
 
-def prepare_run(run, input_size):
-    """The Run with its data, K, loaders and log: what every later stage reads."""
+def prepare_run(run):
+    """The Run with its data (prepared for run.backbone), K, loaders and log: what every later stage reads."""
     args = run.args
     spec = get_dataset_spec(args.dataset)
-    splits = build_splits(spec, args, input_size)
-    run = dataclasses.replace(run, spec=spec.with_classes_of(splits), input_size=input_size)
+    splits = build_splits(spec, args, run.backbone.preprocessing)
+    run = dataclasses.replace(run, spec=spec.with_classes_of(splits))
     splits, validation = validation_splits(run, splits)
     if args.top_n:  # checked before training, not after it
         try:
@@ -152,31 +155,59 @@ def prepare_run(run, input_size):
                                validation_topk=min(topk, len(validation.database)))
 
 
-def make_network(run, backbone):
-    """The hash network, starting from ImageNet weights when training (--test loads a whole checkpoint)."""
-    args = run.args
-    if args.weights and not backbone.pretrained_available:
-        raise UserError(f"--weights: the {args.backbone} backbone has no ImageNet weights to load")
-    heads = dict(experts=args.experts, inference_head=args.inference_head)
-    if not backbone.pretrained_available or args.no_pretrained or not run.trains:
-        return build_network(args.backbone, args.hash_bit, **heads)
-    state, source = imagenet_state_dict(backbone.imagenet_weights, args.backbone, args.weights,
-                                        show_progress=not args.no_progress)
-    print(f"{args.backbone}: ImageNet weights from {source}")
+def backbone_of(args):
+    """The BackboneSpec of --backbone at --input_size; UserError where it cannot take that size."""
     try:
-        return build_network(args.backbone, args.hash_bit, pretrained=state, **heads)
+        return get_backbone(args.backbone, args.input_size)
     except ValueError as exc:
-        raise UserError(f"cannot use {source} for --backbone {args.backbone}: {exc}") from None
+        raise UserError(f"--backbone {args.backbone}: {exc}") from None
 
 
-def make_network_on_every_rank(run, backbone):
-    """make_network on rank 0 first, so that ranks do not download the same ImageNet weights at once."""
+def resolve_backbone(args):
+    """The flags with --backbone resolved: as given, else the backbone a self-describing --checkpoint
+    records (--test, --query, --export_index rebuild its network without the training flags: backbone,
+    input size, bits and heads), else googlenet, the paper's default. A flag that contradicts the
+    checkpoint's record is a UserError; --hash_bit and --experts at their defaults take the record's."""
+    record = None
+    if (args.test or args.query or args.export_index) and args.checkpoint and Path(args.checkpoint).is_file():
+        record = read_backbone_record(args.checkpoint)
+    if record is None:
+        return argparse.Namespace(**{**vars(args), "backbone": args.backbone or DEFAULT_BACKBONE})
+    recorded = {"backbone": record["name"], "input_size": record.get("input_size"),
+                "hash_bit": record.get("hash_bit"), "experts": record.get("experts", 1)}
+    defaults = {"backbone": None, "input_size": None, "hash_bit": 48, "experts": 1}
+    for flag, value in recorded.items():
+        given = getattr(args, flag)
+        if given != defaults[flag] and given != value:
+            raise UserError(f"--{flag} {given} contradicts --checkpoint {args.checkpoint}, whose network has "
+                            f"{flag} {value}: drop --{flag} (the checkpoint says it) or pass the right checkpoint")
+    return argparse.Namespace(**{**vars(args), **recorded})
+
+
+def make_network(run):
+    """The hash network, starting from pretrained weights when training (--test loads a whole checkpoint)."""
+    args, spec = run.args, run.backbone
+    if args.weights and not spec.pretrained_available:
+        raise UserError(f"--weights: the {spec.name} backbone has no pretrained weights to load")
+    heads = dict(experts=args.experts, inference_head=args.inference_head)
+    if not spec.pretrained_available or args.no_pretrained or not run.trains:
+        return build_network(spec, args.hash_bit, **heads)
+    state, source = pretrained_state_dict(spec, args.weights, show_progress=not args.no_progress)
+    print(f"{spec.name}: pretrained weights from {source}")
+    try:
+        return build_network(spec, args.hash_bit, pretrained=state, **heads)
+    except ValueError as exc:
+        raise UserError(f"cannot use {source} for --backbone {spec.name}: {exc}") from None
+
+
+def make_network_on_every_rank(run):
+    """make_network on rank 0 first, so that ranks do not download the same pretrained weights at once."""
     context, device = run.context, run.device
     if context.is_main:
-        network = make_network(run, backbone)
+        network = make_network(run)
     barrier(context)
     if not context.is_main:
-        network = make_network(run, backbone)
+        network = make_network(run)
     network = network.to(device)
     return network.to(memory_format=torch.channels_last) if device.type == "cuda" else network
 
@@ -225,19 +256,52 @@ def build_criterion(args, spec):
         raise UserError(f"{flag} {getattr(args, flag[2:])}: {exc}") from None
 
 
-def build_trainer(args, objective, lr, device):
-    """--optimizer (SGD by default) over the network and (at --rate) the loss's learnable state (--momentum,
-    --weight_decay), StepLR (--lr_step, --lr_gamma), and --amp's autocast dtype and gradient scaler (both off
-    on the CPU, where they do not help)."""
-    param_groups = [{"params": objective.network.parameters(), "lr": lr}]
+def parameter_groups(args, objective, lr, spec):
+    """The optimiser's groups: the network at `lr` and the loss's learnable state at --rate (the paper's
+    two groups); with --backbone_lr_mult M != 1 the trunk apart from the hash layer at M * lr; with
+    --freeze_backbone the trunk not at all (its parameters are frozen)."""
+    network = objective.network
+    if args.backbone_lr_mult == 1 and not args.freeze_backbone:
+        groups = [{"params": list(network.parameters()), "lr": lr}]
+    else:
+        trunk, head = trunk_and_head_parameters(network, spec.hash_layer)
+        groups = [{"params": head, "lr": lr}]
+        if args.freeze_backbone:
+            for parameter in trunk:
+                parameter.requires_grad_(False)
+        else:
+            groups.append({"params": trunk, "lr": lr * args.backbone_lr_mult})
     loss_parameters = list(objective.criterion.parameters())
     if loss_parameters:  # SGD rejects an empty group, and losses with fixed targets have no parameters
-        param_groups.append({"params": loss_parameters, "lr": args.rate})
-    optimizer = OPTIMIZERS[args.optimizer](param_groups, args)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
+        groups.append({"params": loss_parameters, "lr": args.rate})
+    return groups
+
+
+def build_scheduler(optimizer, args):
+    """--scheduler step (StepLR(--lr_step, --lr_gamma), the paper's) or cosine (to 0 at the last epoch),
+    after --warmup_epochs of linear warm-up; stepped once per epoch."""
+    warmup = args.warmup_epochs
+    if args.scheduler == "step":
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
+    else:
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs - warmup))
+    if not warmup:
+        return main
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+def build_trainer(args, objective, lr, device, spec=None):
+    """--optimizer (SGD by default) over parameter_groups(), --scheduler with --warmup_epochs, --clip_grad,
+    --freeze_backbone, and --amp's autocast dtype and gradient scaler (both off on the CPU, where they do
+    not help). `spec` (the BackboneSpec) names the hash layer for --backbone_lr_mult and --freeze_backbone."""
+    optimizer = OPTIMIZERS[args.optimizer](parameter_groups(args, objective, lr, spec), args)
+    scheduler = build_scheduler(optimizer, args)
     amp_dtype = None
     if args.amp is not None and device.type == "cuda":
         amp = args.amp if args.amp != "auto" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Trainer(objective, objective, optimizer, scheduler, scaler, amp_dtype)
+    trainable_head = hash_head(objective.network, spec.hash_layer) if args.freeze_backbone else None
+    return Trainer(objective, objective, optimizer, scheduler, scaler, amp_dtype, clip_grad=args.clip_grad or None,
+                   trainable_head=trainable_head)

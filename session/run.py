@@ -2,7 +2,7 @@
 
 Run.plan(args) decides from the flags whether this invocation trains (else --test, --query and
 --export_index use the saved checkpoint) and whether it saves files (not --no_save), and names its
-files; main adds the device and processes, and session.parts.prepare_run the data, K and loaders.
+files; main adds the device, processes and backbone, and session.parts.prepare_run the data, K and loaders.
 The dataclass is frozen: a stage that needs another decision (--test under other data settings saves
 nothing) makes a new Run with dataclasses.replace, so no stage re-derives a decision from the flags.
 """
@@ -14,6 +14,7 @@ import torch
 from data import DatasetSpec, RetrievalSplits
 from engine import Loaders
 from hashing.conventions import Convention
+from network import BackboneSpec
 from utils.dist import DistContext
 from utils.runlog import RunLog
 
@@ -33,7 +34,7 @@ class Run:
     splits: RetrievalSplits = None
     loaders: Loaders = None
     topk: int = 0  # K of mAP@K
-    input_size: int = 0  # side of the square images the network takes
+    backbone: BackboneSpec = None  # the network's backbone, at --input_size (network.get_backbone)
     log: RunLog = RunLog(None, enabled=False)
     convention: Convention = Convention()  # how mAP@K is computed (--map_normalize, --zero_hit, --ties)
     validation: Loaders = None  # --select val: the validation queries and their database (train unused)
@@ -54,6 +55,11 @@ class Run:
     def logs(self):
         """This process keeps the training logs ({run}.txt, {run}.jsonl)."""
         return self.writes and self.trains
+
+    @property
+    def input_size(self):
+        """Side of the square images the network takes."""
+        return self.backbone.input_size
 
     @property
     def select(self):

@@ -2,6 +2,7 @@
 (engine.train), and report the checkpoint --select kept, with one-line messages for what a user can fix
 (a diverging loss, Ctrl-C)."""
 import dataclasses
+import sys
 from pathlib import Path
 
 from torch.nn.parallel import DistributedDataParallel
@@ -13,6 +14,7 @@ from engine import train as train_epochs
 from hashing.codes import NonFiniteCodes
 from loss import LOSSES
 from utils.checkpoint import read_train_state
+from utils.config import read_config
 from utils.dist import gather_objects, state_fingerprint
 from utils.errors import TrainingInterrupted, UserError
 from utils.provenance import describe_provenance, provenance
@@ -43,11 +45,23 @@ def describe_training(run, trainer, lr):
     origin = provenance(run.device)
     header += "\n" + describe_provenance(origin)
     record = {"args": vars(args), "provenance": origin, "num_classes": run.spec.num_classes, "topk": run.topk,
-              "data_files": data_files,
+              "data_files": data_files, "backbone": run.backbone.record(args.hash_bit, args.experts),
               "convention": run.convention.as_dict(),
               "zeta": settings.get("zeta"), "device": str(run.device), "world_size": context.world_size,
               "amp": str(trainer.amp_dtype), "loss": {"name": label, **settings}, "sizes": sizes}
+    if args.config:  # the file's own values; "args" holds the resolved ones, command line included
+        record["config"] = {"file": args.config, "values": read_config(args.config)}
     return header, record
+
+
+def recipe_note(run):
+    """A note for a backbone trained without --config whose family has a recipe other than the flags'
+    defaults (the paper's SGD and StepLR), or None."""
+    spec = run.backbone
+    if run.args.config or spec.family in ("cnn", "small") or spec.source == "paper" or not spec.recipe:
+        return None
+    return (f"note: --backbone {spec.name} trains with the flags' defaults (--optimizer {run.args.optimizer}, "
+            f"--scheduler {run.args.scheduler}); its recipe is {spec.recipe}: add --config {spec.recipe}")
 
 
 def describe_selection(run):
@@ -107,13 +121,13 @@ def train_reporting_failures(run, trainer, progress, lr):
         raise TrainingInterrupted("interrupted before the first epoch finished; nothing to resume") from None
 
 
-def start_training(run, network, default_lr):
+def start_training(run, network):
     """The loss, the optimiser, the resumed state and the logs' start: (run, trainer, progress, lr)."""
     args = run.args
     # ============ loss, optimiser and mixed precision ============
     objective = HashingObjective(network, build_criterion(args, run.spec)).to(run.device)
-    lr = args.lr or default_lr
-    trainer = build_trainer(args, objective, lr, run.device)
+    lr = args.lr or run.backbone.default_lr
+    trainer = build_trainer(args, objective, lr, run.device, run.backbone)
     run = dataclasses.replace(run, data_identity=data_identity(run))
     # ============ optionally resume, then start the logs ============
     progress = resume(run, trainer) if args.resume is not None else Progress()
@@ -124,6 +138,9 @@ def start_training(run, network, default_lr):
         run.log.say(f"resumed after epoch {progress.epoch} "
                     f"(kept {run.selection_score_name} {progress.best_map:.4f} at epoch {progress.best_epoch})")
     run.log.say(header)
+    note = recipe_note(run)
+    if note:
+        run.log.say(note, file=sys.stderr)
     # ============ distributed: the objective (network and loss together) under DDP ============
     if run.context.enabled:
         trainer.model = DistributedDataParallel(objective, device_ids=[run.device.index]
@@ -131,9 +148,9 @@ def start_training(run, network, default_lr):
     return run, trainer, progress, lr
 
 
-def train(run, network, default_lr):
+def train(run, network):
     """Train, keep the checkpoint --select chooses, report it; returns what the run found."""
-    run, trainer, progress, lr = start_training(run, network, default_lr)
+    run, trainer, progress, lr = start_training(run, network)
     selected = train_reporting_failures(run, trainer, progress, lr)
     fingerprints = gather_objects(run.context, state_fingerprint(trainer.objective))
     if run.context.enabled and len(set(fingerprints)) > 1:

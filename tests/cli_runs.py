@@ -24,7 +24,7 @@ SMALL_DIGITS_RUN = ["--dataset", "digits", "--backbone", "small", "--hash_bit", 
 
 
 def run_small_digits(argv):
-    return retrieval.main(retrieval.get_args_parser().parse_args(SMALL_DIGITS_RUN + argv))
+    return retrieval.main(retrieval.parse_args(SMALL_DIGITS_RUN + argv))
 
 
 def exit_status(entry_point, argv, capsys):

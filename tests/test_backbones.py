@@ -4,7 +4,8 @@ import pytest
 import torch
 from torchvision import models
 
-from network import BACKBONES, build_network
+from network import PAPER_BACKBONES as BACKBONES
+from network import build_network
 
 ALEXNET_KEYS = [f"features.{i}.{p}" for i in (0, 3, 6, 8, 10) for p in ("weight", "bias")] + \
                [f"hash_layer.{i}.{p}" for i in (1, 4, 6) for p in ("weight", "bias")]

@@ -38,7 +38,7 @@ def test_mini_protocol_sizes_and_disjointness_at_full_scale():
 
 def test_reads_the_batches_as_one_hot_images(cifar_root):
     root, batches = cifar_root
-    splits = get_dataset_spec("cifar10").build(root, seed=0, input_size=32)
+    splits = get_dataset_spec("cifar10").build(root, seed=0, preprocessing=32)
     assert (len(splits.query), len(splits.train), len(splits.database)) == (1000, 5000, 5000)
     all_rows = np.concatenate([batches[name][0] for name in cifar.BATCHES])
     all_classes = np.concatenate([batches[name][1] for name in cifar.BATCHES])
@@ -62,7 +62,7 @@ def test_corrupt_batch_is_named(tmp_path):
     for name in cifar.BATCHES:
         (folder / name).write_bytes(b"garbage")
     with pytest.raises(UserError, match=r"cannot read the CIFAR-10 batch .*data_batch_1"):
-        get_dataset_spec("cifar10").build(tmp_path, seed=0, input_size=32)
+        get_dataset_spec("cifar10").build(tmp_path, seed=0, preprocessing=32)
 
 
 class RunsCode:
@@ -85,5 +85,5 @@ def test_a_crafted_batch_file_does_not_run_code(tmp_path):
     for name in cifar.BATCHES:
         (folder / name).write_bytes(pickle.dumps(payload))
     with pytest.raises(UserError, match=r"data_batch_1 .*refused to load posix.system"):
-        get_dataset_spec("cifar10").build(tmp_path, seed=0, input_size=32)
+        get_dataset_spec("cifar10").build(tmp_path, seed=0, preprocessing=32)
     assert not marker.exists()

@@ -9,6 +9,7 @@ import torch
 
 import retrieval
 from network import build_network
+from session.parts import resolve_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,6 @@ def cli_error(argv, capsys):
     (["--hash_bit", "0"], "--hash_bit: must be a positive integer, got 0"),
     (["--hash_bit", "twelve"], "--hash_bit: 'twelve' is not an integer"),
     (["--dataset", "imagenet21k"], "--dataset: invalid choice: 'imagenet21k'"),
-    (["--backbone", "vgg"], "--backbone: invalid choice: 'vgg'"),
     (["--retrieve", "-5"], "--retrieve/--topk: must be an integer >= 0"),
     (["--topk", "-5"], "--retrieve/--topk: must be an integer >= 0"),
     (["--beta", "nan"], "--beta: must be a finite number, got 'nan'"),
@@ -109,7 +109,7 @@ def test_help_lists_the_papers_flags():
                  "--retrieve", "--no_save", "--test", "--cuda", "--data_root", "--workers", "--lr", "--eval_every",
                  "--device"]:
         assert flag in help_text
-    defaults = retrieval.get_args_parser().parse_args([])
+    defaults = resolve_backbone(retrieval.get_args_parser().parse_args([]))  # no --backbone: the paper's
     assert (defaults.dataset, defaults.backbone, defaults.hash_bit, defaults.batch_size, defaults.epochs,
             defaults.beta, defaults.rate, defaults.seed, defaults.retrieve) == (
         "voc2007", "googlenet", 48, 100, 100, 0.5, 0.02, 0, 0)

@@ -51,7 +51,7 @@ def test_query_digits_come_from_a_disjoint_pool():
 def test_registered_with_whole_database_default():
     spec = get_dataset_spec("digits")
     assert spec.num_classes == 10 and spec.default_topk == 0
-    splits = spec.build(root=None, seed=0, input_size=32)
+    splits = spec.build(root=None, seed=0, preprocessing=32)
     image, label = splits.train[0]
     assert image.shape == (3, 32, 32) and image.dtype.is_floating_point
     assert len(splits.database) == 4000 and len(splits.query) == 500

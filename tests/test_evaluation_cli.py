@@ -198,6 +198,6 @@ def test_file_datasets_name_items_by_path_and_preprocess_pil_images(tmp_path):
     paths, _ = save_query_mosaics(tmp_path, 3)
     database = torch.utils.data.Subset(FileDataset([f"images/{i}.jpg" for i in range(10)]), [7, 2, 5])
     assert [item_names(database)(i) for i in range(3)] == ["images/7.jpg", "images/2.jpg", "images/5.jpg"]
-    batch = query_batch(paths, database, input_size=24)
+    batch = query_batch(paths, database, preprocessing=24)
     assert batch.shape == (3, 3, 24, 24) and batch.dtype == torch.float32
     assert abs(batch.mean().item()) < 3  # normalised, not raw 0..255 pixels

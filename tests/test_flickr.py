@@ -52,7 +52,7 @@ def test_38_labels_are_the_24_concepts_and_14_relevant_files():
 
 def test_official_annotations(tmp_path, small_protocol):
     write_official(tmp_path)
-    splits = get_dataset_spec("flickr").build(tmp_path, seed=0, input_size=16, options=RANDOM)
+    splits = get_dataset_spec("flickr").build(tmp_path, seed=0, preprocessing=16, options=RANDOM)
     everything = {}
     for part in splits:
         for path, row in zip(part.paths, part.labels.numpy()):
@@ -67,7 +67,7 @@ def test_official_annotations(tmp_path, small_protocol):
 
 def test_split_is_saved_reused_and_seeded(tmp_path, small_protocol):
     folder = write_official(tmp_path)
-    first = get_dataset_spec("flickr").build(tmp_path, seed=3, input_size=16, options=RANDOM)
+    first = get_dataset_spec("flickr").build(tmp_path, seed=3, preprocessing=16, options=RANDOM)
     saved = json.loads((folder / "split_seed3.json").read_text())
     assert saved["seed"] == 3 and len(saved["order"]) == 28
     assert [p.rsplit("/", 1)[1] for p in first.query.paths] == [n.rsplit("/", 1)[1] for n in saved["order"][:5]]
@@ -75,21 +75,21 @@ def test_split_is_saved_reused_and_seeded(tmp_path, small_protocol):
     # A saved split is used as it is: reversing the file reverses the split.
     saved["order"].reverse()
     (folder / "split_seed3.json").write_text(json.dumps(saved))
-    reused = get_dataset_spec("flickr").build(tmp_path, seed=3, input_size=16, options=RANDOM)
+    reused = get_dataset_spec("flickr").build(tmp_path, seed=3, preprocessing=16, options=RANDOM)
     assert [p.rsplit("/", 1)[1] for p in reused.query.paths] == [n.rsplit("/", 1)[1] for n in saved["order"][:5]]
 
     # Without the file the same seed draws the same split again; another seed another one.
     (folder / "split_seed3.json").unlink()
     spec = get_dataset_spec("flickr")
-    assert spec.build(tmp_path, seed=3, input_size=16, options=RANDOM).query.paths == first.query.paths
-    assert spec.build(tmp_path, seed=4, input_size=16, options=RANDOM).query.paths != first.query.paths
+    assert spec.build(tmp_path, seed=3, preprocessing=16, options=RANDOM).query.paths == first.query.paths
+    assert spec.build(tmp_path, seed=4, preprocessing=16, options=RANDOM).query.paths != first.query.paths
 
 
 def test_saved_split_of_other_images_is_refused(tmp_path, small_protocol):
     folder = write_official(tmp_path)
     (folder / "split_seed0.json").write_text(json.dumps({"seed": 0, "order": ["mirflickr/im1.jpg"]}))
     with pytest.raises(UserError, match=r"split_seed0\.json lists other images \(1\) than .* holds \(28\)"):
-        get_dataset_spec("flickr").build(tmp_path, seed=0, input_size=16, options=RANDOM)
+        get_dataset_spec("flickr").build(tmp_path, seed=0, preprocessing=16, options=RANDOM)
 
 
 def test_prepared_img_and_targets_files(tmp_path, small_protocol):
@@ -102,7 +102,7 @@ def test_prepared_img_and_targets_files(tmp_path, small_protocol):
     bom = "\ufeff"  # as Windows editors save them; not part of the first name or label
     (folder / "img.txt").write_text(bom + "".join(f"im{n}.jpg\n" for n in numbers), encoding="utf-8")
     (folder / "targets.txt").write_text(bom + "\n".join(rows) + "\n", encoding="utf-8")
-    splits = get_dataset_spec("flickr").build(tmp_path, seed=0, input_size=16, options=RANDOM)
+    splits = get_dataset_spec("flickr").build(tmp_path, seed=0, preprocessing=16, options=RANDOM)
     read = {path.rsplit("/", 1)[1]: label_names(row) for part in splits for path, row in zip(part.paths, part.labels.numpy())}
     assert read == {f"im{n}.jpg": sorted(ANNOTATED[n]) for n in numbers}
     assert len(splits.database) == len(numbers) - 15
@@ -110,13 +110,13 @@ def test_prepared_img_and_targets_files(tmp_path, small_protocol):
     rows[3] = rows[3][:-2]  # 37 labels on line 4
     (folder / "targets.txt").write_text("\n".join(rows) + "\n")
     with pytest.raises(UserError, match=r"targets\.txt line 4: 37 labels, but MIRFlickr-25k has 38"):
-        get_dataset_spec("flickr").build(tmp_path, seed=0, input_size=16, options=RANDOM)
+        get_dataset_spec("flickr").build(tmp_path, seed=0, preprocessing=16, options=RANDOM)
 
 
 def test_bad_annotation_line_and_missing_folder(tmp_path, small_protocol):
     folder = write_official(tmp_path)
     (folder / "annotations" / "sky.txt").write_text("1\n17\nim26\n")
     with pytest.raises(UserError, match=r"sky\.txt line 3: expected an image number 1\.\.25000, got 'im26'"):
-        get_dataset_spec("flickr").build(tmp_path, seed=0, input_size=16, options=RANDOM)
+        get_dataset_spec("flickr").build(tmp_path, seed=0, preprocessing=16, options=RANDOM)
     with pytest.raises(UserError, match=r"no MIRFlickr-25k images in .*elsewhere/flickr25k/mirflickr: put the images"):
-        get_dataset_spec("flickr").build(tmp_path / "elsewhere", seed=0, input_size=16, options=RANDOM)
+        get_dataset_spec("flickr").build(tmp_path / "elsewhere", seed=0, preprocessing=16, options=RANDOM)

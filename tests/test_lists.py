@@ -20,7 +20,7 @@ GOOD = {
 def test_good_folder_is_read_exactly(tmp_path):
     write_list_folder(tmp_path, GOOD)
     (tmp_path / "test.txt").write_text("\n" + (tmp_path / "test.txt").read_text() + "\n\n")  # blank lines are fine
-    splits = get_dataset_spec("list").build(tmp_path, seed=0, input_size=24)
+    splits = get_dataset_spec("list").build(tmp_path, seed=0, preprocessing=24)
     assert splits.query.paths == [str(tmp_path / "img/q1.png"), str(tmp_path / "img/q2.png")]
     np.testing.assert_array_equal(splits.query.labels.numpy(), [[1, 0, 1], [0, 1, 0]])
     np.testing.assert_array_equal(splits.train.labels.numpy(), [[1, 0, 0], [0, 1, 1], [0, 0, 1], [1, 1, 0]])
@@ -43,26 +43,26 @@ def test_malformed_lists_name_file_and_line(tmp_path, file_name, text, message):
     write_list_folder(tmp_path, GOOD)
     (tmp_path / file_name).write_text(text)
     with pytest.raises(UserError, match=message):
-        get_dataset_spec("list").build(tmp_path, seed=0, input_size=24)
+        get_dataset_spec("list").build(tmp_path, seed=0, preprocessing=24)
 
 
 def test_missing_list_file_and_folder(tmp_path):
     write_list_folder(tmp_path, GOOD)
     (tmp_path / "database.txt").unlink()
     with pytest.raises(UserError, match=r"cannot read .*database\.txt .*train\.txt, test\.txt, database\.txt"):
-        get_dataset_spec("list").build(tmp_path, seed=0, input_size=24)
+        get_dataset_spec("list").build(tmp_path, seed=0, preprocessing=24)
     with pytest.raises(UserError, match=r"no folder .*nus_wide: it should hold train\.txt"):
-        get_dataset_spec("nuswide").build(tmp_path, seed=0, input_size=24)
+        get_dataset_spec("nuswide").build(tmp_path, seed=0, preprocessing=24)
 
 
 def test_named_list_datasets_read_their_folder_and_check_the_class_count(tmp_path):
     write_list_folder(tmp_path / "nus_wide", {name: [(path, labels * 7) for path, labels in rows]
                                               for name, rows in GOOD.items()})  # 21 labels
-    splits = get_dataset_spec("nuswide").build(tmp_path, seed=0, input_size=24)
+    splits = get_dataset_spec("nuswide").build(tmp_path, seed=0, preprocessing=24)
     assert splits.train.labels.shape == (4, 21) and splits.train.paths[0] == str(tmp_path / "nus_wide/img/a.png")
     write_list_folder(tmp_path / "coco", GOOD)
     with pytest.raises(UserError, match=r"coco/train\.txt line 1: 3 labels, but --dataset coco has 80"):
-        get_dataset_spec("coco").build(tmp_path, seed=0, input_size=24)
+        get_dataset_spec("coco").build(tmp_path, seed=0, preprocessing=24)
     assert get_dataset_spec("imagenet").default_topk == 1000 and get_dataset_spec("coco").default_topk == 5000
 
 

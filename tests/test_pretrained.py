@@ -1,5 +1,6 @@
 """ImageNet weights (torch hub cache, --weights, --no_pretrained, offline message) and checkpoints in the
 paper's state_dict layout loaded with --test."""
+import dataclasses
 import urllib.error
 
 import pytest
@@ -11,10 +12,9 @@ from torchvision import models
 import retrieval
 from data.transforms import image_transform
 from fixture_files import small_list_folder
-from network import BACKBONES
 from utils.errors import UserError
 from hashing.metrics import map_at_k
-from session.parts import make_network
+from session.parts import backbone_of, make_network, resolve_backbone
 from session.run import Run
 
 
@@ -39,37 +39,40 @@ def random_alexnet_state(seed):
     return models.alexnet().state_dict()
 
 
+def planned(argv):
+    """The Run of a training invocation with these flags, its backbone resolved."""
+    args = resolve_backbone(parse(argv))
+    return dataclasses.replace(Run.plan(args), backbone=backbone_of(args))
+
+
 def test_official_file_in_the_torch_hub_cache_is_used(torch_home, capsys):
     fake = random_alexnet_state(1)
     official = torch_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"  # torchvision's file name
     official.parent.mkdir(parents=True)
     torch.save(fake, official)
-    network = make_network(Run.plan(parse(["--backbone", "alexnet", "--hash_bit", "16"])), BACKBONES["alexnet"])
+    network = make_network(planned(["--backbone", "alexnet", "--hash_bit", "16"]))
     assert torch.equal(network.features[0].weight, fake["features.0.weight"])
     assert torch.equal(network.hash_layer[4].weight, fake["classifier.4.weight"])
-    assert f"alexnet: ImageNet weights from {official}" in capsys.readouterr().out
+    assert f"alexnet: pretrained weights from {official}" in capsys.readouterr().out
 
 
 def test_weights_flag_loads_a_local_file(torch_home, tmp_path):
     fake = random_alexnet_state(2)
     torch.save(fake, tmp_path / "mine.pth")
-    network = make_network(Run.plan(parse(["--backbone", "alexnet", "--weights", str(tmp_path / "mine.pth")])),
-                                     BACKBONES["alexnet"])
+    network = make_network(planned(["--backbone", "alexnet", "--weights", str(tmp_path / "mine.pth")]))
     assert torch.equal(network.hash_layer[1].bias, fake["classifier.1.bias"])
 
-    with pytest.raises(UserError, match=r"no weights file at .*absent\.pth: check --weights"):
-        make_network(Run.plan(parse(["--backbone", "alexnet", "--weights", str(tmp_path / "absent.pth")])),
-                               BACKBONES["alexnet"])
+    with pytest.raises(UserError, match=r"--weights .*absent\.pth does not exist: check --weights"):
+        make_network(planned(["--backbone", "alexnet", "--weights", str(tmp_path / "absent.pth")]))
     torch.save(models.resnet18().state_dict(), tmp_path / "resnet18.pth")
     with pytest.raises(UserError, match=r"cannot use .*resnet18\.pth for --backbone alexnet: they are not AlexNet "
                                         r"ImageNet weights: .*parameters missing"):
-        make_network(Run.plan(parse(["--backbone", "alexnet", "--weights", str(tmp_path / "resnet18.pth")])),
-                               BACKBONES["alexnet"])
+        make_network(planned(["--backbone", "alexnet", "--weights", str(tmp_path / "resnet18.pth")]))
 
 
 def test_no_pretrained_and_test_mode_need_no_weights(torch_home):
     for argv in (["--no_pretrained"], ["--test"]):
-        network = make_network(Run.plan(parse(["--backbone", "resnet", *argv])), BACKBONES["resnet"])
+        network = make_network(planned(["--backbone", "resnet", *argv]))
         assert network.fc.out_features == 48
     assert not torch_home.exists()
 

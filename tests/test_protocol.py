@@ -86,7 +86,7 @@ def test_flickr_default_split_is_the_papers_permutation(paper_flickr):
     # 24,581 lines: img.txt and targets.txt end without a newline, so `wc -l` counts 24,580
     assert len(names) == len(targets) == len(perm) == 24581 and sorted(perm) == list(range(24581))
 
-    splits = get_dataset_spec("flickr").build(paper_flickr, seed=7, input_size=16)  # the seed plays no part
+    splits = get_dataset_spec("flickr").build(paper_flickr, seed=7, preprocessing=16)  # the seed plays no part
     expected = {"query": perm[:1000], "train": perm[1000:5000], "database": perm[5000:]}
     for split, rows in expected.items():
         dataset = getattr(splits, split)

@@ -149,7 +149,7 @@ def test_an_interrupted_run_resumes_from_its_training_state(tmp_path):
 def test_time_estimate_follows_its_formula(monkeypatch):
     # torchvision documents AlexNet at 0.71 G multiply-adds per 224 image: 1.42 GFLOPs.
     assert reproduce.forward_flops("alexnet") == pytest.approx(1.42e9, rel=0.01)
-    monkeypatch.setattr(reproduce, "forward_flops", lambda backbone: 1e9)
+    monkeypatch.setattr(reproduce, "forward_flops", lambda backbone, input_size=None: 1e9)
     compute, reading = reproduce.estimate_seconds("voc2007")
     # 100 epochs x 5,011 images x 3 passes, plus 20 evaluations x (4,952 + 5,011) images, at 1 GFLOP each
     assert compute == pytest.approx((100 * 5011 * 3 + 20 * 9963) * 1e9 / 50e12)

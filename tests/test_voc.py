@@ -39,7 +39,7 @@ def voc2007_root(tmp_path):
 
 
 def test_voc2007_labels_and_splits(voc2007_root):
-    splits = get_dataset_spec("voc2007").build(voc2007_root, seed=0, input_size=64)
+    splits = get_dataset_spec("voc2007").build(voc2007_root, seed=0, preprocessing=64)
     np.testing.assert_array_equal(splits.train.labels.numpy(), multi_hot(["000005", "000007", "000009"]))
     np.testing.assert_array_equal(splits.query.labels.numpy(), multi_hot(["000001", "000004"]))
     assert splits.database.paths == splits.train.paths
@@ -53,7 +53,7 @@ def test_voc2012_uses_train_and_val(tmp_path):
     write_voc_tree(tmp_path, 2012, {"train": {"2008_000002": [("bus", 0)]},
                                     "val": {"2008_000003": [("cat", 0), ("sofa", 0)]},
                                     "trainval": {"2008_000002": [("bus", 0)], "2008_000003": [("cat", 0), ("sofa", 0)]}})
-    splits = get_dataset_spec("voc2012").build(tmp_path, seed=0, input_size=32)
+    splits = get_dataset_spec("voc2012").build(tmp_path, seed=0, preprocessing=32)
     assert len(splits.train) == len(splits.database) == 1 and len(splits.query) == 1
     assert splits.train.labels[0].nonzero().flatten().tolist() == [5]
     assert splits.query.labels[0].nonzero().flatten().tolist() == [7, 17]
@@ -63,14 +63,14 @@ def test_unknown_class_names_the_file(voc2007_root):
     xml = voc2007_root / "VOCdevkit" / "VOC2007" / "Annotations" / "000007.xml"
     xml.write_text(xml.read_text().replace("<name>car</name>", "<name>spaceship</name>"))
     with pytest.raises(UserError, match=r"000007\.xml: object class 'spaceship'"):
-        get_dataset_spec("voc2007").build(voc2007_root, seed=0, input_size=32)
+        get_dataset_spec("voc2007").build(voc2007_root, seed=0, preprocessing=32)
 
 
 def test_cache_gives_the_same_images_and_is_shared_and_reused(voc2007_root):
     spec = get_dataset_spec("voc2007")
-    lazy = spec.build(voc2007_root, seed=0, input_size=48)
+    lazy = spec.build(voc2007_root, seed=0, preprocessing=48)
     rng_state = torch.get_rng_state()
-    cached = spec.build(voc2007_root, seed=0, input_size=48, options=DataOptions(cache=True))
+    cached = spec.build(voc2007_root, seed=0, preprocessing=48, options=DataOptions(cache=True))
     # Building the cache leaves the global RNG alone, so a run that builds it trains like one that reuses it.
     assert torch.equal(torch.get_rng_state(), rng_state)
     cache_files = list((voc2007_root / "VOCdevkit" / "VOC2007" / "cache").glob("*.npy"))
@@ -81,13 +81,13 @@ def test_cache_gives_the_same_images_and_is_shared_and_reused(voc2007_root):
             assert torch.equal(getattr(cached, part)[index][0], getattr(lazy, part)[index][0])
             assert torch.equal(getattr(cached, part)[index][1], getattr(lazy, part)[index][1])
     stamp = cache_files[0].stat().st_mtime_ns
-    spec.build(voc2007_root, seed=0, input_size=48, options=DataOptions(cache=True))
+    spec.build(voc2007_root, seed=0, preprocessing=48, options=DataOptions(cache=True))
     assert cache_files[0].stat().st_mtime_ns == stamp
     assert len(list(cache_files[0].parent.iterdir())) == 1  # no temporary file left behind
 
 
 def test_cached_training_flips_some_images(voc2007_root):
-    splits = get_dataset_spec("voc2007").build(voc2007_root, seed=0, input_size=32, options=DataOptions(cache=True))
+    splits = get_dataset_spec("voc2007").build(voc2007_root, seed=0, preprocessing=32, options=DataOptions(cache=True))
     plain = torch.stack([splits.database[i][0] for i in range(3)])
     seen = torch.stack([torch.stack([splits.train[i][0] for i in range(3)]) for _ in range(12)])
     flipped = (seen == plain.flip(-1)).flatten(2).all(-1)
@@ -113,7 +113,7 @@ def voc_archive(tmp_path, monkeypatch):
 
 def test_archive_in_data_root_is_verified_and_extracted(voc_archive):
     root, _ = voc_archive
-    splits = get_dataset_spec("voc2012").build(root, seed=0, input_size=32)
+    splits = get_dataset_spec("voc2012").build(root, seed=0, preprocessing=32)
     np.testing.assert_array_equal(splits.query.labels.numpy(), multi_hot(["000001", "000004"]))
     assert sorted(p.name for p in root.iterdir()) == ["VOCdevkit", "fixture.tar"]  # no staging folder left
 
@@ -122,7 +122,7 @@ def test_archive_with_wrong_md5_is_refused(voc_archive, monkeypatch):
     root, _ = voc_archive
     monkeypatch.setitem(voc.ARCHIVES, "2012", [archives.Archive("fixture.tar", "0" * 32, "http://unreachable/")])
     with pytest.raises(UserError, match=r"fixture\.tar has md5 [0-9a-f]{32}, expected 0{32}"):
-        get_dataset_spec("voc2012").build(root, seed=0, input_size=32)
+        get_dataset_spec("voc2012").build(root, seed=0, preprocessing=32)
     assert sorted(p.name for p in root.iterdir()) == ["fixture.tar"]
 
 
@@ -136,7 +136,7 @@ def test_archive_members_may_not_escape(voc_archive, monkeypatch, member, kind, 
     md5 = hashlib.md5(tar_path.read_bytes()).hexdigest()
     monkeypatch.setitem(voc.ARCHIVES, "2012", [archives.Archive("fixture.tar", md5, "http://unreachable/")])
     with pytest.raises(UserError, match="refusing to extract"):
-        get_dataset_spec("voc2012").build(root, seed=0, input_size=32)
+        get_dataset_spec("voc2012").build(root, seed=0, preprocessing=32)
     assert sorted(p.name for p in root.iterdir()) == ["fixture.tar"]  # nothing extracted, no staging left
     assert not (root.parent / "escaped.txt").exists()
 
@@ -149,7 +149,7 @@ def test_absolute_member_names_stay_inside_the_data_root(voc_archive, monkeypatc
     add_tar_member(tar_path, str(outside), kind=tarfile.REGTYPE, link_target="")
     md5 = hashlib.md5(tar_path.read_bytes()).hexdigest()
     monkeypatch.setitem(voc.ARCHIVES, "2012", [archives.Archive("fixture.tar", md5, "http://unreachable/")])
-    get_dataset_spec("voc2012").build(root, seed=0, input_size=32)
+    get_dataset_spec("voc2012").build(root, seed=0, preprocessing=32)
     assert not outside.exists()
     assert sorted(p.name for p in root.iterdir()) == ["VOCdevkit", "fixture.tar"]
 
@@ -158,7 +158,7 @@ def test_archive_that_does_not_fit_on_the_disk_is_refused(voc_archive, monkeypat
     root, _ = voc_archive
     monkeypatch.setattr(archives.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 5, 5))
     with pytest.raises(UserError, match=r"fixture\.tar unpacks to .*B, but its disk has only 5\.00B free; free disk space"):
-        get_dataset_spec("voc2012").build(root, seed=0, input_size=32)
+        get_dataset_spec("voc2012").build(root, seed=0, preprocessing=32)
     assert sorted(p.name for p in root.iterdir()) == ["fixture.tar"]
 
 
@@ -169,7 +169,7 @@ def test_missing_archive_is_downloaded(voc_archive, monkeypatch):
     tar_path.rename(mirror / "fixture.tar")
     (md5,) = [a.md5 for a in voc.ARCHIVES["2012"]]
     monkeypatch.setitem(voc.ARCHIVES, "2012", [archives.Archive("fixture.tar", md5, (mirror / "fixture.tar").as_uri())])
-    splits = get_dataset_spec("voc2012").build(root, seed=0, input_size=32)
+    splits = get_dataset_spec("voc2012").build(root, seed=0, preprocessing=32)
     assert len(splits.train) == 3
     assert (root / "fixture.tar").read_bytes() == (mirror / "fixture.tar").read_bytes()
 
@@ -179,7 +179,7 @@ def test_offline_message_names_archives_md5s_and_folder(tmp_path, monkeypatch):
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(archives.urllib.request, "urlopen", offline)
     with pytest.raises(UserError) as error:
-        get_dataset_spec("voc2007").build(tmp_path, seed=0, input_size=32)
+        get_dataset_spec("voc2007").build(tmp_path, seed=0, preprocessing=32)
     message = str(error.value)
     assert "\n" not in message and "Name or service not known" in message
     for name, md5 in [("VOCtrainval_06-Nov-2007.tar", "c52e279531787c972589f7e41ab4ae64"),

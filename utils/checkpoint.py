@@ -2,31 +2,29 @@
 
 - result/{run}.ckpt: the best network as a plain state_dict, the paper code's format.
 - result/{run}.last.pt: the whole training state after the latest epoch, for --resume.
-- a backbone's ImageNet weights: a file given with --weights, else torchvision's own loading from the
-  torch hub cache ($TORCH_HOME/hub/checkpoints, ~/.cache/torch/hub/checkpoints by default), which
-  downloads the file there when it is missing. Offline and not cached: one message naming the file
-  and the folder.
+- a backbone's pretrained weights: utils/weights.py.
 """
 import io
 import os
 import pickle
-import urllib.error
 import zipfile
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
 from .atomic import atomic_write
 from .errors import UserError
+from .paths import require_regular_file
 
 TRAIN_STATE_FORMAT = "hyp2-retrieval/train-state/1"
+NETWORK_FORMAT = "hyp2-retrieval/network/1"  # a checkpoint that records its backbone (save_state_dict)
 # Flags that define what is trained; a state saved under other values cannot be resumed.
 IDENTITY_FLAGS = ("dataset", "backbone", "hash_bit", "loss", "hierarchy", "hierarchy_file", "experts", "imbalance",
-                  "select", "val_size")
+                  "select", "val_size", "input_size", "freeze_backbone", "backbone_lr_mult", "scheduler",
+                  "warmup_epochs", "optimizer")
 # Flags that change the result when they differ on resume; allowed, but the user is told.
 RECIPE_FLAGS = ("batch_size", "lr", "rate", "beta", "seed", "subset", "amp", "momentum", "weight_decay", "lr_step",
-                "lr_gamma", "optimizer")
+                "lr_gamma", "clip_grad")
 
 
 def save(obj, path):
@@ -37,9 +35,11 @@ def save(obj, path):
     atomic_write(path, lambda f: f.write(buffer.getbuffer()), binary=True)
 
 
-def _load(path, what, missing, unreadable):
+def _load(path, what, missing, unreadable, mmap=False):
+    if Path(path).exists():  # a FIFO would block torch.load forever, a device would be read without end
+        require_regular_file(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UserError(f"no {what} at {path}: {missing}") from None
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
@@ -60,14 +60,31 @@ def require_checkpoint_file(path):
     if not path.exists():
         raise UserError(f"no checkpoint at {path}: train first (the same command without --test) or pass "
                         "--checkpoint PATH")
-    if not path.is_file():
-        raise UserError(f"--checkpoint {path} is a folder, not a checkpoint file; pass the .ckpt file")
+    require_regular_file(path, "--checkpoint")
     if not os.access(path, os.R_OK):
         raise UserError(f"--checkpoint {path} is not readable (permission denied); fix its permissions")
 
 
 def save_state_dict(module, path):
-    save({name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}, path)
+    """The network's state_dict at `path`: plain (the paper code's format) for the paper's backbones, or,
+    for a network carrying a `backbone_record` (network.build_network), with that record, so that the
+    checkpoint rebuilds its network alone."""
+    state = {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}
+    record = getattr(module, "backbone_record", None)
+    save(state if record is None else {"format": NETWORK_FORMAT, "backbone": record, "state_dict": state}, path)
+
+
+def read_backbone_record(path):
+    """The backbone record of a self-describing checkpoint, or None for a plain state_dict (the paper's
+    backbones); UserError for an unreadable file. Memory-maps the file, so a large checkpoint is not read."""
+    state = _load(path, "checkpoint", "train first or pass --checkpoint PATH", "retrain or point --checkpoint to a "
+                  "good copy", mmap=True)
+    if isinstance(state, dict) and state.get("format") == NETWORK_FORMAT:
+        record = state.get("backbone")
+        if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+            raise UserError(f"{path} has a damaged backbone record; retrain or point --checkpoint to a good copy")
+        return record
+    return None
 
 
 def read_state_dict(path, what="checkpoint",
@@ -78,6 +95,8 @@ def read_state_dict(path, what="checkpoint",
     state = _load(path, what, missing, unreadable)
     if isinstance(state, dict) and state.get("format") == TRAIN_STATE_FORMAT:
         state = state["network"]  # a .last.pt holds the network too
+    elif isinstance(state, dict) and state.get("format") == NETWORK_FORMAT:
+        state = state.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} does not hold a network state_dict")
     non_finite = non_finite_names(state)
@@ -146,32 +165,3 @@ def read_train_state(path, args, data=None):
     changed = [f"--{flag} {args[flag]} (saved run: {saved[flag]})" for flag in RECIPE_FLAGS
                if flag in saved and flag in args and saved[flag] != args[flag]]
     return state, changed
-
-
-def hub_cache_file(weights):
-    """Where torchvision keeps a weights enum member's file in the torch hub cache."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
-
-
-def imagenet_state_dict(weights, backbone, local_file=None, show_progress=True):
-    """(state_dict, path it came from) of a backbone's torchvision ImageNet weights (a weights enum member):
-    the file `local_file` (--weights) when given, else torchvision's file from the torch hub cache."""
-    if local_file is not None:
-        path = Path(local_file)
-        return read_state_dict(path, what="weights file",
-                               missing="check --weights, or drop it to use torchvision's file from the torch hub cache",
-                               unreadable="point --weights to a good copy"), path
-    path = hub_cache_file(weights)
-    downloading = not path.exists()
-    try:
-        return weights.get_state_dict(progress=show_progress, check_hash=True, weights_only=True), path
-    except (urllib.error.URLError, OSError, RuntimeError, pickle.UnpicklingError, EOFError,
-            zipfile.BadZipFile) as exc:
-        if downloading:
-            raise UserError(f"cannot download the ImageNet weights of --backbone {backbone} from {weights.url} "
-                            f"({getattr(exc, 'reason', exc)}); put {path.name} into {path.parent} (the torch hub "
-                            "cache; set TORCH_HOME to move it), or pass --weights PATH, or train from scratch with "
-                            "--no_pretrained") from None
-        raise UserError(f"cannot read weights file {path} ({type(exc).__name__}): the file is truncated, corrupt or "
-                        "not a PyTorch checkpoint; delete it so that it is downloaded again, or pass --weights PATH") \
-            from None

@@ -1,8 +1,15 @@
-"""Recipe files (configs/*.yaml): a flat YAML mapping from retrieval.py flag names, written as argparse
-dests without dashes (`loss: csq`, `csq_quantization: 0.05`), to a scalar or a list of scalars.
+"""Recipes as files (configs/*.yaml, `--config FILE`): a flat YAML mapping from retrieval.py flag names, written
+as argparse dests without dashes (`loss: csq`, `csq_quantization: 0.05`), to a scalar or a list of scalars.
 
-read_config checks the file and that shape only; whether the keys are flags is the caller's to check.
+read_config checks the file and that shape; config_arguments turns the values into the flags that set them
+(an unknown key is refused there, with the closest flag names), and parse_args_with_config puts those flags
+before the command line's, so argparse checks them like any flag and a flag given on the command line wins
+(the last value of a flag counts).
 """
+import argparse
+import difflib
+import sys
+
 import yaml
 
 from .errors import UserError
@@ -64,3 +71,43 @@ def read_config(path):
             raise UserError(f"recipe file {path}: {key} holds {describe(wrong[0])}; a flag takes a value or a list "
                             "of values (quote text such as dates)")
     return document
+
+
+def config_arguments(parser, values, path):
+    """The command-line arguments that set `values` (read_config) on `parser`."""
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    arguments = []
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None or key in ("config", "help"):
+            close = difflib.get_close_matches(key, list(actions), n=3)
+            raise UserError(f"--config {path}: unknown key {key!r}" + (f"; closest: {', '.join(close)}" if close else
+                                                                        "") + " (keys are flag names without --)")
+        flag = action.option_strings[-1]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise UserError(f"--config {path}: {key} is a switch, give it true or false")
+            arguments += [flag] if value != action.default else []
+        elif value is not None:
+            arguments += [flag, *(format_value(v) for v in (value if isinstance(value, list) else [value]))]
+    return arguments
+
+
+def format_value(value):
+    return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def parse_args_with_config(parser, argv, config_dest="config"):
+    """parser.parse_args(argv) with the --config file's values under the command line's."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    path = getattr(args, config_dest, None)
+    if not path:
+        return args
+    from_file = config_arguments(parser, read_config(path), path)
+    checking = argparse.ArgumentParser(parents=[parser], add_help=False, exit_on_error=False)
+    try:
+        checking.parse_args(from_file + ["--" + config_dest, path])
+    except argparse.ArgumentError as exc:
+        raise UserError(f"--config {path}: {exc}") from None
+    return parser.parse_args(from_file + argv)
