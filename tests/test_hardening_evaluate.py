@@ -21,11 +21,15 @@ from hashing.conventions import Convention
 from tests.cli_runs import exit_status
 
 
+class Blocked(BaseException):
+    """Raised by deadline(): not an OSError (as TimeoutError is), which the readers under test would catch."""
+
+
 @contextlib.contextmanager
 def deadline(seconds):
     """Fail instead of hanging: SIGALRM interrupts a blocking open() or read()."""
     def expired(signum, frame):
-        raise TimeoutError(f"still blocked after {seconds} s")
+        raise Blocked(f"still blocked after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(seconds)

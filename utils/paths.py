@@ -78,14 +78,19 @@ def open_regular(path, what, max_bytes=None, missing="check the path"):
         raise
 
 
+def read_file_bytes(path, what, max_bytes, missing="check the path"):
+    """The bytes of a regular file of at most `max_bytes` (open_regular); UserError naming `what` otherwise."""
+    with open_regular(path, what, max_bytes, missing) as handle:
+        try:
+            return read_capped(handle, max_bytes, f"{what} {path}")
+        except OSError as exc:
+            raise UserError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+
+
 def read_text_file(path, what, max_bytes, missing="check the path", encoding="utf-8-sig"):
     """The text of a regular file of at most `max_bytes` (open_regular), decoded (utf-8-sig drops the BOM of
     Windows editors); UserError naming `what` when it is missing, not a regular file, too large or not text."""
-    with open_regular(path, what, max_bytes, missing) as handle:
-        try:
-            data = read_capped(handle, max_bytes, f"{what} {path}")
-        except OSError as exc:
-            raise UserError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+    data = read_file_bytes(path, what, max_bytes, missing)
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
