@@ -48,6 +48,7 @@ class DatasetSpec:
     describe: Optional[Callable[..., dict]] = None  # describe(root, options) -> what the run log records of the files
     class_names: tuple = ()  # the classes in label order, where the dataset names them
     options: tuple = ()  # DataOptions fields beyond the common ones that its build() honours (digits: "imbalance")
+    fetch: Optional[Callable[..., object]] = None  # fetch(root): an in-memory dataset's files, downloaded if needed
 
     def with_classes_of(self, splits):
         """This spec, with num_classes taken from the built splits when the dataset leaves it to the data."""

@@ -73,9 +73,14 @@ def mini_protocol(classes, seed, query_per_class=QUERY_PER_CLASS, train_per_clas
     return query, train, np.setdiff1d(np.arange(len(classes)), query)
 
 
+def extracted_folder(root):
+    """DATA_ROOT/cifar-10-batches-py, extracted from the archive (taken from DATA_ROOT or downloaded) if needed."""
+    return ensure_extracted(Path(root), FOLDER, ARCHIVES)
+
+
 def build(root, seed, input_size, options=None):
     del options  # held in memory already, decoded from the batches
-    folder = ensure_extracted(Path(root), FOLDER, ARCHIVES)
+    folder = extracted_folder(root)
     images, classes = (np.concatenate(parts) for parts in zip(*(read_batch(folder / name) for name in BATCHES)))
     labels = np.eye(NUM_CLASSES, dtype=np.float32)[classes]
     query, train, database = mini_protocol(classes, seed)
@@ -86,5 +91,5 @@ def build(root, seed, input_size, options=None):
 
 
 SPEC = DatasetSpec(
-    name="cifar10", num_classes=NUM_CLASSES, default_topk=5000, build=build, in_memory=True,
+    name="cifar10", num_classes=NUM_CLASSES, default_topk=5000, build=build, in_memory=True, fetch=extracted_folder,
     summary="CIFAR-10 mini protocol: per class 100 queries and 500 train; database = all but the queries (59,000)")
