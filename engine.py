@@ -2,9 +2,9 @@
 and the epoch loop that keeps the best checkpoint and the resumable training state.
 
 In the style of torchvision's references/detection/engine.py: these functions take the parts they
-drive (a model, loaders, an optimiser); retrieval.py builds the parts and wires them. `Run` holds what
-one invocation decided once (device, processes, data, K, files, log), so no function here takes more
-than a handful of arguments.
+drive (a model, loaders, an optimiser); session/parts.py builds the parts and retrieval.py wires them.
+`run` is the invocation's session.run.Run (device, processes, data, K, files, log), read here and never
+changed, so no function here takes more than a handful of arguments.
 """
 import time
 from dataclasses import asdict, dataclass
@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from data import DatasetSpec, RetrievalSplits
 from hashing.codes import CodeSet
 from hashing.conventions import Convention
 from hashing.metrics import map_of_codes
@@ -22,7 +21,8 @@ from utils.checkpoint import load_network_weights, non_finite_names, save_state_
 from utils.dist import (DistContext, all_true, broadcast_object, gather_rows, sum_over_ranks,
                         sync_buffers)
 from utils.reproducibility import capture_rng_state, restore_rng_state
-from utils.runlog import RunFiles, RunLog, progress_bar
+from utils.runlog import progress_bar
+from utils.timing import TimedIterable, peak_memory_bytes, reset_peak_memory
 
 
 class Loaders(NamedTuple):
@@ -31,44 +31,6 @@ class Loaders(NamedTuple):
     train: DataLoader
     query: DataLoader
     database: DataLoader
-
-
-@dataclass
-class Run:
-    """One invocation's wiring, decided once by retrieval.main and read by every stage."""
-    args: object  # the parsed command line
-    device: torch.device
-    context: DistContext
-    spec: DatasetSpec
-    splits: RetrievalSplits
-    loaders: Loaders
-    topk: int  # K of mAP@K
-    files: RunFiles
-    log: RunLog
-    input_size: int  # side of the square images the network takes
-    convention: Convention = Convention()  # how mAP@K is computed (--map_normalize, --zero_hit, --ties)
-    data_identity: dict = None  # what --resume checks the data against (retrieval.data_identity)
-    validation: Loaders = None  # --select val: the validation queries and their database (train unused)
-    validation_topk: int = 0  # K of the validation mAP: K clamped to the validation database
-
-    @property
-    def select(self):
-        return self.args.select
-
-    @property
-    def selection_score_name(self):
-        """What --select compares: the validation mAP under --select val, else the test-query mAP."""
-        return f"val mAP@{self.validation_topk}" if self.select == "val" else self.map_name
-
-    @property
-    def map_name(self):
-        """'mAP@K', followed by the convention in brackets when it is not the paper's."""
-        described = self.convention.describe()
-        return f"mAP@{self.topk}" + (f" ({described})" if described else "")
-
-    @property
-    def writes_files(self):
-        return self.context.is_main and not self.args.no_save
 
 
 class HashingObjective(nn.Module):
@@ -106,7 +68,7 @@ class Progress:
     train_seconds: float = 0.0
 
 
-SELECTION_RULES = ("test", "val", "last")  # --select; docs/METHOD.md §3.10
+SELECTION_RULES = ("test", "val", "last")  # --select; docs/METHOD.md §10
 
 
 class Selected(NamedTuple):
@@ -137,12 +99,35 @@ def to_device(images, device):
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
+class EpochStats(NamedTuple):
+    """One epoch of training: the mean loss per sample over all ranks, where this process's time went
+    (waiting for the data loader, the rest being compute), images per second over all ranks, and the peak
+    memory (utils/timing.py)."""
+    loss: float
+    seconds: float
+    data_wait_seconds: float
+    images: int
+    peak_memory_bytes: int = None
+
+    @property
+    def data_wait_share(self):
+        return self.data_wait_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    def as_record(self):
+        return {"data_wait_seconds": self.data_wait_seconds, "compute_seconds": self.seconds - self.data_wait_seconds,
+                "images_per_second": self.images / self.seconds if self.seconds > 0 else None,
+                "peak_memory_bytes": self.peak_memory_bytes}
+
+
 def train_one_epoch(trainer, loader, device, epoch, context=DistContext()):
-    """One pass over the training set; returns the mean loss per sample over all ranks."""
+    """One pass over the training set; returns its EpochStats."""
     trainer.model.train()
     total = torch.zeros((), device=device)
     seen = 0
-    bar = progress_bar(loader, desc=f"epoch {epoch}", unit="batch")
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    batches = TimedIterable(loader)
+    bar = progress_bar(batches, desc=f"epoch {epoch}", unit="batch")
     for step, (images, labels) in enumerate(bar, start=1):
         images, labels = to_device(images, device), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None):
@@ -157,8 +142,9 @@ def train_one_epoch(trainer, loader, device, epoch, context=DistContext()):
         seen += len(images)
         if step % 10 == 1:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+    seconds = time.perf_counter() - started
     total, seen = sum_over_ranks(context, [total.item(), seen], device)
-    return total / max(seen, 1)
+    return EpochStats(total / max(seen, 1), seconds, batches.wait_seconds, int(seen), peak_memory_bytes(device))
 
 
 @torch.inference_mode()
@@ -180,11 +166,15 @@ def encode_splits(network, loaders, device, context=DistContext()):
                                 *encode(network, loaders.database, device, context, "encode database"))
 
 
-def evaluate(network, loaders, device, topk, context=DistContext(), convention=Convention()):
+def evaluate(network, loaders, device, topk, context=DistContext(), convention=Convention(), timings=None):
     """(mAP@topk of the queries against the database by Hamming ranking, the same on every rank; the
-    codes it was computed from)."""
+    codes it was computed from). `timings`, a dict, receives encode_seconds and metric_seconds."""
+    started = time.perf_counter()
     codes = encode_splits(network, loaders, device, context)
+    encoded = time.perf_counter()
     mean_ap = map_of_codes(codes, topk, convention) if context.is_main else None
+    if timings is not None:
+        timings.update(encode_seconds=encoded - started, metric_seconds=time.perf_counter() - encoded)
     return broadcast_object(context, mean_ap), codes
 
 
@@ -217,12 +207,13 @@ def restore_training_state(trainer, state, device):
     return Progress(**state["progress"])
 
 
-def evaluate_for_selection(run, network):
+def evaluate_for_selection(run, network, timings=None):
     """(the mAP that --select compares, the test-query codes or None). --select val ranks the validation
     queries against their own database and never encodes the test queries."""
     if run.select == "val":
-        return evaluate(network, run.validation, run.device, run.validation_topk, run.context, run.convention)[0], None
-    return evaluate(network, run.loaders, run.device, run.topk, run.context, run.convention)
+        return evaluate(network, run.validation, run.device, run.validation_topk, run.context, run.convention,
+                        timings)[0], None
+    return evaluate(network, run.loaders, run.device, run.topk, run.context, run.convention, timings)
 
 
 def evaluate_selected(run, network, progress, best_state):
@@ -236,16 +227,42 @@ def evaluate_selected(run, network, progress, best_state):
     return Selected(test_map, progress.best_epoch, codes)
 
 
+class Kept(NamedTuple):
+    """What the epoch loop holds of the checkpoint kept so far: the test-query codes of its evaluation
+    (None under --select val) and, under --select val, its weights for the final test evaluation."""
+    codes: CodeSet = None
+    state: dict = None
+
+
+def evaluate_and_keep(run, network, progress, epoch, kept, entry):
+    """Evaluate after `epoch` into `entry` (the epoch's event); when --select keeps this epoch, save its
+    checkpoint and return the new Kept, else return `kept`. Returns (kept, the epoch line's addition)."""
+    key = "val_map" if run.select == "val" else "map"
+    timings = {}
+    entry[key], codes = evaluate_for_selection(run, network, timings)
+    entry["evaluation"] = timings
+    if run.select == "last" or entry[key] > progress.best_map:
+        progress.best_map, progress.best_epoch = entry[key], epoch
+        state = None
+        if run.select == "val":
+            state = {name: value.detach().clone() for name, value in network.state_dict().items()}
+        kept = Kept(codes, state)
+        if run.writes:
+            save_state_dict(network, run.files.checkpoint)
+        run.log.event("best", map=entry[key], epoch=epoch, checkpoint=str(run.files.checkpoint), select=run.select)
+    return kept, f"  {run.selection_score_name} {entry[key]:.4f}  (kept {progress.best_map:.4f} @ epoch " \
+                 f"{progress.best_epoch})"
+
+
 def train(run, trainer, progress):
     """The epoch loop: train, evaluate every --eval_every epochs and after the last, keep the checkpoint
     --select chooses, and write the resumable state after every epoch. Returns the Selected checkpoint."""
     args, network, criterion = run.args, trainer.objective.network, trainer.objective.criterion
-    key = "val_map" if run.select == "val" else "map"
-    best_codes, best_state = None, None
+    kept = Kept()
     for epoch in range(progress.epoch + 1, args.epochs + 1):
         started = time.perf_counter()
         set_epoch(run.loaders.train, criterion, args.seed, epoch)
-        loss = train_one_epoch(trainer, run.loaders.train, run.device, epoch, run.context)
+        stats = train_one_epoch(trainer, run.loaders.train, run.device, epoch, run.context)
         sync_buffers(run.context, trainer.objective)
         non_finite = non_finite_names(network.state_dict())
         if non_finite:  # never saved as "best" nor as the state to resume from
@@ -253,26 +270,20 @@ def train(run, trainer, progress):
         lr = trainer.optimizer.param_groups[0]["lr"]
         trainer.scheduler.step()
         progress.train_seconds += time.perf_counter() - started
-        line = f"epoch {epoch:3d}/{args.epochs}  loss {loss:.4f}  lr {lr:.3g}  train {progress.train_seconds:.1f}s"
-        entry = {"epoch": epoch, "loss": loss, "lr": lr, "train_seconds": progress.train_seconds}
+        record = stats.as_record()
+        line = (f"epoch {epoch:3d}/{args.epochs}  loss {stats.loss:.4f}  lr {lr:.3g}  "
+                f"train {progress.train_seconds:.1f}s  data {stats.data_wait_share:.0%}  "
+                f"{record['images_per_second'] or 0:.0f} img/s")
+        entry = {"epoch": epoch, "loss": stats.loss, "lr": lr, "train_seconds": progress.train_seconds, **record}
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            entry[key], codes = evaluate_for_selection(run, network)
-            if run.select == "last" or entry[key] > progress.best_map:
-                progress.best_map, progress.best_epoch, best_codes = entry[key], epoch, codes
-                if run.select == "val":
-                    best_state = {name: value.detach().clone() for name, value in network.state_dict().items()}
-                if run.writes_files:
-                    save_state_dict(network, run.files.checkpoint)
-                run.log.event("best", map=entry[key], epoch=epoch, checkpoint=str(run.files.checkpoint),
-                              select=run.select)
-            line += (f"  {run.selection_score_name} {entry[key]:.4f}  (kept {progress.best_map:.4f} @ epoch "
-                     f"{progress.best_epoch})")
+            kept, evaluated = evaluate_and_keep(run, network, progress, epoch, kept, entry)
+            line += evaluated
         progress.epoch = epoch
         run.log.say(line)
         run.log.event("epoch", **entry)
-        if run.writes_files:
+        if run.writes:
             save_train_state(run.files.last, {**training_state(trainer, progress), "data": run.data_identity},
                              vars(args))
     if run.select == "val":
-        return evaluate_selected(run, network, progress, best_state)
-    return Selected(progress.best_map, progress.best_epoch, best_codes)
+        return evaluate_selected(run, network, progress, kept.state)
+    return Selected(progress.best_map, progress.best_epoch, kept.codes)

@@ -122,7 +122,7 @@ BACKBONES = {
 
 
 class HashExperts(nn.Module):
-    """E hash heads on one shared trunk (--experts, docs/METHOD.md §8): the backbone with its hash layer
+    """E hash heads on one shared trunk (--experts, docs/METHOD.md §8.2): the backbone with its hash layer
     replaced by Identity, and E Linear heads (head 0 is the backbone's own hash layer).
 
     In training mode the output is (B, E, n), one code per head, for the collaborative loss; in eval mode

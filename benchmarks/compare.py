@@ -1,17 +1,23 @@
 """Compare losses on one dataset and backbone: a grid of losses x hash bits x seeds, each cell a full
 training run of retrieval.py, summarised in OUTPUT_DIR/compare_{dataset}_{backbone}.md and .csv.
 
-    python benchmarks/compare.py                                   # the README's digits table (~25 min, 2 CPU cores)
+    python benchmarks/compare.py                                   # the digits table of docs/STUDIES.md (~25 min)
     python benchmarks/compare.py --losses hyp2 dpsh --bits 16 32 --seeds 0
     python benchmarks/compare.py --dataset voc2007 --backbone googlenet --bits 16 32 48 64 --epochs 100 \\
         --eval_every 5 --losses hyp2 orthohash proxy_anchor idhn dhn
     python benchmarks/compare.py ... --lr 0.01 --hhf_alpha 8       # any retrieval.py flag goes to every cell
+    python benchmarks/compare.py --losses dpsh dhn csq --bits 24 --seeds 0 1 2 --baseline_recipe both
 
 Losses are the names of `--loss`, or NAME_hplK for NAME with hierarchical proxies of K clusters. Each
 cell trains in-process into OUTPUT_DIR/compare_{dataset}_{backbone}/{loss}_{bits}bit_seed{seed}/ with
 its own logs and checkpoint. A cell whose JSON log is finished with the same settings is reused, so an
 interrupted or extended grid resumes instead of starting over. The tables are rewritten (atomically)
 after every cell.
+
+`--baseline_recipe authors` runs each baseline that has an authors' recipe (configs/authors/, see
+authors_recipe) with that file's flags, in rows labelled NAME_authors; `both` runs it both ways, so the
+table shows the two side by side. The recipe overrides the flags given to the whole grid; a loss's
+--loss_args come after it and win.
 
 The digits defaults (10 epochs, one evaluation at the end) fit the 66-run grid into ~25 minutes on a
 quiet 2-core CPU (a run takes ~23 s with data generation and evaluation), inside a 40-minute budget.
@@ -40,8 +46,12 @@ from data import DataOptions  # noqa: E402
 from data.registry import check_available  # noqa: E402
 from loss import LOSSES, PROXY_LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
+from utils.config import read_config  # noqa: E402
 from utils.errors import TrainingInterrupted, UserError, run_reporting_errors  # noqa: E402
 from utils.runlog import read_run_log  # noqa: E402
+from utils.argtypes import positive_int, seed_value  # noqa: E402
+from session.files import RunFiles  # noqa: E402
+from session.parts import validation_size  # noqa: E402
 
 DEFAULT_LOSSES = [*LOSSES, "hyp2_hpl4"]
 
@@ -64,13 +74,19 @@ PAPER = {
 }
 
 # The grid's own flags, which are not retrieval.py's.
-GRID_FLAGS = {"losses", "bits", "seeds", "loss_args", "verbose"}
+GRID_FLAGS = {"losses", "bits", "seeds", "loss_args", "baseline_recipe", "verbose"}
+
+AUTHORS_RECIPES = Path(__file__).resolve().parents[1] / "configs" / "authors"
+AUTHORS_SUFFIX = "_authors"  # the label of a row run with its authors' recipe: NAME_authors
+# The baselines whose authors ran them otherwise than the project's defaults do (docs/METHOD.md §6).
+RECIPE_LOSSES = ("csq", "dhn", "dpsh", "hashnet", "proxy_anchor")
 
 # Settings that do not change a cell's result, so a finished cell with other values is still reused.
 NOT_SETTINGS = {"output_dir", "checkpoint", "device", "cuda", "workers", "data_root", "no_progress"}
 
 
 def paper_map(dataset, loss, bits):
+    loss = split_label(loss)[0]
     table = PAPER.get(dataset)
     if table is None or bits not in table["bits"] or loss not in table["map"]:
         return None
@@ -81,6 +97,54 @@ def split_variant(variant):
     """'hyp2' -> ('hyp2', 0); 'proxy_anchor_hpl4' -> ('proxy_anchor', 4)."""
     loss, hierarchy = re.fullmatch(r"(.+?)(?:_hpl(\d+))?", variant).groups()
     return loss, int(hierarchy or 0)
+
+
+def authors_recipe(loss, backbone, bits):
+    """The recipe file of `loss` as its authors ran it (docs/METHOD.md §6), or None for the losses whose
+    references differ from ours on degenerate inputs only (hyp2, hhf, dch, idhn, orthohash). CSQ's
+    authors tuned its quantisation weight per backbone: AlexNet's file below 64 bits, AlexNet's 64-bit
+    one from 64 bits, and ResNet-50's for every other backbone."""
+    if loss not in RECIPE_LOSSES:
+        return None
+    if loss == "csq":
+        loss = "csq_resnet" if backbone != "alexnet" else "csq_alexnet_64bit" if bits >= 64 else "csq_alexnet"
+    return AUTHORS_RECIPES / f"{loss}.yaml"
+
+
+def recipe_flags(path, loss):
+    """retrieval.py's argv for a recipe file's values ("--csq_quantization", "0.05", ...); its `loss`, if
+    any, must be `loss` (the grid sets --loss per cell)."""
+    values = dict(read_config(path))
+    named = values.pop("loss", loss)
+    if named != loss:
+        raise UserError(f"recipe file {path} is for --loss {named}, not {loss}")
+    flags = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            flags += [f"--{key}"] if value else []
+        else:
+            flags += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    return flags
+
+
+def split_label(label):
+    """'dpsh_authors' -> ('dpsh', True): a row's variant and whether it runs its authors' recipe."""
+    if label.endswith(AUTHORS_SUFFIX):
+        return label[:-len(AUTHORS_SUFFIX)], True
+    return label, False
+
+
+def row_labels(variants, baseline_recipe):
+    """The table's rows: each variant as ours (`ours`), as its authors' where they have a recipe
+    (`authors`), or both."""
+    labels = []
+    for variant in variants:
+        has_recipe = split_variant(variant)[0] in RECIPE_LOSSES
+        if baseline_recipe != "authors" or not has_recipe:
+            labels.append(variant)
+        if baseline_recipe != "ours" and has_recipe:
+            labels.append(variant + AUTHORS_SUFFIX)
+    return labels
 
 
 def parse_variant(variant):
@@ -105,12 +169,14 @@ def get_args_parser():
     grid = parser.add_argument_group("the grid")
     grid.add_argument("--losses", nargs="+", type=parse_variant, default=DEFAULT_LOSSES,
                       help=f"losses to compare (default: {' '.join(DEFAULT_LOSSES)})")
-    grid.add_argument("--bits", nargs="+", type=retrieval.positive_int, default=[12, 24, 48], help="hash bits")
-    grid.add_argument("--seeds", nargs="+", type=retrieval.seed_value, default=[0, 1],
-                      help="seeds (each cell is run per seed)")
+    grid.add_argument("--bits", nargs="+", type=positive_int, default=[12, 24, 48], help="hash bits")
+    grid.add_argument("--seeds", nargs="+", type=seed_value, default=[0, 1], help="seeds (each cell is run per seed)")
     grid.add_argument("--loss_args", action="append", type=parse_loss_args, default=[], metavar="LOSS=FLAGS",
                       help="retrieval.py flags for one loss of the grid only, e.g. proxy_anchor='--lr 0.005' "
                            "(repeatable; the tables list them)")
+    grid.add_argument("--baseline_recipe", choices=["ours", "authors", "both"], default="ours",
+                      help="run the baselines with the project's defaults (ours), with their authors' recipe "
+                           "files of configs/authors/ (authors, rows NAME_authors), or both side by side")
     grid.add_argument("--verbose", action="store_true", help="show each run's output")
     # The digits table's budget: 10 epochs, one evaluation at the end.
     parser.set_defaults(dataset="digits", backbone="small", epochs=10, eval_every=10,
@@ -148,10 +214,14 @@ def grid_root(options):
     return Path(options.output_dir) / f"compare_{options.dataset}_{options.backbone}"
 
 
-def cell_args(options, variant, bits, seed, extra=()):
-    """retrieval.py's parsed arguments for one cell: the grid's flags, then `extra` (that loss's --loss_args)."""
+def cell_args(options, label, bits, seed, extra=()):
+    """retrieval.py's parsed arguments for one cell: the grid's flags, then for a NAME_authors row its
+    authors' recipe, then `extra` (that loss's --loss_args)."""
+    variant, authors = split_label(label)
     loss, hierarchy = split_variant(variant)
-    output_dir = grid_root(options) / f"{variant}_{bits}bit_seed{seed}"
+    if authors:
+        extra = [*recipe_flags(authors_recipe(loss, options.backbone, bits), loss), *extra]
+    output_dir = grid_root(options) / f"{label}_{bits}bit_seed{seed}"
     owned = dict(loss=loss, hierarchy=hierarchy, hash_bit=bits, seed=seed, output_dir=str(output_dir), test=False,
                  no_save=False, overwrite=True, checkpoint=None, query=None, export_index=None)
     settings = {key: value for key, value in vars(options).items() if key not in GRID_FLAGS}
@@ -205,7 +275,7 @@ def read_finished(args):
     """(the cell's run log (read_run_log) if it finished with these settings and can be tabulated, else None;
     why a finished log cannot be tabulated, else None)."""
     try:
-        record = read_run_log(retrieval.run_files(args).event_log)
+        record = read_run_log(RunFiles.for_args(args).event_log)
     except OSError:
         return None, None
     if not record.get("finished") or not record.get("best"):
@@ -252,7 +322,7 @@ def run_cell(args, verbose):
 
 def train_or_resume(args, verbose):
     """run_cell, continuing from the run's training state when an earlier attempt was interrupted."""
-    if retrieval.run_files(args).last.exists():
+    if RunFiles.for_args(args).last.exists():
         args.resume = ""
     return run_cell(args, verbose)
 
@@ -289,7 +359,7 @@ def describe_selection(options):
     the tables."""
     select = getattr(options, "select", "test")
     if select == "val":
-        return (f"epoch selected on {retrieval.validation_size(options)} validation items held out "
+        return (f"epoch selected on {validation_size(options)} validation items held out "
                 "from the training set, then evaluated once on the test queries")
     if select == "last" or options.eval_every >= options.epochs:
         return "after the last epoch"
@@ -328,6 +398,17 @@ def format_map(row, best):
     return text
 
 
+def describe_recipes(options, labels):
+    """'csq `--csq_quantization 0.05` (csq_resnet.yaml)', ... for the table's NAME_authors rows."""
+    described = []
+    for label in labels:
+        variant, authors = split_label(label)
+        loss = split_variant(variant)[0]
+        files = dict.fromkeys(authors_recipe(loss, options.backbone, bits) for bits in options.bits) if authors else {}
+        described += [f"{loss} `{shlex.join(recipe_flags(path, loss))}` ({path.name})" for path in files]
+    return list(dict.fromkeys(described))
+
+
 def render_markdown(options, variants, rows, command):
     by_cell = {(row["loss"], row["hash_bit"]): row for row in rows}
     done = [row for row in rows if row["runs"]]
@@ -351,6 +432,10 @@ def render_markdown(options, variants, rows, command):
     if options.loss_args:
         lines += ["Per-loss flags: " + "; ".join(f"{variant} `{shlex.join(flags)}`"
                                                  for variant, flags in options.loss_args) + ".", ""]
+    recipes = describe_recipes(options, variants)
+    if recipes:
+        lines += ["Rows NAME_authors: the loss as its authors ran it, with the flags of its recipe file in "
+                  "configs/authors/ (docs/METHOD.md §6): " + "; ".join(recipes) + ".", ""]
     lines += [header, rule]
     lines += ["| " + " | ".join([variant] + [format_map(by_cell[(variant, bits)], best[bits])
                                              for bits in options.bits]) + " |" for variant in variants]
@@ -409,8 +494,9 @@ def main(argv=None):
     unused = set(per_loss) - set(variants)
     if unused:
         raise UserError(f"--loss_args names {', '.join(sorted(unused))}, which --losses does not include")
-    cells = {(variant, bits, seed): cell_args(options, variant, bits, seed, per_loss.get(variant, []))
-             for seed in options.seeds for bits in options.bits for variant in variants}
+    labels = row_labels(variants, options.baseline_recipe)
+    cells = {(label, bits, seed): cell_args(options, label, bits, seed, per_loss.get(split_label(label)[0], []))
+             for seed in options.seeds for bits in options.bits for label in labels}
     Path(options.output_dir).mkdir(parents=True, exist_ok=True)
     if not all(finished_record(args) for args in cells.values()):  # once, not as the same error in every cell
         check_available(options.dataset, options.data_root, DataOptions(split=options.split), options.seeds[0])
@@ -429,9 +515,9 @@ def main(argv=None):
             tqdm.write(f"failed: {failures[-1]}")
         else:
             trained += 1
-        write_tables(options, variants, cells, command)
+        write_tables(options, labels, cells, command)
     progress.close()
-    rows, stem = write_tables(options, variants, cells, command)
+    rows, stem = write_tables(options, labels, cells, command)
 
     print(f"{trained + reused}/{len(cells)} runs done ({trained} trained, {reused} reused, {len(failures)} failed) "
           f"in {time.perf_counter() - started:.0f}s; best: {best_per_bits(options, rows)}; "

@@ -1,6 +1,6 @@
-"""A fair convergence comparison of the losses on `digits` (README "Convergence on digits").
+"""A fair convergence comparison of the losses on `digits` (docs/STUDIES.md, "Convergence on digits").
 
-    python -m benchmarks.digits_study --output_dir /tmp/study         # the README's study
+    python -m benchmarks.digits_study --output_dir /tmp/study         # docs/STUDIES.md's study
     python -m benchmarks.digits_study --losses hyp2 dpsh --bits 16 --seeds 0 --epochs 2 --subset 300   # smoke
 
 1. Search: for every loss, each recipe of its small search space (SEARCH_SPACE: the project's SGD at two
@@ -37,6 +37,7 @@ from hashing import plots  # noqa: E402
 from loss import LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.errors import run_reporting_errors  # noqa: E402
+from utils.argtypes import positive_int, seed_value  # noqa: E402
 
 # The project's recipe at the small backbone's default lr and at a fifth of it, plus the optimiser of the
 # loss's own code: DeepHash-pytorch trains the pair losses and CSQ with RMSprop (lr 1e-5, weight decay 1e-5,
@@ -57,14 +58,13 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Other arguments are retrieval.py flags for every run.")
     parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES), help="losses")
-    parser.add_argument("--bits", nargs="+", type=retrieval.positive_int, default=[12, 24, 48], help="hash bits")
-    parser.add_argument("--seeds", nargs="+", type=retrieval.seed_value, default=[0, 1, 2],
-                        help="seeds of the final runs")
-    parser.add_argument("--search_bits", type=retrieval.positive_int, default=24, help="hash bits of the search")
-    parser.add_argument("--epochs", type=retrieval.positive_int, default=10, help="epochs of every run")
-    parser.add_argument("--subset", type=retrieval.positive_int, default=1000,
+    parser.add_argument("--bits", nargs="+", type=positive_int, default=[12, 24, 48], help="hash bits")
+    parser.add_argument("--seeds", nargs="+", type=seed_value, default=[0, 1, 2], help="seeds of the final runs")
+    parser.add_argument("--search_bits", type=positive_int, default=24, help="hash bits of the search")
+    parser.add_argument("--epochs", type=positive_int, default=10, help="epochs of every run")
+    parser.add_argument("--subset", type=positive_int, default=1000,
                         help="first N images of each split (train = database N, queries min(N, 500))")
-    parser.add_argument("--val_size", type=retrieval.positive_int, default=200,
+    parser.add_argument("--val_size", type=positive_int, default=200,
                         help="training items held out for the search's validation")
     parser.add_argument("--output_dir", default="./result", help="folder of the tables, figures and runs")
     parser.add_argument("--collect", action="store_true",

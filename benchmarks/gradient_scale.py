@@ -1,5 +1,5 @@
-"""How large each loss's gradient on the codes is at initialisation, on one batch of digits (README,
-"Comparing losses": why a shared SGD learning rate suits some losses and not others).
+"""How large each loss's gradient on the codes is at initialisation, on one batch of digits (docs/STUDIES.md,
+"Losses compared on digits under one recipe": why a shared SGD learning rate suits some losses and not others).
 
     python -m benchmarks.gradient_scale --hash_bit 24
 

@@ -1,7 +1,8 @@
-"""The long-tail and hierarchy studies of docs/METHOD.md §8: each cell a full training run of retrieval.py,
-summarised in OUTPUT_DIR/longtail_study.md (rewritten atomically after every cell).
+"""The long-tail and hierarchy studies of docs/STUDIES.md (definitions: docs/METHOD.md §8, §9): each cell a
+full training run of retrieval.py, summarised in OUTPUT_DIR/longtail_study.md (rewritten atomically after every
+cell).
 
-    python benchmarks/longtail_study.py                              # both studies, 3 seeds (the README's tables)
+    python benchmarks/longtail_study.py                              # both studies, 3 seeds (docs/STUDIES.md's tables)
     python benchmarks/longtail_study.py --studies ecl --seeds 0 --epochs 6
     python benchmarks/longtail_study.py --studies hpl --seeds 0 1 2
     python benchmarks/longtail_study.py --table_only                # the table of the finished cells only
@@ -30,6 +31,8 @@ import retrieval  # noqa: E402
 from benchmarks import compare  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.errors import run_reporting_errors  # noqa: E402
+from utils.argtypes import positive_int, seed_value  # noqa: E402
+from session.files import RunFiles  # noqa: E402
 
 TWO_HEADS = ["--experts", "2"]
 DISTILL = [*TWO_HEADS, "--ecl_distill", "1"]
@@ -54,9 +57,9 @@ STUDIES = {"ecl": (ECL_VARIANTS, (10.0, 50.0)), "hpl": (HPL_VARIANTS, (1.0,))}
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", nargs="+", choices=list(STUDIES), default=list(STUDIES))
-    parser.add_argument("--seeds", nargs="+", type=retrieval.seed_value, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=retrieval.positive_int, default=10)
-    parser.add_argument("--hash_bit", type=retrieval.positive_int, default=48)
+    parser.add_argument("--seeds", nargs="+", type=seed_value, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=positive_int, default=10)
+    parser.add_argument("--hash_bit", type=positive_int, default=48)
     parser.add_argument("--output_dir", default="./result")
     parser.add_argument("--verbose", action="store_true", help="show each run's output")
     parser.add_argument("--table_only", action="store_true",
@@ -78,7 +81,7 @@ def cell_result(args):
     """(overall mAP, tail-bucket mAP) of a finished cell, else None."""
     if compare.finished_record(args) is None:
         return None
-    metrics = json.loads(retrieval.run_files(args).metrics.read_text())
+    metrics = json.loads(RunFiles.for_args(args).metrics.read_text())
     return metrics["map"], metrics["long_tail"]["buckets"]["tail"]["map"]
 
 
@@ -93,7 +96,7 @@ def render(options, cells, command):
     lines = ["# Long-tail and hierarchy studies (digits, small backbone)", "",
              f"{options.hash_bit} bits, {options.epochs} epochs, mAP@all after the last epoch; mean ± sample "
              "standard deviation over the finished seeds (runs column). Tail = mean AP of the 3 rarest training "
-             "classes (docs/METHOD.md §8.3).", ""]
+             "classes (docs/METHOD.md §9.2).", ""]
     for study in options.studies:
         variants, imbalances = STUDIES[study]
         lines += [f"## {study}", "", "| variant | " + " | ".join(

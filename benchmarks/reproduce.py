@@ -34,6 +34,8 @@ from data import flickr, voc  # noqa: E402
 from network import BACKBONES, build_network  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.errors import run_reporting_errors  # noqa: E402
+from utils.argtypes import positive_int, seed_value  # noqa: E402
+from session.files import RunFiles  # noqa: E402
 
 TABLES = {"flickr_nus": ("flickr", "nuswide"), "voc": ("voc2007", "voc2012")}
 
@@ -85,11 +87,11 @@ def get_args_parser():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Other arguments are retrieval.py flags for every run (after the recipe's, so they override it).")
     parser.add_argument("--table", required=True, choices=list(TABLES), help="which of the paper's tables")
-    parser.add_argument("--bits", nargs="+", type=retrieval.positive_int, default=None,
+    parser.add_argument("--bits", nargs="+", type=positive_int, default=None,
                         help="hash bits (default: the table's)")
     parser.add_argument("--losses", nargs="+", type=compare.parse_variant, default=None,
                         help="methods (default: the table's rows)")
-    parser.add_argument("--seeds", nargs="+", type=retrieval.seed_value, default=[0],
+    parser.add_argument("--seeds", nargs="+", type=seed_value, default=[0],
                         help="seeds; each cell runs once per seed")
     parser.add_argument("--dry_run", action="store_true", help="print the commands and the time estimate only")
     parser.add_argument("--collect", action="store_true", help="run nothing: write the tables from the runs' logs")
@@ -166,7 +168,7 @@ def cell_status(options, overrides, cell, problem, failures):
         record, log_problem = compare.read_finished(args)
         records += [record] if record else []
         unusable += [f"seed {seed}: {log_problem}"] if log_problem else []
-        started |= record is None and not log_problem and retrieval.run_files(args).event_log.exists()
+        started |= record is None and not log_problem and RunFiles.for_args(args).event_log.exists()
     done = f"({len(records)}/{len(options.seeds)} seeds done)"
     if unusable:
         return f"unusable log ({'; '.join(unusable)}) {done}", records

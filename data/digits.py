@@ -7,7 +7,7 @@ two disjoint pools: queries are built from one, train/database mosaics from the 
 never reuses a scan seen in training. The database is the training set, as in VOC2007's protocol.
 Everything is a function of the seed.
 
-Long-tailed variant (`imbalance` rho > 1, docs/METHOD.md §8.1): class c (digit c) may appear in at most
+Long-tailed variant (`imbalance` rho > 1, docs/METHOD.md §9.1): class c (digit c) may appear in at most
 n_c = round(n_max * rho^(-c / (C - 1))) training mosaics, n_max being a class's share of the balanced set;
 the training set (= database) is drawn from a larger pool, tail classes first, and the queries stay balanced.
 """

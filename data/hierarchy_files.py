@@ -1,4 +1,4 @@
-"""Given class hierarchies for hierarchical proxies (--hierarchy_file, docs/METHOD.md §6.9).
+"""Given class hierarchies for hierarchical proxies (--hierarchy_file, docs/METHOD.md §8.1).
 
 A hierarchy file is a CSV with a header row `class,level1[,level2...]` and one row per class, in the
 dataset's class order: the class's name, then the name of its group at each coarse level. Group

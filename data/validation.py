@@ -1,4 +1,4 @@
-"""The validation split of `--select val` (docs/METHOD.md §3.10): held out from the training split only.
+"""The validation split of `--select val` (docs/METHOD.md §10): held out from the training split only.
 
 A seeded draw of `size` training items becomes the validation queries; the training items left over are
 both what the network trains on and the database the validation queries are ranked against. So model

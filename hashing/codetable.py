@@ -170,16 +170,29 @@ def zeta_from_workbook(path, hash_bit, num_classes):
     return 1.0 - 2.0 * value / hash_bit if value > 1 else value
 
 
+def check_zeta(value):
+    """zeta as a float, or ValueError unless it is a finite cosine in [-1, 1) (docs/METHOD.md §1): the
+    one rule for --zeta and for a workbook's cell."""
+    value = float(value)
+    if not (math.isfinite(value) and -1 <= value < 1):
+        raise ValueError(f"must be a cosine in [-1, 1), got {value:g}")
+    return value
+
+
 def resolve_zeta(hash_bit, num_classes, override=None, workbook=None):
     """(zeta, warning or None): --zeta if given, else the workbook's value (--codetable) if given, else
     the built-in table. The warning says when the workbook and the built-in table disagree (the
     workbook's value is used). Raises ValueError where no source has a value.
     """
     if override is not None:
-        return float(override), None
+        return check_zeta(override), None
     if workbook is None:
         return zeta(hash_bit, num_classes), None
     from_workbook = zeta_from_workbook(workbook, hash_bit, num_classes)
+    try:
+        check_zeta(from_workbook)
+    except ValueError as exc:
+        raise ValueError(f"{workbook} row {hash_bit}, column {code_dimension(num_classes)}: zeta {exc}") from None
     try:
         built_in = zeta(hash_bit, num_classes)
     except ValueError:

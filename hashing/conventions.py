@@ -1,4 +1,4 @@
-"""Conventions of the ranking metrics and the per-query figures behind them (docs/METHOD.md §3.5-§3.8).
+"""Conventions of the ranking metrics and the per-query figures behind them (docs/METHOD.md §3.5-§3.7).
 
 mAP in deep hashing is not one number: what AP divides by (`normalize`), whether a query without a
 relevant item counts as 0 or leaves the mean (`zero_hit`), and how items at equal Hamming distance are

@@ -1,4 +1,4 @@
-"""Score hash codes produced anywhere under every convention of the ranking metrics (docs/METHOD.md §3.5-§3.9).
+"""Score hash codes produced anywhere under every convention of the ranking metrics (docs/METHOD.md §3.5-§3.7).
 
     python -m hashing.evaluate result/digits_small_48.codes.npz                 # this project's codes cache
     python -m hashing.evaluate tst_binary.npy trn_binary.npy --query_labels tst_label.npy \\
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.argtypes import seed_value
 from utils.atomic import write_json, write_text
 from utils.errors import UserError, run_reporting_errors
 from utils.paths import check_output_target, holds_json_object_with, load_arrays, starts_with_line
@@ -223,17 +224,6 @@ def csv_text(rows):
     return out.getvalue()
 
 
-def non_negative_int(text):
-    """argparse type of --seed: numpy's generators take no negative seed."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
 def check_outputs(args):
     """The writer rule for --json and --csv, before any work: each is absent or an earlier output of this command
     (never an input, the other output, a device or another kind of file)."""
@@ -258,7 +248,7 @@ def get_args_parser():
     parser.add_argument("--topk", type=int, default=0, help="K; 0 or less = the whole database")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="code format (default: detected)")
     parser.add_argument("--hash_bit", type=int, default=None, help="code length of packed codes (default 8 x bytes)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the database shuffle of ties=random")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the database shuffle of ties=random")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the table and the inputs as JSON")
     parser.add_argument("--csv", default=None, metavar="PATH", help="write the table as CSV")
     return parser

@@ -2,7 +2,7 @@
 
 NumPy materialises a (queries x database) distance matrix, then sorts or histograms it in further passes; at
 NUS-WIDE scale that costs several times the XOR + popcount itself. This kernel does, per query, in one
-compiled loop (docs/METHOD.md §3.8):
+compiled loop (docs/PERFORMANCE.md, where the evaluation's time goes):
 
 1. XOR + popcount distances d and shared-label counts g of every database item, stored as one small key
    d * (G + 1) + g, and the histogram of the keys: the (distance x shared labels) counts that ties="aware"

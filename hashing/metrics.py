@@ -10,7 +10,7 @@ chunk of queries is ranked by numpy's stable radix sort on uint8/uint16 keys, an
 histogram of distances finds the boundary distance first, so only about K candidates per query are
 ranked. Chunks run on a few threads (numpy releases the GIL) and memory stays bounded by the chunk.
 With numba installed, hashing/fused.py does the whole pass in one compiled loop per query instead (distances,
-(distance x shared labels) counts, a counting sort per tie rule; docs/METHOD.md §3.8), with identical figures;
+(distance x shared labels) counts, a counting sort per tie rule; docs/PERFORMANCE.md), with identical figures;
 this module's NumPy code is its fallback.
 
 The other standard figures (docs/METHOD.md §3.4) reuse that pass: precision@top-N reads the same
@@ -19,7 +19,7 @@ need no ranking at all, only per-query histograms of the distances of all items 
 ones (the set "every item within radius r" is the same whatever the tie rule). retrieval_metrics()
 computes all of them in one pass, with the same memory bound.
 
-Conventions (docs/METHOD.md §3.5-§3.8, hashing/conventions.py): the defaults are the paper's; any other
+Conventions (docs/METHOD.md §3.5-§3.7, hashing/conventions.py): the defaults are the paper's; any other
 normalize / zero_hit / ties, and the graded metrics NDCG, ACG and WAP (rel = number of shared labels), come
 from the same chunked pass, the grade of a ranked item being a popcount of an AND. ties="aware" ranks
 nothing: it reads per-query counts of (distance, shared labels) pairs.
@@ -437,7 +437,7 @@ def _statistics_by_tie_rule(codes, depths, rules, seed=0, threads=None, histogra
 
 
 def ranking_metrics_of_codes(codes, topk=None, convention=Convention(), threads=None):
-    """mAP, WAP, NDCG and ACG @K of a CodeSet under a Convention (docs/METHOD.md §3.5-§3.8), as a dict:
+    """mAP, WAP, NDCG and ACG @K of a CodeSet under a Convention (docs/METHOD.md §3.5-§3.7), as a dict:
     map, wap, ndcg, acg, skipped_queries (left out of mAP and WAP under zero_hit="skip"),
     ndcg_skipped_queries, map_topk."""
     k = _map_depth(topk, len(codes.database_bits))
@@ -595,7 +595,7 @@ def metrics_of_codes(codes, topk=None, top_ns=None, radius=HAMMING_RADIUS, threa
     return metrics
 
 
-# ============ long-tail breakdown (docs/METHOD.md §8.3) ============
+# ============ long-tail breakdown (docs/METHOD.md §9.2) ============
 
 BUCKETS = ("head", "medium", "tail")
 

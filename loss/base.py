@@ -22,6 +22,10 @@ class Hyperparameter:
     help: str
     flag: str = None
 
+    def dest(self, owner):
+        """The flag's name without dashes: its own flag, else {owner}_{name} (owner: the loss or scheme)."""
+        return self.flag or f"{owner}_{self.name}"
+
 
 def cosine_matrix(a, b):
     """(len(a), len(b)) cosine similarities; zero vectors give 0, not NaN."""

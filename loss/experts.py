@@ -28,7 +28,7 @@ def binary_kl(teacher, student, eps=1e-6):
 
 def multi_positive_info_nce(codes, proxies, labels, tau):
     """Mean over samples with a label of -(1/|Y_i|) sum_{c in Y_i} log(e^{z_ic} / (e^{z_ic} + sum_{c' not in Y_i}
-    e^{z_ic'})), z = cos(x, P) / tau: each positive proxy against the negatives only (docs/METHOD.md §8.4)."""
+    e^{z_ic'})), z = cos(x, P) / tau: each positive proxy against the negatives only (docs/METHOD.md §8.2)."""
     positive = labels > 0
     logits = cosine_matrix(codes, proxies) / tau
     negatives = torch.logsumexp(torch.where(positive, float("-inf"), logits), dim=1, keepdim=True)
@@ -39,7 +39,7 @@ def multi_positive_info_nce(codes, proxies, labels, tau):
 
 
 class CollaborativeExpertsLoss(HashingLoss):
-    """E hash heads trained together, after ECL (Xu et al., IEEE TMM 2023) as docs/METHOD.md §8 reads it.
+    """E hash heads trained together, after ECL (Xu et al., IEEE TMM 2023) as docs/METHOD.md §8.2 reads it.
 
     codes: (B, E, n), one output per head; every head has its own proxy loss (own proxies). With
     p^e = label_probabilities(x^e, P^e, m = (1 + zeta) / 2, temperature):

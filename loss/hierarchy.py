@@ -8,7 +8,7 @@ from .registry import PROXY_LOSSES
 
 
 class HierarchicalProxyLoss(HashingLoss):
-    """Hierarchical proxies (HPL, Yang et al., WACV 2022) on top of a ProxyLoss (docs/METHOD.md §6.9).
+    """Hierarchical proxies (HPL, Yang et al., WACV 2022) on top of a ProxyLoss (docs/METHOD.md §8.1).
 
     The fine proxies are the wrapped loss's class proxies. Each coarse level groups the C classes: a
     coarse proxy is the mean of its group's fine proxies (so the coarse levels train the fine proxies

@@ -26,16 +26,29 @@ class PairwiseLikelihoodLoss(HashingLoss):
     """Pairwise likelihood of DHN and DPSH: theta_ik = u_i . u_k / 2 over distinct pairs of the batch,
 
       mean[log(1 + exp(theta_ik)) - s_ik theta_ik] + quantization * mean(quantization_error(u))
+
+    gradient_factors=2 back-propagates through both factors of u_i . u_k (the papers' analytic gradient);
+    1 through the first only, as DeepHash-pytorch's product with a detached memory of codes does, which
+    halves the pair term's gradient and leaves its value and the quantisation term as they are.
     """
 
-    HYPERPARAMETERS = (Hyperparameter("quantization", 0.1, "weight lambda of the quantisation term"),)
+    HYPERPARAMETERS = (Hyperparameter("quantization", 0.1, "weight lambda of the quantisation term"),
+                       Hyperparameter("gradient_factors", 2, "factors of u_i.u_k the pair term's gradient flows "
+                                      "through: 2 (both, the analytic gradient) or 1 (DeepHash-pytorch's detached "
+                                      "memory: half the pair gradient)"))
+
+    def __init__(self, num_classes, hash_bit, **hyperparameters):
+        super().__init__(num_classes, hash_bit, **hyperparameters)
+        if self.gradient_factors not in (1, 2):
+            raise ValueError(f"gradient_factors is 1 (one factor, detached) or 2 (both), not {self.gradient_factors}")
 
     def quantization_error(self, codes):
         raise NotImplementedError
 
     def forward(self, codes, labels):
         codes = codes.float()
-        theta = 0.5 * codes @ codes.T
+        partners = codes if self.gradient_factors == 2 else codes.detach()
+        theta = 0.5 * codes @ partners.T
         likelihood = F.softplus(theta) - shares_label(labels).float() * theta
         pairs = distinct_pairs(len(codes), codes.device)
         return masked_mean(likelihood, pairs) + self.quantization * self.quantization_error(codes).mean()
@@ -63,27 +76,46 @@ class HashNetLoss(HashingLoss):
     """HashNet (Cao et al., ICCV 2017): weighted pairwise likelihood on u = tanh(scale * x) with
     theta = alpha u_i . u_k, weights |S|/|S1| (similar) and |S|/|S0| (dissimilar), and the continuation
     scale = sqrt((epoch - 1) // step + 1), set by the training loop through set_epoch (epochs from 1).
+
+    As the authors' code (thuml/HashNet) instead: alpha_over_bits > 0 sets alpha = alpha_over_bits / n
+    (theirs is 10 / n), and similar_weight c > 0 weighs similar pairs c and dissimilar ones 1, the loss
+    being the weighted mean (their class_num).
     """
 
     name = "hashnet"
 
     HYPERPARAMETERS = (Hyperparameter("alpha", 0.1, "scale alpha of the inner product"),
-                       Hyperparameter("step", 20, "epochs per continuation step of tanh's scale"))
+                       Hyperparameter("step", 20, "epochs per continuation step of tanh's scale"),
+                       Hyperparameter("alpha_over_bits", 0.0, "if > 0, alpha is this / n instead of --hashnet_alpha "
+                                      "(thuml/HashNet: 10, i.e. 10/n)"),
+                       Hyperparameter("similar_weight", 0.0, "0: the batch's balance weights |S|/|S1|, |S|/|S0|; "
+                                      "c > 0: weight c on similar pairs, 1 on dissimilar ones, and the weighted "
+                                      "mean (thuml/HashNet's class_num)"))
 
     def __init__(self, num_classes, hash_bit, **hyperparameters):
         super().__init__(num_classes, hash_bit, **hyperparameters)
+        for name in ("alpha_over_bits", "similar_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} is 0 (off) or positive, not {getattr(self, name)}")
         self.register_buffer("scale", torch.ones(()))
 
     def set_epoch(self, epoch):
         self.scale.fill_(math.sqrt((epoch - 1) // self.step + 1))
 
+    def inner_product_scale(self):
+        return self.alpha_over_bits / self.hash_bit if self.alpha_over_bits > 0 else self.alpha
+
     def forward(self, codes, labels):
         relaxed = torch.tanh(self.scale * codes.float())
-        theta = self.alpha * relaxed @ relaxed.T
+        theta = self.inner_product_scale() * relaxed @ relaxed.T
         similar = shares_label(labels)
         likelihood = F.softplus(theta) - similar.float() * theta
         pairs = distinct_pairs(len(codes), codes.device)
-        return masked_mean(balanced_pair_weights(similar, pairs) * likelihood, pairs)
+        if self.similar_weight == 0:
+            return masked_mean(balanced_pair_weights(similar, pairs) * likelihood, pairs)
+        weights = torch.where(pairs, torch.where(similar, self.similar_weight, 1.0), 0.0)
+        total = weights.sum()
+        return (weights * likelihood).sum() / torch.where(total > 0, total, 1.0)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "scale": self.scale.item()}

@@ -1,8 +1,23 @@
-"""Calling the command-line entry points from tests: a short digits run, and the exit status and output of
-an entry point, where an expected mistake must never show a traceback."""
+"""Calling the command-line entry points from tests: a short digits run, the exit status and output of
+an entry point, where an expected mistake must never show a traceback, and a script loaded by its path."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 import retrieval
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path):
+    """The module of a script that is not in a package (docs/make_flags.py), loaded from its file."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 SMALL_DIGITS_RUN = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "200",
                     "--batch_size", "20", "--eval_every", "1", "--device", "cpu"]

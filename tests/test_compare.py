@@ -1,6 +1,5 @@
 """benchmarks/compare.py: a 2 x 2 grid end to end on a tiny digits subset, then resuming it."""
 import csv
-import importlib.util
 from argparse import Namespace
 from pathlib import Path
 
@@ -8,19 +7,13 @@ import pytest
 
 import retrieval
 from utils.errors import UserError
+from tests.cli_runs import load_script
 from utils.runlog import read_run_log
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_compare():
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = load_compare()
+compare = load_script("benchmarks/compare.py")
 
 
 def grid(out, *more):

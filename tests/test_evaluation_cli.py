@@ -1,5 +1,6 @@
 """The evaluation suite through the CLI on a short digits run: metrics and codes files, the codes cache,
 figures, search with --query, and the FAISS index export."""
+import dataclasses
 import json
 import shutil
 
@@ -17,6 +18,8 @@ from network import build_network
 from hashing import cache as codes_cache
 from hashing import evaluate
 from utils.runlog import read_run_log
+from session.parts import build_splits, make_loaders
+from session.run import Run
 
 SHORT = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "500", "--epochs", "3",
          "--batch_size", "20", "--eval_every", "3", "--device", "cpu"]
@@ -57,8 +60,8 @@ def test_cached_codes_equal_a_fresh_encoding_bit_for_bit(trained):
     assert key["checkpoint_sha256"] == codes_cache.file_sha256(checkpoint)
     model = build_network("small", 16)
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
-    splits = retrieval.build_splits(digits.SPEC, args, 32)
-    loaders = retrieval.make_loaders(splits, args, digits.SPEC, torch.device("cpu"))
+    splits = build_splits(digits.SPEC, args, 32)
+    loaders = make_loaders(dataclasses.replace(Run.plan(args), spec=digits.SPEC), splits)
     for loader, bits, labels in ((loaders.query, cached.query_bits, cached.query_labels),
                                  (loaders.database, cached.database_bits, cached.database_labels)):
         outputs, true_labels = engine.encode(model, loader, torch.device("cpu"))

@@ -7,8 +7,9 @@ import torch
 import engine
 import loss as loss_module
 import retrieval
+import session.parts
 from hashing.codes import NonFiniteCodes, pack_signs
-
+from session.parts import build_trainer
 from tests.cli_runs import run_small_digits as run, small_digits_failure as cli_failure
 
 
@@ -116,7 +117,7 @@ def test_checkpoint_onto_the_weights_file_is_refused(tmp_path, capsys):
 def test_test_checks_the_checkpoint_before_building_the_data(tmp_path, capsys, monkeypatch):
     import data.registry
     monkeypatch.setattr(data.registry, "get_dataset_spec", lambda name: pytest.fail("the data was built"))
-    monkeypatch.setattr(retrieval, "get_dataset_spec", lambda name: pytest.fail("the data was built"))
+    monkeypatch.setattr(session.parts, "get_dataset_spec", lambda name: pytest.fail("the data was built"))
     code, err = cli_failure(["--test", "--output_dir", str(tmp_path)], capsys)
     assert code == 1 and f"no checkpoint at {tmp_path}/digits_small_16.ckpt" in err
     code, err = cli_failure(["--test", "--checkpoint", str(tmp_path), "--output_dir", str(tmp_path)], capsys)
@@ -347,7 +348,7 @@ def test_optimiser_settings_are_flags_with_the_papers_defaults(trained):
     args = retrieval.get_args_parser().parse_args(["--momentum", "0.5", "--weight_decay", "0", "--lr_step", "3",
                                                    "--lr_gamma", "0.1"])
     objective = engine.HashingObjective(torch.nn.Linear(2, 2), torch.nn.Module())
-    trainer = retrieval.build_trainer(args, objective, 0.1, torch.device("cpu"))
+    trainer = build_trainer(args, objective, 0.1, torch.device("cpu"))
     group = trainer.optimizer.param_groups[0]
     assert (group["momentum"], group["weight_decay"]) == (0.5, 0)
     assert (trainer.scheduler.step_size, trainer.scheduler.gamma) == (3, 0.1)

@@ -401,7 +401,7 @@ def test_a_negative_seed_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         evaluate.cli(files_of(tmp_path, small_problem()) + ["--seed", "-1"])
     err = capsys.readouterr().err
-    assert stopped.value.code == 2 and "--seed: expected an integer >= 0, got -1" in err and "Traceback" not in err
+    assert stopped.value.code == 2 and "--seed: must be an integer >= 0, got '-1'" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -17,6 +17,7 @@ import torch
 
 import retrieval
 from benchmarks import compare, digits_study, longtail_study, reproduce
+from session.files import RunFiles
 from tests.cli_runs import exit_status
 from utils.errors import TrainingInterrupted, UserError
 from utils.lock import run_lock
@@ -68,7 +69,7 @@ def args_of(tmp_path, seed=0, *more):
 
 
 def write_events(args, events):
-    path = retrieval.run_files(args).event_log
+    path = RunFiles.for_args(args).event_log
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(event if isinstance(event, bytes) else (json.dumps(event) + "\n").encode()
                               for event in events))
@@ -165,7 +166,7 @@ def test_the_long_tail_study_resumes_an_interrupted_cell_and_replaces_an_other_s
     options = longtail_study.get_args_parser().parse_args(["--studies", "hpl", "--seeds", "0", "--output_dir",
                                                            str(tmp_path)])
     first = longtail_study.cell_args(options, "hpl", "HyP² (no hierarchy)", 1.0, 0)
-    state = retrieval.run_files(first).last
+    state = RunFiles.for_args(first).last
     state.parent.mkdir(parents=True)
     state.write_bytes(b"state")  # an interrupted (or earlier, other --epochs) run of the first cell
     seen = {}

@@ -7,6 +7,7 @@ from loss import PROXY_LOSSES, HierarchicalProxyLoss, build_loss
 from test_baselines import batch, reference_hhf, reference_proxy_anchor
 from test_loss import reference_hyp2
 from hashing import codetable
+from session.parts import given_hierarchy
 
 
 def clustered_proxies(groups, bits=8, noise=0.05, seed=0):
@@ -231,4 +232,4 @@ def test_cli_refuses_two_hierarchies_and_names_a_bad_file(tmp_path):
         retrieval.check_flags(parse(["--hierarchy", "2", "--hierarchy_file", "digits"]))
     from data.digits import SPEC as DIGITS
     with pytest.raises(UserError, match="--hierarchy_file: .*voc.csv: 20 classes, but the dataset has 10"):
-        retrieval.given_hierarchy(parse(["--hierarchy_file", "voc"]), DIGITS)
+        given_hierarchy(parse(["--hierarchy_file", "voc"]), DIGITS)

@@ -1,4 +1,4 @@
-"""Long-tailed digits (--imbalance) and the per-class / head-medium-tail AP breakdown (docs/METHOD.md §8.1, §8.3)."""
+"""Long-tailed digits (--imbalance) and the per-class / head-medium-tail AP breakdown (docs/METHOD.md §9.1, §9.2)."""
 import math
 
 import numpy as np

@@ -6,6 +6,9 @@ import loss
 import retrieval
 from test_cli import cli_error
 from utils.runlog import read_run_log
+from data import get_dataset_spec
+from session.files import RunFiles
+from session.parts import build_criterion
 
 TINY = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "12", "--subset", "40", "--batch_size", "20",
         "--epochs", "1", "--device", "cpu"]
@@ -50,15 +53,15 @@ def test_flags_default_to_the_published_values():
     assert (args.orthohash_scale, args.orthohash_margin) == (8, 0.2)
     for name in loss.LOSSES:
         for hyperparameter in loss.LOSSES[name].HYPERPARAMETERS:
-            assert getattr(args, retrieval.loss_flag(name, hyperparameter)) == hyperparameter.default
-    assert retrieval.loss_flag("hyp2", loss.HyP2Loss.HYPERPARAMETERS[0]) == "beta"  # the paper's flag
+            assert getattr(args, hyperparameter.dest(name)) == hyperparameter.default
+    assert loss.HyP2Loss.HYPERPARAMETERS[0].dest("hyp2") == "beta"  # the paper's flag
 
 
 def test_run_names_carry_the_loss():
     parse = retrieval.get_args_parser().parse_args
-    assert retrieval.run_files(parse(["--output_dir", "r"])).prefix.name == "voc2007_googlenet_48"
-    assert retrieval.run_files(parse(["--output_dir", "r", "--loss", "dch"])).prefix.name == "voc2007_googlenet_48_dch"
-    assert retrieval.run_files(parse(["--output_dir", "r", "--hierarchy", "4"])).prefix.name == "voc2007_googlenet_48_hyp2_hpl4"
+    assert RunFiles.for_args(parse(["--output_dir", "r"])).prefix.name == "voc2007_googlenet_48"
+    assert RunFiles.for_args(parse(["--output_dir", "r", "--loss", "dch"])).prefix.name == "voc2007_googlenet_48_dch"
+    assert RunFiles.for_args(parse(["--output_dir", "r", "--hierarchy", "4"])).prefix.name == "voc2007_googlenet_48_hyp2_hpl4"
 
 
 def test_hashnet_scale_is_set_every_epoch(tmp_path, monkeypatch):
@@ -93,5 +96,5 @@ def test_unknown_loss_is_an_argparse_error(capsys):
 def test_losses_without_zeta_accept_any_bits(tmp_path):
     # Only HyP2 and HHF need the code table; a 300-bit DPSH run must not ask for --zeta.
     args = retrieval.get_args_parser().parse_args(TINY + ["--loss", "dpsh", "--hash_bit", "300"])
-    criterion = retrieval.build_criterion(args, retrieval.get_dataset_spec("digits"))
+    criterion = build_criterion(args, get_dataset_spec("digits"))
     assert criterion.hash_bit == 300

@@ -14,6 +14,8 @@ from fixture_files import small_list_folder
 from network import BACKBONES
 from utils.errors import UserError
 from hashing.metrics import map_at_k
+from session.parts import make_network
+from session.run import Run
 
 
 def parse(argv):
@@ -42,7 +44,7 @@ def test_official_file_in_the_torch_hub_cache_is_used(torch_home, capsys):
     official = torch_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"  # torchvision's file name
     official.parent.mkdir(parents=True)
     torch.save(fake, official)
-    network = retrieval.make_network(parse(["--backbone", "alexnet", "--hash_bit", "16"]), BACKBONES["alexnet"])
+    network = make_network(Run.plan(parse(["--backbone", "alexnet", "--hash_bit", "16"])), BACKBONES["alexnet"])
     assert torch.equal(network.features[0].weight, fake["features.0.weight"])
     assert torch.equal(network.hash_layer[4].weight, fake["classifier.4.weight"])
     assert f"alexnet: ImageNet weights from {official}" in capsys.readouterr().out
@@ -51,23 +53,23 @@ def test_official_file_in_the_torch_hub_cache_is_used(torch_home, capsys):
 def test_weights_flag_loads_a_local_file(torch_home, tmp_path):
     fake = random_alexnet_state(2)
     torch.save(fake, tmp_path / "mine.pth")
-    network = retrieval.make_network(parse(["--backbone", "alexnet", "--weights", str(tmp_path / "mine.pth")]),
+    network = make_network(Run.plan(parse(["--backbone", "alexnet", "--weights", str(tmp_path / "mine.pth")])),
                                      BACKBONES["alexnet"])
     assert torch.equal(network.hash_layer[1].bias, fake["classifier.1.bias"])
 
     with pytest.raises(UserError, match=r"no weights file at .*absent\.pth: check --weights"):
-        retrieval.make_network(parse(["--backbone", "alexnet", "--weights", str(tmp_path / "absent.pth")]),
+        make_network(Run.plan(parse(["--backbone", "alexnet", "--weights", str(tmp_path / "absent.pth")])),
                                BACKBONES["alexnet"])
     torch.save(models.resnet18().state_dict(), tmp_path / "resnet18.pth")
     with pytest.raises(UserError, match=r"cannot use .*resnet18\.pth for --backbone alexnet: they are not AlexNet "
                                         r"ImageNet weights: .*parameters missing"):
-        retrieval.make_network(parse(["--backbone", "alexnet", "--weights", str(tmp_path / "resnet18.pth")]),
+        make_network(Run.plan(parse(["--backbone", "alexnet", "--weights", str(tmp_path / "resnet18.pth")])),
                                BACKBONES["alexnet"])
 
 
 def test_no_pretrained_and_test_mode_need_no_weights(torch_home):
     for argv in (["--no_pretrained"], ["--test"]):
-        network = retrieval.make_network(parse(["--backbone", "resnet", *argv]), BACKBONES["resnet"])
+        network = make_network(Run.plan(parse(["--backbone", "resnet", *argv])), BACKBONES["resnet"])
         assert network.fc.out_features == 48
     assert not torch_home.exists()
 

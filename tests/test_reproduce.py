@@ -11,6 +11,7 @@ from benchmarks import reproduce
 from fixture_files import write_voc_tree
 from utils.errors import UserError
 from utils.runlog import read_run_log
+from session.files import RunFiles
 
 # A small network and one epoch instead of GoogLeNet and 100: the harness, not the figures, is under test.
 SMOKE = ["--backbone", "small", "--epochs", "1", "--batch_size", "10", "--device", "cpu", "--no_progress"]
@@ -99,7 +100,7 @@ def test_a_second_invocation_reuses_finished_runs(reproduced, monkeypatch):
 
 def write_log(args, maps, finished=True):
     """The event log retrieval.py would write for `args`, by hand: start, the evaluated epochs, best, finish."""
-    path = retrieval.run_files(args).event_log
+    path = RunFiles.for_args(args).event_log
     path.parent.mkdir(parents=True)
     events = [{"event": "start", "args": vars(args), "topk": 5011}]
     events += [{"event": "epoch", "epoch": i + 1, "map": value, "train_seconds": 1.0} for i, value in enumerate(maps)]

@@ -7,7 +7,8 @@ import torch
 
 import retrieval
 from utils import runlog
-from utils.runlog import RunFiles, RunLog, read_run_log
+from session.files import RunFiles
+from utils.runlog import RunLog, read_run_log
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def test_only_the_main_process_prints(restore_print, capsys):
 
 
 def test_event_log_folds_a_resume_and_skips_a_torn_last_line(tmp_path):
-    files = RunFiles.for_run(tmp_path, "digits", "small", 16, "hyp2")
+    files = RunFiles(tmp_path / "digits_small_16", tmp_path / "digits_small_16.ckpt")
     log = RunLog(files)
     log.start({"args": {"epochs": 3}})
     for epoch, mean_ap in ((1, 0.5), (2, 0.6), (3, 0.4)):  # epoch 3 ran, but its state was never saved
@@ -49,7 +50,7 @@ def test_event_log_folds_a_resume_and_skips_a_torn_last_line(tmp_path):
 
 
 def test_a_new_run_replaces_the_previous_logs(tmp_path):
-    files = RunFiles.for_run(tmp_path, "digits", "small", 16, "dch")
+    files = RunFiles(tmp_path / "digits_small_16_dch", tmp_path / "digits_small_16_dch.ckpt")
     assert files.event_log.name == "digits_small_16_dch.jsonl"
     for seed in (0, 1):
         log = RunLog(files)

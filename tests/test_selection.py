@@ -10,6 +10,7 @@ from data import get_dataset_spec
 from data.validation import draw_validation_indices, hold_out_validation
 from utils.errors import UserError
 from utils.runlog import read_run_log
+from session.parts import build_criterion, build_trainer
 
 TINY = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "200",
         "--batch_size", "50", "--epochs", "2", "--eval_every", "1", "--device", "cpu", "--no_progress"]
@@ -150,9 +151,9 @@ def test_selection_flag_mistakes_are_one_line_errors(argv, message, tmp_path):
 ])
 def test_optimizer_choice(name, kind, settings):
     args = parse(TINY + ["--optimizer", name, "--momentum", "0.8", "--weight_decay", "1e-3", "--lr", "0.01"])
-    objective = engine.HashingObjective(torch.nn.Linear(4, 16), retrieval.build_criterion(
+    objective = engine.HashingObjective(torch.nn.Linear(4, 16), build_criterion(
         args, get_dataset_spec("digits")))
-    trainer = retrieval.build_trainer(args, objective, 0.01, torch.device("cpu"))
+    trainer = build_trainer(args, objective, 0.01, torch.device("cpu"))
     assert type(trainer.optimizer) is kind
     network_group, proxy_group = trainer.optimizer.param_groups
     assert network_group["lr"] == 0.01 and proxy_group["lr"] == args.rate

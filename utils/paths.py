@@ -128,7 +128,7 @@ def check_output_target(path, what, inputs=(), earlier_output=None):
     path = Path(path)
     try:
         status = path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # its folder is checked where it is created
         status = None
     except OSError as exc:
         raise UserError(f"{what} {path} cannot be checked ({exc.strerror or exc}); choose another path") from None

@@ -3,7 +3,6 @@
 - setup_for_distributed(is_main, progress): called once per process. print() is silenced on every rank
   but 0 (as torchvision's references do); print(..., force=True) still prints. Progress bars are off on
   other ranks, with --no_progress, and whenever stderr is not a terminal.
-- RunFiles: where a run's files go, OUTPUT_DIR/{dataset}_{backbone}_{hash_bit}[_{loss}].*
 - RunLog: {run}.txt (every line the run printed about itself, for people) and {run}.jsonl (one JSON
   object per event, for scripts and plots), both appended to as the run goes, so a run that dies leaves
   every finished epoch on record. read_run_log() folds the events back into one record.
@@ -12,7 +11,6 @@ import builtins
 import datetime
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -55,47 +53,6 @@ def progress_bar(iterable=None, **kwargs):
 
 def warn(message):
     print(f"warning: {message}", file=sys.stderr)
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """The files of one run: prefix = OUTPUT_DIR/{dataset}_{backbone}_{hash_bit}[_{loss}]; the
-    checkpoint may be elsewhere (--checkpoint)."""
-    prefix: Path
-    checkpoint: Path
-
-    @classmethod
-    def for_run(cls, output_dir, dataset, backbone, hash_bit, loss_label, checkpoint=None):
-        """HyP2 keeps the paper's names; other losses append _{loss} (and _hplK with a hierarchy)."""
-        name = f"{dataset}_{backbone}_{hash_bit}" + ("" if loss_label == "hyp2" else f"_{loss_label}")
-        prefix = Path(output_dir) / name
-        return cls(prefix, Path(checkpoint) if checkpoint else prefix.with_suffix(".ckpt"))
-
-    def with_suffix(self, suffix):
-        return self.prefix.with_name(self.prefix.name + suffix)
-
-    @property
-    def last(self):
-        return self.with_suffix(".last.pt")
-
-    @property
-    def text_log(self):
-        return self.with_suffix(".txt")
-
-    @property
-    def event_log(self):
-        return self.with_suffix(".jsonl")
-
-    @property
-    def metrics(self):
-        return self.with_suffix(".metrics.json")
-
-    @property
-    def codes(self):
-        return self.with_suffix(".codes.npz")
-
-    def figure(self, kind, extension="png"):
-        return self.with_suffix(f".{kind}.{extension}")
 
 
 class RunLog:

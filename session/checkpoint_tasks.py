@@ -6,7 +6,6 @@ The codes of a checkpoint come from OUTPUT_DIR/{run}.codes.npz when they were co
 checkpoint bytes and data flags (hashing/cache.py); otherwise the network encodes both splits. Under
 torchrun every rank encodes its shard; rank 0 computes, prints and writes.
 """
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -26,31 +25,13 @@ from utils.atomic import write_json
 from utils.checkpoint import load_network_weights
 from utils.dist import barrier, broadcast_object
 from utils.errors import UserError
+from utils.provenance import provenance
 from utils.runlog import read_run_log, warn
+
+from .files import dataset_label, run_loss_label
 
 CHECKPOINT_HINT = ("Pass the --backbone and --hash_bit it was trained with "
                    "(and --experts for a multi-head checkpoint).")
-
-
-def dataset_label(args):
-    """The dataset as run names and the codes cache name it: --dataset, plus _ltRHO for --imbalance RHO."""
-    return args.dataset + (f"_lt{args.imbalance:g}" if args.imbalance != 1 else "")
-
-
-def loss_label(name, hierarchy=0, experts=1):
-    """The loss as output files and tables name it: the name, plus _hplK with K hierarchical clusters or
-    _hpl-NAME with the given hierarchy NAME (a str), plus _eclE with E collaborative heads."""
-    if isinstance(hierarchy, str):
-        name += f"_hpl-{hierarchy}"
-    elif hierarchy:
-        name += f"_hpl{hierarchy}"
-    return name + (f"_ecl{experts}" if experts > 1 else "")
-
-
-def run_loss_label(args):
-    """loss_label of this run: the loss, its hierarchy (K clusters or the given file's name), its heads."""
-    hierarchy = Path(args.hierarchy_file).stem if args.hierarchy_file else args.hierarchy
-    return loss_label(args.loss, hierarchy, args.experts)
 
 
 def codes_key(run):
@@ -88,7 +69,7 @@ def checkpoint_codes(run, network, weights_loaded=False):
         codes = encode_splits(network, run.loaders, run.device, run.context)
     except NonFiniteCodes as exc:
         raise UserError(f"checkpoint {run.files.checkpoint} gives unusable codes ({exc}); retrain it") from None
-    if run.writes_files:
+    if run.writes:
         save_codes(run, codes, key)
     return codes, key, False
 
@@ -109,7 +90,8 @@ def checkpoint_metrics(run, codes, key, cached, selection=None):
                       "inference_head": str(args.inference_head),
                       "checkpoint": str(run.files.checkpoint), "checkpoint_sha256": key["checkpoint_sha256"],
                       "codes": str(run.files.codes), "codes_from_cache": cached, "selection": selection}
-    if not args.no_save:
+    metrics["provenance"] = provenance(run.device)
+    if run.writes:
         write_json(run.files.metrics, metrics)
     return metrics
 
@@ -127,7 +109,7 @@ def report_evaluation(run, metrics, codes):
         print(f"left out of the means (zero_hit=skip): {metrics['skipped_queries']} queries for mAP and WAP, "
               f"{metrics['ndcg_skipped_queries']} for NDCG")
     print(describe_buckets(metrics["long_tail"]["buckets"]))
-    if not run.args.no_save:
+    if run.saves:
         source = "reused (same checkpoint)" if metrics["run"]["codes_from_cache"] else "written"
         print(f"metrics {run.files.metrics}; codes {source} {metrics['run']['codes']}")
     if run.args.plots:
@@ -135,7 +117,7 @@ def report_evaluation(run, metrics, codes):
 
 
 def describe_buckets(buckets):
-    """One line: mAP of the head / medium / tail classes by training frequency (docs/METHOD.md §8.3)."""
+    """One line: mAP of the head / medium / tail classes by training frequency (docs/METHOD.md §9.2)."""
     parts = [f"{name} {'-' if buckets[name]['map'] is None else format(buckets[name]['map'], '.4f')} "
              f"({len(buckets[name]['classes'])} classes)" for name in BUCKETS]
     return "mAP by training frequency of the classes: " + ", ".join(parts)
@@ -231,20 +213,20 @@ def settings_differing_from_training(run):
 
 def without_writing_when_settings_differ(run):
     """--test under other data settings than the run's: the figures are printed, but the run's own
-    metrics and codes are not replaced by them (the run is returned with --no_save set)."""
-    differing = settings_differing_from_training(run) if run.args.test and not run.args.no_save else []
+    metrics and codes are not replaced by them (the run is returned saving nothing)."""
+    differing = settings_differing_from_training(run) if run.args.test and run.saves else []
     if not differing:
         return run
     warn(f"{run.files.checkpoint} was trained under other settings than {', '.join(differing)}; the splits may "
          f"differ and so may the mAP, so {run.files.metrics.name} and {run.files.codes.name} are left as they are")
-    return dataclasses.replace(run, args=argparse.Namespace(**{**vars(run.args), "no_save": True}))
+    return dataclasses.replace(run, saves=False)
 
 
 def run_checkpoint_tasks(run, network):
     """--test, --query and --export_index with the saved checkpoint; returns what they found."""
     if run.context.is_main:
         run = without_writing_when_settings_differ(run)
-    run = dataclasses.replace(run, args=broadcast_object(run.context, run.args))
+    run = dataclasses.replace(run, saves=broadcast_object(run.context, run.saves))
     args = run.args
     if args.query:  # queries need the network even when the database codes are cached
         for item in args.query:  # a bad DATASET:N before any work

@@ -1,0 +1,168 @@
+"""A run's files: their names, where they go, and the rules that keep them whole.
+
+Every file of a run shares one prefix, OUTPUT_DIR/{dataset}_{backbone}_{hash_bit}[_{loss}]: the
+checkpoint (.ckpt, or --checkpoint), the training state (.last.pt), the logs (.txt, .jsonl), the
+metrics (.metrics.json), the codes cache (.codes.npz), the figures and the lock (.lock). This module is
+the one place that names them (the comparison harnesses and tests read the names from here too), and
+the one place that guards them: no invocation writes a file it reads or writes one file twice, a new
+training does not silently replace an earlier run, the lock keeps two processes out of one run's files,
+and the temporary files of a killed write are cleaned up under that lock.
+"""
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.atomic import ensure_writable_dir, remove_leftovers
+from utils.errors import UserError
+from utils.lock import run_lock
+from utils.paths import check_output_target
+
+
+def dataset_label(args):
+    """The dataset as run names and the codes cache name it: --dataset, plus _ltRHO for --imbalance RHO."""
+    return args.dataset + (f"_lt{args.imbalance:g}" if args.imbalance != 1 else "")
+
+
+def loss_label(name, hierarchy=0, experts=1):
+    """The loss as output files and tables name it: the name, plus _hplK with K hierarchical clusters or
+    _hpl-NAME with the given hierarchy NAME (a str), plus _eclE with E collaborative heads."""
+    if isinstance(hierarchy, str):
+        name += f"_hpl-{hierarchy}"
+    elif hierarchy:
+        name += f"_hpl{hierarchy}"
+    return name + (f"_ecl{experts}" if experts > 1 else "")
+
+
+def run_loss_label(args):
+    """loss_label of this run: the loss, its hierarchy (K clusters or the given file's name), its heads."""
+    hierarchy = Path(args.hierarchy_file).stem if args.hierarchy_file else args.hierarchy
+    return loss_label(args.loss, hierarchy, args.experts)
+
+
+def run_name(args):
+    """{dataset}_{backbone}_{hash_bit}[_{loss}]: HyP2 keeps the paper's names, other losses append theirs."""
+    label = run_loss_label(args)
+    return f"{dataset_label(args)}_{args.backbone}_{args.hash_bit}" + ("" if label == "hyp2" else f"_{label}")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one run: prefix = OUTPUT_DIR/{run_name}; the checkpoint may be elsewhere (--checkpoint)."""
+    prefix: Path
+    checkpoint: Path
+
+    @classmethod
+    def for_args(cls, args):
+        prefix = Path(args.output_dir) / run_name(args)
+        return cls(prefix, Path(args.checkpoint) if args.checkpoint else prefix.with_suffix(".ckpt"))
+
+    def with_suffix(self, suffix):
+        return self.prefix.with_name(self.prefix.name + suffix)
+
+    @property
+    def last(self):
+        return self.with_suffix(".last.pt")
+
+    @property
+    def text_log(self):
+        return self.with_suffix(".txt")
+
+    @property
+    def event_log(self):
+        return self.with_suffix(".jsonl")
+
+    @property
+    def metrics(self):
+        return self.with_suffix(".metrics.json")
+
+    @property
+    def codes(self):
+        return self.with_suffix(".codes.npz")
+
+    def figure(self, kind, extension="png"):
+        return self.with_suffix(f".{kind}.{extension}")
+
+    def locks(self, writes_checkpoint=True):
+        """The lock files that cover what the run writes: the prefix's, and the checkpoint's when training
+        writes it elsewhere (two runs with one --checkpoint and different --output_dir must not both)."""
+        prefix_lock = self.with_suffix(".lock")
+        if not writes_checkpoint or self.checkpoint == self.prefix.with_suffix(".ckpt"):
+            return [prefix_lock]
+        return [prefix_lock, self.checkpoint.with_name(self.checkpoint.name + ".lock")]
+
+    def own_files(self):
+        """Every file of the run (what another invocation's output must not land on)."""
+        return [self.checkpoint, self.last, self.text_log, self.event_log, self.metrics, self.codes]
+
+
+def written_and_read(run):
+    """([(what, path) written], [(what, path) read]) by this invocation."""
+    args, files = run.args, run.files
+    written = [("--export_index", args.export_index)] if args.export_index else []
+    if run.saves:
+        written += [("the codes cache", files.codes), ("the metrics file", files.metrics)]
+        if run.trains:
+            written += [("--checkpoint", files.checkpoint), ("the training state", files.last),
+                        ("the text log", files.text_log), ("the event log", files.event_log)]
+    read = [("--weights", args.weights), ("--codetable", args.codetable), ("--resume", args.resume or None),
+            # a path, not one of the shipped hierarchies' names
+            ("--hierarchy_file", args.hierarchy_file if args.hierarchy_file and Path(args.hierarchy_file).exists()
+             else None)]
+    read += [("--query", path) for path in args.query or []]
+    if not run.trains:
+        read.append(("--checkpoint", files.checkpoint))
+        # The run's other files are not this invocation's to overwrite either (--export_index onto .last.pt).
+        outputs = {Path(path) for _, path in written}
+        read += [(f"this run's {path.name}", path) for path in files.own_files()
+                 if path != files.checkpoint and path not in outputs]
+    return written, [(what, path) for what, path in read if path]
+
+
+def check_paths(run):
+    """Every output is absent or a regular file that is none of the inputs, and no file is written twice
+    (--export_index onto the checkpoint once replaced it with an 81-byte index)."""
+    written, read = written_and_read(run)
+    earlier = list(read)
+    for what, path in written:
+        check_output_target(path, what, earlier)
+        earlier.append((what, path))
+
+
+def remove_interrupted_writes(files):
+    """The hidden temporary files a killed run left next to this run's files (under the run lock)."""
+    removed = sum(remove_leftovers(path) for path in (files.checkpoint, files.last, files.codes, files.metrics))
+    if removed:
+        print(f"note: removed {removed} temporary file(s) of an interrupted write next to {files.checkpoint}",
+              file=sys.stderr)
+
+
+def refuse_to_replace_a_run(run):
+    """A new training (no --resume) into a run's files stops, unless --overwrite: then the new run replaces
+    them file by file as it writes its own (atomically, so a failing new run leaves the old files whole)."""
+    files = run.files
+    if not run.trains or not run.saves or run.args.resume is not None:
+        return
+    existing = [path for path in (files.checkpoint, files.last) if path.exists()]
+    if existing and not run.args.overwrite:
+        raise UserError(f"{existing[0]} holds an earlier run: continue it with --resume, keep it by choosing "
+                        "another --output_dir, or start afresh with --overwrite")
+
+
+@contextlib.contextmanager
+def guarded_run_files(run):
+    """While the block runs, this process alone writes the run's files (utils/lock.py): the output folder
+    is writable, the locks are held, leftovers of a killed write are gone and an earlier run is not
+    replaced by accident. A process that writes nothing takes no lock."""
+    with contextlib.ExitStack() as stack:
+        if run.writes:
+            ensure_writable_dir(run.args.output_dir)
+            if run.trains:
+                ensure_writable_dir(run.files.checkpoint.parent, "--checkpoint")
+            for lock in run.files.locks(writes_checkpoint=run.trains):
+                stack.enter_context(run_lock(lock))
+            remove_interrupted_writes(run.files)
+        if run.context.is_main:
+            refuse_to_replace_a_run(run)
+        yield
+

@@ -1,0 +1,172 @@
+"""The training session: build the loss and optimiser, resume or start the logs, run the epochs
+(engine.train), and report the checkpoint --select kept, with one-line messages for what a user can fix
+(a diverging loss, Ctrl-C)."""
+import dataclasses
+from pathlib import Path
+
+from torch.nn.parallel import DistributedDataParallel
+
+from data.files import truncated_paths, truncation_note
+from data.fingerprint import split_fingerprint
+from engine import HashingObjective, NonFiniteLoss, Progress, restore_training_state
+from engine import train as train_epochs
+from hashing.codes import NonFiniteCodes
+from loss import LOSSES
+from utils.checkpoint import read_train_state
+from utils.dist import gather_objects, state_fingerprint
+from utils.errors import TrainingInterrupted, UserError
+from utils.provenance import describe_provenance, provenance
+from utils.runlog import warn
+
+from .checkpoint_tasks import report_best_checkpoint
+from .files import dataset_label, run_loss_label
+from .parts import build_criterion, build_trainer, data_options
+
+
+def describe_training(run, trainer, lr):
+    """The header line and the record that start the run's logs."""
+    args, context, criterion = run.args, run.context, trainer.objective.criterion
+    settings = criterion.hyperparameters()
+    label = run_loss_label(args)
+    sizes = {name: len(part) for name, part in run.splits._asdict().items()}
+    if run.validation is not None:
+        sizes["validation"] = len(run.validation.query.dataset)
+    described = ", ".join(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+                          for name, value in settings.items())
+    header = (f"{dataset_label(args)} / {args.backbone} / {args.hash_bit} bits: {sizes}, loss {label} ({described}), "
+              f"lr {lr:g}{f' (proxies {args.rate:g})' if list(criterion.parameters()) else ''}, device {run.device}"
+              + (f" x {context.world_size} processes" if context.enabled else "")
+              + f", {args.optimizer}, select {describe_selection(run)}")
+    data_files = run.spec.describe(Path(args.data_root), data_options(args)) if run.spec.describe else {}
+    if data_files:
+        header += "\ndata files: " + "; ".join(f"{name} {value}" for name, value in data_files.items())
+    origin = provenance(run.device)
+    header += "\n" + describe_provenance(origin)
+    record = {"args": vars(args), "provenance": origin, "num_classes": run.spec.num_classes, "topk": run.topk,
+              "data_files": data_files,
+              "convention": run.convention.as_dict(),
+              "zeta": settings.get("zeta"), "device": str(run.device), "world_size": context.world_size,
+              "amp": str(trainer.amp_dtype), "loss": {"name": label, **settings}, "sizes": sizes}
+    return header, record
+
+
+def describe_selection(run):
+    """The --select rule in words, for the run's header line."""
+    if run.select == "val":
+        return (f"val (best val mAP@{run.validation_topk} of {len(run.validation.query.dataset)} held-out "
+                "training items)")
+    return {"test": "test (best mAP on the test queries, the paper's rule)",
+            "last": "last (the last epoch)"}[run.select]
+
+
+def data_identity(run):
+    """What a training state records of its data and files, checked on --resume: the dataset, its root,
+    the class count, a digest of each split's labels and image list, and the checkpoint path."""
+    args = run.args
+    return {"checkpoint": str(run.files.checkpoint.resolve()), "dataset": args.dataset,
+            "data_root": str(Path(args.data_root).resolve()), "classes": run.spec.num_classes,
+            **{f"{name} split": split_fingerprint(part, file_status=False)
+               for name, part in run.splits._asdict().items()}}
+
+
+def resume(run, trainer):
+    """Restore what engine.train saved in .last.pt; returns the Progress to continue from."""
+    args = run.args
+    state, changed = read_train_state(args.resume or run.files.last, vars(args), run.data_identity)
+    for change in changed:
+        warn(f"resuming with {change}; the result will differ from an uninterrupted run")
+    return restore_training_state(trainer, state, run.device)
+
+
+def divergence_hint(args, exc, lr):
+    """What to change when training diverged: the loss's flags when the loss was not finite before the
+    first optimiser step (no learning rate was used yet), else the learning rates."""
+    if getattr(exc, "before_any_step", False):
+        flags = [f"--{h.dest(args.loss)} {getattr(args, h.dest(args.loss))}"
+                 for h in LOSSES[args.loss].HYPERPARAMETERS]
+        if args.zeta is not None:
+            flags.append(f"--zeta {args.zeta}")
+        return (f"the loss is not finite before any update, so check the settings of --loss {args.loss}"
+                + (f" ({', '.join(flags)})" if flags else ""))
+    return f"lower --lr (now {lr:g}) or --rate (now {args.rate:g})"
+
+
+def train_reporting_failures(run, trainer, progress, lr):
+    """engine.train, with a one-line message that says what to do when the loss diverges or on Ctrl-C."""
+    args = run.args
+    try:
+        return train_epochs(run, trainer, progress)
+    except (NonFiniteLoss, NonFiniteCodes) as exc:
+        best = (f"the best checkpoint {run.files.checkpoint} (epoch {progress.best_epoch}, mAP "
+                f"{progress.best_map:.4f}, finite) is kept" if progress.best_epoch else "no checkpoint was saved")
+        raise UserError(f"{exc}: {divergence_hint(args, exc, lr)}; {best}") from None
+    except KeyboardInterrupt:
+        if progress.epoch and run.saves:
+            raise TrainingInterrupted(f"interrupted; the state after epoch {progress.epoch} is in {run.files.last}: "
+                                      "rerun the same command with --resume to continue") from None
+        raise TrainingInterrupted("interrupted before the first epoch finished; nothing to resume") from None
+
+
+def start_training(run, network, default_lr):
+    """The loss, the optimiser, the resumed state and the logs' start: (run, trainer, progress, lr)."""
+    args = run.args
+    # ============ loss, optimiser and mixed precision ============
+    objective = HashingObjective(network, build_criterion(args, run.spec)).to(run.device)
+    lr = args.lr or default_lr
+    trainer = build_trainer(args, objective, lr, run.device)
+    run = dataclasses.replace(run, data_identity=data_identity(run))
+    # ============ optionally resume, then start the logs ============
+    progress = resume(run, trainer) if args.resume is not None else Progress()
+    header, record = describe_training(run, trainer, lr)
+    run.log.start(record, resumed_after=progress.epoch if args.resume is not None else None,
+                  best={"map": progress.best_map, "epoch": progress.best_epoch} if progress.best_epoch else None)
+    if args.resume is not None:
+        run.log.say(f"resumed after epoch {progress.epoch} "
+                    f"(kept {run.selection_score_name} {progress.best_map:.4f} at epoch {progress.best_epoch})")
+    run.log.say(header)
+    # ============ distributed: the objective (network and loss together) under DDP ============
+    if run.context.enabled:
+        trainer.model = DistributedDataParallel(objective, device_ids=[run.device.index]
+                                                if run.device.type == "cuda" else None)
+    return run, trainer, progress, lr
+
+
+def train(run, network, default_lr):
+    """Train, keep the checkpoint --select chooses, report it; returns what the run found."""
+    run, trainer, progress, lr = start_training(run, network, default_lr)
+    selected = train_reporting_failures(run, trainer, progress, lr)
+    fingerprints = gather_objects(run.context, state_fingerprint(trainer.objective))
+    if run.context.enabled and len(set(fingerprints)) > 1:
+        warn("the ranks ended with different models")
+    selection = {"select": run.select, "epoch": selected.epoch,
+                 **({"val_map": progress.best_map} if run.select == "val" else {})}
+    metrics = None
+    if progress.best_epoch and run.saves:
+        metrics = report_best_checkpoint(run, network, selected.codes, selection)
+    run.log.say(summary_line(run, selected, progress, metrics))
+    truncated = report_truncated_images(run)
+    run.log.event("finish", best={"map": progress.best_map, "epoch": progress.best_epoch}, test_map=selected.map,
+                  selection=selection, train_seconds=progress.train_seconds, truncated_images=truncated,
+                  **({"rank_fingerprints": fingerprints} if run.context.enabled else {}))
+    return {"map": selected.map, "epoch": selected.epoch, "topk": run.topk, "selection": selection,
+            "train_seconds": progress.train_seconds, "long_tail": metrics and metrics["long_tail"]}
+
+
+def summary_line(run, selected, progress, metrics):
+    """The run's last line: the kept checkpoint's mAP, how it was selected, where it is, the training time."""
+    tail = metrics and metrics["long_tail"]["buckets"]["tail"]["map"]
+    val = f", {run.selection_score_name} {progress.best_map:.4f}" if run.select == "val" else ""
+    best = "best " if run.select == "test" else ""
+    tail_note = f", tail classes {tail:.4f}" if tail is not None else ""
+    return (f"{best}{run.map_name} {selected.map:.4f} at epoch {selected.epoch} (select {run.select}{val}"
+            f"{tail_note}); checkpoint {run.files.checkpoint if run.saves else 'not saved (--no_save)'}; "
+            f"training {progress.train_seconds:.1f}s")
+
+
+def report_truncated_images(run):
+    """Print how many distinct truncated images this run's decoding padded (over all ranks); returns it."""
+    found = set().union(*gather_objects(run.context, truncated_paths(run.splits)))
+    note = truncation_note(len(found))
+    if note:
+        run.log.say(note)
+    return len(found)
