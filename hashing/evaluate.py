@@ -7,8 +7,9 @@
 Codes may be real-valued (binarised by sign, 0 -> +1), +-1, {0, 1} or packed bits (uint8 rows of np.packbits,
 as this project and FAISS store them); the format is detected (or forced with --format) and printed. Labels are
 multi-hot (N, C) arrays (a value > 0 marks a class; NaN and negative values are refused) or (N,) class indices
-(counted as the classes present: the metrics depend only on which items share one). The table gives mAP, WAP, NDCG and ACG @K under each of the 18
-conventions (normalize x zero_hit x ties) and how far mAP moves between them; --json / --csv write it.
+(counted as the classes present: the metrics depend only on which items share one). The table gives mAP, WAP,
+NDCG and ACG @K under each of the 18 conventions (normalize x zero_hit x ties) and how far mAP moves between them;
+--json / --csv write it (a new file, or an earlier table of this command: never an input or another kind of file).
 """
 import argparse
 import csv
