@@ -104,8 +104,8 @@ def hamming_distances(query_words, database_words, hash_bit):
 
 def _check_packed(name, rows):
     if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D uint8 array, got "
-                         f"{f'shape {rows.shape} of {rows.dtype}' if isinstance(rows, np.ndarray) else type(rows).__name__}")
+        found = f"shape {rows.shape} of {rows.dtype}" if isinstance(rows, np.ndarray) else type(rows).__name__
+        raise ValueError(f"{name} must be a 2-D uint8 array, got {found}")
 
 
 def _check_width(name, width, rows, rows_name):
