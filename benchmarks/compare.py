@@ -27,23 +27,29 @@ import contextlib
 import csv
 import datetime
 import io
+import math
+import numbers
 import re
 import shlex
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval  # noqa: E402
+from data import DataOptions  # noqa: E402
+from data.registry import check_available  # noqa: E402
 from loss import LOSSES, PROXY_LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.config import config_arguments, read_config  # noqa: E402
-from utils.errors import UserError, run_reporting_errors  # noqa: E402
+from utils.errors import TrainingInterrupted, UserError, run_reporting_errors  # noqa: E402
 from utils.runlog import read_run_log  # noqa: E402
-from utils.argtypes import positive_int  # noqa: E402
+from utils.argtypes import positive_int, seed_value  # noqa: E402
 from session.files import RunFiles  # noqa: E402
 from session.parts import validation_size  # noqa: E402
 
@@ -158,7 +164,7 @@ def get_args_parser():
     grid.add_argument("--losses", nargs="+", type=parse_variant, default=DEFAULT_LOSSES,
                       help=f"losses to compare (default: {' '.join(DEFAULT_LOSSES)})")
     grid.add_argument("--bits", nargs="+", type=positive_int, default=[12, 24, 48], help="hash bits")
-    grid.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds (each cell is run per seed)")
+    grid.add_argument("--seeds", nargs="+", type=seed_value, default=[0, 1], help="seeds (each cell is run per seed)")
     grid.add_argument("--loss_args", action="append", type=parse_loss_args, default=[], metavar="LOSS=FLAGS",
                       help="retrieval.py flags for one loss of the grid only, e.g. proxy_anchor='--lr 0.005' "
                            "(repeatable; the tables list them)")
@@ -227,22 +233,75 @@ def cell_args(options, label, bits, seed, extra=()):
     return args
 
 
-def finished_record(args):
-    """The cell's run log (utils/runlog.py read_run_log) if it finished with these settings, else None."""
+def distinct(values, flag):
+    """`values` of a list flag, refused when one is listed twice: a seed listed twice is one run counted twice
+    (a "± 0.000 over 3 seeds" from one run), a code length twice the same column."""
+    repeated = [value for value, count in Counter(values).items() if count > 1]
+    if repeated:
+        raise UserError(f"{flag} lists {', '.join(map(str, repeated))} more than once: each "
+                        f"{'seed is one run' if flag == '--seeds' else 'value is one column'}; list each once")
+    return values
+
+
+def threads_note():
+    """The table line that says how many CPU threads the runs used: seeded results depend on it."""
+    count = torch.get_num_threads()
+    return (f"Ran with {count} CPU thread{'s' if count != 1 else ''} (torch.get_num_threads()); seeded results "
+            "change with the thread count, so the command below sets it.")
+
+
+def rerun_command(command):
+    """`command` (a string) prefixed with the thread count it ran with, to reproduce the tables to the digit."""
+    return f"OMP_NUM_THREADS={torch.get_num_threads()} {command}"
+
+
+def log_problem(record):
+    """Why a finished run's record cannot be tabulated (None when it can): a log without the run's start event or
+    settings, or whose mAP and seconds are not numbers (a damaged or hand-made log)."""
+    def number(value, low=0.0, high=math.inf):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and low <= value <= high
+
+    if not isinstance(record.get("args"), dict):
+        return "no start event with the run's settings"
+    if not isinstance(record.get("best"), dict) or not number(reported_map(record), high=1.0):
+        return "its mAP is not a number between 0 and 1"
+    if not number(record.get("train_seconds")) or not all(number(entry.get("map", 0.0), high=1.0)
+                                                          for entry in record["epochs"]):
+        return "its epochs are not numbers"
+    return None
+
+
+def read_finished(args):
+    """(the cell's run log (read_run_log) if it finished with these settings and can be tabulated, else None;
+    why a finished log cannot be tabulated, else None)."""
     try:
         record = read_run_log(RunFiles.for_args(args).event_log)
     except OSError:
-        return None
+        return None, None
     if not record.get("finished") or not record.get("best"):
-        return None
-    recorded = record.get("args", {})
+        return None, None
+    problem = log_problem(record)
+    if problem:
+        return None, problem
+    recorded = record["args"]
     same = all(recorded[key] == value for key, value in vars(args).items()
                if key in recorded and key not in NOT_SETTINGS)
-    return record if same else None
+    return (record if same else None), None
+
+
+def finished_record(args):
+    """The cell's run log if it finished with these settings (read_finished), else None."""
+    return read_finished(args)[0]
+
+
+def describe_cell(args):
+    hierarchy = f"_hpl{args.hierarchy}" if getattr(args, "hierarchy", 0) else ""
+    return f"the cell {args.loss}{hierarchy} {args.hash_bit} bits seed {args.seed} ({args.output_dir})"
 
 
 def run_cell(args, verbose):
-    """Train one cell in-process; returns None on success, else the one-line error."""
+    """Train one cell in-process; returns None on success, else the one-line error. Ctrl-C stops the harness
+    (TrainingInterrupted naming the cell) instead of counting as one failed cell."""
     quiet = contextlib.ExitStack()
     if not verbose:
         sink = io.StringIO()
@@ -251,6 +310,11 @@ def run_cell(args, verbose):
     try:
         with quiet:
             retrieval.main(args)
+    except TrainingInterrupted as exc:
+        raise TrainingInterrupted(f"{describe_cell(args)} was interrupted: {exc}") from None
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(f"{describe_cell(args)} was interrupted; run the same command again to "
+                                  "resume") from None
     except UserError as exc:
         return str(exc)
     return None
@@ -379,12 +443,13 @@ def render_markdown(options, variants, rows, command):
     lines += ["| " + " | ".join([variant] + [f"{by_cell[(variant, bits)]['train_seconds_mean']:.1f}"
                                              if by_cell[(variant, bits)]["runs"] else "—"
                                              for bits in options.bits]) + " |" for variant in variants]
-    lines += ["", f"Generated {datetime.date.today().isoformat()} by `{command}`.", ""]
+    lines += ["", threads_note(), "", f"Generated {datetime.date.today().isoformat()} by `{rerun_command(command)}`.",
+              ""]
     return "\n".join(lines)
 
 
 CSV_COLUMNS = ["loss", "hash_bit", "runs", "select", "map_mean", "map_std", "map_per_seed", "final_map_mean",
-               "train_seconds_mean", "topk", "paper_map"]
+               "train_seconds_mean", "threads", "topk", "paper_map"]
 
 
 def render_csv(rows):
@@ -394,6 +459,7 @@ def render_csv(rows):
     for row in rows:
         cells = {key: ("" if row.get(key) is None else row.get(key)) for key in CSV_COLUMNS}
         cells["map_per_seed"] = ";".join(f"{value:.6f}" for value in row.get("map_per_seed", []))
+        cells["threads"] = torch.get_num_threads()
         writer.writerow(cells)
     return buffer.getvalue()
 
@@ -420,6 +486,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     options = get_args_parser().parse_args([arg for arg in argv if arg != "--"])  # "--" was once required
     refuse_grid_owned(options)
+    distinct(options.seeds, "--seeds")
+    distinct(options.bits, "--bits")
     variants = list(dict.fromkeys(options.losses))
     command = "python benchmarks/compare.py " + " ".join(argv)
     per_loss = dict(options.loss_args)
@@ -430,6 +498,8 @@ def main(argv=None):
     cells = {(label, bits, seed): cell_args(options, label, bits, seed, per_loss.get(split_label(label)[0], []))
              for seed in options.seeds for bits in options.bits for label in labels}
     Path(options.output_dir).mkdir(parents=True, exist_ok=True)
+    if not all(finished_record(args) for args in cells.values()):  # once, not as the same error in every cell
+        check_available(options.dataset, options.data_root, DataOptions(split=options.split), options.seeds[0])
 
     started = time.perf_counter()
     trained, reused, failures = 0, 0, []

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval  # noqa: E402
 from benchmarks import compare  # noqa: E402
@@ -36,7 +38,7 @@ from loss import LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.config import config_arguments, read_config  # noqa: E402
 from utils.errors import run_reporting_errors  # noqa: E402
-from utils.argtypes import positive_int  # noqa: E402
+from utils.argtypes import positive_int, seed_value  # noqa: E402
 
 # The search candidates are recipe files in configs/digits_study/ (each says why it is there): the project's
 # SGD at two learning rates for every loss, and as a third candidate the optimiser of the loss's own code
@@ -64,7 +66,7 @@ def get_args_parser():
                                      epilog="Other arguments are retrieval.py flags for every run.")
     parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES), help="losses")
     parser.add_argument("--bits", nargs="+", type=positive_int, default=[12, 24, 48], help="hash bits")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the final runs")
+    parser.add_argument("--seeds", nargs="+", type=seed_value, default=[0, 1, 2], help="seeds of the final runs")
     parser.add_argument("--search_bits", type=positive_int, default=24, help="hash bits of the search")
     parser.add_argument("--epochs", type=positive_int, default=10, help="epochs of every run")
     parser.add_argument("--subset", type=positive_int, default=1000,
@@ -82,6 +84,9 @@ def parse(argv):
     """The study's options; the retrieval.py flags for every run are options.overrides."""
     options, options.overrides = compare.parse_with_run_flags(
         get_args_parser(), argv, FLAGS_SET_PER_RUN, "the study", "--losses, --bits, --seeds, --epochs, --subset")
+    compare.distinct(options.seeds, "--seeds")
+    compare.distinct(options.bits, "--bits")
+    compare.distinct(options.losses, "--losses")
     return options
 
 
@@ -97,28 +102,36 @@ def run_args(options, phase, loss, bits, seed, recipe):
     return retrieval.get_args_parser().parse_args(argv)
 
 
-def run_once(args, options):
+def run_once(args, options, progress):
     """The run's finished record, training it first unless it finished before (or --collect); None if it
-    failed or has not run."""
+    failed or has not run. progress = (phase, recipe, k, of): a trained run prints one line when it ends,
+    so that a study whose stderr is no terminal (no progress bars) still shows how far it is."""
     record = compare.finished_record(args)
     if record is None and not options.collect:
+        phase, recipe, done, total = progress
+        started = time.perf_counter()
         error = compare.train_or_resume(args, options.verbose)
-        if error:
-            print(f"failed: {args.loss} {args.hash_bit} bits seed {args.seed}: {error}", file=sys.stderr)
-            return None
-        record = compare.finished_record(args)
+        record = None if error else compare.finished_record(args)
+        if error or record is None:
+            score = f"failed: {error or 'no finished log'}"
+        elif phase == "search":
+            score = f"val mAP {record['selection']['val_map']:.4f}"
+        else:
+            score = f"mAP {record['epochs'][-1]['map']:.4f}"
+        print(f"[{done}/{total}] {phase} {args.loss} {recipe} {args.hash_bit} bits seed {args.seed}: {score} "
+              f"({time.perf_counter() - started:.0f}s)", flush=True)
     return record
 
 
 def search(options):
     """{loss: {recipe: validation mAP}} of the search runs that finished."""
     scores = {}
-    for loss in options.losses:
-        for recipe in SEARCH_SPACE[loss]:
-            record = run_once(run_args(options, "search", loss, options.search_bits, 0, recipe),
-                              options)
-            if record is not None:
-                scores.setdefault(loss, {})[recipe] = record["selection"]["val_map"]
+    runs = [(loss, recipe) for loss in options.losses for recipe in SEARCH_SPACE[loss]]
+    for number, (loss, recipe) in enumerate(runs, start=1):
+        record = run_once(run_args(options, "search", loss, options.search_bits, 0, recipe), options,
+                          ("search", recipe, number, len(runs)))
+        if record is not None:
+            scores.setdefault(loss, {})[recipe] = record["selection"]["val_map"]
     return scores
 
 
@@ -149,13 +162,13 @@ def epoch_reaching(curve, level):
 def final_runs(options, scores):
     """{(loss, bits): [finished records]}, seed by seed over the whole grid (a partial study covers every cell)."""
     results = {(loss, bits): [] for loss in options.losses for bits in options.bits}
-    for seed in options.seeds:
-        for bits in options.bits:
-            for loss in options.losses:
-                args = run_args(options, "final", loss, bits, seed, best_recipe(scores, loss))
-                record = run_once(args, options)
-                if record is not None:
-                    results[(loss, bits)].append(record)
+    runs = [(seed, bits, loss) for seed in options.seeds for bits in options.bits for loss in options.losses]
+    for number, (seed, bits, loss) in enumerate(runs, start=1):
+        recipe = best_recipe(scores, loss)
+        record = run_once(run_args(options, "final", loss, bits, seed, recipe), options,
+                          ("final", recipe, number, len(runs)))
+        if record is not None:
+            results[(loss, bits)].append(record)
     return results
 
 
@@ -228,18 +241,20 @@ def render_markdown(options, scores, rows, invocation):
     for loss in options.losses:
         cells = [by_cell[(loss, bits)].get("epoch_to_shared_level") for bits in options.bits]
         lines.append(f"| {loss} | " + " | ".join("—" if epoch is None else str(epoch) for epoch in cells) + " |")
-    return "\n".join(lines + ["", f"Generated by `{invocation}`.", ""])
+    return "\n".join(lines + ["", compare.threads_note(), "", f"Generated by `{compare.rerun_command(invocation)}`.",
+                               ""])
 
 
 CSV_COLUMNS = ["loss", "hash_bit", "recipe", "runs", "map_mean", "map_std", "epochs_to_95", "seconds_to_95",
-               "train_seconds", "shared_level", "epoch_to_shared_level"]
+               "train_seconds", "shared_level", "epoch_to_shared_level", "threads"]
 
 
 def render_csv(rows):
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    writer.writerows({key: ("" if row.get(key) is None else row.get(key)) for key in CSV_COLUMNS} for row in rows)
+    writer.writerows({**{key: ("" if row.get(key) is None else row.get(key)) for key in CSV_COLUMNS},
+                      "threads": torch.get_num_threads()} for row in rows)
     return buffer.getvalue()
 
 

@@ -14,7 +14,10 @@ hpl: balanced digits, HyP² without a hierarchy, with clustered proxies (from it
 warm-up) and with the given parity hierarchy (data/hierarchies/digits.csv).
 
 Seeds run outermost, so an interrupted study has whole seeds. A cell whose run finished with the same
-settings is reused (benchmarks/compare.py's finished_record), so a rerun resumes.
+settings is reused (benchmarks/compare.py's finished_record); one that was interrupted continues from its
+training state, and one that finished under other settings (e.g. other --epochs) is trained again
+(compare.train_or_resume), so a rerun completes the study. Ctrl-C stops the study, naming the cell.
+Seeded results change with the number of CPU threads: the table records it, and its rerun command sets it.
 """
 import argparse
 import datetime
@@ -25,10 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval  # noqa: E402
-from benchmarks.compare import finished_record, run_cell, summarise  # noqa: E402
+from benchmarks import compare  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.errors import run_reporting_errors  # noqa: E402
-from utils.argtypes import positive_int  # noqa: E402
+from utils.argtypes import positive_int, seed_value  # noqa: E402
 from session.files import RunFiles  # noqa: E402
 
 TWO_HEADS = ["--experts", "2"]
@@ -54,7 +57,7 @@ STUDIES = {"ecl": (ECL_VARIANTS, (10.0, 50.0)), "hpl": (HPL_VARIANTS, (1.0,))}
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", nargs="+", choices=list(STUDIES), default=list(STUDIES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=seed_value, default=[0, 1, 2])
     parser.add_argument("--epochs", type=positive_int, default=10)
     parser.add_argument("--hash_bit", type=positive_int, default=48)
     parser.add_argument("--output_dir", default="./result")
@@ -70,13 +73,13 @@ def cell_args(options, study, variant, imbalance, seed):
     output_dir = Path(options.output_dir) / "longtail_study" / f"{study}_{slug}_rho{imbalance:g}_seed{seed}"
     argv = ["--dataset", "digits", "--backbone", "small", "--hash_bit", str(options.hash_bit),
             "--epochs", str(options.epochs), "--eval_every", str(options.epochs), "--imbalance", f"{imbalance:g}",
-            "--seed", str(seed), "--output_dir", str(output_dir), "--no_progress", *flags]
+            "--seed", str(seed), "--output_dir", str(output_dir), "--no_progress", "--overwrite", *flags]
     return retrieval.get_args_parser().parse_args(argv)
 
 
 def cell_result(args):
     """(overall mAP, tail-bucket mAP) of a finished cell, else None."""
-    if finished_record(args) is None:
+    if compare.finished_record(args) is None:
         return None
     metrics = json.loads(RunFiles.for_args(args).metrics.read_text())
     return metrics["map"], metrics["long_tail"]["buckets"]["tail"]["map"]
@@ -85,7 +88,7 @@ def cell_result(args):
 def format_stat(values):
     if not values:
         return "—"
-    mean, std = summarise(values)
+    mean, std = compare.summarise(values)
     return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
 
@@ -107,13 +110,15 @@ def render(options, cells, command):
                              str(len(results))]
             lines.append(f"| {variant} | " + " | ".join(cellsets) + " |")
         lines.append("")
-    lines += [f"Generated {datetime.date.today().isoformat()} by `{command}`.", ""]
+    lines += [compare.threads_note(), "", f"Generated {datetime.date.today().isoformat()} by "
+              f"`{compare.rerun_command(command)}`.", ""]
     return "\n".join(lines)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     options = get_args_parser().parse_args(argv)
+    compare.distinct(options.seeds, "--seeds")
     command = "python benchmarks/longtail_study.py " + " ".join(argv)
     grid = [(study, variant, rho, seed) for seed in options.seeds for study in options.studies
             for rho in STUDIES[study][1] for variant in STUDIES[study][0]]
@@ -126,7 +131,7 @@ def main(argv=None):
             results[key] = cell_result(cell_args(options, *key))  # another process may have run it meanwhile
         if results[key] is None:
             cell_started = time.perf_counter()
-            error = run_cell(cell_args(options, *key), options.verbose)
+            error = compare.train_or_resume(cell_args(options, *key), options.verbose)
             results[key] = None if error else cell_result(cell_args(options, *key))
             outcome = f"failed: {error}" if error else f"mAP {results[key][0]:.4f}, tail {results[key][1]:.4f}"
             failures += [f"{key}: {error}"] if error else []

@@ -1,5 +1,6 @@
 """What every dataset module provides: a DatasetSpec for the registry and the three retrieval splits."""
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -21,6 +22,15 @@ class DataOptions:
     strict_images: bool = False  # a truncated image is an error instead of being padded (the paper's loader pads)
     split: str = "paper"  # "paper": the paper's fixed split where one is shipped (flickr); "random": seeded
     imbalance: float = 1.0  # --imbalance: ratio of the commonest to the rarest class (long-tailed variants)
+    cache_dir: Optional[str] = None  # where --cache writes (e.g. when the data root is read-only); None: in the data
+    offline: bool = False  # read only what is on disk: no download, no archive extraction (python -m data.verify)
+
+    def cache_folder(self, dataset_folder):
+        """Where --cache keeps a dataset's image cache: cache_dir, else dataset_folder/cache; None without --cache.
+        One cache_dir may serve several datasets: a cache file's name carries the dataset and its image list."""
+        if not self.cache:
+            return None
+        return Path(self.cache_dir) if self.cache_dir else Path(dataset_folder) / "cache"
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class DatasetSpec:
     describe: Optional[Callable[..., dict]] = None  # describe(root, options) -> what the run log records of the files
     class_names: tuple = ()  # the classes in label order, where the dataset names them
     options: tuple = ()  # DataOptions fields beyond the common ones that its build() honours (digits: "imbalance")
+    fetch: Optional[Callable[..., object]] = None  # fetch(root): an in-memory dataset's files, downloaded if needed
 
     def with_classes_of(self, splits):
         """This spec, with num_classes taken from the built splits when the dataset leaves it to the data."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import UserError
+from utils.paths import MiB, open_regular
 
 from .archives import Archive, ensure_extracted
 from .base import ArrayImageDataset, DatasetSpec, RetrievalSplits
@@ -23,6 +24,7 @@ FOLDER = "cifar-10-batches-py"
 BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 NUM_CLASSES = 10
 QUERY_PER_CLASS, TRAIN_PER_CLASS = 100, 500
+MAX_BATCH_BYTES = 64 * MiB  # a batch of 10,000 images is 31 MB
 
 
 # The only globals a CIFAR-10 batch refers to: how numpy pickles an array. Anything else (os.system, eval, ...)
@@ -43,7 +45,7 @@ class BatchUnpickler(pickle.Unpickler):
 def read_batch(path):
     """uint8 (N, 3, 32, 32) images and int64 (N,) classes of one pickled CIFAR-10 batch."""
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path, "the CIFAR-10 batch", MAX_BATCH_BYTES) as handle:
             batch = BatchUnpickler(handle, encoding="bytes").load()
         images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         classes = np.asarray(batch[b"labels"], dtype=np.int64)
@@ -71,9 +73,14 @@ def mini_protocol(classes, seed, query_per_class=QUERY_PER_CLASS, train_per_clas
     return query, train, np.setdiff1d(np.arange(len(classes)), query)
 
 
+def extracted_folder(root):
+    """DATA_ROOT/cifar-10-batches-py, extracted from the archive (taken from DATA_ROOT or downloaded) if needed."""
+    return ensure_extracted(Path(root), FOLDER, ARCHIVES)
+
+
 def build(root, seed, preprocessing, options=None):
     del options  # held in memory already, decoded from the batches
-    folder = ensure_extracted(Path(root), FOLDER, ARCHIVES)
+    folder = extracted_folder(root)
     images, classes = (np.concatenate(parts) for parts in zip(*(read_batch(folder / name) for name in BATCHES)))
     labels = np.eye(NUM_CLASSES, dtype=np.float32)[classes]
     query, train, database = mini_protocol(classes, seed)
@@ -84,5 +91,5 @@ def build(root, seed, preprocessing, options=None):
 
 
 SPEC = DatasetSpec(
-    name="cifar10", num_classes=NUM_CLASSES, default_topk=5000, build=build, in_memory=True,
+    name="cifar10", num_classes=NUM_CLASSES, default_topk=5000, build=build, in_memory=True, fetch=extracted_folder,
     summary="CIFAR-10 mini protocol: per class 100 queries and 500 train; database = all but the queries (59,000)")

@@ -15,6 +15,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from utils.errors import UserError
+
 from .base import ArrayImageDataset, DatasetSpec, RetrievalSplits
 from .transforms import BatchTransform
 
@@ -97,6 +99,16 @@ def long_tailed_selection(labels, budgets, rng):
     return np.sort(np.asarray(kept, dtype=np.int64))
 
 
+def refuse_starved_classes(imbalance, counts, head_count):
+    """A class without a training mosaic has no database item either (database = training set): its queries
+    could never find anything, and the tail bucket would be measured on nothing. Refused, with the bound."""
+    starved = np.flatnonzero(np.asarray(counts) < 1)
+    if len(starved):
+        raise UserError(f"--imbalance {imbalance:g} leaves class{'es' if len(starved) > 1 else ''} "
+                        f"{', '.join(map(str, starved))} without a training (and database) mosaic: the rarest class "
+                        f"gets round({head_count} / rho) mosaics, so --imbalance must be below {2 * head_count}")
+
+
 LONG_TAIL_POOL_FACTOR = 5  # pool of mosaics the long-tailed training set is drawn from, x TRAIN_SIZE
 
 
@@ -109,10 +121,13 @@ def generate(seed, train_size=TRAIN_SIZE, query_size=QUERY_SIZE, imbalance=1.0):
     if imbalance == 1:
         train = make_mosaics(images, targets, train_pool, train_size, train_rng)
     else:
+        head_count = int(round(train_size * (MAX_DIGITS + 1) / 2 / NUM_CLASSES))  # 1-3 digits: 2 per mosaic
+        budgets = class_budgets(imbalance, head_count)
+        refuse_starved_classes(imbalance, budgets, head_count)
         pool_images, pool_labels = make_mosaics(images, targets, train_pool, LONG_TAIL_POOL_FACTOR * train_size,
                                                 train_rng)
-        head_count = int(round(train_size * (MAX_DIGITS + 1) / 2 / NUM_CLASSES))  # 1-3 digits: 2 per mosaic
-        kept = long_tailed_selection(pool_labels, class_budgets(imbalance, head_count), tail_rng)
+        kept = long_tailed_selection(pool_labels, budgets, tail_rng)
+        refuse_starved_classes(imbalance, pool_labels[kept].sum(axis=0), head_count)
         train = pool_images[kept], pool_labels[kept]
     query = make_mosaics(images, targets, query_pool, query_size, query_rng)
     return (*train, *query)
@@ -122,7 +137,7 @@ def build(root, seed, preprocessing, options=None):
     del root  # nothing on disk: the source digits come with scikit-learn, and stay in memory
     imbalance = options.imbalance if options is not None else 1.0
     if imbalance < 1:
-        raise ValueError(f"--imbalance {imbalance:g}: the ratio of the commonest to the rarest class must be >= 1")
+        raise UserError(f"--imbalance {imbalance:g}: the ratio of the commonest to the rarest class must be >= 1")
     train_images, train_labels, query_images, query_labels = generate(seed, imbalance=imbalance)
     # Mirrored digits are other glyphs, so no flip augmentation here.
     train_transform = BatchTransform(preprocessing, train=True, hflip=False)

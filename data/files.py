@@ -1,6 +1,7 @@
 """Datasets of image files: decoded lazily, one image at a time in the DataLoader workers, or read
 from the opt-in uint8 cache (`--cache`, data/image_cache.py). Each dataset family module only lists
 (paths, labels) per split and calls file_splits()."""
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 from utils.errors import UserError
+from utils.paths import open_regular
 from utils.runlog import progress_bar, warn
 
 from .base import DataOptions, RetrievalSplits
@@ -52,22 +54,38 @@ def truncated_images_loaded():
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L")
+
+
+def grey_full_scale(mode, values):
+    """The value that is white in a grey image of more than 8 bits. 16-bit modes: 65535. 32-bit integer (I) and
+    float (F) images say nothing of their range, so it is read from the values: within 0..1 (float only) 1,
+    within 0..255 255 (8-bit values stored wider), within 0..65535 65535, beyond that their maximum."""
+    if mode in SIXTEEN_BIT_GREY:
+        return 65535.0
+    peak = float(np.nanmax(values, initial=0))
+    for full in ((1.0,) if mode == "F" else ()) + (255.0, 65535.0):
+        if peak <= full:
+            return full
+    return peak
+
+
 def to_rgb(image):
-    """An RGB image with 8 bits a channel. 16-bit and 32-bit grey images are scaled down (65535 -> 255):
-    PIL's convert("RGB") would clip every value above 255 to white."""
-    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+    """An RGB image with 8 bits a channel. Grey images of more than 8 bits are scaled to 0..255 from their full
+    scale (grey_full_scale): PIL's convert("RGB") would clip every value above 255 to white."""
+    if image.mode not in ("I", "F") + SIXTEEN_BIT_GREY:
         return image.convert("RGB")
-    values = np.asarray(image, dtype=np.float64)
-    scale = 255.0 if image.mode == "F" and values.max(initial=0) <= 1 else 255.0 / 65535.0
-    grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").convert("RGB")
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    grey = np.clip(np.rint(values * (255.0 / grey_full_scale(image.mode, values))), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
-def _open_rgb(path):
+def _open_rgb(path, what):
     with warnings.catch_warnings():
         # Over PIL's pixel limit PIL only warns (an error from twice the limit): refuse both alike.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        # open_regular: a FIFO would block PIL's open, a device (/dev/zero) feed it without end
+        with open_regular(path, what) as handle, Image.open(handle) as image:
             return to_rgb(image)
 
 
@@ -80,14 +98,16 @@ def decode_rgb(path, strict=False, what="image", hint="replace the file or remov
     truncated files are decoded twice.
     """
     try:
-        return _open_rgb(path), False
+        return _open_rgb(path, what), False
+    except UserError as exc:  # missing, or not a regular file
+        raise UnreadableImage(f"{exc}; {hint}") from None
     except (ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(f"cannot read {what} {path} ({exc}); {hint}") from None
     except OSError as exc:
         error = exc
     try:
         with truncated_images_loaded():
-            image = _open_rgb(path)
+            image = _open_rgb(path, what)
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(f"cannot read {what} {path} ({exc}); {hint}") from None
     if strict:
@@ -183,21 +203,50 @@ class ImageFileDataset(Dataset):
 
 
 def truncated_paths(datasets):
-    """The distinct image files found truncated so far while decoding any of `datasets` (through Subsets)."""
+    """The sorted distinct image files found truncated (and padded) so far while decoding any of `datasets`
+    (through Subsets), or held padded by the image cache they read: the full list for a run's log."""
     found = set()
     for dataset in datasets:
         while isinstance(dataset, Subset):
             dataset = dataset.dataset
-        found |= dataset.truncated_paths() if hasattr(dataset, "truncated_paths") else set()
-    return found
+        found |= set(dataset.truncated_paths()) if hasattr(dataset, "truncated_paths") else set()
+    return sorted(found)
 
 
-def truncation_note(count):
-    """The one line a run prints when it padded truncated images ("" when there were none)."""
+NAMED_EXAMPLES = 3
+
+
+def name_some(paths, count=NAMED_EXAMPLES):
+    """'a, b, c and 4 more': the first `count` of the sorted `paths`."""
+    paths = sorted(paths)
+    more = f" and {len(paths) - count} more" if len(paths) > count else ""
+    return ", ".join(map(str, paths[:count])) + more
+
+
+def truncation_note(truncated):
+    """The one line a run prints when it padded truncated images ("" when there were none), naming the first few
+    of `truncated` (the paths, as truncated_paths gives them; a bare count from older callers names none)."""
+    count = truncated if isinstance(truncated, int) else len(truncated)
     if not count:
         return ""
+    names = "" if isinstance(truncated, int) else f": {name_some(truncated)}"
     return (f"{count} truncated image{'s were' if count != 1 else ' was'} padded, as the paper's loader does "
-            "(--strict_images makes them an error)")
+            f"(--strict_images makes them an error){names}")
+
+
+def split_problems(splits):
+    """What makes splits {"train", "query", "database": LabelledPaths} untrainable, one line each: an empty split,
+    queries that are also training images (a query must never be trained on). Training refuses them
+    (file_splits); data.verify reports them."""
+    problems = [f"the {name} split is empty ({split.source} lists no images)"
+                for name, split in splits.items() if not len(split.paths)]
+    trained = {os.path.normpath(path) for path in splits["train"].paths}
+    both = sorted({path for path in splits["query"].paths if os.path.normpath(path) in trained})
+    if both:
+        problems.append(f"{len(both)} query image{'s are' if len(both) > 1 else ' is'} also training "
+                        f"image{'s' if len(both) > 1 else ''} (e.g. {name_some(both, 2)}): a query must not be "
+                        f"trained on; fix {splits['query'].source} or {splits['train'].source}")
+    return problems
 
 
 def file_splits(name, splits, preprocessing, cache_dir=None, options=DataOptions()):
@@ -206,6 +255,9 @@ def file_splits(name, splits, preprocessing, cache_dir=None, options=DataOptions
     splits, so each image is decoded once however many splits hold it). Missing files stop the run here,
     before any training, unless options.skip_bad_images leaves them out with the undecodable ones."""
     preprocessing = as_preprocessing(preprocessing)
+    problems = split_problems(splits)
+    if problems:
+        raise UserError("; ".join(problems))
     train, query, database = (splits[part] for part in ("train", "query", "database"))
     for split in (train, query, database):
         require_files(split.paths, split.source, allow_missing=options.skip_bad_images)
@@ -223,10 +275,7 @@ def file_splits(name, splits, preprocessing, cache_dir=None, options=DataOptions
                                options.strict_images)
     # the cache holds resized pixels, so another interpolation is another cache
     cache_name = name if preprocessing.interpolation == "bilinear" else f"{name}_{preprocessing.interpolation}"
-    cache = ImageCache.open_or_build(cache_dir, cache_name, decoder, preprocessing.size)
-    note = truncation_note(len(decoder.truncated_paths()))
-    if note:
-        print(note)
+    cache = ImageCache.open_or_build(cache_dir, cache_name, decoder, preprocessing.size, options.strict_images)
 
     def cached(split, train_transform=False):
         return CachedImageDataset(cache, split.paths, split.labels, BatchTransform(preprocessing, train=train_transform))

@@ -16,18 +16,20 @@ The permutation is drawn once and saved as flickr25k/split_seed{seed}.json (imag
 order), which later runs reuse.
 """
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from utils.atomic import write_json
 from utils.errors import UserError
+from utils.paths import read_text_file
 from utils.runlog import warn
 
 from .base import DataOptions, DatasetSpec
 from .files import LabelledPaths, file_splits
 from .lists import parse_label_row
-from .protocol import shipped_bytes
+from .protocol import MAX_LIST_BYTES, shipped_bytes
 
 FOLDER = "flickr25k"
 IMAGES = "mirflickr"
@@ -44,17 +46,14 @@ QUERY_SIZE, TRAIN_SIZE = 1000, 4000  # query = order[:1000], train = order[1000:
 def read_prepared(folder):
     """(names relative to folder, labels) from img.txt and targets.txt."""
     img_txt, targets_txt = folder / "img.txt", folder / "targets.txt"
-    try:
-        # utf-8-sig: a BOM (Windows editors) is not part of the first image name
-        return parse_prepared(img_txt.read_text(encoding="utf-8-sig"), targets_txt.read_text(encoding="utf-8-sig"),
-                              img_txt, targets_txt)
-    except OSError as exc:
-        raise UserError(f"cannot read {exc.filename} ({exc.strerror})") from None
+    return parse_prepared(*(read_text_file(path, "the Flickr list", MAX_LIST_BYTES) for path in (img_txt, targets_txt)),
+                          img_txt, targets_txt)
 
 
 def parse_prepared(img_text, targets_text, img_txt, targets_txt):
     """(names relative to the flickr25k folder, labels) from the texts of img.txt and targets.txt."""
     names = [line.strip() for line in img_text.splitlines() if line.strip()]
+    refuse_duplicates(img_text, img_txt)
     target_lines = [line for line in targets_text.splitlines() if line.strip()]
     if len(names) != len(target_lines):
         raise UserError(f"{img_txt} lists {len(names)} images but {targets_txt} has {len(target_lines)} label lines")
@@ -63,16 +62,28 @@ def parse_prepared(img_text, targets_text, img_txt, targets_txt):
     return [f"{IMAGES}/{name}" for name in names], labels
 
 
+def refuse_duplicates(img_text, img_txt):
+    """An image listed twice would be split like two images: it could be a query and a training image at once."""
+    lines_of = defaultdict(list)
+    for number, line in enumerate(img_text.splitlines(), start=1):
+        if line.strip():
+            lines_of[line.strip()].append(number)
+    repeated = [(name, numbers) for name, numbers in lines_of.items() if len(numbers) > 1]
+    if repeated:
+        examples = ", ".join(f"{name} (lines {', '.join(map(str, numbers))})" for name, numbers in repeated[:3])
+        raise UserError(f"{img_txt} lists {len(repeated)} image{'s' if len(repeated) > 1 else ''} more than once: "
+                        f"{examples}{' ...' if len(repeated) > 3 else ''}; list each image once (with its "
+                        "labels on the same line of targets.txt)")
+
+
 def read_annotations(folder):
     """(names relative to folder, labels) of the images with at least one label, from annotations/."""
     labels = np.zeros((NUM_IMAGES, len(LABELS)), dtype=np.float32)
     for column, label in enumerate(LABELS):
         path = folder / "annotations" / f"{label}.txt"
-        try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
-        except OSError as exc:
-            raise UserError(f"cannot read {path} ({exc.strerror}); annotations/ needs the 38 label files of "
-                            "mirflickr25k_annotations_v080.zip (24 concepts and 14 *_r1)") from None
+        lines = read_text_file(path, "the annotation file", MAX_LIST_BYTES, missing=(
+            "annotations/ needs the 38 label files of mirflickr25k_annotations_v080.zip (24 concepts and 14 *_r1)")
+        ).splitlines()
         for number, line in enumerate(lines, start=1):
             if line.strip():
                 if not line.strip().isdigit() or not 1 <= int(line) <= NUM_IMAGES:
@@ -87,10 +98,7 @@ def split_order(folder, names, seed):
     and saved there."""
     split_file = folder / f"split_seed{seed}.json"
     if split_file.exists():
-        try:
-            order = json.loads(split_file.read_text())["order"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"cannot read the saved split {split_file} ({exc}); delete it to draw it again") from None
+        order = read_saved_order(split_file)
         if sorted(order) != sorted(names):
             raise UserError(f"the saved split {split_file} lists other images ({len(order)}) than {folder} holds "
                             f"({len(names)}); delete it to draw a new split with --seed {seed}")
@@ -101,6 +109,19 @@ def split_order(folder, names, seed):
         write_json(split_file, {"seed": seed, "query": QUERY_SIZE, "train": TRAIN_SIZE, "order": order})
     except OSError as exc:
         warn(f"cannot save the split to {split_file} ({exc.strerror}); it is drawn from --seed {seed} again next time")
+    return order
+
+
+def read_saved_order(split_file):
+    """The image names of a saved split file: a JSON object whose "order" is a list of names."""
+    try:
+        saved = json.loads(read_text_file(split_file, "the saved split", MAX_LIST_BYTES))
+    except ValueError as exc:
+        raise UserError(f"{split_file} is not a saved split (not JSON: {exc}); delete it to draw it again") from None
+    order = saved.get("order") if isinstance(saved, dict) else None
+    if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
+        raise UserError(f"{split_file} is not a saved split (it needs \"order\": a list of image names); delete it "
+                        "to draw it again")
     return order
 
 
@@ -161,8 +182,8 @@ def cut(order, part):
 
 def build(root, seed, preprocessing, options=DataOptions()):
     folder = Path(root) / FOLDER
-    return file_splits("flickr", list_splits(root, seed, options), preprocessing,
-                       cache_dir=folder / "cache" if options.cache else None, options=options)
+    return file_splits("flickr", list_splits(root, seed, options), preprocessing, cache_dir=options.cache_folder(folder),
+                       options=options)
 
 
 def describe(root, options=DataOptions()):

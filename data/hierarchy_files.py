@@ -10,7 +10,10 @@ import csv
 from pathlib import Path
 from typing import NamedTuple
 
+from utils.paths import MiB, read_text_file
+
 SHIPPED = Path(__file__).resolve().parent / "hierarchies"
+MAX_BYTES = 1 * MiB  # a class per row: COCO's 80 classes take 2 kB
 
 
 class GivenHierarchy(NamedTuple):
@@ -29,15 +32,17 @@ def resolve_path(text):
 
 def read_hierarchy(text, num_classes, class_names=()):
     """The GivenHierarchy in file `text` (or the shipped one of that name) for a dataset of `num_classes`
-    classes; `class_names`, when the dataset has them, must match the class column. ValueError naming the
-    file and line for anything else."""
+    classes; `class_names`, when the dataset has them, must match the class column. UserError when the file is
+    missing, not a regular file (a FIFO would block, /dev/zero never end), over MAX_BYTES or not UTF-8;
+    ValueError naming the file and line for anything else."""
     path = resolve_path(text)
+    shipped = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.csv")))
+    content = read_text_file(path, "--hierarchy_file", MAX_BYTES, missing=f"give a CSV file or one of {shipped}")
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = [[cell.strip() for cell in row] for row in csv.reader(handle) if any(cell.strip() for cell in row)]
-    except OSError as exc:
-        raise ValueError(f"cannot read {path} ({exc.strerror or exc}); give a CSV file or one of "
-                         f"{', '.join(sorted(p.stem for p in SHIPPED.glob('*.csv')))}") from None
+        rows = [[cell.strip() for cell in row] for row in csv.reader(content.splitlines())
+                if any(cell.strip() for cell in row)]
+    except csv.Error as exc:
+        raise ValueError(f"{path} is not a CSV file ({exc})") from None
     if not rows or rows[0][0].lower() != "class" or len(rows[0]) < 2:
         raise ValueError(f"{path}: the first line must be the header class,level1[,level2...]")
     width, body = len(rows[0]), rows[1:]

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import UserError
+from utils.paths import read_text_file
 
 from .base import DataOptions, DatasetSpec
 from .files import LabelledPaths, file_splits
-from .protocol import identify, nuswide_database_variant, shipped_bytes
+from .protocol import MAX_LIST_BYTES, identify, nuswide_database_variant, shipped_bytes
 
 LIST_FILES = {"train": "train.txt", "query": "test.txt", "database": "database.txt"}
 
@@ -66,12 +67,9 @@ def parse_list(lines, source, base, num_classes=0, classes_from=None, problems=N
 def read_list(list_file, num_classes=0, classes_from=None, problems=None):
     """parse_list of a list file, paths relative to its folder."""
     list_file = Path(list_file)
-    try:
-        lines = list_file.read_text(encoding="utf-8-sig").splitlines()  # -sig: drop a BOM (Windows editors)
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or exc
-        raise UserError(f"cannot read {list_file} ({reason}); the list format needs "
-                        f"{', '.join(LIST_FILES.values())} in {list_file.parent} (see README, Datasets)") from None
+    lines = read_text_file(list_file, "the list", MAX_LIST_BYTES, missing=(
+        f"the list format needs {', '.join(LIST_FILES.values())} in {list_file.parent} (see README, Datasets)")
+    ).splitlines()
     return parse_list(lines, list_file, list_file.parent, num_classes, classes_from, problems)
 
 
@@ -103,8 +101,8 @@ def list_splits(name, subfolder, num_classes, root, seed=0, options=None, proble
 
 def build(name, subfolder, num_classes, root, seed, preprocessing, options=DataOptions()):
     splits = list_splits(name, subfolder, num_classes, root)
-    cache_dir = Path(root) / subfolder / "cache" if options.cache else None
-    return file_splits(name, splits, preprocessing, cache_dir=cache_dir, options=options)
+    return file_splits(name, splits, preprocessing, cache_dir=options.cache_folder(Path(root) / subfolder),
+                       options=options)
 
 
 def describe_nuswide(root, options=None):

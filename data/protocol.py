@@ -12,6 +12,14 @@ import hashlib
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.paths import MiB, open_regular, read_capped, read_file_bytes
+
+# The shipped files are at most 114 kB compressed and 1.9 MB uncompressed: anything larger is not one of them
+# (a gzip bomb inflates a few kB into gigabytes), so it is refused before or while inflating.
+MAX_SHIPPED_BYTES = 1 * MiB
+MAX_SHIPPED_INFLATED = 4 * MiB
+# A user's split list: NUS-WIDE's database.txt, the largest, is about 50 MB.
+MAX_LIST_BYTES = 512 * MiB
 
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 
@@ -61,24 +69,32 @@ def git_blob_id(content):
 def shipped_bytes(name):
     """The uncompressed bytes of a shipped split file, checked against its recorded SHA-256."""
     path = SPLITS_DIR / f"{name}.gz"
+    what = f"the shipped split file {path}"
     try:
-        content = gzip.decompress(path.read_bytes())
+        with open_regular(path, "the shipped split file", MAX_SHIPPED_BYTES,
+                          missing="restore it with `git checkout -- data/splits`") as handle, \
+                gzip.GzipFile(fileobj=handle) as inflated:
+            content = read_capped(inflated, MAX_SHIPPED_INFLATED, what)
     except (OSError, EOFError) as exc:
-        raise UserError(f"cannot read the shipped split file {path} ({exc}); restore it with "
-                        "`git checkout -- data/splits`") from None
+        raise UserError(f"cannot read {what} ({exc}); restore it with `git checkout -- data/splits`") from None
     if hashlib.sha256(content).hexdigest() != SHIPPED[name][0]:
         raise UserError(f"the shipped split file {path} is damaged (its SHA-256 differs from the recorded one); "
                         "restore it with `git checkout -- data/splits`")
     return content
 
 
+def read_list_bytes(path):
+    """The bytes of a user's split list, under the reader rule (a regular file of at most MAX_LIST_BYTES)."""
+    return read_file_bytes(path, "the list", MAX_LIST_BYTES)
+
+
 def identify(path):
     """(git blob id, what it is: a KNOWN_FILES description or "unknown") of the file at `path`."""
-    blob = git_blob_id(Path(path).read_bytes())
+    blob = git_blob_id(read_list_bytes(path))
     return blob, KNOWN_FILES.get(blob, "unknown")
 
 
 def nuswide_database_variant(path):
     """"paper", "DeepHash-pytorch nuswide_21" or "unknown (blob ...)" for a NUS-WIDE database.txt."""
-    blob = git_blob_id(Path(path).read_bytes())
+    blob = git_blob_id(read_list_bytes(path))
     return NUSWIDE_DATABASE_VARIANTS.get(blob, f"unknown (git blob {blob})")

@@ -1,6 +1,6 @@
 """Images given on the command line (--query), preprocessed exactly as the database they are searched
 against, and names for database items in search results."""
-from pathlib import Path
+import os
 
 import numpy as np
 import torch
@@ -20,7 +20,9 @@ def unwrap_subset(dataset):
 
 
 def read_query_image(path):
-    if not Path(path).is_file():
+    """The RGB image at `path`; UserError when there is none, UnreadableImage when it is no image (a folder, a
+    FIFO or a device is refused unopened)."""
+    if not os.path.lexists(path):
         raise UserError(f"no query image at {path}")
     return read_rgb(path, what="query image", hint="pass a PNG or JPEG image")
 

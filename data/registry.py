@@ -1,5 +1,8 @@
 """Registry of datasets by --dataset name."""
+from pathlib import Path
+
 from . import cifar, digits, flickr, lists, voc
+from .base import DataOptions
 
 DATASETS = {spec.name: spec for spec in [digits.SPEC, voc.VOC2007, voc.VOC2012, flickr.SPEC, *lists.SPECS, cifar.SPEC]}
 
@@ -8,3 +11,14 @@ def get_dataset_spec(name):
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[name]
+
+
+def check_available(name, root, options=DataOptions(), seed=0):
+    """Stop (UserError) when a dataset's files are not under `root`, after fetching them as a run would (a VOC or
+    CIFAR-10 archive is downloaded and extracted): a harness calls it once before a grid of runs, instead of
+    meeting the same error in every cell. Reads the split lists, opens no image; nothing for digits."""
+    spec = get_dataset_spec(name)
+    if spec.list_splits is not None:
+        spec.list_splits(Path(root), seed, options)
+    elif spec.fetch is not None:
+        spec.fetch(root)

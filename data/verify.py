@@ -9,7 +9,9 @@ in DataLoader workers (progress bar) and counts the truncated ones (loaded padde
 code) and the undecodable ones; and identifies the split files by their git blob ids (the paper's,
 DeepHash-pytorch's, or unknown). Each problem is one line on stderr; any problem makes the exit status 1.
 --manifest writes what was checked as JSON: dataset, protocol, the splits' image paths relative to
---data_root in split order, num_classes and the checks.
+--data_root in split order, num_classes and the checks (with every truncated image). It checks offline: it
+neither downloads nor extracts archives (VOC), and never writes over the data: --manifest is a new file or an
+earlier manifest.
 """
 import argparse
 import os
@@ -21,9 +23,10 @@ import numpy as np
 
 from utils.atomic import write_json
 from utils.errors import UserError, run_reporting_errors
+from utils.paths import check_output_target, holds_json_object_with
 
 from .base import DataOptions
-from .files import check_images
+from .files import check_images, name_some, split_problems
 from .protocol import PROTOCOL_SIZES, identify
 from .registry import DATASETS, get_dataset_spec
 
@@ -62,7 +65,7 @@ def check_files(splits):
     if unreadable:
         problems.append(f"{len(unreadable):,} images cannot be decoded, e.g.: {unreadable[0]}")
     return {"images": len(every_image), "missing": len(missing), "truncated": len(truncated),
-            "unreadable": len(unreadable), "truncated_examples": truncated[:10]}, problems
+            "unreadable": len(unreadable), "truncated_images": sorted(truncated)}, problems
 
 
 def check_split_files(dataset, root, options):
@@ -100,8 +103,10 @@ def verify(dataset, root, options=DataOptions(), seed=0):
     for split in SPLIT_ORDER:
         checks[split], found = check_lines(split, splits[split], expected.get(split))
         problems += found
+    problems += split_problems(splits)
     checks["files"], found = check_files(splits)
     problems += found
+    checks["files"]["truncated_images"] = [os.path.relpath(path, root) for path in checks["files"]["truncated_images"]]
     checks["split_files"], found = check_split_files(dataset, Path(root), options)
     problems += found
     widths = {splits[split].labels.shape[1] for split in SPLIT_ORDER if len(splits[split].paths)}
@@ -118,7 +123,7 @@ def protocol_name(dataset, options, seed):
     return "paper" if dataset in PROTOCOL_SIZES else "your lists"
 
 
-def report(record, problems):
+def report(record, problems, root):
     """Print the summary lines; the problems go to stderr, one line each."""
     checks = record["checks"]
     sizes = ", ".join(f"{split} {checks[split]['images']:,}" + (f" (protocol {checks[split]['expected']:,})"
@@ -129,6 +134,9 @@ def report(record, problems):
     intact = files["images"] - files["missing"] - files["unreadable"] - files["truncated"]
     print(f"{files['images']:,} images: {intact:,} decode, {files['truncated']:,} truncated (they load padded, as "
           f"in the paper's code), {files['unreadable']:,} undecodable, {files['missing']:,} missing")
+    if files["truncated_images"]:
+        listed = " (--manifest lists them all)" if len(files["truncated_images"]) > 3 else ""
+        print(f"truncated images: {name_some(os.path.join(root, path) for path in files['truncated_images'])}{listed}")
     for file_name, what in checks["split_files"].items():
         print(f"{file_name}: {what}")
     for problem in problems:
@@ -149,8 +157,12 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
 
     def run():
-        record, problems = verify(args.dataset, args.data_root, DataOptions(split=args.split), args.seed)
-        report(record, problems)
+        if args.manifest:  # before any work, and never over the data: a new file or an earlier manifest
+            check_output_target(args.manifest, "--manifest", earlier_output=(
+                "an earlier manifest of data.verify",
+                lambda path: holds_json_object_with(path, ("dataset", "protocol", "splits", "checks"))))
+        record, problems = verify(args.dataset, args.data_root, DataOptions(split=args.split, offline=True), args.seed)
+        report(record, problems, args.data_root)
         if args.manifest:
             write_json(args.manifest, record)
             print(f"manifest written to {args.manifest}")

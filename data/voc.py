@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import UserError
+from utils.paths import MiB, read_file_bytes, read_text_file
 
 from .archives import Archive, ensure_extracted
 from .base import DataOptions, DatasetSpec
 from .files import LabelledPaths, file_splits
+from .protocol import MAX_LIST_BYTES
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
            "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -33,22 +35,26 @@ ARCHIVES = {
                      f"{VOC_HOST}/voc2012/VOCtrainval_11-May-2012.tar")],
 }
 SPLITS = {"2007": ("trainval", "test"), "2012": ("train", "val")}  # (train = database, query)
+MAX_ANNOTATION_BYTES = 1 * MiB  # an Annotations/*.xml file is about 1 kB
 
 
 def read_image_ids(voc_dir, split):
     path = Path(voc_dir) / "ImageSets" / "Main" / f"{split}.txt"
-    try:
-        return [line.split()[0] for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    except OSError as exc:
-        raise UserError(f"cannot read the VOC split file {path} ({exc.strerror}); {voc_dir} is incomplete: "
-                        "delete it and rerun to extract the official archives again") from None
+    ids = [line.split()[0] for line in read_text_file(path, "the VOC split file", MAX_LIST_BYTES, missing=(
+        f"{voc_dir} is incomplete: delete it and rerun to extract the official archives again")).splitlines()
+        if line.strip()]
+    if not ids:
+        raise UserError(f"the VOC split file {path} lists no images; {voc_dir} is damaged: delete it and rerun to "
+                        "extract the official archives again")
+    return ids
 
 
 def read_labels(annotation_file):
     """The 20-class multi-hot label of one Annotations/*.xml file."""
+    content = read_file_bytes(annotation_file, "the VOC annotation", MAX_ANNOTATION_BYTES)
     try:
-        names = [obj.findtext("name", "").strip() for obj in ElementTree.parse(annotation_file).iter("object")]
-    except (OSError, ElementTree.ParseError) as exc:
+        names = [obj.findtext("name", "").strip() for obj in ElementTree.fromstring(content).iter("object")]
+    except ElementTree.ParseError as exc:
         raise UserError(f"cannot read the VOC annotation {annotation_file} ({exc})") from None
     label = np.zeros(len(CLASSES), dtype=np.float32)
     for name in names:
@@ -69,17 +75,31 @@ def read_split(voc_dir, split):
 def list_splits(year, root, seed=0, options=None, problems=None):
     """The official splits (train = database); extracts the archives first if needed. A bad annotation
     stops it, whether or not a `problems` list is given."""
-    del seed, options, problems  # the official splits are fixed
-    voc_dir = ensure_extracted(Path(root), Path("VOCdevkit") / f"VOC{year}", ARCHIVES[year])
+    del seed, problems  # the official splits are fixed
+    folder = Path("VOCdevkit") / f"VOC{year}"
+    if options is not None and options.offline and not (Path(root) / folder).is_dir():
+        raise UserError(offline_problem(year, Path(root), folder))
+    voc_dir = ensure_extracted(Path(root), folder, ARCHIVES[year])
     train_split, query_split = SPLITS[year]
     train = read_split(voc_dir, train_split)
     return {"train": train, "query": read_split(voc_dir, query_split), "database": train}
 
 
+def offline_problem(year, root, folder):
+    """What is missing when VOC{year} is not extracted and nothing may be downloaded or extracted."""
+    archives = [archive.file_name for archive in ARCHIVES[year]]
+    present = [name for name in archives if (root / name).is_file()]
+    found = (f"{' and '.join(present)} {'are' if len(present) > 1 else 'is'} in {root}: a training run checks "
+             "and extracts it" if present else f"{' and '.join(archives)} {'are' if len(archives) > 1 else 'is'} "
+             f"not in {root} either: a training run downloads and extracts them")
+    return (f"{root / folder} does not exist: data.verify checks what is on disk and neither downloads nor extracts; "
+            f"{found} (or extract the official archives there yourself)")
+
+
 def build(year, root, seed, preprocessing, options=DataOptions()):
     voc_dir = Path(root) / "VOCdevkit" / f"VOC{year}"
-    return file_splits(f"voc{year}", list_splits(year, root), preprocessing,
-                       cache_dir=voc_dir / "cache" if options.cache else None, options=options)
+    return file_splits(f"voc{year}", list_splits(year, root), preprocessing, cache_dir=options.cache_folder(voc_dir),
+                       options=options)
 
 
 VOC2007 = DatasetSpec(

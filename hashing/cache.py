@@ -14,15 +14,20 @@ rounding of 0; the cache does not try to detect that.
 """
 import hashlib
 import json
-import zipfile
+
 import numpy as np
 
 from utils.atomic import atomic_write
+from utils.errors import UserError
+from utils.paths import GiB, check_output_target, load_arrays
 
 from .codes import CodeSet
 
 # Bump when the file layout or the meaning of the stored codes changes: older files are then re-encoded.
 FORMAT_VERSION = 3
+# The most a codes file may hold (unpacked): 100x the packed codes and labels of NUS-WIDE's 193,734-item
+# database at 1,024 bits; a crafted or damaged file declaring more is not read.
+MAX_CODES_BYTES = 8 * GiB
 
 
 def file_sha256(path):
@@ -44,25 +49,24 @@ def cache_key(checkpoint, settings):
 
 
 def save(path, codes, key):
-    """Write the codes and the key they were computed under, atomically."""
-    def write(handle):
-        np.savez(handle, key=np.array(json.dumps(key, sort_keys=True)), hash_bit=np.array(codes.hash_bit),
-                 num_classes=np.array(codes.num_classes), query_bits=codes.query_bits,
-                 database_bits=codes.database_bits, query_labels=codes.query_labels,
-                 database_labels=codes.database_labels)
-    atomic_write(path, write, binary=True)
+    """Write the codes and the key they were computed under, atomically; UserError when `path` is a device,
+    a FIFO or a folder (writing would replace it)."""
+    check_output_target(path, "the codes cache")
+    atomic_write(path, lambda handle: np.savez(handle, key=np.array(json.dumps(key, sort_keys=True)),
+                                               **codes.stored_arrays()), binary=True)
 
 
 def read(path):
-    """(CodeSet, key) stored at `path`; None when it is missing or unreadable (a damaged or foreign file).
-    Read without unpickling (allow_pickle=False), so a replaced file cannot run code."""
+    """(CodeSet, key) stored at `path`; None when it is missing or unusable: not a regular file, declaring more
+    than it holds or than MAX_CODES_BYTES, or not a well-formed CodeSet (utils/paths.load_arrays,
+    CodeSet.from_stored). Read without unpickling, so a replaced file cannot run code."""
     try:
-        with np.load(path, allow_pickle=False) as stored:
-            codes = CodeSet(query_bits=stored["query_bits"], query_labels=stored["query_labels"],
-                            database_bits=stored["database_bits"], database_labels=stored["database_labels"],
-                            hash_bit=int(stored["hash_bit"]), num_classes=int(stored["num_classes"]))
-            return codes, json.loads(str(stored["key"]))
-    except (OSError, KeyError, ValueError, TypeError, IndexError, EOFError, zipfile.BadZipFile):
+        arrays = load_arrays(path, "the codes cache", MAX_CODES_BYTES)
+        key = arrays["key"]
+        if key.shape != () or key.dtype.kind != "U":
+            return None
+        return CodeSet.from_stored(arrays), json.loads(str(key))
+    except (UserError, KeyError, ValueError):
         return None
 
 

@@ -10,7 +10,12 @@ For popcounts the byte rows are viewed as unsigned words of up to 64 bits (`word
 popcount do not depend on the bit order, so the view needs no repacking.
 
 Names: `outputs` are real-valued network outputs, `bits` packed rows, `signs` codes in {-1, +1}.
+
+Counts (Hamming distances, shared labels) are held in the smallest unsigned integer type that holds their
+largest possible value (`count_dtype`): a distance of n-bit codes needs uint8 up to 255 bits, uint16 up to
+65,535, uint32 beyond; a count of shared labels the same by the number of classes.
 """
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,19 +80,55 @@ def word_columns(bits):
     return [np.ascontiguousarray(words[:, column]) for column in range(words.shape[1])]
 
 
+def count_dtype(largest):
+    """The smallest unsigned integer dtype that holds every count 0..largest."""
+    return next(np.dtype(dtype) for dtype in (np.uint8, np.uint16, np.uint32, np.uint64)
+                if largest <= np.iinfo(dtype).max)
+
+
+def popcount_sum(blocks, largest):
+    """The sum of the popcounts of the word arrays `blocks` (an iterable), in count_dtype(largest): np.bitwise_count
+    gives uint8, which a sum over several words would wrap past 255."""
+    total = None
+    for block in blocks:
+        count = np.bitwise_count(block)
+        total = count.astype(count_dtype(largest), copy=False) if total is None else np.add(total, count, out=total)
+    return total
+
+
 def hamming_distances(query_words, database_words, hash_bit):
-    """(m, N) Hamming distances between word columns of packed query and database codes."""
-    dtype = np.uint8 if hash_bit < 256 else np.uint16
-    distances = None
-    for query, database in zip(query_words, database_words):
-        block = np.bitwise_count(query[:, None] ^ database[None, :])
-        distances = block.astype(dtype, copy=False) if distances is None else distances + block
-    return distances
+    """(m, N) Hamming distances between word columns of packed query and database codes (count_dtype(hash_bit))."""
+    return popcount_sum((query[:, None] ^ database[None, :] for query, database in zip(query_words, database_words)),
+                        hash_bit)
+
+
+def _check_packed(name, rows):
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2:
+        found = f"shape {rows.shape} of {rows.dtype}" if isinstance(rows, np.ndarray) else type(rows).__name__
+        raise ValueError(f"{name} must be a 2-D uint8 array, got {found}")
+
+
+def _check_width(name, width, rows, rows_name):
+    """`width` (bits or classes) must be an integer that fills the packed rows' bytes (the last one partly),
+    and every padding bit beyond it 0: padding bits set would count in every distance and shared label."""
+    num_bytes = rows.shape[1]
+    if isinstance(width, bool) or not isinstance(width, numbers.Integral) or \
+            not max(1, 8 * num_bytes - 7) <= width <= 8 * num_bytes:
+        raise ValueError(f"{name} {width} does not fit packed rows of {num_bytes} bytes")
+    spare = 8 * num_bytes - width
+    if spare and len(rows) and (rows[:, -1] & ((1 << spare) - 1)).any():
+        raise ValueError(f"{rows_name} has padding bits set beyond bit {width}: not rows of np.packbits")
+
+
+STORED_ARRAYS = ("query_bits", "query_labels", "database_bits", "database_labels", "hash_bit", "num_classes")
 
 
 @dataclass
 class CodeSet:
-    """Packed codes and packed multi-hot labels of the query set and the database."""
+    """Packed codes and packed multi-hot labels of the query set and the database.
+
+    Checked when made: uint8 (N, B) rows, a code length and class count that fit them (at least 1), padding bits
+    0, and the same widths on both sides; ValueError otherwise (a crafted codes cache is refused here)."""
     query_bits: np.ndarray
     query_labels: np.ndarray
     database_bits: np.ndarray
@@ -98,6 +139,8 @@ class CodeSet:
     def __post_init__(self):
         for side in ("query", "database"):
             bits, labels = getattr(self, f"{side}_bits"), getattr(self, f"{side}_labels")
+            _check_packed(f"{side}_bits", bits)
+            _check_packed(f"{side}_labels", labels)
             if len(bits) != len(labels):
                 raise ValueError(f"{len(bits)} {side} codes but {len(labels)} {side} label rows")
         if self.query_bits.shape[1] != self.database_bits.shape[1]:
@@ -105,6 +148,25 @@ class CodeSet:
                              f"{self.database_bits.shape[1]}")
         if self.query_labels.shape[1] != self.database_labels.shape[1]:
             raise ValueError("query and database labels have different numbers of classes")
+        for side in ("query", "database"):
+            _check_width("hash_bit", self.hash_bit, getattr(self, f"{side}_bits"), f"{side}_bits")
+            _check_width("num_classes", self.num_classes, getattr(self, f"{side}_labels"), f"{side}_labels")
+
+    @classmethod
+    def from_stored(cls, arrays):
+        """A CodeSet from the arrays of a codes cache file (hashing/cache.py): its four packed arrays and the
+        0-d integers hash_bit and num_classes. ValueError naming what is missing or malformed."""
+        missing = [name for name in STORED_ARRAYS if name not in arrays]
+        if missing:
+            raise ValueError(f"it has no {', '.join(missing)}")
+        widths = {}
+        for name in ("hash_bit", "num_classes"):
+            value = arrays[name]
+            if value.shape != () or value.dtype.kind not in "iu":
+                raise ValueError(f"{name} is not one integer ({value.dtype} of shape {value.shape})")
+            widths[name] = int(value)
+        return cls(arrays["query_bits"], arrays["query_labels"], arrays["database_bits"], arrays["database_labels"],
+                   widths["hash_bit"], widths["num_classes"])
 
     @classmethod
     def from_outputs(cls, query_outputs, query_labels, database_outputs, database_labels):
@@ -122,6 +184,12 @@ class CodeSet:
                              f"{query_labels.shape} and {database_labels.shape}")
         return cls(pack_signs(query_outputs), pack_labels(query_labels), pack_signs(database_outputs),
                    pack_labels(database_labels), query_outputs.shape[1], query_labels.shape[1])
+
+    def stored_arrays(self):
+        """The arrays from_stored reads back (np.savez keywords)."""
+        return {"hash_bit": np.array(self.hash_bit), "num_classes": np.array(self.num_classes),
+                "query_bits": self.query_bits, "database_bits": self.database_bits,
+                "query_labels": self.query_labels, "database_labels": self.database_labels}
 
     def query_signs(self):
         return unpack_signs(self.query_bits, self.hash_bit)

@@ -92,8 +92,9 @@ def _log2_discount_sums(length):
 
 
 def _gains(max_grade):
-    """2^g - 1 for g = 0..max_grade (the NDCG gain of an item sharing g labels), as exact integers."""
-    return (1 << np.arange(max_grade + 1, dtype=np.int64)) - 1
+    """2^g - 1 for g = 0..max_grade (the NDCG gain of an item sharing g labels) as float64: exact up to g = 53,
+    correctly rounded to g = 1023 (int64 shifts would wrap from g = 63)."""
+    return np.ldexp(1.0, np.arange(max_grade + 1)) - 1.0
 
 
 def ideal_dcg(grade_counts, k):

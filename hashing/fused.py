@@ -14,7 +14,8 @@ compiled loop (docs/PERFORMANCE.md, where the evaluation's time goes):
 3. a walk over the first K ranks accumulating the sums every ranking metric needs, in rank order, so the
    floating-point sums equal the NumPy path's exactly.
 
-numba is optional: without it, below MIN_PAIRS query-database pairs, or when the keys do not fit 16 bits,
+numba is optional: without it, below MIN_PAIRS query-database pairs, when the keys do not fit 16 bits, or for
+queries of more than MAX_GRADE labels,
 metrics.py uses NumPy, with identical figures (tests/test_fused.py). The kernel itself is in
 hashing/fused_kernel.py, imported on first use, so that processes scoring small problems never load numba. Compiled code is cached next to this file, or, on a read-only
 checkout, in numba's user-wide cache directory; when neither is writable numba compiles at each start (some
@@ -39,9 +40,13 @@ def available():
     return enabled
 
 
+MAX_GRADE = 62  # the kernel's NDCG gain (1 << g) - 1 is an int64: exact up to g = 62, wrapped from 63
+
+
 def fits(hash_bit, max_grade, pairs):
     """Whether the kernel serves a problem of `pairs` query-database pairs with these code and label sizes."""
-    return available() and pairs >= MIN_PAIRS and (hash_bit + 1) * (max_grade + 1) <= MAX_KEYS
+    return available() and pairs >= MIN_PAIRS and (hash_bit + 1) * (max_grade + 1) <= MAX_KEYS and \
+        max_grade <= MAX_GRADE
 
 
 def packed_matrix(word_columns):

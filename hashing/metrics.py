@@ -31,13 +31,19 @@ from typing import NamedTuple
 import numpy as np
 
 from . import fused
-from .codes import CodeSet, hamming_distances, word_columns
+from .codes import CodeSet, count_dtype, hamming_distances, popcount_sum, word_columns
 from .conventions import (TIES, Convention, database_permutation, every_convention, expected_hits,
                           precision_sums_of_ranking, ranked_statistics, shuffled_database, statistics_of_ranking_sums,
                           summarize, tie_aware_statistics)
 
-# Elements (queries x database items) per chunk: a few MB per working array, cache friendly.
+# Elements (queries x database items, or per-query counts) per chunk: a few MB per working array, cache friendly.
 _CHUNK_ELEMENTS = 1 << 20
+# The graded metrics count, per query, the items of each (distance, shared labels) pair: (n + 1) x (G + 1)
+# integers for n-bit codes and queries of up to G labels. Above this many a single query's counts (and the
+# arrays of the tie-aware closed forms, of the same shape) would take gigabytes: such inputs are refused.
+MAX_COUNTS_PER_QUERY = 1 << 24
+# NDCG's gain 2^g - 1 of an item sharing g labels is a float64: finite up to g = 1023.
+MAX_GRADE = 1023
 # Queries per call of the fused kernel, whose memory is one database-sized key array per call plus per-query
 # (distance x shared labels) counts: enough rows that the NumPy work on those counts is not per-query overhead.
 _FUSED_ROWS = 64
@@ -103,7 +109,7 @@ def _distance_histograms(dist, query_labels, db_labels, hash_bit):
     (small unsigned keys: half the passes of int64 keys with row offsets)."""
     # Indexing the database words with [None, :] relates every query to every item without a gather.
     relevant = _relevance(query_labels, db_labels, np.s_[None, :])
-    keys = dist.astype(np.uint8 if hash_bit < 128 else np.uint16)
+    keys = dist.astype(count_dtype(2 * hash_bit + 1))
     keys <<= 1
     keys |= relevant
     counts = np.stack([np.bincount(row, minlength=2 * (hash_bit + 1)) for row in keys])
@@ -128,11 +134,15 @@ class _Problem(NamedTuple):
 
 
 def _problem(codes, label_patterns=False):
+    """The packed problem of a CodeSet; label_patterns: for the graded metrics, which also need the distinct
+    database label rows and at most MAX_COUNTS_PER_QUERY counts per query (ValueError beyond)."""
     if len(codes.query_bits) == 0 or len(codes.database_bits) == 0:
         raise ValueError("retrieval metrics need at least one query and one database item")
     query = word_columns(codes.query_bits), word_columns(codes.query_labels)
     database = word_columns(codes.database_bits), word_columns(codes.database_labels)
     max_grade = int(sum(np.bitwise_count(words).astype(np.int64) for words in query[1]).max())
+    if label_patterns:
+        _check_graded_size(codes.hash_bit, max_grade)
     fused_sides = (None, None)
     if fused.fits(codes.hash_bit, max_grade, len(codes.query_bits) * len(codes.database_bits)):
         fused_sides = (tuple(fused.packed_matrix(words).T.copy() for words in query),
@@ -140,6 +150,22 @@ def _problem(codes, label_patterns=False):
     patterns, counts = _distinct_rows(database[1]) if label_patterns and fused_sides[0] is None else (None, None)
     return _Problem(*query, *database, len(codes.query_bits), len(codes.database_bits), codes.hash_bit, patterns,
                     counts, *fused_sides, max_grade)
+
+
+def _check_graded_size(hash_bit, max_grade):
+    if max_grade > MAX_GRADE:
+        raise ValueError(f"a query has {max_grade} labels: NDCG's gain 2^g - 1 exceeds the floating-point range "
+                         f"beyond {MAX_GRADE} shared labels")
+    if (hash_bit + 1) * (max_grade + 1) > MAX_COUNTS_PER_QUERY:
+        raise ValueError(f"{hash_bit}-bit codes and queries of up to {max_grade} labels need {hash_bit + 1} x "
+                         f"{max_grade + 1} counts per query, more than the {MAX_COUNTS_PER_QUERY:,} the graded "
+                         "metrics hold in memory at once")
+
+
+def _rows_per_chunk(problem, per_row):
+    """Queries per chunk: _CHUNK_ELEMENTS over what one query needs (its distances to every item, or `per_row`
+    counts), at least one."""
+    return max(1, _CHUNK_ELEMENTS // max(problem.num_items, per_row))
 
 
 def _distinct_rows(words):
@@ -153,19 +179,17 @@ def _distinct_rows(words):
 
 
 def _shared_labels(query_label_words, db_label_words, columns):
-    """grade[i, j] = number of labels query i shares with database item columns[i, j] (uint8)."""
-    shared = None
-    for q, d in zip(query_label_words, db_label_words):
-        count = np.bitwise_count(d[columns] & q[:, None])
-        shared = count if shared is None else shared + count
-    return shared
+    """grade[i, j] = number of labels query i shares with database item columns[i, j] (codes.count_dtype of the
+    labels' bit width: uint8 would wrap at 256 shared labels)."""
+    largest = sum(8 * words.dtype.itemsize for words in query_label_words)
+    return popcount_sum((d[columns] & q[:, None] for q, d in zip(query_label_words, db_label_words)), largest)
 
 
 def _counts_by_distance_and_grade(dist, shared, hash_bit, max_grade):
     """(m, n + 1, G + 1): per query, the database items at each Hamming distance sharing g labels with it,
     from one bincount per row of the key distance * (G + 1) + grade."""
     num_bins = (hash_bit + 1) * (max_grade + 1)
-    keys = dist.astype(np.uint16 if num_bins <= 1 << 16 else np.int64)
+    keys = dist.astype(count_dtype(num_bins - 1))
     keys *= max_grade + 1
     keys += shared
     counts = np.stack([np.bincount(row, minlength=num_bins) for row in keys])
@@ -212,9 +236,11 @@ def _per_query_statistics(problem, map_depth=0, top_ns=(), histograms=False, thr
     graded "index" or "aware" (the tie rule; "random" is "index" on a shuffled database) computes instead
     every convention's figures (conventions.PER_QUERY_KEYS), hits_at_top_n and the histograms."""
     if problem.fused_query is not None and not graded:
-        return _fused_statistics(problem, (map_depth, top_ns), ("index",), 0, threads, graded=False)["index"]
+        return _fused_statistics(problem, (map_depth, top_ns), ("index",), 0, threads, graded=False,
+                                 histograms=histograms)["index"]
     rank_depth = max(map_depth, max(top_ns, default=0))
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // problem.num_items)
+    per_row = (problem.hash_bit + 1) * ((problem.max_grade + 1) if graded else 2)
+    rows_per_chunk = _rows_per_chunk(problem, per_row if graded or histograms else 0)
 
     def chunk(start):
         part = slice(start, start + rows_per_chunk)
@@ -222,7 +248,9 @@ def _per_query_statistics(problem, map_depth=0, top_ns=(), histograms=False, thr
         dist = hamming_distances([w[part] for w in problem.query_codes], problem.db_codes, problem.hash_bit)
         if graded:
             stats = _graded_chunk(dist, query_labels, problem, (map_depth, top_ns), graded)
-            if histograms and "items_at_distance" not in stats:
+            if not histograms:  # (queries x (n + 1)) arrays: kept only when asked for
+                stats.pop("items_at_distance", None), stats.pop("relevant_at_distance", None)
+            elif "items_at_distance" not in stats:
                 stats["items_at_distance"], stats["relevant_at_distance"] = _distance_histograms(
                     dist, query_labels, problem.db_labels, problem.hash_bit)
             return stats
@@ -259,10 +287,10 @@ def _concatenate(parts):
     return np.concatenate(parts)
 
 
-def _fused_statistics(problem, depths, rules, seed, threads, graded):
+def _fused_statistics(problem, depths, rules, seed, threads, graded, histograms):
     """_per_query_statistics by the fused kernel (hashing/fused.py) for every tie rule of `rules` in one pass:
-    {rule: stats}. Each stats has the distance histograms; graded: conventions.PER_QUERY_KEYS (+ hits_at_top_n),
-    else average_precision (when map_depth) and hits_at_top_n (when top_ns)."""
+    {rule: stats}. Each stats has the distance histograms when `histograms`; graded: conventions.PER_QUERY_KEYS
+    (+ hits_at_top_n), else average_precision (when map_depth) and hits_at_top_n (when top_ns)."""
     map_depth, top_ns = depths
     ranked_rules = [rule for rule in ("index", "random") if rule in rules]
     # ties="random" ranks the database permuted once up front by index (conventions.shuffled_database)
@@ -281,11 +309,11 @@ def _fused_statistics(problem, depths, rules, seed, threads, graded):
         fused.rank_chunk(query, (problem.fused_database, shuffled), kernel_depths, log2_positions,
                          (counts, sums, hits_at_top_n))
         items = counts.sum(axis=2)
-        histograms = {"items_at_distance": items, "relevant_at_distance": items - counts[:, :, 0]}
-        by_rule = {rule: {**histograms, **_ranked_rule_statistics(sums[i], hits_at_top_n[i], counts, depths, graded)}
+        kept = {"items_at_distance": items, "relevant_at_distance": items - counts[:, :, 0]} if histograms else {}
+        by_rule = {rule: {**kept, **_ranked_rule_statistics(sums[i], hits_at_top_n[i], counts, depths, graded)}
                    for i, rule in enumerate(ranked_rules)}
         if "aware" in rules:
-            by_rule["aware"] = {**histograms, **tie_aware_statistics(counts, map_depth)}
+            by_rule["aware"] = {**kept, **tie_aware_statistics(counts, map_depth)}
             if top_ns:
                 by_rule["aware"]["hits_at_top_n"] = expected_hits(counts, top_ns)
         return by_rule
@@ -399,7 +427,7 @@ def _statistics_by_tie_rule(codes, depths, rules, seed=0, threads=None, histogra
     rule); NumPy makes one pass per rule, "random" being "index" on the seeded shuffle of the database."""
     problem = _problem(codes, label_patterns=True)
     if problem.fused_query is not None:
-        return _fused_statistics(problem, depths, rules, seed, threads, graded=True)
+        return _fused_statistics(problem, depths, rules, seed, threads, graded=True, histograms=histograms)
     by_rule = {}
     for rule in rules:
         rule_problem = _problem(shuffled_database(codes, seed), label_patterns=True) if rule == "random" else problem

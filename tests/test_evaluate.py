@@ -73,7 +73,7 @@ def test_table_rows_are_the_metrics_of_hashing_metrics(outputs, tmp_path):
 
 
 @pytest.mark.parametrize("mistake, message", [
-    ("nan", "NaN"), ("rows", "label rows"), ("width", "same width"), ("bits", "bits"), ("missing", "no such file")])
+    ("nan", "NaN"), ("rows", "label rows"), ("width", "same width"), ("bits", "bits"), ("missing", "does not exist")])
 def test_mistakes_are_one_line_errors(outputs, tmp_path, capsys, mistake, message):
     query, query_labels, database, database_labels, _ = outputs
     if mistake == "nan":

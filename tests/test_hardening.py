@@ -385,28 +385,35 @@ def test_plot_format_and_an_epoch_axis_on_the_convergence_figure(tmp_path, monke
     assert path.read_bytes().lstrip().startswith(b"<?xml") and b"<svg" in path.read_bytes()
 
 
-def test_a_torchrun_peer_of_a_failed_process_says_so_in_one_line(monkeypatch, capsys):
+def test_a_torchrun_peer_of_a_failed_process_says_so_in_one_line(monkeypatch, capsys, tmp_path):
+    import json
     import torch.distributed as dist
     from utils.errors import UserError, run_reporting_errors
 
     def collective_fails():
         raise dist.DistBackendError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")
 
+    def torchrun_summary_line():
+        return json.loads((tmp_path / "error.json").read_text())["message"]["extraInfo"]["py_callstack"]
+
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit) as exit_info:
         run_reporting_errors(collective_fails)
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("error: process 1 stopped because another torchrun process failed (DistBackendError)")
+    assert err.startswith("error: process 0 stopped because another torchrun process failed (DistBackendError)")
+    assert torchrun_summary_line() == err.strip()
 
     def user_error_on_rank_1():
         raise UserError("no folder data/x")
 
+    monkeypatch.setenv("RANK", "1")  # issue 23: ranks other than 0 stay silent; torchrun's summary shows their line
     monkeypatch.setattr("builtins.print", lambda *args, **kwargs: None)  # as on ranks other than 0
     with pytest.raises(SystemExit):
         run_reporting_errors(user_error_on_rank_1)
-    assert capsys.readouterr().err == "error: no folder data/x\n"
+    assert capsys.readouterr().err == "" and torchrun_summary_line() == "error: no folder data/x"
 
     monkeypatch.setenv("WORLD_SIZE", "1")  # a single process: a backend error is a bug, shown in full
     with pytest.raises(dist.DistBackendError):

@@ -49,7 +49,8 @@ def test_malformed_lists_name_file_and_line(tmp_path, file_name, text, message):
 def test_missing_list_file_and_folder(tmp_path):
     write_list_folder(tmp_path, GOOD)
     (tmp_path / "database.txt").unlink()
-    with pytest.raises(UserError, match=r"cannot read .*database\.txt .*train\.txt, test\.txt, database\.txt"):
+    with pytest.raises(UserError, match=r"database\.txt does not exist: the list format needs train\.txt, test\.txt, "
+                                        r"database\.txt"):
         get_dataset_spec("list").build(tmp_path, seed=0, preprocessing=24)
     with pytest.raises(UserError, match=r"no folder .*nus_wide: it should hold train\.txt"):
         get_dataset_spec("nuswide").build(tmp_path, seed=0, preprocessing=24)

@@ -1,7 +1,9 @@
 """Expected mistakes (missing data, bad flag values, mismatched checkpoints) that the CLI reports as
 one line and a non-zero exit status instead of a traceback."""
+import json
 import os
 import sys
+import time
 
 
 class UserError(Exception):
@@ -33,25 +35,42 @@ def _lost_a_peer(exc):
 PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")
 
 
+def _stop(line, exit_code):
+    """Print `line` (on rank 0 only under torchrun) and exit. Under torchrun every process also leaves the line in
+    its torchrun error file, which torchrun's failure summary prints in place of a link to its documentation: so
+    a failure on another rank alone is still named, once, without each rank repeating rank 0's line."""
+    rank = _torchrun_rank()
+    if rank is None or rank == 0:
+        sys.stderr.write(f"{line}\n")
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if rank is not None and error_file:
+        try:
+            with open(error_file, "w") as handle:
+                # torchrun's own layout (its @record decorator's), with the line where it puts a traceback
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                      "timestamp": str(int(time.time()))}}}, handle)
+        except OSError:
+            pass
+    sys.exit(exit_code)
+
+
 def run_reporting_errors(run, interrupted_hint=""):
     """Call run() for a command-line entry point: a UserError becomes 'error: ...' on stderr and its
     exit status, Ctrl-C a one-line note and status 130, instead of a traceback. Returns run()'s result.
 
-    Under torchrun, every rank reports its own UserError (print is silenced on ranks other than 0, so this
-    writes to stderr directly), and a rank whose collective fails because a peer stopped says so in one
-    line instead of burying the peer's message under a gloo/NCCL traceback."""
+    Under torchrun only rank 0 prints (every rank usually meets the same error; print is silenced on the others,
+    so this writes to stderr directly), and a rank whose collective fails because a peer stopped says so in one
+    line instead of burying the peer's message under a gloo/NCCL traceback. Each rank's line also goes to torchrun's
+    failure summary (_stop)."""
     try:
         return run()
     except UserError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(exc.exit_code)
+        _stop(f"error: {exc}", exc.exit_code)
     except KeyboardInterrupt:
-        sys.stderr.write(f"interrupted{interrupted_hint}\n")
-        sys.exit(130)
+        _stop(f"interrupted{interrupted_hint}", 130)
     except Exception as exc:
         rank = _torchrun_rank()
         if rank is None or not _lost_a_peer(exc):
             raise
-        sys.stderr.write(f"error: process {rank} stopped because another torchrun process failed "
-                         f"({type(exc).__name__}); that process's error above says why\n")
-        sys.exit(1)
+        _stop(f"error: process {rank} stopped because another torchrun process failed ({type(exc).__name__}); "
+              "torchrun's summary below names that process and its error", 1)

@@ -50,16 +50,28 @@ def run_lock(path, enabled=True):
         yield
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = _acquire(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = _acquire(path)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
     if handle is None:
         raise UserError(f"{path} is held by {_holder(path)}, which is writing this run's files; wait for it to "
                         "finish, or use another --output_dir")
     with handle:
-        handle.truncate(0)
-        handle.write(f"process {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
-        handle.flush()
+        try:
+            handle.truncate(0)
+            handle.write(f"process {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
+            handle.flush()
+        except OSError as exc:  # a full disk: the lock is held, only its note of the holder is missing
+            path.unlink(missing_ok=True)
+            raise _cannot_write(path, exc) from None
         try:
             yield
         finally:
             path.unlink(missing_ok=True)  # while still holding the lock, so no one else has it yet
+
+
+def _cannot_write(path, exc):
+    return UserError(f"cannot write the run lock {path} ({exc.strerror or exc}); free disk space or choose another "
+                     "--output_dir")

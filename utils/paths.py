@@ -6,15 +6,23 @@
 - A writer's target is absent or a regular file, and none of the invocation's inputs: writing over a
   device node would replace it (as root that damages the system), writing over an input loses it.
 
-Both raise UserError with the flag or file named and what to do.
+Both raise UserError with the flag or file named and what to do. open_regular, read_text_file and
+load_arrays apply the reader rule to the usual kinds of file (text, .npy/.npz arrays), the latter checking
+each array's declared shape against the bytes that hold it before anything is allocated.
 """
+import json
+import math
 import os
 import stat
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from .errors import UserError
 
 MiB = 1024 ** 2
+GiB = 1024 ** 3
 
 
 def file_kind(mode):
@@ -45,6 +53,52 @@ def require_regular_file(path, what, max_bytes=None, missing="check the path"):
     return path
 
 
+def open_regular(path, what, max_bytes=None, missing="check the path"):
+    """A binary file object of `path`, refused (UserError) unless it is a regular file of at most `max_bytes`.
+    The check is made on the opened descriptor (opened without blocking, so a FIFO does not hang the open),
+    so the file that is read is the file that was checked."""
+    path = Path(path)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist: {missing}") from None
+    except OSError as exc:
+        raise UserError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise UserError(f"{what} {path} is {file_kind(status.st_mode)}, not a regular file: pass a file")
+        if max_bytes is not None and status.st_size > max_bytes:
+            raise UserError(f"{what} {path} is {status.st_size / MiB:.1f} MiB, more than the {max_bytes / MiB:.1f} "
+                            "MiB such a file can sensibly hold: is it the right file?")
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def read_file_bytes(path, what, max_bytes, missing="check the path"):
+    """The bytes of a regular file of at most `max_bytes` (open_regular); UserError naming `what` otherwise."""
+    with open_regular(path, what, max_bytes, missing) as handle:
+        try:
+            return read_capped(handle, max_bytes, f"{what} {path}")
+        except OSError as exc:
+            raise UserError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+
+
+def read_text_file(path, what, max_bytes, missing="check the path", encoding="utf-8-sig"):
+    """The text of a regular file of at most `max_bytes` (open_regular), decoded (utf-8-sig drops the BOM of
+    Windows editors); UserError naming `what` when it is missing, not a regular file, too large or not text."""
+    data = read_file_bytes(path, what, max_bytes, missing)
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{what} {path} is not UTF-8 text (line {line} holds the byte {data[exc.start]:#04x}); "
+                        "save it as UTF-8") from None
+
+
 def read_capped(handle, max_bytes, what):
     """All bytes (or text) of an open file or decompressing stream, refusing more than `max_bytes`
     (a gzip bomb inflates a few kB into gigabytes)."""
@@ -66,9 +120,11 @@ def same_file(a, b):
         return False
 
 
-def check_output_target(path, what, inputs=()):
+def check_output_target(path, what, inputs=(), earlier_output=None):
     """Refuse (UserError) to write `path` unless it is absent or a regular file that is none of
-    `inputs` ([(what, path)], the invocation's inputs). Returns `path` as a Path."""
+    `inputs` ([(what, path)], the invocation's inputs). With `earlier_output` = (description, test), an
+    existing file is replaced only when test(path) says it is such an earlier output (so a mistyped path
+    cannot destroy a file of another kind, an image or a split list). Returns `path` as a Path."""
     path = Path(path)
     try:
         status = path.stat()
@@ -83,4 +139,98 @@ def check_output_target(path, what, inputs=()):
         if input_path and same_file(path, input_path):
             raise UserError(f"{what} {path} is also {input_what}: writing it would destroy that file; "
                             "choose another path")
+    if status is not None and earlier_output is not None:
+        description, is_earlier = earlier_output
+        try:
+            earlier = is_earlier(path)
+        except (UserError, OSError, ValueError):
+            earlier = False
+        if not earlier:
+            raise UserError(f"{what} {path} exists and is not {description}: writing it would destroy it; "
+                            "choose another path (or delete the file first)")
     return path
+
+
+def holds_json_object_with(path, keys, max_bytes=64 * MiB):
+    """Whether `path` holds a JSON object with every one of `keys`: how a writer recognises its earlier output."""
+    try:
+        value = json.loads(read_text_file(path, "file", max_bytes))
+    except (UserError, ValueError):
+        return False
+    return isinstance(value, dict) and all(key in value for key in keys)
+
+
+def starts_with_line(path, line, max_bytes=64 * MiB):
+    """Whether the text file at `path` begins with `line` (a CSV header): how a writer recognises its earlier output."""
+    try:
+        return read_text_file(path, "file", max_bytes).partition("\n")[0].rstrip("\r") == line
+    except UserError:
+        return False
+
+
+# ============ .npy / .npz arrays ============
+
+def _npy_header(handle, what):
+    """(shape, dtype, header length) of the .npy stream at `handle`, read without reading the data."""
+    start = handle.tell()
+    try:
+        version = np.lib.format.read_magic(handle)
+        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if reader is None:
+            raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported here")
+        shape, _, dtype = reader(handle)
+    except (ValueError, EOFError, OSError, SyntaxError) as exc:
+        raise UserError(f"{what} is not a readable .npy array ({exc})") from None
+    if dtype.hasobject:
+        raise UserError(f"{what} holds Python objects (a pickle), which are never loaded: save plain numbers")
+    return shape, dtype, handle.tell() - start
+
+
+def _check_declared(shape, dtype, available, what):
+    """Refuse an array whose shape and dtype need more bytes than the `available` bytes hold."""
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > available:
+        raise UserError(f"{what} declares a {dtype} array of shape {shape} ({needed:,} bytes) but holds only "
+                        f"{available:,} bytes: the file is truncated or crafted")
+
+
+def load_arrays(path, what, max_bytes):
+    """The arrays of a .npy file (as {"": array}) or of a .npz archive ({name: array}), read without unpickling.
+
+    The reader rule for arrays: a regular file (open_regular) of at most `max_bytes`; every array's declared
+    shape checked against the bytes that hold it (a 200-byte file may declare 10^12 elements), and a .npz
+    member's declared size against `max_bytes` in total before it is inflated (zipfile never inflates past
+    a member's declared size). UserError naming `what` otherwise."""
+    with open_regular(path, what, max_bytes, missing="check the path") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            if not zipfile.is_zipfile(handle):
+                handle.seek(0)
+                shape, dtype, header = _npy_header(handle, f"{what} {path}")
+                _check_declared(shape, dtype, size - header, f"{what} {path}")
+                handle.seek(0)
+                return {"": np.load(handle, allow_pickle=False)}
+            return _load_npz(handle, f"{what} {path}", max_bytes)
+        except MemoryError:
+            raise UserError(f"{what} {path} does not fit in memory") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise UserError(f"{what} {path} is not a readable .npy/.npz array ({exc})") from None
+
+
+def _load_npz(handle, what, max_bytes):
+    handle.seek(0)
+    with zipfile.ZipFile(handle) as archive:
+        members = [info for info in archive.infolist() if not info.is_dir()]
+        declared = sum(info.file_size for info in members)
+        if declared > max_bytes:
+            raise UserError(f"{what} unpacks to {declared / MiB:.1f} MiB, more than the {max_bytes / MiB:.1f} MiB "
+                            "such a file can sensibly hold: is it the right file?")
+        arrays = {}
+        for info in members:
+            name = info.filename.removesuffix(".npy")
+            with archive.open(info) as member:
+                shape, dtype, header = _npy_header(member, f"{what}, array {name!r},")
+                _check_declared(shape, dtype, info.file_size - header, f"{what}, array {name!r},")
+            with archive.open(info) as member:
+                arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+        return arrays

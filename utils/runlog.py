@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .errors import UserError
+
 _progress_enabled = True
 
 
@@ -83,21 +85,31 @@ class RunLog:
 
     def _append(self, path, line):
         if self.enabled:
-            with open(path, "a") as handle:
-                handle.write(line + "\n")
+            try:
+                with open(path, "a") as handle:
+                    handle.write(line + "\n")
+            except OSError as exc:  # a full disk: one line, not a traceback (the lines before it are kept)
+                raise UserError(f"could not write {path} ({exc.strerror or exc}); free disk space or choose another "
+                                "--output_dir") from None
 
 
 def read_run_log(path):
     """One record from a {run}.jsonl event log: the start event's fields, "epochs" (the entries of the
     epochs in effect: a resume drops those after its epoch), "best", "finished" and "train_seconds".
-    An unreadable last line (a run killed while writing it) is ignored."""
+    An unreadable line (a run killed while writing it, or damage: not UTF-8, not a JSON object, a resume or
+    epoch event without its epoch number) is ignored; the values themselves are the reader's to check."""
     record = {"epochs": [], "best": None, "finished": False, "train_seconds": 0.0}
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             event = json.loads(line)
         except ValueError:
             continue
+        if not isinstance(event, dict):
+            continue
         kind = event.pop("event", None)
+        if kind in ("resume", "epoch") and not isinstance(event.get("resumed_after" if kind == "resume" else "epoch"),
+                                                           int):
+            continue
         if kind == "start":
             record.update(event)
         elif kind == "resume":
@@ -106,7 +118,7 @@ def read_run_log(path):
             record["epochs"] = [e for e in record["epochs"] if e["epoch"] <= resumed_after]
         elif kind == "epoch":
             record["epochs"].append(event)
-            record["train_seconds"] = event["train_seconds"]
+            record["train_seconds"] = event.get("train_seconds")
         elif kind == "best":
             record["best"] = event
         elif kind == "finish":
