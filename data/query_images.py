@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Subset
 
 from utils.errors import UserError
@@ -50,3 +51,13 @@ def item_names(database):
     if paths is None:
         return lambda index: f"database #{index}"
     return lambda index: str(paths[positions[index] if positions is not None else index])
+
+
+def raw_image(dataset, index):
+    """Item `index` of a split as an RGB PIL image before any transform (for a person to look at): the
+    image file of a file dataset, the uint8 pixels of an in-memory one."""
+    base, positions = unwrap_subset(dataset)
+    position = positions[index] if positions is not None else index
+    if getattr(base, "images", None) is not None:
+        return Image.fromarray(base.images[position].permute(1, 2, 0).numpy())
+    return read_rgb(base.paths[position], what="image")

@@ -1,5 +1,7 @@
-"""Registry of datasets by --dataset name."""
+"""Registry of datasets by --dataset name, and the splits of one, as a run builds them."""
 from pathlib import Path
+
+from torch.utils.data import Subset
 
 from . import cifar, digits, flickr, lists, voc
 from .base import DataOptions
@@ -22,3 +24,15 @@ def check_available(name, root, options=DataOptions(), seed=0):
         spec.list_splits(Path(root), seed, options)
     elif spec.fetch is not None:
         spec.fetch(root)
+
+
+def build_splits(name, root, seed, preprocessing, options=DataOptions(), subset=0):
+    """The RetrievalSplits of dataset `name` under `root`, as a run with these settings builds them: each
+    split cut to its first `subset` items when subset > 0. ValueError for a split that is empty."""
+    splits = get_dataset_spec(name).build(Path(root), seed, preprocessing, options)
+    if subset:
+        splits = type(splits)(*(Subset(part, range(min(subset, len(part)))) for part in splits))
+    empty = [part_name for part_name, part in splits._asdict().items() if len(part) == 0]
+    if empty:
+        raise ValueError(f"the {empty[0]} split of --dataset {name} is empty")
+    return splits

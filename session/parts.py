@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from data import DATASETS, DataOptions, get_dataset_spec
+from data.registry import build_splits as data_splits
 from data.hierarchy_files import read_hierarchy
 from data.validation import hold_out_validation
 from engine import Loaders, Trainer
@@ -48,20 +49,16 @@ def build_splits(spec, args, preprocessing):
         raise UserError(f"--imbalance: --dataset {args.dataset} has no long-tailed variant (only "
                         f"{', '.join(name for name, other in DATASETS.items() if 'imbalance' in other.options)})")
     try:
-        splits = spec.build(Path(args.data_root), args.seed, preprocessing, data_options(args))
+        return data_splits(spec.name, args.data_root, args.seed, preprocessing, data_options(args), args.subset)
     except NotImplementedError as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:
+        if "split of --dataset" in str(exc):
+            raise UserError(f"{exc}; check the data under --data_root {args.data_root} (see README, Datasets)") \
+                from None
         if args.imbalance == 1:
             raise
         raise UserError(str(exc)) from None
-    if args.subset:
-        splits = type(splits)(*(Subset(part, range(min(args.subset, len(part)))) for part in splits))
-    for name, part in splits._asdict().items():
-        if len(part) == 0:
-            raise UserError(f"the {name} split of --dataset {args.dataset} is empty; check the data under "
-                            f"--data_root {args.data_root} (see README, Datasets)")
-    return splits
 
 
 def retrieval_depth(args, spec, database_size):

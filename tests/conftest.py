@@ -32,3 +32,21 @@ def pytest_sessionfinish(session, exitstatus):
     if added:
         print(f"\nthe tests wrote into the checkout: {', '.join(added)}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+SEARCH_RUN = ["--dataset", "digits", "--backbone", "small", "--hash_bit", "16", "--subset", "200", "--epochs", "2",
+              "--batch_size", "50", "--device", "cpu", "--no_progress"]
+
+
+@pytest.fixture(scope="session")
+def search_service(tmp_path_factory):
+    """(output folder, model, SearchService) of a tiny digits run, shared by the search API, page and browser
+    tests (training once)."""
+    import retrieval
+    from hashing import serve
+    from hashing.api import load_checkpoint
+
+    out = tmp_path_factory.mktemp("search")
+    retrieval.main(retrieval.parse_args(SEARCH_RUN + ["--output_dir", str(out)]))
+    model = load_checkpoint(out / "digits_small_16.ckpt", device="cpu")
+    return out, model, serve.SearchService.for_model(model)

@@ -1,0 +1,208 @@
+"""Search with a trained checkpoint from Python: load it, encode images to packed codes, index them.
+
+    from hashing.api import load_checkpoint
+    from hashing.index import HammingIndex
+
+    model = load_checkpoint("result/digits_small_48.ckpt")   # network, dataset and class names of the run
+    splits = model.splits()                                  # the run's own query and database splits
+    index = HammingIndex.build(model.encode(splits.database))           # ids = database indices
+    distances, ids = index.search(model.encode(["photo.jpg"]), k=10)   # the evaluator's order
+
+load_checkpoint finds what a checkpoint needs to be rebuilt and used: the backbone a self-describing
+checkpoint records, else the run's log next to it (OUTPUT_DIR/{run}.jsonl, .metrics.json: dataset, backbone,
+bits, heads, data settings), else the arguments given. encode takes image files, a folder, PIL images or a
+dataset split (items (image tensor, labels), e.g. one of model.splits()) and returns the packed codes of
+hashing/codes.py, which HammingIndex (hashing/index.py) searches in the evaluator's tie order.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from data.base import DataOptions, split_labels
+from data.files import read_rgb
+from data.registry import build_splits, get_dataset_spec
+from data.transforms import image_transform
+from network import DEFAULT_BACKBONE, build_network, get_backbone
+from utils.checkpoint import load_network_weights, read_backbone_record, require_checkpoint_file
+from utils.device import select_device
+from utils.errors import UserError
+from utils.paths import read_text_file
+from utils.runlog import progress_bar, read_run_log
+
+from . import cache
+from .codes import CodeSet, NonFiniteCodes, pack_labels, pack_signs
+from .stream import encode_to_file, image_paths
+
+MAX_METRICS_BYTES = 16 << 20
+# The run's data settings that decide its splits, with the defaults of a run that does not record them.
+DATA_SETTINGS = {"data_root": "./data", "seed": 0, "subset": 0, "cache": False, "skip_bad_images": False,
+                 "strict_images": False, "split": "paper", "imbalance": 1.0}
+
+
+@dataclass
+class CheckpointModel:
+    """A trained hash network ready to encode, with what its run says about it."""
+    network: torch.nn.Module  # in eval mode, on `device`
+    backbone: object  # network.BackboneSpec
+    hash_bit: int
+    checkpoint: Path
+    device: torch.device
+    dataset: str = None  # --dataset of the run, when known
+    class_names: tuple = None
+    run: dict = field(default_factory=dict)  # the run's flags (its event log's "args"), when found
+    metrics: dict = None  # its .metrics.json, when found
+
+    @property
+    def transform(self):
+        """PIL image -> normalised tensor, as the backbone's evaluation inputs."""
+        return image_transform(self.backbone.preprocessing, train=False)
+
+    def encode(self, images, batch_size=64):
+        """Packed codes (N, ceil(hash_bit / 8)) uint8 of `images`: image paths, a folder, PIL images or a
+        dataset split whose items are (image tensor, labels)."""
+        loader = DataLoader(_as_dataset(images, self.transform), batch_size=batch_size, shuffle=False)
+        outputs = []
+        with torch.inference_mode():
+            for batch in progress_bar(loader, desc="encode", unit="batch"):
+                pixels = batch[0] if isinstance(batch, (list, tuple)) else batch
+                outputs.append(self.network(pixels.to(self.device)).float().cpu().numpy())
+        outputs = np.concatenate(outputs) if outputs else np.zeros((0, self.hash_bit), np.float32)
+        if not np.isfinite(outputs).all():
+            raise NonFiniteCodes(f"{self.checkpoint} gives NaN or infinite outputs")
+        return pack_signs(outputs)
+
+    def encode_to_file(self, images, output, batch_size=64):
+        """Encode a large collection (a folder or image paths) into a memory-mapped code file, resumably
+        (hashing/stream.py); returns its EncodedImages (codes, paths, hash_bit)."""
+        return encode_to_file(self.network, images, self.transform, output, batch_size=batch_size, device=self.device)
+
+    def data_settings(self, data_root=None):
+        settings = {name: self.run.get(name, default) for name, default in DATA_SETTINGS.items()}
+        if data_root is not None:
+            settings["data_root"] = str(data_root)
+        return settings
+
+    def splits(self, data_root=None):
+        """The run's train, query and database splits (RetrievalSplits), as the run built them, with the
+        backbone's evaluation preprocessing; `data_root` overrides the run's."""
+        if self.dataset is None:
+            raise UserError(f"{self.checkpoint}: no run log next to it says which dataset it was trained on; pass "
+                            "dataset= (--dataset)")
+        settings = self.data_settings(data_root)
+        options = DataOptions(cache=settings["cache"], skip_bad_images=settings["skip_bad_images"],
+                              strict_images=settings["strict_images"], split=settings["split"],
+                              imbalance=settings["imbalance"])
+        try:
+            return build_splits(self.dataset, settings["data_root"], settings["seed"], self.backbone.preprocessing,
+                                options, settings["subset"])
+        except (ValueError, NotImplementedError) as exc:
+            raise UserError(f"--dataset {self.dataset} under {settings['data_root']}: {exc}") from None
+
+    def cached_codes(self):
+        """The CodeSet of the run's codes cache ({run}.codes.npz) when it was computed from this checkpoint's
+        bytes, else None."""
+        stored = cache.read(self.checkpoint.with_suffix(".codes.npz"))
+        if stored is None or stored[1].get("checkpoint_sha256") != cache.file_sha256(self.checkpoint):
+            return None
+        return stored[0]
+
+    def split_codes(self, splits):
+        """The CodeSet of `splits`' query and database: the run's cache when it fits them, else encoded."""
+        cached = self.cached_codes()
+        if cached is not None and (len(cached.query_bits), len(cached.database_bits)) == \
+                (len(splits.query), len(splits.database)):
+            return cached
+        query_labels, database_labels = (split_labels(split).numpy() for split in (splits.query, splits.database))
+        return CodeSet(self.encode(splits.query), pack_labels(query_labels), self.encode(splits.database),
+                       pack_labels(database_labels), self.hash_bit, query_labels.shape[1])
+
+
+class _PilImages(Dataset):
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        if not isinstance(image, Image.Image):
+            image = read_rgb(image, what="image", hint="pass a PNG or JPEG image")
+        return self.transform(image.convert("RGB"))
+
+
+def _as_dataset(images, transform):
+    if isinstance(images, Dataset):
+        return images
+    if isinstance(images, (str, Path)):
+        if not Path(images).is_dir():
+            raise UserError(f"{images} is not a folder of images; pass a list of image paths for a single file")
+        images = image_paths(images)
+    return _PilImages(list(images), transform)
+
+
+def run_record(checkpoint):
+    """({run flags}, metrics or None) from the run's files next to `checkpoint` (OUTPUT_DIR/{run}.jsonl and
+    .metrics.json); empty when there are none or they are unreadable."""
+    args, metrics = {}, None
+    log = checkpoint.with_suffix(".jsonl")
+    if log.is_file():
+        try:
+            args = read_run_log(log).get("args") or {}
+        except (OSError, ValueError, UserError):
+            args = {}
+    metrics_file = checkpoint.with_suffix(".metrics.json")
+    if metrics_file.is_file():
+        try:
+            metrics = json.loads(read_text_file(metrics_file, "metrics file", MAX_METRICS_BYTES))
+        except (ValueError, UserError):
+            metrics = None
+    if not args and isinstance(metrics, dict) and isinstance(metrics.get("run"), dict):
+        args = dict(metrics["run"])  # no log: the metrics file names the dataset, backbone and bits
+    return (args if isinstance(args, dict) else {}), (metrics if isinstance(metrics, dict) else None)
+
+
+def load_checkpoint(path, dataset=None, backbone=None, hash_bit=None, experts=None, inference_head=None,
+                    device="auto"):
+    """The CheckpointModel of the checkpoint at `path`. What rebuilds its network comes from the checkpoint's
+    own record (self-describing backbones), else from its run's files, else from the arguments (as the
+    flags of the same names); an argument that contradicts the checkpoint is a UserError."""
+    checkpoint = Path(path)
+    require_checkpoint_file(checkpoint)
+    run, metrics = run_record(checkpoint)
+    record = read_backbone_record(checkpoint) or {}
+    known = {"dataset": run.get("dataset"), "backbone": record.get("name") or run.get("backbone"),
+             "hash_bit": record.get("hash_bit") or run.get("hash_bit"),
+             "experts": record.get("experts") or run.get("experts"), "inference_head": run.get("inference_head")}
+    given = {"dataset": dataset, "backbone": backbone, "hash_bit": hash_bit, "experts": experts,
+             "inference_head": inference_head}
+    for name, value in given.items():
+        if value is not None and known[name] is not None and str(value) != str(known[name]):
+            raise UserError(f"{name}={value} contradicts {checkpoint}, whose run has {name} {known[name]}")
+    settings = {name: given[name] if given[name] is not None else known[name] for name in given}
+    if settings["hash_bit"] is None:
+        raise UserError(f"{checkpoint}: neither the checkpoint nor a run log next to it says its number of bits; "
+                        "pass hash_bit= (--hash_bit)")
+    head = settings["inference_head"]
+    head = int(head) if isinstance(head, str) and head.isdigit() else (head if head is not None else 0)
+    try:
+        spec = get_backbone(settings["backbone"] or DEFAULT_BACKBONE, record.get("input_size") or run.get("input_size"))
+    except ValueError as exc:
+        raise UserError(f"{checkpoint}: {exc}") from None
+    network = build_network(spec, int(settings["hash_bit"]), experts=int(settings["experts"] or 1),
+                            inference_head=head)
+    load_network_weights(network, checkpoint, hint="Pass the backbone, hash_bit and experts it was trained with.")
+    chosen = select_device(device) if isinstance(device, str) else device
+    class_names = None
+    if settings["dataset"] is not None:
+        try:
+            class_names = get_dataset_spec(settings["dataset"]).class_names
+        except ValueError as exc:
+            raise UserError(f"{checkpoint}: {exc}") from None
+    return CheckpointModel(network.to(chosen).eval(), spec, int(settings["hash_bit"]), checkpoint, chosen,
+                           settings["dataset"], class_names, run, metrics)
