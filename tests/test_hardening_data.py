@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from data import DataOptions, digits, flickr, get_dataset_spec, image_cache, protocol, verify
-from data.files import (ImageFileDataset, UnreadableImage, decode_rgb, file_splits, truncated_paths,
+from data.base import UnreadableImage
+from data.files import (ImageFileDataset, decode_rgb, file_splits, truncated_paths,
                         truncation_note)
 from data.hierarchy_files import read_hierarchy
 from data.lists import list_splits as read_list_splits
