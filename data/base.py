@@ -6,6 +6,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch.utils.data import Dataset, Subset
 
+from utils.errors import UserError
+
 
 class RetrievalSplits(NamedTuple):
     """Train, query and database datasets; each item is (image tensor, multi-hot float label tensor)."""
@@ -93,3 +95,27 @@ class ArrayImageDataset(Dataset):
         indices = torch.as_tensor(indices, dtype=torch.long)
         images = self.transform(self.images[indices])
         return list(zip(images.unbind(0), self.labels[indices].unbind(0)))
+
+
+class UnreadableImage(UserError):
+    """An image file that cannot be decoded.
+
+    It is usually raised in a DataLoader worker, and the DataLoader re-raises it in the main process
+    as UnreadableImage(the worker's whole traceback); the user needs only its last line.
+    """
+
+    def __init__(self, message):
+        if "Original Traceback" in message:
+            last_line = message.rstrip().splitlines()[-1]
+            message = last_line.partition(f"{type(self).__name__}: ")[2] or last_line
+        super().__init__(message)
+
+
+NAMED_EXAMPLES = 3
+
+
+def name_some(paths, count=NAMED_EXAMPLES):
+    """'a, b, c and 4 more': the first `count` of the sorted `paths`."""
+    paths = sorted(paths)
+    more = f" and {len(paths) - count} more" if len(paths) > count else ""
+    return ", ".join(map(str, paths[:count])) + more

@@ -16,7 +16,7 @@ from utils.errors import UserError
 from utils.paths import open_regular
 from utils.runlog import progress_bar, warn
 
-from .base import DataOptions, RetrievalSplits
+from .base import DataOptions, RetrievalSplits, UnreadableImage, name_some
 from .image_cache import CachedImageDataset, ImageCache, decoding_loader
 from .transforms import BatchTransform, as_preprocessing, image_transform, resize_steps
 
@@ -26,20 +26,6 @@ class LabelledPaths(NamedTuple):
     paths: list
     labels: np.ndarray
     source: str = ""
-
-
-class UnreadableImage(UserError):
-    """An image file that cannot be decoded.
-
-    It is usually raised in a DataLoader worker, and the DataLoader re-raises it in the main process
-    as UnreadableImage(the worker's whole traceback); the user needs only its last line.
-    """
-
-    def __init__(self, message):
-        if "Original Traceback" in message:
-            last_line = message.rstrip().splitlines()[-1]
-            message = last_line.partition(f"{type(self).__name__}: ")[2] or last_line
-        super().__init__(message)
 
 
 @contextmanager
@@ -211,16 +197,6 @@ def truncated_paths(datasets):
             dataset = dataset.dataset
         found |= set(dataset.truncated_paths()) if hasattr(dataset, "truncated_paths") else set()
     return sorted(found)
-
-
-NAMED_EXAMPLES = 3
-
-
-def name_some(paths, count=NAMED_EXAMPLES):
-    """'a, b, c and 4 more': the first `count` of the sorted `paths`."""
-    paths = sorted(paths)
-    more = f" and {len(paths) - count} more" if len(paths) > count else ""
-    return ", ".join(map(str, paths[:count])) + more
 
 
 def truncation_note(truncated):

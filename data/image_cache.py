@@ -33,6 +33,8 @@ from utils.paths import MiB, read_text_file, require_regular_file
 from utils.runlog import progress_bar
 from utils.reproducibility import loader_generator
 
+from .base import UnreadableImage, name_some
+
 DECODE_BATCH = 32
 
 
@@ -94,7 +96,6 @@ class ImageCache:
             cache.build(decoder)
             cache.check_shape()
         if strict and cache.truncated:
-            from .files import UnreadableImage, name_some  # files.py builds on this module
             count = len(cache.truncated)
             raise UnreadableImage(
                 f"the image cache {file} holds {count} image{'s that were' if count > 1 else ' that was'} truncated "

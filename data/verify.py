@@ -26,7 +26,8 @@ from utils.errors import UserError, run_reporting_errors
 from utils.paths import check_output_target, holds_json_object_with
 
 from .base import DataOptions
-from .files import check_images, name_some, split_problems
+from .base import name_some
+from .files import check_images, split_problems
 from .protocol import PROTOCOL_SIZES, identify
 from .registry import DATASETS, get_dataset_spec
 

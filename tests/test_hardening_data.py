@@ -15,14 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DataOptions, digits, flickr, get_dataset_spec, image_cache, protocol, verify
-from data.files import (ImageFileDataset, UnreadableImage, decode_rgb, file_splits, truncated_paths,
+from data import DataOptions, digits, get_dataset_spec, image_cache, protocol, verify
+from data.base import UnreadableImage
+from data.files import (ImageFileDataset, decode_rgb, file_splits, truncated_paths,
                         truncation_note)
 from data.hierarchy_files import read_hierarchy
 from data.lists import list_splits as read_list_splits
 from data.query_images import read_query_image
 from tests.cli_runs import exit_status
-from tests.fixture_files import small_list_folder, write_image, write_list_folder
+from tests.fixture_files import small_list_folder
 from tests.test_flickr import RANDOM, small_protocol, write_official  # noqa: F401 (a fixture)
 from tests.test_hardening_evaluate import deadline
 from tests.test_protocol import truncated_jpeg

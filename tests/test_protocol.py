@@ -13,7 +13,8 @@ from PIL import Image
 
 import retrieval
 from data import DataOptions, get_dataset_spec, protocol
-from data.files import ImageFileDataset, UnreadableImage
+from data.base import UnreadableImage
+from data.files import ImageFileDataset
 from tests.fixture_files import small_list_folder
 from tests.test_bad_input import SMALL, cli, listed
 from utils.runlog import read_run_log
