@@ -59,7 +59,7 @@ class ClientError(HTTPException):
     """A request the server refuses, with a one-line reason for the client."""
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity, for its per-instance caches
 class SearchService:
     """What the page and the JSON API answer from: the model, its run's query and database splits, their
     codes and labels, and an index over the database codes (ids = database indices)."""
