@@ -19,12 +19,14 @@ import numpy as np
 
 from utils.atomic import atomic_write
 from utils.errors import UserError
+from utils.paths import open_regular
 
 from .codes import hamming_distances, word_columns
 from .metrics import rank_top_k
 
 # Query rows x database items per chunk of the numpy search: bounded memory, as in hashing.metrics.
 _CHUNK_ELEMENTS = 1 << 20
+BINARY_FLAT_MAGIC = b"IBxF"  # the first bytes of FAISS's serialised IndexBinaryFlat
 
 
 def faiss_available():
@@ -46,6 +48,13 @@ def build_index(database_bits):
     index = faiss.IndexBinaryFlat(database_bits.shape[1] * 8)
     index.add(database_bits)
     return index
+
+
+def is_binary_index(path):
+    """Whether `path` is a regular file that begins as a FAISS IndexBinaryFlat does: how --export_index
+    recognises its earlier output, the one kind of existing file it replaces."""
+    with open_regular(path, "index") as handle:
+        return handle.read(len(BINARY_FLAT_MAGIC)) == BINARY_FLAT_MAGIC
 
 
 def write_index(database_bits, path):
