@@ -67,6 +67,9 @@ def add_data_arguments(parser):
     group.add_argument("--cache", action="store_true",
                        help="decode each image once, resized, into a uint8 memory-mapped file under the data root, "
                             "reused by later epochs and runs")
+    group.add_argument("--cache_dir", default=None, metavar="DIR",
+                       help="with --cache: keep the image cache in DIR instead of under the data root (a read-only "
+                            "or shared data root; one DIR may serve several datasets)")
     group.add_argument("--imbalance", type=finite_float, default=1.0, metavar="RHO",
                        help="digits: long-tailed training set whose class frequencies decay exponentially from "
                             "the commonest to the rarest class, RHO times rarer; queries stay balanced; 1 = balanced")
@@ -235,6 +238,8 @@ def check_flags(args):
     if args.val_size is not None and args.select != "val":
         raise UserError(f"--val_size is used by --select val only (this run has --select {args.select}): "
                         "drop it or add --select val")
+    if args.cache_dir and not args.cache:
+        raise UserError("--cache_dir says where --cache keeps the image cache: add --cache, or drop --cache_dir")
     if args.split != "paper" and args.dataset != "flickr":
         raise UserError(f"--split {args.split} applies to --dataset flickr only; --dataset {args.dataset} has one "
                         "protocol (see README, Datasets)")

@@ -14,6 +14,9 @@ import math
 import zipfile
 from functools import lru_cache
 
+from utils.errors import UserError
+from utils.paths import open_regular
+
 MAX_BITS = 256
 MAX_DIMENSION = 10
 
@@ -127,9 +130,9 @@ def zeta(hash_bit, num_classes):
 MAX_WORKBOOK_BYTES = 64 << 20
 
 
-def _check_unpacked_size(path):
+def _check_unpacked_size(handle, path):
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(handle) as archive:
             unpacked = sum(member.file_size for member in archive.infolist())
     except (OSError, zipfile.BadZipFile) as exc:
         raise ValueError(f"cannot read {path} as an .xlsx workbook ({exc})") from None
@@ -139,19 +142,26 @@ def _check_unpacked_size(path):
 
 
 def read_workbook_cell(path, row, column):
-    """Value of the first sheet's cell at 0-based (row, column), as xlrd's sheet.row(row)[column]."""
+    """Value of the first sheet's cell at 0-based (row, column), as xlrd's sheet.row(row)[column]. The workbook
+    is read only from a regular file (a FIFO would block, a device be read without end), as one open file."""
     import openpyxl
-    _check_unpacked_size(path)
     try:
-        workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
+        handle = open_regular(path, "workbook", MAX_WORKBOOK_BYTES)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+    with handle:
+        _check_unpacked_size(handle, path)
+        handle.seek(0)
         try:
-            cells = workbook.worksheets[0].iter_rows(min_row=row + 1, max_row=row + 1, min_col=column + 1,
-                                                     max_col=column + 1, values_only=True)
-            return next(iter(cells), (None,))[0]
-        finally:
-            workbook.close()
-    except Exception as exc:  # openpyxl raises many types on malformed workbooks; all mean "not readable"
-        raise ValueError(f"cannot read {path} as an .xlsx workbook ({type(exc).__name__}: {exc})") from None
+            workbook = openpyxl.load_workbook(handle, read_only=True, data_only=True)
+            try:
+                cells = workbook.worksheets[0].iter_rows(min_row=row + 1, max_row=row + 1, min_col=column + 1,
+                                                         max_col=column + 1, values_only=True)
+                return next(iter(cells), (None,))[0]
+            finally:
+                workbook.close()
+        except Exception as exc:  # openpyxl raises many types on malformed workbooks; all mean "not readable"
+            raise ValueError(f"cannot read {path} as an .xlsx workbook ({type(exc).__name__}: {exc})") from None
 
 
 def zeta_from_workbook(path, hash_bit, num_classes):

@@ -12,12 +12,21 @@ the padding bits are 0 in every code and add no distance.
 import numpy as np
 
 from utils.atomic import atomic_write
+from utils.paths import open_regular
 
 from .index import HammingIndex, faiss_available, faiss_flat_index, import_faiss
 
 build_index = faiss_flat_index  # the name tests and callers know
+BINARY_FLAT_MAGIC = b"IBxF"  # the first bytes of FAISS's serialised IndexBinaryFlat
 
 __all__ = ["build_index", "faiss_available", "search", "write_index"]
+
+
+def is_binary_index(path):
+    """Whether `path` is a regular file that begins as a FAISS IndexBinaryFlat does: how --export_index
+    recognises its earlier output, the one kind of existing file it replaces."""
+    with open_regular(path, "index") as handle:
+        return handle.read(len(BINARY_FLAT_MAGIC)) == BINARY_FLAT_MAGIC
 
 
 def write_index(database_bits, path):

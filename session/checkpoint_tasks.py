@@ -247,10 +247,10 @@ def run_checkpoint_tasks(run, network):
         result.update(map=metrics["map"], metrics=metrics)
     if args.query:
         result["matches"] = search_images(run, network, codes)
-    if args.export_index:
-        write_index(codes.database_bits, args.export_index)
-        print(f"FAISS IndexBinaryFlat of {len(codes.database_bits)} database codes written to {args.export_index}")
-        result["index"] = args.export_index
+    if run.files.index:
+        write_index(codes.database_bits, run.files.index)
+        print(f"FAISS IndexBinaryFlat of {len(codes.database_bits)} database codes written to {run.files.index}")
+        result["index"] = str(run.files.index)
     return result
 
 

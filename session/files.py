@@ -5,14 +5,16 @@ checkpoint (.ckpt, or --checkpoint), the training state (.last.pt), the logs (.t
 metrics (.metrics.json), the codes cache (.codes.npz), the figures and the lock (.lock). This module is
 the one place that names them (the comparison harnesses and tests read the names from here too), and
 the one place that guards them: no invocation writes a file it reads or writes one file twice, a new
-training does not silently replace an earlier run, the lock keeps two processes out of one run's files,
-and the temporary files of a killed write are cleaned up under that lock.
+training does not silently replace an earlier run, the locks keep two processes out of one run's files
+and out of one checkpoint path, and the temporary files of a killed write are cleaned up under them.
 """
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from hashing.search import is_binary_index
 from network import DEFAULT_BACKBONE, file_label
 from utils.atomic import ensure_writable_dir, remove_leftovers
 from utils.errors import UserError
@@ -48,16 +50,38 @@ def run_name(args):
     return f"{dataset_label(args)}_{backbone}_{args.hash_bit}" + ("" if label == "hyp2" else f"_{label}")
 
 
+def export_index_path(args):
+    """Where --export_index writes: the path as given when it names a folder (./index too), else a bare file
+    name inside --output_dir, with the run's other files (not in the current folder, which may be a checkout
+    where it is not git-ignored); None without the flag."""
+    if not args.export_index:
+        return None
+    if os.path.dirname(args.export_index):
+        return Path(args.export_index)
+    return Path(args.output_dir) / args.export_index
+
+
+def checkpoint_lock(checkpoint):
+    """The lock that every training writing `checkpoint` takes, whatever its --output_dir: X.lock for X.ckpt
+    (so the default checkpoint's is its run's lock), else the checkpoint's name + .lock."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name.removesuffix(".ckpt") + ".lock")
+
+
 @dataclass(frozen=True)
 class RunFiles:
-    """The files of one run: prefix = OUTPUT_DIR/{run_name}; the checkpoint may be elsewhere (--checkpoint)."""
+    """The files of one run: prefix = OUTPUT_DIR/{run_name}; the checkpoint may be elsewhere (--checkpoint);
+    index is where --export_index writes (None without it)."""
     prefix: Path
     checkpoint: Path
+    index: Path = None
 
     @classmethod
     def for_args(cls, args):
         prefix = Path(args.output_dir) / run_name(args)
-        return cls(prefix, Path(args.checkpoint) if args.checkpoint else prefix.with_suffix(".ckpt"))
+        # name + ".ckpt", not with_suffix: a run name may hold a dot (digits_lt2.5_small_48)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else prefix.with_name(prefix.name + ".ckpt")
+        return cls(prefix, checkpoint, export_index_path(args))
 
     def with_suffix(self, suffix):
         return self.prefix.with_name(self.prefix.name + suffix)
@@ -86,12 +110,13 @@ class RunFiles:
         return self.with_suffix(f".{kind}.{extension}")
 
     def locks(self, writes_checkpoint=True):
-        """The lock files that cover what the run writes: the prefix's, and the checkpoint's when training
-        writes it elsewhere (two runs with one --checkpoint and different --output_dir must not both)."""
-        prefix_lock = self.with_suffix(".lock")
-        if not writes_checkpoint or self.checkpoint == self.prefix.with_suffix(".ckpt"):
-            return [prefix_lock]
-        return [prefix_lock, self.checkpoint.with_name(self.checkpoint.name + ".lock")]
+        """[(lock file, the flag that moves the output elsewhere)] covering what the run writes: the prefix's
+        lock, and when training writes the checkpoint, the checkpoint path's (checkpoint_lock), so two runs
+        with one --checkpoint and different --output_dir cannot both write it."""
+        locks = [(self.with_suffix(".lock"), "--output_dir")]
+        if writes_checkpoint and checkpoint_lock(self.checkpoint).resolve() != locks[0][0].resolve():
+            locks.append((checkpoint_lock(self.checkpoint), "--checkpoint"))
+        return locks
 
     def own_files(self):
         """Every file of the run (what another invocation's output must not land on)."""
@@ -101,12 +126,14 @@ class RunFiles:
 def written_and_read(run):
     """([(what, path) written], [(what, path) read]) by this invocation."""
     args, files = run.args, run.files
-    written = [("--export_index", args.export_index)] if args.export_index else []
+    written = []
     if run.saves:
         written += [("the codes cache", files.codes), ("the metrics file", files.metrics)]
         if run.trains:
             written += [("--checkpoint", files.checkpoint), ("the training state", files.last),
                         ("the text log", files.text_log), ("the event log", files.event_log)]
+    if files.index:  # last: checked against the run's own outputs too, it is refused naming the one it would hit
+        written.append(("--export_index", files.index))
     read = [("--weights", args.weights), ("--codetable", args.codetable), ("--resume", args.resume or None),
             # a path, not one of the shipped hierarchies' names
             ("--hierarchy_file", args.hierarchy_file if args.hierarchy_file and Path(args.hierarchy_file).exists()
@@ -114,20 +141,23 @@ def written_and_read(run):
     read += [("--query", path) for path in args.query or []]
     if not run.trains:
         read.append(("--checkpoint", files.checkpoint))
-        # The run's other files are not this invocation's to overwrite either (--export_index onto .last.pt).
-        outputs = {Path(path) for _, path in written}
+        # The run's other files are not this invocation's to overwrite either (--export_index onto .last.pt),
+        # but for the codes cache and the metrics file that it rewrites itself.
+        rewritten = {path for what, path in written if what != "--export_index"}
         read += [(f"this run's {path.name}", path) for path in files.own_files()
-                 if path != files.checkpoint and path not in outputs]
+                 if path != files.checkpoint and path not in rewritten]
     return written, [(what, path) for what, path in read if path]
 
 
 def check_paths(run):
     """Every output is absent or a regular file that is none of the inputs, and no file is written twice
-    (--export_index onto the checkpoint once replaced it with an 81-byte index)."""
+    (--export_index onto the checkpoint once replaced it with an 81-byte index); --export_index replaces only
+    an earlier index, never a file of another kind (another run's checkpoint, an image)."""
     written, read = written_and_read(run)
     earlier = list(read)
     for what, path in written:
-        check_output_target(path, what, earlier)
+        kind = ("a FAISS binary index", is_binary_index) if what == "--export_index" else None
+        check_output_target(path, what, earlier, earlier_output=kind)
         earlier.append((what, path))
 
 
@@ -154,15 +184,17 @@ def refuse_to_replace_a_run(run):
 @contextlib.contextmanager
 def guarded_run_files(run):
     """While the block runs, this process alone writes the run's files (utils/lock.py): the output folder
-    is writable, the locks are held, leftovers of a killed write are gone and an earlier run is not
+    (and --export_index's) is writable, the locks are held, leftovers of a killed write are gone and an earlier run is not
     replaced by accident. A process that writes nothing takes no lock."""
     with contextlib.ExitStack() as stack:
+        if run.files.index and run.context.is_main:
+            ensure_writable_dir(run.files.index.parent, "--export_index")
         if run.writes:
             ensure_writable_dir(run.args.output_dir)
             if run.trains:
                 ensure_writable_dir(run.files.checkpoint.parent, "--checkpoint")
-            for lock in run.files.locks(writes_checkpoint=run.trains):
-                stack.enter_context(run_lock(lock))
+            for lock, elsewhere in run.files.locks(writes_checkpoint=run.trains):
+                stack.enter_context(run_lock(lock, elsewhere=elsewhere))
             remove_interrupted_writes(run.files)
         if run.context.is_main:
             refuse_to_replace_a_run(run)

@@ -41,7 +41,7 @@ DEFAULT_VAL_SIZE = 500
 
 def data_options(args):
     return DataOptions(cache=args.cache, skip_bad_images=args.skip_bad_images, strict_images=args.strict_images,
-                       split=args.split, imbalance=args.imbalance)
+                       split=args.split, imbalance=args.imbalance, cache_dir=args.cache_dir)
 
 
 def build_splits(spec, args, preprocessing):

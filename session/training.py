@@ -164,6 +164,7 @@ def train(run, network):
     truncated = report_truncated_images(run)
     run.log.event("finish", best={"map": progress.best_map, "epoch": progress.best_epoch}, test_map=selected.map,
                   selection=selection, train_seconds=progress.train_seconds, truncated_images=truncated,
+                  truncated_image_count=len(truncated),
                   **({"rank_fingerprints": fingerprints} if run.context.enabled else {}))
     return {"map": selected.map, "epoch": selected.epoch, "topk": run.topk, "selection": selection,
             "train_seconds": progress.train_seconds, "long_tail": metrics and metrics["long_tail"]}
@@ -181,9 +182,10 @@ def summary_line(run, selected, progress, metrics):
 
 
 def report_truncated_images(run):
-    """Print how many distinct truncated images this run's decoding padded (over all ranks); returns it."""
-    found = set().union(*gather_objects(run.context, truncated_paths(run.splits)))
-    note = truncation_note(len(found))
+    """Print how many distinct truncated images this run's decoding padded (over all ranks), naming the first
+    few (data.files.truncation_note); returns all of them, sorted, for the run's event log."""
+    found = sorted(set().union(*gather_objects(run.context, truncated_paths(run.splits))))
+    note = truncation_note(found)
     if note:
         run.log.say(note)
-    return len(found)
+    return found

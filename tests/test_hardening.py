@@ -99,7 +99,7 @@ def test_test_under_another_seed_leaves_the_runs_metrics_and_codes(trained, caps
 
 @pytest.mark.parametrize("target, expected", [
     ("digits_small_16.ckpt", "--export_index {}/digits_small_16.ckpt is also --checkpoint"),
-    ("digits_small_16.metrics.json", "the metrics file {}/digits_small_16.metrics.json is also --export_index")])
+    ("digits_small_16.metrics.json", "--export_index {}/digits_small_16.metrics.json is also the metrics file")])
 def test_no_output_path_equals_an_input_or_another_output(trained, capsys, target, expected):
     before = snapshot(trained)
     code, err = cli_failure(["--export_index", str(trained / target), "--output_dir", str(trained)], capsys)

@@ -177,7 +177,7 @@ def test_duplicate_flickr_image_names_are_refused_naming_them(tmp_path, small_pr
     (folder / "targets.txt").write_text("\n".join(rows) + "\n")
     message = f"{folder}/img.txt lists 2 images more than once: im3.jpg (lines 3, 19), im5.jpg (lines 5, 20)"
     with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
-        get_dataset_spec("flickr").build(tmp_path, seed=0, input_size=16, options=RANDOM)
+        get_dataset_spec("flickr").build(tmp_path, seed=0, preprocessing=16, options=RANDOM)
     code, _, err = run_verify(["--dataset", "flickr", "--data_root", str(tmp_path), "--split", "random"], capsys)
     assert code == 1 and message in err
 
@@ -290,11 +290,11 @@ def test_a_saved_split_of_the_wrong_types_is_one_line(tmp_path, small_protocol, 
     folder = write_official(tmp_path)
     (folder / "split_seed0.json").write_text(content)
     with pytest.raises(UserError, match="split_seed0.json is not a saved split .* delete it to draw it again"):
-        get_dataset_spec("flickr").build(tmp_path, seed=0, input_size=16, options=RANDOM)
+        get_dataset_spec("flickr").build(tmp_path, seed=0, preprocessing=16, options=RANDOM)
 
 
-def test_a_cache_on_a_read_only_data_root_says_so_and_a_cache_folder_elsewhere_works(tmp_path, monkeypatch):
-    folder = small_list_folder(tmp_path / "data", count=6)
+def fail_cache_files_under(folder, monkeypatch):
+    """The image cache's files cannot be created under `folder`, as on a read-only file system."""
     real_mkstemp = image_cache.tempfile.mkstemp
 
     def read_only(*args, dir=None, **kwargs):
@@ -303,6 +303,11 @@ def test_a_cache_on_a_read_only_data_root_says_so_and_a_cache_folder_elsewhere_w
         return real_mkstemp(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(image_cache.tempfile, "mkstemp", read_only)
+
+
+def test_a_cache_on_a_read_only_data_root_says_so_and_a_cache_folder_elsewhere_works(tmp_path, monkeypatch):
+    folder = small_list_folder(tmp_path / "data", count=6)
+    fail_cache_files_under(folder, monkeypatch)
     with pytest.raises(UserError, match=f"--cache: cannot write the image cache into {folder}/cache "
                                         r"\(Read-only file system\): the data root is read-only; put the cache in a "
                                         "writable folder with --cache_dir DIR, or drop --cache"):

@@ -122,7 +122,8 @@ def test_cli_counts_truncated_images_and_strict_images_stops(tmp_path, capsys):
     (folder / "images/003.png").write_bytes(truncated_jpeg())  # PIL identifies images by their content
     code, out, _ = cli(listed(tmp_path, ["--workers", "1"]), capsys)
     assert code == 0 and "1 truncated image was padded, as the paper's loader does" in out
-    assert read_run_log(tmp_path / "out" / "list_small_16.jsonl")["truncated_images"] == 1
+    record = read_run_log(tmp_path / "out" / "list_small_16.jsonl")
+    assert record["truncated_images"] == [f"{folder}/images/003.png"] and record["truncated_image_count"] == 1
     code, _, err = cli(listed(tmp_path, ["--strict_images", "--overwrite"]), capsys)
     assert code == 1 and f"{folder}/images/003.png is truncated" in err and "--strict_images" in err
 

@@ -4,6 +4,7 @@
 - result/{run}.last.pt: the whole training state after the latest epoch, for --resume.
 - a backbone's pretrained weights: utils/weights.py.
 """
+import hashlib
 import io
 import os
 import pickle
@@ -131,8 +132,50 @@ def load_network_weights(module, path, hint=""):
     module.load_state_dict(state)
 
 
+def content_digest(value):
+    """SHA-256 (hex) of a state's content in a canonical walk: mappings by sorted keys, sequences in order, tensors
+    by dtype, shape and bytes, anything else by repr. It depends on what a state holds, not on how torch.save laid
+    out its bytes, so a state is checked after loading, and ranks' models compared (utils/dist.state_fingerprint)."""
+    digest = hashlib.sha256()
+
+    def feed(tag, data):  # tagged and length-prefixed, so that no two contents feed the same bytes
+        data = data.encode() if isinstance(data, str) else data
+        digest.update(tag + len(data).to_bytes(8, "little"))
+        digest.update(data)
+
+    def walk(item):
+        if isinstance(item, dict):
+            feed(b"d", str(len(item)))
+            for key in sorted(item, key=repr):
+                feed(b"k", repr(key))
+                walk(item[key])
+        elif isinstance(item, (list, tuple)):
+            feed(b"l", str(len(item)))
+            for element in item:
+                walk(element)
+        elif isinstance(item, torch.Tensor):
+            feed(b"t", f"{item.dtype} {tuple(item.shape)}")
+            feed(b"b", item.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            feed(b"s", repr(item))
+
+    walk(value)
+    return digest.hexdigest()
+
+
 def save_train_state(path, state, args):
-    save({"format": TRAIN_STATE_FORMAT, "args": dict(args), **state}, path)
+    """The training state with the digest of its content (content_digest), which read_train_state verifies."""
+    state = {"format": TRAIN_STATE_FORMAT, "args": dict(args), **state}
+    save({**state, "content_sha256": content_digest(state)}, path)
+
+
+def check_content(path, state):
+    """UserError when the state's content differs from the digest recorded when it was saved (a flipped bit in
+    its tensors would otherwise resume silently); states written before digests were recorded have none."""
+    recorded = state.pop("content_sha256", None)
+    if recorded is not None and recorded != content_digest(state):
+        raise UserError(f"{path} is damaged: its content differs from the digest recorded when it was saved; "
+                        "resume from a good copy of it, or start without --resume")
 
 
 def check_same_data(path, saved, current):
@@ -156,6 +199,7 @@ def read_train_state(path, args, data=None):
                   "--resume", "start without --resume")
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         raise UserError(f"{path} is not a training state written by this tool; start without --resume")
+    check_content(path, state)
     saved = state["args"]
     for flag in IDENTITY_FLAGS:
         if flag in saved and saved[flag] != args.get(flag, saved[flag]):

@@ -3,12 +3,13 @@
 Without torchrun's environment everything here degrades to a single process: rank 0 of 1.
 """
 import datetime
-import hashlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .checkpoint import content_digest
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,8 @@ def sync_buffers(context, module):
 
 
 def state_fingerprint(module):
-    """SHA-256 of every parameter and buffer, to check that ranks hold the same model."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """SHA-256 of every parameter and buffer (content_digest), to check that ranks hold the same model."""
+    return content_digest(module.state_dict())
 
 
 def gather_objects(context, obj):

@@ -43,9 +43,10 @@ def _holder(path):
 
 
 @contextlib.contextmanager
-def run_lock(path, enabled=True):
-    """Hold the lock at `path` for the duration of the block; UserError at once if another process holds it.
-    The file is removed when the block ends (a process killed with -9 leaves an unheld file, reused later)."""
+def run_lock(path, enabled=True, elsewhere="--output_dir"):
+    """Hold the lock at `path` for the duration of the block; UserError at once if another process holds it
+    (suggesting another `elsewhere`, the flag that moves the output). The file is removed when the block ends
+    (a process killed with -9 leaves an unheld file, reused later)."""
     if not enabled or fcntl is None:
         yield
         return
@@ -57,7 +58,7 @@ def run_lock(path, enabled=True):
         raise _cannot_write(path, exc) from None
     if handle is None:
         raise UserError(f"{path} is held by {_holder(path)}, which is writing this run's files; wait for it to "
-                        "finish, or use another --output_dir")
+                        f"finish, or use another {elsewhere}")
     with handle:
         try:
             handle.truncate(0)
