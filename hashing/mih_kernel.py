@@ -41,6 +41,29 @@ def _found_before(query, codes, slot, masks, substring, radius):
 
 
 @compiled
+def _kept(found_distances, found_rows, found, distance, row, bound):
+    """The found arrays with (distance, row) appended: rows beyond `bound` compacted away, or the arrays grown,
+    when they are full."""
+    if found == len(found_rows):
+        found = _compact(found_distances, found_rows, found, bound)
+        if found == len(found_rows):
+            found_distances = _grown(found_distances)
+            found_rows = _grown(found_rows)
+    found_distances[found] = distance
+    found_rows[found] = row
+    return found_distances, found_rows, found + 1
+
+
+@compiled
+def _tightened(bound, within_bound, counts, k):
+    """(bound, rows within it): the bound lowered while k rows stay within it."""
+    while bound > 0 and within_bound - counts[bound] >= k:
+        within_bound -= counts[bound]
+        bound -= 1
+    return bound, within_bound
+
+
+@compiled
 def _search_one(query, keys, tables, k, max_distance):
     """The rows within `max_distance` of one query, at most k of them: (distances, rows), ordered by distance and
     then row. Rows are visited bucket by bucket, substring 0..m-1 at radius 0, then each at radius 1, ...;
@@ -50,9 +73,7 @@ def _search_one(query, keys, tables, k, max_distance):
     row, which made the search 2-4x faster on uniformly random codes."""
     masks, bits, offsets, offset_starts, positions, table_codes = tables
     num_substrings = len(bits)
-    hash_bit = 0
-    for substring in range(num_substrings):
-        hash_bit += bits[substring]
+    hash_bit = int(bits.sum())
     counts = np.zeros(hash_bit + 1, np.int64)
     found_distances = np.empty(64, np.int64)
     found_rows = np.empty(64, np.int64)
@@ -74,20 +95,10 @@ def _search_one(query, keys, tables, k, max_distance):
                         distance = _distance(query, codes, slot)
                         if distance > bound or _found_before(query, codes, slot, masks, substring, radius):
                             continue
-                        row = positions[substring, slot]
-                        if found == len(found_rows):
-                            found = _compact(found_distances, found_rows, found, bound)
-                            if found == len(found_rows):
-                                found_distances = _grown(found_distances)
-                                found_rows = _grown(found_rows)
-                        found_distances[found] = distance
-                        found_rows[found] = row
-                        found += 1
+                        found_distances, found_rows, found = _kept(found_distances, found_rows, found, distance,
+                                                                   positions[substring, slot], bound)
                         counts[distance] += 1
-                        within_bound += 1
-                        while bound > 0 and within_bound - counts[bound] >= k:
-                            within_bound -= counts[bound]
-                            bound -= 1
+                        bound, within_bound = _tightened(bound, within_bound + 1, counts, k)
                     if radius == 0:
                         break
                     lowest = flips & -flips  # the next mask with as many set bits (Gosper)

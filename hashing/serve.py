@@ -170,63 +170,73 @@ def uploaded_image(data):
     return image.convert("RGB")
 
 
+def page(request):
+    return HTMLResponse(PAGE)
+
+
+def run(request):
+    return JSONResponse(request.app.state.service.run_info())
+
+
+async def search(request: Request):
+    """GET: a query of the query split (query_index, k); POST: an uploaded image (form fields image, k)."""
+    service, default_k = request.app.state.service, request.app.state.default_k
+    if request.method == "GET":
+        query = request.query_params.get("query_index")
+        if query is None or not query.isdigit():
+            raise ClientError(400, "query_index must be a non-negative integer (or POST an image)")
+        return JSONResponse(service.search_query(int(query), requested_k(request.query_params.get("k"), default_k)))
+    length = request.headers.get("content-length")
+    if length is None or not length.isdigit():
+        raise ClientError(411, "an upload needs a Content-Length")
+    if int(length) > MAX_UPLOAD_BYTES:
+        raise ClientError(413, f"the upload is {int(length):,} bytes, more than {MAX_UPLOAD_BYTES:,}")
+    async with request.form(max_files=1, max_fields=4) as form:
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ClientError(400, "POST the image as the form field 'image'")
+        data = await upload.read(MAX_UPLOAD_BYTES + 1)
+        k = requested_k(form.get("k"), default_k)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise ClientError(413, f"the upload is more than {MAX_UPLOAD_BYTES:,} bytes")
+    return JSONResponse(service.search_image(uploaded_image(data), k))
+
+
+def image(request):
+    """A thumbnail by split name and index: the request picks an item, never a file."""
+    service = request.app.state.service
+    split, item = request.path_params["split"], request.path_params["item"]
+    count = {"query": len(service.codes.query_bits), "database": len(service.codes.database_bits)}.get(split)
+    if count is None or item >= count:
+        raise ClientError(404, "no such image")
+    return Response(service.thumbnail(split, item), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+def figure(request):
+    kind = request.path_params["kind"]
+    data = request.app.state.service.figure(kind) if kind in FIGURES else None
+    if data is None:
+        raise ClientError(404, "no such figure")
+    return Response(data, media_type="image/png")
+
+
+async def client_error(request, exc):
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+
+async def server_error(request, exc):
+    logger.exception("search server error on %s", request.url.path)
+    return JSONResponse({"error": "internal error: the server could not answer this request"}, status_code=500)
+
+
 def create_app(service, default_k=10):
     """The Starlette application over a SearchService."""
-
-    def page(request):
-        return HTMLResponse(PAGE)
-
-    def run(request):
-        return JSONResponse(service.run_info())
-
-    async def search(request: Request):
-        if request.method == "GET":
-            query = request.query_params.get("query_index")
-            if query is None or not query.isdigit():
-                raise ClientError(400, "query_index must be a non-negative integer (or POST an image)")
-            answer = service.search_query(int(query), requested_k(request.query_params.get("k"), default_k))
-            return JSONResponse(answer)
-        length = request.headers.get("content-length")
-        if length is None or not length.isdigit():
-            raise ClientError(411, "an upload needs a Content-Length")
-        if int(length) > MAX_UPLOAD_BYTES:
-            raise ClientError(413, f"the upload is {int(length):,} bytes, more than {MAX_UPLOAD_BYTES:,}")
-        async with request.form(max_files=1, max_fields=4) as form:
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise ClientError(400, "POST the image as the form field 'image'")
-            data = await upload.read(MAX_UPLOAD_BYTES + 1)
-            k = requested_k(form.get("k"), default_k)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise ClientError(413, f"the upload is more than {MAX_UPLOAD_BYTES:,} bytes")
-        return JSONResponse(service.search_image(uploaded_image(data), k))
-
-    def image(request):
-        split, item = request.path_params["split"], request.path_params["item"]
-        count = {"query": len(service.codes.query_bits), "database": len(service.codes.database_bits)}.get(split)
-        if count is None or item >= count:
-            raise ClientError(404, "no such image")
-        return Response(service.thumbnail(split, item), media_type="image/png",
-                        headers={"Cache-Control": "max-age=3600"})
-
-    def figure(request):
-        kind = request.path_params["kind"]
-        data = service.figure(kind) if kind in FIGURES else None
-        if data is None:
-            raise ClientError(404, "no such figure")
-        return Response(data, media_type="image/png")
-
-    async def client_error(request, exc):
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
-
-    async def server_error(request, exc):
-        logger.exception("search server error on %s", request.url.path)
-        return JSONResponse({"error": "internal error: the server could not answer this request"}, status_code=500)
-
     routes = [Route("/", page), Route("/api/run", run), Route("/api/search", search, methods=["GET", "POST"]),
               Route("/images/{split:str}/{item:int}", image), Route("/figures/{kind:str}", figure)]
-    return Starlette(debug=False, routes=routes, middleware=[Middleware(SecurityHeaders)],
-                     exception_handlers={HTTPException: client_error, Exception: server_error})
+    app = Starlette(debug=False, routes=routes, middleware=[Middleware(SecurityHeaders)],
+                    exception_handlers={HTTPException: client_error, Exception: server_error})
+    app.state.service, app.state.default_k = service, default_k
+    return app
 
 
 class SecurityHeaders:
