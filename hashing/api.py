@@ -20,11 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from data.base import DataOptions, split_labels
-from data.files import read_rgb
 from data.registry import build_splits, get_dataset_spec
 from data.transforms import image_transform
 from network import DEFAULT_BACKBONE, build_network, get_backbone
@@ -36,7 +34,7 @@ from utils.runlog import progress_bar, read_run_log
 
 from . import cache
 from .codes import CodeSet, NonFiniteCodes, pack_labels, pack_signs
-from .stream import encode_to_file, image_paths
+from .stream import ImageItems, encode_to_file, image_paths
 
 MAX_METRICS_BYTES = 16 << 20
 # The run's data settings that decide its splits, with the defaults of a run that does not record them.
@@ -122,20 +120,6 @@ class CheckpointModel:
                        pack_labels(database_labels), self.hash_bit, query_labels.shape[1])
 
 
-class _PilImages(Dataset):
-    def __init__(self, images, transform):
-        self.images, self.transform = images, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        image = self.images[index]
-        if not isinstance(image, Image.Image):
-            image = read_rgb(image, what="image", hint="pass a PNG or JPEG image")
-        return self.transform(image.convert("RGB"))
-
-
 def _as_dataset(images, transform):
     if isinstance(images, Dataset):
         return images
@@ -143,7 +127,7 @@ def _as_dataset(images, transform):
         if not Path(images).is_dir():
             raise UserError(f"{images} is not a folder of images; pass a list of image paths for a single file")
         images = image_paths(images)
-    return _PilImages(list(images), transform)
+    return ImageItems(list(images), transform, hint="pass a PNG or JPEG image")
 
 
 def run_record(checkpoint):

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from data.files import read_rgb
@@ -56,16 +57,21 @@ def image_paths(folder):
     return sorted(str(path) for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
 
 
-class _ImageFiles(Dataset):
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
+class ImageItems(Dataset):
+    """Images to encode, as `transform`ed tensors: image file paths (read as RGB; `hint` says what to do with an
+    unreadable one) or PIL images."""
+
+    def __init__(self, images, transform, hint="replace it with a readable image and run again to resume"):
+        self.images, self.transform, self.hint = images, transform, hint
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, index):
-        return self.transform(read_rgb(self.paths[index], hint="replace it with a readable image and run again to "
-                                                             "resume"))
+        image = self.images[index]
+        if not isinstance(image, Image.Image):
+            image = read_rgb(image, hint=self.hint)
+        return self.transform(image.convert("RGB"))
 
 
 def network_digest(network):
@@ -235,7 +241,7 @@ def _encode(network, paths, transform, files, provenance, resumed, loading, devi
         codes = open_code_file(partial, "r+", shape=(len(paths), -(-hash_bit // 8)))
     started, saved_at, encoded = time.perf_counter(), time.monotonic(), 0
     batch_size, workers = loading
-    loader = DataLoader(_ImageFiles(paths[done:], transform), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(ImageItems(paths[done:], transform), batch_size=batch_size, num_workers=workers)
 
     def save_progress():
         if codes is not None:
