@@ -131,3 +131,21 @@ def test_result_files_get_the_usual_permissions(tmp_path):
     write_text(tmp_path / "atomic.txt", "x")
     (tmp_path / "plain.txt").write_text("x")
     assert (tmp_path / "atomic.txt").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
+
+
+def test_no_writer_replaces_a_fifo_or_a_device_node(tmp_path):
+    """atomic_write, under every result file (benchmark tables, indexes, checkpoints), keeps the writer rule."""
+    import os
+
+    from utils.atomic import write_text
+    from utils.errors import UserError
+
+    fifo = tmp_path / "table.md"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="table.md is a FIFO"):
+        write_text(fifo, "| a |")
+    assert fifo.is_fifo()
+    with pytest.raises(UserError, match="is a character device"):
+        write_text("/dev/null", "x")
+    write_text(tmp_path / "ok.md", "| a |")
+    assert (tmp_path / "ok.md").read_text() == "| a |"

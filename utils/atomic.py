@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .paths import check_output_target
 
 
 def _default_file_mode():
@@ -22,9 +23,11 @@ _FILE_MODE = _default_file_mode()
 def atomic_write(path, write, binary=False):
     """Call write(file) on a temporary file next to `path`, then atomically rename it to `path`.
 
-    An OSError (disk full, permission denied) becomes a UserError; the previous file is untouched.
+    The target must be absent or a regular file: the rename would replace a FIFO or a device node (utils/paths,
+    the writer rule; callers check their inputs themselves). An OSError (disk full, permission denied) becomes a
+    UserError; the previous file is untouched.
     """
-    path = Path(path)
+    path = check_output_target(path, "output file")
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
