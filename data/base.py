@@ -27,6 +27,13 @@ class DataOptions:
     cache_dir: Optional[str] = None  # where --cache writes (e.g. when the data root is read-only); None: in the data
     offline: bool = False  # read only what is on disk: no download, no archive extraction (python -m data.verify)
 
+    @classmethod
+    def from_flags(cls, flags):
+        """The options a run's data flags give (a mapping such as vars(args) or a run log's "args"); a flag
+        it lacks keeps its default, so runs logged before a flag existed read as they ran."""
+        names = ("cache", "skip_bad_images", "strict_images", "split", "imbalance", "cache_dir")
+        return cls(**{name: flags[name] for name in names if name in flags})
+
     def cache_folder(self, dataset_folder):
         """Where --cache keeps a dataset's image cache: cache_dir, else dataset_folder/cache; None without --cache.
         One cache_dir may serve several datasets: a cache file's name carries the dataset and its image list."""

@@ -3,6 +3,8 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
+from utils.errors import UserError
+
 from . import cifar, digits, flickr, lists, voc
 from .base import DataOptions
 
@@ -28,11 +30,12 @@ def check_available(name, root, options=DataOptions(), seed=0):
 
 def build_splits(name, root, seed, preprocessing, options=DataOptions(), subset=0):
     """The RetrievalSplits of dataset `name` under `root`, as a run with these settings builds them: each
-    split cut to its first `subset` items when subset > 0. ValueError for a split that is empty."""
+    split cut to its first `subset` items when subset > 0. UserError for a split that is empty."""
     splits = get_dataset_spec(name).build(Path(root), seed, preprocessing, options)
     if subset:
         splits = type(splits)(*(Subset(part, range(min(subset, len(part)))) for part in splits))
     empty = [part_name for part_name, part in splits._asdict().items() if len(part) == 0]
     if empty:
-        raise ValueError(f"the {empty[0]} split of --dataset {name} is empty")
+        raise UserError(f"the {empty[0]} split of --dataset {name} is empty; check the data under --data_root {root} "
+                        "(see README, Datasets)")
     return splits

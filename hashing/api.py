@@ -38,8 +38,7 @@ from .stream import ImageItems, encode_to_file, image_paths
 
 MAX_METRICS_BYTES = 16 << 20
 # The run's data settings that decide its splits, with the defaults of a run that does not record them.
-DATA_SETTINGS = {"data_root": "./data", "seed": 0, "subset": 0, "cache": False, "skip_bad_images": False,
-                 "strict_images": False, "split": "paper", "imbalance": 1.0}
+DATA_SETTINGS = {"data_root": "./data", "seed": 0, "subset": 0}  # the data options: DataOptions.from_flags
 
 
 @dataclass
@@ -80,7 +79,7 @@ class CheckpointModel:
         return encode_to_file(self.network, images, self.transform, output, batch_size=batch_size, device=self.device)
 
     def data_settings(self, data_root=None):
-        settings = {name: self.run.get(name, default) for name, default in DATA_SETTINGS.items()}
+        settings = {**self.run, **{name: self.run.get(name, default) for name, default in DATA_SETTINGS.items()}}
         if data_root is not None:
             settings["data_root"] = str(data_root)
         return settings
@@ -92,12 +91,9 @@ class CheckpointModel:
             raise UserError(f"{self.checkpoint}: no run log next to it says which dataset it was trained on; pass "
                             "dataset= (--dataset)")
         settings = self.data_settings(data_root)
-        options = DataOptions(cache=settings["cache"], skip_bad_images=settings["skip_bad_images"],
-                              strict_images=settings["strict_images"], split=settings["split"],
-                              imbalance=settings["imbalance"])
         try:
             return build_splits(self.dataset, settings["data_root"], settings["seed"], self.backbone.preprocessing,
-                                options, settings["subset"])
+                                DataOptions.from_flags(settings), settings["subset"])
         except (ValueError, NotImplementedError) as exc:
             raise UserError(f"--dataset {self.dataset} under {settings['data_root']}: {exc}") from None
 

@@ -40,8 +40,7 @@ DEFAULT_VAL_SIZE = 500
 
 
 def data_options(args):
-    return DataOptions(cache=args.cache, skip_bad_images=args.skip_bad_images, strict_images=args.strict_images,
-                       split=args.split, imbalance=args.imbalance, cache_dir=args.cache_dir)
+    return DataOptions.from_flags(vars(args))
 
 
 def build_splits(spec, args, preprocessing):
@@ -53,9 +52,6 @@ def build_splits(spec, args, preprocessing):
     except NotImplementedError as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:
-        if "split of --dataset" in str(exc):
-            raise UserError(f"{exc}; check the data under --data_root {args.data_root} (see README, Datasets)") \
-                from None
         if args.imbalance == 1:
             raise
         raise UserError(str(exc)) from None

@@ -164,3 +164,13 @@ def test_the_readme_example_runs_as_printed(trained, tmp_path, monkeypatch):
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["ids"].shape == (3, 5) and (tmp_path / "digits.index").is_file()
     assert namespace["ids"].tolist() == trained[2].index.search(trained[2].codes.query_bits[:3], 5)[1].tolist()
+
+
+def test_the_api_reads_the_data_options_as_the_run_did(trained):
+    from data.base import DataOptions
+    from session.parts import data_options
+    model = trained[1]
+    flags = retrieval.parse_args(RUN + ["--cache", "--cache_dir", "/elsewhere", "--strict_images"])
+    model_of_that_run = type(model)(**{**vars(model), "run": vars(flags)})
+    assert DataOptions.from_flags(model_of_that_run.data_settings()) == data_options(flags)
+    assert data_options(flags).cache_dir == "/elsewhere" and data_options(flags).strict_images
