@@ -276,7 +276,7 @@ def read_finished(args):
     why a finished log cannot be tabulated, else None)."""
     try:
         record = read_run_log(RunFiles.for_args(args).event_log)
-    except OSError:
+    except (OSError, UserError):  # no log (or none that is a regular file): the run has not finished here
         return None, None
     if not record.get("finished") or not record.get("best"):
         return None, None

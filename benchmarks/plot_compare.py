@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hashing import plots  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.runlog import read_run_log  # noqa: E402
 
 RUN_FILE_SUFFIXES = (".metrics.json", ".codes.npz", ".jsonl", ".json", ".ckpt", ".txt", ".last.pt")
@@ -40,7 +41,7 @@ def read_training_log(prefix):
     """The run's event log folded into one record; older runs wrote that record as {run}.json."""
     try:
         return read_run_log(Path(f"{prefix}.jsonl"))
-    except OSError:
+    except (OSError, UserError):
         return read_json(Path(f"{prefix}.json"))
 
 

@@ -136,7 +136,7 @@ def draw_figures(run, metrics, codes):
         log = read_run_log(run.files.event_log)
         paths.append(plots.plot_convergence([(metrics["run"]["loss"], log)],
                                             run.files.figure("convergence", run.args.plot_format), title))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, UserError):
         print(f"note: no readable training log {run.files.event_log}, so no convergence figure", file=sys.stderr)
     if len(codes.database_bits) < plots.TSNE_MIN_ITEMS:
         print(f"note: a t-SNE needs at least {plots.TSNE_MIN_ITEMS} database items, this database has "
@@ -198,7 +198,7 @@ def trained_selection(run):
     """How training selected the checkpoint (--select, the kept epoch), from its event log; None if unknown."""
     try:
         return read_run_log(run.files.event_log).get("selection")
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):
         return None
 
 
@@ -207,7 +207,7 @@ def settings_differing_from_training(run):
     the run was trained and evaluated on; empty when they agree or there is no training log."""
     try:
         trained_args = read_run_log(run.files.event_log)["args"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, UserError):
         return []
     return [f"--{flag} {getattr(run.args, flag)} (trained with {trained_args[flag]})"
             for flag in ("seed", "subset", "data_root", "split")

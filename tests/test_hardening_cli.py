@@ -19,6 +19,7 @@ from tests.test_codetable import _paper_style_workbook as paper_style_workbook
 from tests.test_hardening_data import fail_cache_files_under
 from tests.test_hardening_evaluate import deadline
 from tests.test_protocol import truncated_jpeg
+from utils.errors import UserError
 from utils.lock import run_lock
 from utils.runlog import read_run_log
 
@@ -185,6 +186,20 @@ def test_a_fifo_as_the_checkpoint_to_test_is_refused_without_blocking(tmp_path, 
     code, err = failure(["--test", "--checkpoint", str(fifo), "--output_dir", str(tmp_path)], capsys)
     assert code == 1 and f"--checkpoint {fifo} is a FIFO (named pipe), not a regular file" in err
     assert "folder" not in err
+
+
+def test_a_fifo_as_the_runs_event_log_does_not_block_test(tmp_path, capsys):
+    """--test reads the run's event log (how training selected the checkpoint); a FIFO there is no log."""
+    out = tmp_path / "out"
+    trained = run(["--epochs", "1", "--output_dir", str(out)])
+    log = out / "digits_small_16.jsonl"
+    log.unlink()
+    fifo_at(log)
+    with deadline(60):
+        code, printed, _ = exit_status(retrieval.cli, SMALL_DIGITS_RUN + ["--test", "--output_dir", str(out)], capsys)
+    assert code == 0 and f"mAP@200: {trained['map']:.4f}" in printed
+    with deadline(10), pytest.raises(UserError, match="is a FIFO"):
+        read_run_log(log)
 
 
 # ============ item 5: a damaged training state does not resume ============

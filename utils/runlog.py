@@ -11,11 +11,13 @@ import builtins
 import datetime
 import json
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
 from .errors import UserError
+from .paths import read_file_bytes
+
+MAX_EVENT_LOG_BYTES = 64 << 20  # a 100-epoch run writes ~50 kB
 
 _progress_enabled = True
 
@@ -97,9 +99,11 @@ def read_run_log(path):
     """One record from a {run}.jsonl event log: the start event's fields, "epochs" (the entries of the
     epochs in effect: a resume drops those after its epoch), "best", "finished" and "train_seconds".
     An unreadable line (a run killed while writing it, or damage: not UTF-8, not a JSON object, a resume or
-    epoch event without its epoch number) is ignored; the values themselves are the reader's to check."""
+    epoch event without its epoch number) is ignored; the values themselves are the reader's to check.
+    UserError when the log is missing, not a regular file or over MAX_EVENT_LOG_BYTES."""
     record = {"epochs": [], "best": None, "finished": False, "train_seconds": 0.0}
-    for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
+    data = read_file_bytes(path, "event log", MAX_EVENT_LOG_BYTES)  # a FIFO or a device would block or never end
+    for line in data.decode("utf-8", errors="replace").splitlines():
         try:
             event = json.loads(line)
         except ValueError:
