@@ -21,7 +21,6 @@ Seeded results change with the number of CPU threads: the table records it, and 
 """
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval  # noqa: E402
 from benchmarks import compare  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
+from utils.documents import MAX_METRICS_BYTES, read_json_file  # noqa: E402
 from utils.errors import run_reporting_errors  # noqa: E402
 from utils.argtypes import positive_int, seed_value  # noqa: E402
 from session.files import RunFiles  # noqa: E402
@@ -81,7 +81,7 @@ def cell_result(args):
     """(overall mAP, tail-bucket mAP) of a finished cell, else None."""
     if compare.finished_record(args) is None:
         return None
-    metrics = json.loads(RunFiles.for_args(args).metrics.read_text())
+    metrics = read_json_file(RunFiles.for_args(args).metrics, "metrics file", MAX_METRICS_BYTES)
     return metrics["map"], metrics["long_tail"]["buckets"]["tail"]["map"]
 
 

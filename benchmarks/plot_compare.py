@@ -10,12 +10,12 @@ log {run}.jsonl the convergence curve; a run without one of them is left out of 
 OUT.topn.png, OUT.pr.png and OUT.convergence.png.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hashing import plots  # noqa: E402
+from utils.documents import MAX_METRICS_BYTES, read_json_file  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.runlog import read_run_log  # noqa: E402
 
@@ -32,8 +32,8 @@ def run_prefix(path):
 
 def read_json(path):
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json_file(path, "run file", MAX_METRICS_BYTES)
+    except UserError:
         return None
 
 

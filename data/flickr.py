@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.atomic import write_json
+from utils.documents import read_json_file
 from utils.errors import UserError
 from utils.paths import read_text_file
 from utils.runlog import warn
@@ -114,10 +115,7 @@ def split_order(folder, names, seed):
 
 def read_saved_order(split_file):
     """The image names of a saved split file: a JSON object whose "order" is a list of names."""
-    try:
-        saved = json.loads(read_text_file(split_file, "the saved split", MAX_LIST_BYTES))
-    except ValueError as exc:
-        raise UserError(f"{split_file} is not a saved split (not JSON: {exc}); delete it to draw it again") from None
+    saved = read_json_file(split_file, "the saved split", MAX_LIST_BYTES, fix="delete it to draw it again")
     order = saved.get("order") if isinstance(saved, dict) else None
     if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
         raise UserError(f"{split_file} is not a saved split (it needs \"order\": a list of image names); delete it "

@@ -14,7 +14,6 @@ or into DataOptions.cache_dir (e.g. when the data root is read-only).
 """
 import errno
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -28,8 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.atomic import write_json
+from utils.documents import read_json_file
 from utils.errors import UserError
-from utils.paths import MiB, read_text_file, require_regular_file
+from utils.paths import MiB, require_regular_file
 from utils.runlog import progress_bar
 from utils.reproducibility import loader_generator
 
@@ -116,7 +116,7 @@ class ImageCache:
         listed = truncated_list_for(self.file)
         if not listed.is_file():
             raise ValueError(f"{listed.name} is missing")
-        names = json.loads(read_text_file(listed, "the list of truncated images", 64 * MiB))
+        names = read_json_file(listed, "the list of truncated images", 64 * MiB)
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise ValueError(f"{listed.name} is not a list of image paths")
         paths = {os.path.normpath(self.file.parent / name) for name in names}

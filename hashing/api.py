@@ -14,7 +14,6 @@ bits, heads, data settings), else the arguments given. encode takes image files,
 dataset split (items (image tensor, labels), e.g. one of model.splits()) and returns the packed codes of
 hashing/codes.py, which HammingIndex (hashing/index.py) searches in the evaluator's tie order.
 """
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,15 +27,14 @@ from data.transforms import image_transform
 from network import DEFAULT_BACKBONE, build_network, get_backbone
 from utils.checkpoint import load_network_weights, read_backbone_record, require_checkpoint_file
 from utils.device import select_device
+from utils.documents import MAX_METRICS_BYTES, read_json_file
 from utils.errors import UserError
-from utils.paths import read_text_file
 from utils.runlog import progress_bar, read_run_log
 
 from . import cache
 from .codes import CodeSet, NonFiniteCodes, pack_labels, pack_signs
 from .stream import ImageItems, encode_to_file, image_paths
 
-MAX_METRICS_BYTES = 16 << 20
 # The run's data settings that decide its splits, with the defaults of a run that does not record them.
 DATA_SETTINGS = {"data_root": "./data", "seed": 0, "subset": 0}  # the data options: DataOptions.from_flags
 
@@ -139,8 +137,8 @@ def run_record(checkpoint):
     metrics_file = checkpoint.with_suffix(".metrics.json")
     if metrics_file.is_file():
         try:
-            metrics = json.loads(read_text_file(metrics_file, "metrics file", MAX_METRICS_BYTES))
-        except (ValueError, UserError):
+            metrics = read_json_file(metrics_file, "metrics file", MAX_METRICS_BYTES)
+        except UserError:
             metrics = None
     if not args and isinstance(metrics, dict) and isinstance(metrics.get("run"), dict):
         args = dict(metrics["run"])  # no log: the metrics file names the dataset, backbone and bits

@@ -19,7 +19,8 @@ import numpy as np
 
 from utils.atomic import atomic_write
 from utils.errors import UserError
-from utils.paths import GiB, check_output_target, load_arrays
+from utils.documents import parse_json
+from utils.paths import GiB, MiB, check_output_target, load_arrays
 
 from .codes import CodeSet
 
@@ -28,6 +29,7 @@ FORMAT_VERSION = 3
 # The most a codes file may hold (unpacked): 100x the packed codes and labels of NUS-WIDE's 193,734-item
 # database at 1,024 bits; a crafted or damaged file declaring more is not read.
 MAX_CODES_BYTES = 8 * GiB
+MAX_KEY_BYTES = 4 * MiB  # the key is a few hundred characters (stored as UTF-32)
 
 
 def file_sha256(path):
@@ -63,9 +65,9 @@ def read(path):
     try:
         arrays = load_arrays(path, "the codes cache", MAX_CODES_BYTES)
         key = arrays["key"]
-        if key.shape != () or key.dtype.kind != "U":
+        if key.shape != () or key.dtype.kind != "U" or key.nbytes > MAX_KEY_BYTES:
             return None
-        return CodeSet.from_stored(arrays), json.loads(str(key))
+        return CodeSet.from_stored(arrays), parse_json(str(key), f"the key of the codes cache {path}")
     except (UserError, KeyError, ValueError):
         return None
 

@@ -49,6 +49,7 @@ import threading
 import numpy as np
 
 from utils.atomic import atomic_write
+from utils.documents import parse_json
 from utils.errors import UserError
 from utils.paths import check_output_target, require_regular_file
 
@@ -483,10 +484,7 @@ def _read_header(handle, path):
     text = handle.read(length)
     if len(text) < length:
         raise damaged("is truncated within its header")
-    try:
-        header = json.loads(text)
-    except ValueError:
-        raise damaged("has an unreadable header") from None
+    header = parse_json(text, f"index file {path}", "pass a file written by HammingIndex.save, or save it again")
     if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
         raise damaged(f"has format {header.get('format') if isinstance(header, dict) else '?'}, not "
                       f"{FORMAT_VERSION}")

@@ -19,7 +19,6 @@ the list of paths, not their bytes.
 """
 import fcntl
 import hashlib
-import json
 import re
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.files import read_rgb
 from data.image_cache import decode_workers
 from utils.atomic import write_json
+from utils.documents import read_json_file
 from utils.errors import UserError
 from utils.paths import check_output_target, require_regular_file
 from utils.runlog import progress_bar
@@ -105,9 +105,9 @@ def _read_record(path):
     """The progress record at `path`, or None when there is none; UserError when it is unreadable."""
     if not path.exists():
         return None
-    require_regular_file(path, "progress record", max_bytes=1 << 20)
+    fix = "delete it and its .partial file to encode from the start"
+    record = read_json_file(path, "progress record", 1 << 20, fix=fix)
     try:
-        record = json.loads(path.read_text())
         counts = isinstance(record, dict) and all(isinstance(record.get(key), int) for key in ("done", "rows",
                                                                                                 "hash_bit"))
         if not counts or not 0 <= record["done"] <= record["rows"] or record["hash_bit"] < 1:

@@ -13,7 +13,8 @@ import sys
 import yaml
 
 from .errors import UserError
-from .paths import MiB, read_capped, require_regular_file
+from .documents import load_yaml
+from .paths import MiB, read_file_bytes
 
 MAX_CONFIG_BYTES = MiB
 SCALARS = (str, int, float, bool, type(None))
@@ -46,18 +47,8 @@ def read_config(path):
     YAML, a top level that is not a mapping, or a key (named) that is not a string or whose value is
     neither a scalar nor a list of scalars.
     """
-    path = require_regular_file(path, "recipe file", MAX_CONFIG_BYTES)
-    try:
-        with open(path, "rb") as handle:
-            text = read_capped(handle, MAX_CONFIG_BYTES, f"recipe file {path}")
-        document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
-    except OSError as exc:
-        raise UserError(f"recipe file {path} cannot be read ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        problem = getattr(exc, "problem", None) or exc
-        raise UserError(f"recipe file {path} is not valid YAML{line}: {problem}") from None
+    text = read_file_bytes(path, "recipe file", MAX_CONFIG_BYTES)
+    document = load_yaml(text, f"recipe file {path}", _UniqueKeyLoader)
     if document is None:
         return {}
     if not isinstance(document, dict):
@@ -89,12 +80,40 @@ def config_arguments(parser, values, path):
                 raise UserError(f"--config {path}: {key} is a switch, give it true or false")
             arguments += [flag] if value != action.default else []
         elif value is not None:
-            arguments += [flag, *(format_value(v) for v in (value if isinstance(value, list) else [value]))]
+            arguments += value_arguments(action, flag, key, value, path)
     return arguments
 
 
+def value_arguments(action, flag, key, value, path):
+    """The arguments that give `flag` the value (or list of values) `value`, never read as another flag: a single
+    value that begins with '-' is attached to its flag (--flag=-x); a list item that is not a number may not."""
+    if not isinstance(value, list):
+        text = format_value(value)
+        return [f"{flag}={text}"] if text.startswith("-") else [flag, text]
+    if action.nargs in (None, "?"):
+        raise UserError(f"--config {path}: {key} takes one value, not a list")
+    items = [format_value(item) for item in value]
+    dashed = [item for item in items if item.startswith("-") and not is_number(item)]
+    if dashed:
+        raise UserError(f"--config {path}: {key} holds {dashed[0]!r}, which the command line would read as a flag; "
+                        "a list value may not begin with '-'")
+    return [flag, *items]
+
+
+def is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def format_value(value):
-    return f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+    """A recipe value as command-line text: floats keep every digit (repr; an integral float as an integer, so it
+    still sets an integer flag), booleans as true/false."""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 2 ** 53 else repr(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def parse_args_with_config(parser, argv, config_dest="config"):

@@ -10,7 +10,6 @@ Both raise UserError with the flag or file named and what to do. open_regular, r
 load_arrays apply the reader rule to the usual kinds of file (text, .npy/.npz arrays), the latter checking
 each array's declared shape against the bytes that hold it before anything is allocated.
 """
-import json
 import math
 import os
 import stat
@@ -153,9 +152,11 @@ def check_output_target(path, what, inputs=(), earlier_output=None):
 
 def holds_json_object_with(path, keys, max_bytes=64 * MiB):
     """Whether `path` holds a JSON object with every one of `keys`: how a writer recognises its earlier output."""
+    from .documents import read_json_file  # it builds on this module's readers
+
     try:
-        value = json.loads(read_text_file(path, "file", max_bytes))
-    except (UserError, ValueError):
+        value = read_json_file(path, "file", max_bytes)
+    except UserError:
         return False
     return isinstance(value, dict) and all(key in value for key in keys)
 

@@ -15,9 +15,11 @@ import sys
 from tqdm import tqdm
 
 from .errors import UserError
-from .paths import read_file_bytes
+from .documents import parse_json
+from .paths import open_regular
 
 MAX_EVENT_LOG_BYTES = 64 << 20  # a 100-epoch run writes ~50 kB
+MAX_EVENT_BYTES = 1 << 20  # one event (a line); its start event holds the run's flags and sizes
 
 _progress_enabled = True
 
@@ -98,33 +100,46 @@ class RunLog:
 def read_run_log(path):
     """One record from a {run}.jsonl event log: the start event's fields, "epochs" (the entries of the
     epochs in effect: a resume drops those after its epoch), "best", "finished" and "train_seconds".
-    An unreadable line (a run killed while writing it, or damage: not UTF-8, not a JSON object, a resume or
-    epoch event without its epoch number) is ignored; the values themselves are the reader's to check.
+    An unreadable line (a run killed while writing it, or damage: not UTF-8, not a JSON object, longer than
+    MAX_EVENT_BYTES or nested deeper than utils.documents allows, a resume or epoch event without its epoch number)
+    is ignored; the values themselves are the reader's to check. The log is streamed a line at a time.
     UserError when the log is missing, not a regular file or over MAX_EVENT_LOG_BYTES."""
     record = {"epochs": [], "best": None, "finished": False, "train_seconds": 0.0}
-    data = read_file_bytes(path, "event log", MAX_EVENT_LOG_BYTES)  # a FIFO or a device would block or never end
-    for line in data.decode("utf-8", errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(event, dict):
-            continue
-        kind = event.pop("event", None)
-        if kind in ("resume", "epoch") and not isinstance(event.get("resumed_after" if kind == "resume" else "epoch"),
-                                                           int):
-            continue
-        if kind == "start":
-            record.update(event)
-        elif kind == "resume":
-            resumed_after = event.pop("resumed_after")
-            record.update(event)
-            record["epochs"] = [e for e in record["epochs"] if e["epoch"] <= resumed_after]
-        elif kind == "epoch":
-            record["epochs"].append(event)
-            record["train_seconds"] = event.get("train_seconds")
-        elif kind == "best":
-            record["best"] = event
-        elif kind == "finish":
-            record.update(event, finished=True)
+    with open_regular(path, "event log", MAX_EVENT_LOG_BYTES) as handle:  # a FIFO or a device would block or never end
+        for event in _events(handle, path):
+            _fold_event(record, event)
     return record
+
+
+def _events(handle, path):
+    """The JSON objects of an event log's lines, skipping unreadable ones."""
+    while line := handle.readline(MAX_EVENT_BYTES + 1):
+        if len(line) > MAX_EVENT_BYTES:  # skip the rest of an overlong line without holding it
+            while not line.endswith(b"\n") and (line := handle.readline(MAX_EVENT_BYTES)):
+                pass
+            continue
+        try:
+            event = parse_json(line.decode("utf-8", errors="replace"), f"event log {path}")
+        except UserError:
+            continue
+        if isinstance(event, dict):
+            yield event
+
+
+def _fold_event(record, event):
+    kind = event.pop("event", None)
+    if kind in ("resume", "epoch") and not isinstance(event.get("resumed_after" if kind == "resume" else "epoch"), int):
+        return
+    if kind == "start":
+        record.update(event)
+    elif kind == "resume":
+        resumed_after = event.pop("resumed_after")
+        record.update(event)
+        record["epochs"] = [e for e in record["epochs"] if e["epoch"] <= resumed_after]
+    elif kind == "epoch":
+        record["epochs"].append(event)
+        record["train_seconds"] = event.get("train_seconds")
+    elif kind == "best":
+        record["best"] = event
+    elif kind == "finish":
+        record.update(event, finished=True)
