@@ -55,7 +55,7 @@ from utils.paths import check_output_target, require_regular_file
 
 from .codes import hamming_distances, word_columns
 from .metrics import rank_top_k
-from .mih import MultiIndexTables
+from .mih import MAX_SUBSTRING_BITS, MultiIndexTables
 
 MAGIC = b"hyp2-hamming-index\n"
 FORMAT_VERSION = 1
@@ -69,6 +69,10 @@ METHODS = {"auto": True, "flat": True, "mih": True, "ivf": False, "hnsw": False}
 OPTIONS = {"auto": {}, "flat": {"use_faiss": None}, "mih": {"substrings": None},
            "ivf": {"nlist": None, "nprobe": 16, "seed": 0},
            "hnsw": {"neighbors": 16, "ef_construction": 40, "ef_search": 128}}
+# Inclusive bounds of the integer options: an index file is data, so the options it names are checked before
+# anything is built ("neighbors": 10**6 took 15 GB, nlist 10**9 a MemoryError, ef_search -1 returned ids of -1).
+OPTION_BOUNDS = {"nlist": (1, 1 << 16), "nprobe": (1, 1 << 16), "seed": (0, 2 ** 31 - 1), "neighbors": (2, 256),
+                 "ef_construction": (1, 1 << 12), "ef_search": (1, 1 << 16)}
 DEFAULT_METHOD = "auto"
 # Query rows x database items per chunk of the NumPy flat scan: bounded memory, as in hashing.metrics.
 _CHUNK_ELEMENTS = 1 << 20
@@ -96,6 +100,26 @@ def faiss_flat_index(bits):
     index = import_faiss().IndexBinaryFlat(bits.shape[1] * 8)
     index.add(bits)
     return index
+
+
+def option_problem(method, options, hash_bit):
+    """What is wrong with a method's `options` for `hash_bit`-bit codes ("option NAME ..."), else None."""
+    unknown = set(options) - set(OPTIONS[method])
+    if unknown:
+        return (f"method {method!r} takes no option {', '.join(sorted(map(str, unknown)))}; its options: "
+                f"{', '.join(OPTIONS[method]) or 'none'}")
+    bounds = {**OPTION_BOUNDS, "substrings": (math.ceil(hash_bit / MAX_SUBSTRING_BITS), hash_bit)}
+    for name, value in options.items():
+        if name == "use_faiss":
+            if value is not None and not isinstance(value, bool):
+                return f"option use_faiss must be true, false or null, got {value!r}"
+            continue
+        low, high = bounds[name]
+        if value is None and name in ("nlist", "substrings"):  # chosen from the data
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+            return f"option {name} must be an integer from {low} to {high}, got {value!r}"
+    return None
 
 
 def is_exact(method):
@@ -194,7 +218,8 @@ class _FaissApproximate:
         self.method, self.hash_bit = method, hash_bit
         dimension = codes.shape[1] * 8
         if method == "ivf":
-            nlist = options["nlist"] or max(1, round(math.sqrt(len(codes))))
+            # FAISS's k-means needs at least as many codes as clusters (an index may shrink after it is saved)
+            nlist = min(options["nlist"] or max(1, round(math.sqrt(len(codes)))), len(codes))
             self.index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(dimension), dimension, nlist)
             self.index.cp.seed = options["seed"]
             sample = np.random.default_rng(options["seed"]).choice(len(codes), min(len(codes), 64 * nlist),
@@ -239,20 +264,20 @@ class HammingIndex:
 
     HammingIndex(hash_bit, method, **options) is an empty index; HammingIndex.build(codes, ids) fills one.
     Options per method (OPTIONS): flat: use_faiss (None = when installed); mih: substrings (None = from the
-    size); ivf: nlist (None = sqrt(N)), nprobe, seed (of the training sample and k-means); hnsw: neighbors
-    (FAISS's M), ef_construction, ef_search.
+    size); ivf: nlist (None = sqrt(N); at most N), nprobe, seed (of the training sample and k-means); hnsw:
+    neighbors (FAISS's M), ef_construction, ef_search. Integer options are bounded (OPTION_BOUNDS; substrings so
+    that no substring is over MAX_SUBSTRING_BITS bits): ValueError here, and UserError for a file that names others.
     """
 
     def __init__(self, hash_bit, method=DEFAULT_METHOD, **options):
         if method not in METHODS:
             raise ValueError(f"unknown search method {method!r}; choose one of {', '.join(METHODS)}")
-        unknown = set(options) - set(OPTIONS[method])
-        if unknown:
-            raise ValueError(f"method {method!r} takes no option {', '.join(sorted(unknown))}; its options: "
-                             f"{', '.join(OPTIONS[method]) or 'none'}")
         if isinstance(hash_bit, bool) or not isinstance(hash_bit, (int, np.integer)) or \
                 not 1 <= hash_bit <= MAX_HASH_BIT:
             raise ValueError(f"hash_bit must be an integer from 1 to {MAX_HASH_BIT}, got {hash_bit!r}")
+        problem = option_problem(method, options, hash_bit)
+        if problem:
+            raise ValueError(problem)
         self.hash_bit = int(hash_bit)
         self.method = method
         self.options = {**OPTIONS[method], **options}
@@ -493,9 +518,11 @@ def _read_header(handle, path):
         raise damaged(f"declares {hash_bit!r} bits a code")
     if not isinstance(rows, int) or rows < 0:
         raise damaged(f"declares {rows!r} codes")
-    if method not in METHODS or not isinstance(header.get("options"), dict) or \
-            set(header["options"]) - set(OPTIONS[method]):
-        raise damaged(f"names an unknown search method or option ({method!r}, {header.get('options')!r})")
+    if method not in METHODS or not isinstance(header.get("options"), dict):
+        raise damaged(f"names an unknown search method or options ({method!r}, {header.get('options')!r})")
+    problem = option_problem(method, header["options"], hash_bit)
+    if problem:
+        raise damaged(f"names options that are out of bounds: {problem}")
     return header, len(MAGIC) + 4 + length
 
 

@@ -16,7 +16,7 @@ from hashing import cache as codes_cache
 from hashing import stream
 from hashing.api import run_record
 from hashing.codes import CodeSet
-from hashing.index import MAGIC, HammingIndex
+from hashing.index import ALIGNMENT, MAGIC, HammingIndex
 from tests.cli_runs import SMALL_DIGITS_RUN, exit_status
 from tests.cli_runs import run_small_digits as run
 from tests.test_hardening_evaluate import deadline, small_problem
@@ -169,6 +169,56 @@ def test_test_and_plot_compare_run_with_a_hostile_line_in_the_run_log(trained_ru
     (out / "digits_small_16.metrics.json").write_text(HOSTILE)
     written = plot_compare.main([str(log), "--out", str(tmp_path / "compare")])
     assert [path.name for path in written] == ["compare.convergence.png"]
+
+
+# ============ item 8: an index file's options are data, validated with bounds ============
+
+def index_with_options(path, method, **options):
+    """A saved 100-code index at `path` whose header names `method` with `options` (as a crafted file would)."""
+    HammingIndex.build(np.random.default_rng(8).integers(0, 256, (100, 6), dtype=np.uint8)).save(path)
+    data = path.read_bytes()
+    length = struct.unpack("<I", data[len(MAGIC):len(MAGIC) + 4])[0]
+    header = json.loads(data[len(MAGIC) + 4:len(MAGIC) + 4 + length])
+    text = json.dumps({**header, "method": method, "options": options}).encode()
+    text += b" " * (-(len(MAGIC) + 4 + len(text)) % ALIGNMENT)
+    path.write_bytes(MAGIC + struct.pack("<I", len(text)) + text + data[len(MAGIC) + 4 + length:])
+    return path
+
+
+@pytest.mark.parametrize("method, options, named", [
+    ("hnsw", {"neighbors": 1_000_000}, "neighbors"),  # took 15.3 GB and 73 s
+    ("hnsw", {"neighbors": 1}, "neighbors"),
+    ("hnsw", {"ef_search": -1}, "ef_search"),  # returned ids of -1 silently
+    ("hnsw", {"ef_construction": 10 ** 9}, "ef_construction"),
+    ("hnsw", {"ef_search": 12.5}, "ef_search"),
+    ("ivf", {"nlist": 10 ** 9}, "nlist"),  # a MemoryError
+    ("ivf", {"nlist": 0}, "nlist"),
+    ("ivf", {"nprobe": -3}, "nprobe"),
+    ("ivf", {"seed": 2 ** 40}, "seed"),
+    ("ivf", {"nprobe": True}, "nprobe"),
+    ("mih", {"substrings": 10 ** 6}, "substrings"),
+    ("mih", {"substrings": "4"}, "substrings"),
+    ("flat", {"use_faiss": "yes"}, "use_faiss"),
+])
+def test_index_options_out_of_bounds_are_refused_before_anything_is_built(tmp_path, method, options, named):
+    path = index_with_options(tmp_path / "db.index", method, **options)
+    with deadline(10), pytest.raises(UserError, match=f"index file {path} .*option {named} ") as error:
+        HammingIndex.load(path)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=f"option {named} "):  # the same rule for an index built in code
+        HammingIndex(48, method, **options)
+
+
+def test_index_options_within_bounds_load_and_search_like_brute_force(tmp_path):
+    path = index_with_options(tmp_path / "db.index", "hnsw", neighbors=64, ef_construction=200, ef_search=512)
+    index = HammingIndex.load(path)
+    assert index.options == {"neighbors": 64, "ef_construction": 200, "ef_search": 512}
+    codes = np.unpackbits(index.codes, axis=1)
+    distances, ids = index.search(index.codes[:5], 3)
+    brute = np.sort((codes[:5, None, :] != codes[None, :, :]).sum(-1), axis=1)[:, :3]
+    assert np.array_equal(distances, brute) and (ids >= 0).all()  # 100 codes, ef_search 512: the walk is exact
+    ivf = HammingIndex.load(index_with_options(tmp_path / "ivf.index", "ivf", nlist=10, nprobe=10, seed=3))
+    assert np.array_equal(ivf.search(ivf.codes[:5], 3)[0], brute)  # every cluster probed: exact
 
 
 # ============ item 9: recipe files ============
