@@ -60,8 +60,9 @@ def save(path, codes, key):
 
 def read(path):
     """(CodeSet, key) stored at `path`; None when it is missing or unusable: not a regular file, declaring more
-    than it holds or than MAX_CODES_BYTES, or not a well-formed CodeSet (utils/paths.load_arrays,
-    CodeSet.from_stored). Read without unpickling, so a replaced file cannot run code."""
+    than it holds or than MAX_CODES_BYTES, not a well-formed CodeSet (utils/paths.load_arrays,
+    CodeSet.from_stored), or with a damaged key (utils/documents.parse_json): the codes are then encoded again.
+    Read without unpickling, so a replaced file cannot run code."""
     try:
         arrays = load_arrays(path, "the codes cache", MAX_CODES_BYTES)
         key = arrays["key"]

@@ -19,7 +19,7 @@ from .documents import parse_json
 from .paths import open_regular
 
 MAX_EVENT_LOG_BYTES = 64 << 20  # a 100-epoch run writes ~50 kB
-MAX_EVENT_BYTES = 1 << 20  # one event (a line); its start event holds the run's flags and sizes
+MAX_EVENT_BYTES = 8 << 20  # one event (a line); the start event holds the flags and the --config file (1 MiB)
 
 _progress_enabled = True
 
