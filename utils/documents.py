@@ -14,7 +14,7 @@ import yaml
 from .errors import UserError
 from .paths import read_text_file
 
-# No file of this project nests deeper than 5 levels; parsers recurse once a level (Python's limit is 1,000).
+# The files of this project nest a handful of levels; parsers recurse once a level (Python's limit is 1,000).
 MAX_NESTING = 64
 MAX_METRICS_BYTES = 16 << 20  # a run's .metrics.json (a few hundred kB at most)
 _NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'"[]{}')))  # what the depth scan deletes
