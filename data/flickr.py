@@ -41,6 +41,7 @@ RELEVANT = ("baby", "bird", "car", "clouds", "dog", "female", "flower", "male", 
             "sea", "tree")
 LABELS = tuple(sorted(CONCEPTS + tuple(f"{name}_r1" for name in RELEVANT)))
 NUM_IMAGES = 25000
+MAX_SAVED_SPLIT_BYTES = 16 << 20  # a saved split names 25,000 images (~0.4 MB)
 QUERY_SIZE, TRAIN_SIZE = 1000, 4000  # query = order[:1000], train = order[1000:5000], database = the rest
 
 
@@ -115,7 +116,7 @@ def split_order(folder, names, seed):
 
 def read_saved_order(split_file):
     """The image names of a saved split file: a JSON object whose "order" is a list of names."""
-    saved = read_json_file(split_file, "the saved split", MAX_LIST_BYTES, fix="delete it to draw it again")
+    saved = read_json_file(split_file, "the saved split", MAX_SAVED_SPLIT_BYTES, fix="delete it to draw it again")
     order = saved.get("order") if isinstance(saved, dict) else None
     if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
         raise UserError(f"{split_file} is not a saved split (it needs \"order\": a list of image names); delete it "

@@ -144,6 +144,26 @@ def test_hostile_progress_record_truncated_list_and_saved_split_are_one_line_err
         ImageCache(cache_file, [str(tmp_path / "a.png")], 8).read_truncated()
 
 
+READERS = {  # each reader of a JSON file read back, and what it does with a file it refuses
+    "progress record": lambda path: stream._read_record(path),
+    "saved split": read_saved_order,
+    "truncated images": lambda path: ImageCache(path.with_suffix("").with_suffix(".npy"), [], 8).read_truncated(),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_each_json_reader_refuses_an_oversized_file_and_a_fifo_without_blocking(tmp_path, reader):
+    path = tmp_path / "cache.truncated.json"
+    path.write_text("")
+    os.truncate(path, 65 << 20)  # over every cap (sparse: nothing is written, and nothing is read)
+    with deadline(10), pytest.raises(UserError, match="MiB"):
+        READERS[reader](path)
+    path.unlink()
+    os.mkfifo(path)
+    with deadline(10), pytest.raises((UserError, ValueError), match="FIFO|is missing"):  # both: open_or_build rebuilds
+        READERS[reader](path)
+
+
 def test_hostile_recipe_files_are_one_line_errors(tmp_path):
     path = tmp_path / "recipe.yaml"
     for text in (f"epochs: {HOSTILE}\n", "epochs:\n" + "".join(" " * i + "- \n" for i in range(1, 1200))):
