@@ -30,7 +30,7 @@ def trained(search_service):
 
 @pytest.fixture
 def client(trained):
-    return TestClient(serve.create_app(trained[2]), raise_server_exceptions=False)
+    return TestClient(serve.create_app(trained[2]), base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
 
 
 def brute_force(query_signs, database_signs, k):
@@ -131,8 +131,8 @@ def test_a_server_error_shows_no_traceback(trained, monkeypatch):
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(trained[2], "search_query", failing)
-    response = TestClient(serve.create_app(trained[2]), raise_server_exceptions=False).get(
-        "/api/search?query_index=0")
+    response = TestClient(serve.create_app(trained[2]), base_url="http://127.0.0.1:8000",
+                          raise_server_exceptions=False).get("/api/search?query_index=0")
     assert response.status_code == 500 and "secret" not in response.text and "Traceback" not in response.text
 
 
