@@ -14,9 +14,13 @@ The dataset, backbone and bits come from the checkpoint and its run's files (has
 answers {"results": [{"id", "distance", "labels", "relevant"}, ...], ...} in rank order: ids are database
 indices, the order is the evaluator's (distance, then index), as --query prints it.
 
-Safe by default: it binds 127.0.0.1 (--host to change it, with a warning); images are served by index (no
-part of a request names a file); uploads are capped in bytes (MAX_UPLOAD_BYTES) and pixels (MAX_UPLOAD_PIXELS),
-and a file that is not an image gets a 4xx with the reason; no debug mode, and the client never sees a
+Safe by default (README, Threat model): it binds 127.0.0.1 (--host to change it, with a warning) and answers only
+requests addressed to a name it listens as (no DNS rebinding) and POSTs from its own page (Origin,
+Sec-Fetch-Site); images are served by index and figures only from the run's regular files (no part of a request
+names a file); uploads are decoded (data.files.decode_image: the project's formats only) and encoded off the event
+loop in DECODE_SLOTS threads, at most MAX_UPLOADS at once, and capped in bytes and pixels; a body is capped in
+bytes and seconds while it streams, a connection gets HEADER_TIMEOUT seconds to send its headers, and at
+MAX_CONNECTIONS the longest-idle connection is closed to make room. No debug mode, and the client never sees a
 traceback. Built on Starlette, served by uvicorn.
 """
 import argparse
@@ -62,7 +66,7 @@ MAX_FIGURE_BYTES = 32 << 20
 # spool up to MAX_BODY_BYTES to disk), connections, and the seconds it may take to send headers and a body.
 DECODE_SLOTS = 2
 MAX_UPLOADS = 4
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 100
 HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0
 KEEP_ALIVE_TIMEOUT = 5.0
@@ -413,7 +417,7 @@ class GuardedH11Protocol(H11Protocol):
 def server_config(app):
     """uvicorn's configuration of the search server: its connection limits and timeouts, no access log."""
     return uvicorn.Config(app, http=GuardedH11Protocol, timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
-                          limit_concurrency=MAX_CONNECTIONS + 1, backlog=MAX_CONNECTIONS, log_level="warning",
+                          limit_concurrency=MAX_CONNECTIONS + 1, backlog=32, log_level="warning",
                           access_log=False)
 
 
