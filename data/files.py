@@ -109,7 +109,7 @@ def decode_rgb(path, strict=False, what="image", hint="replace the file or remov
     except UserError as exc:  # missing, or not a regular file
         raise UnreadableImage(f"{exc}; {hint}") from None
     except UnidentifiedImageError:
-        raise UnreadableImage(f"{what} {path} is not a {FORMATS_TEXT} image; {hint}") from None
+        raise UnreadableImage(f"cannot read {what} {path} (not a {FORMATS_TEXT} image); {hint}") from None
     except (ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(f"cannot read {what} {path} ({exc}); {hint}") from None
     except OSError as exc:

@@ -49,7 +49,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from data.files import FORMATS_TEXT, TooManyPixels, decode_image
 from data.query_images import raw_image
-from utils.argtypes import int_in_range
+from utils.argtypes import int_in_range, positive_int
 from utils.errors import UserError, run_reporting_errors
 from utils.runlog import warn
 
@@ -163,15 +163,16 @@ class SearchService:
         """The PNG bytes of the run's figure `kind` as the file holds them now, or None (figure_path); opened
         without following a symlink, and checked again on the opened file."""
         path = self.figure_path(kind)
-        try:
-            descriptor = None if path is None else os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if path is None:
+            return None
+        try:  # without blocking on a FIFO or following a symlink put there since figure_path looked
+            handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb")
         except OSError:
             return None
-        with os.fdopen(descriptor, "rb") if descriptor is not None else io.BytesIO() as handle:
-            status = os.fstat(handle.fileno()) if descriptor is not None else None
-            if status is None or not stat.S_ISREG(status.st_mode) or status.st_size > MAX_FIGURE_BYTES:
-                return None
-            return handle.read(MAX_FIGURE_BYTES)
+        with handle:
+            status = os.fstat(handle.fileno())
+            regular = stat.S_ISREG(status.st_mode) and status.st_size <= MAX_FIGURE_BYTES
+            return handle.read(MAX_FIGURE_BYTES) if regular else None
 
     @lru_cache(maxsize=4096)
     def thumbnail(self, split_name, item):
@@ -441,7 +442,7 @@ def get_args_parser():
     parser.add_argument("--data_root", default=None, help="where the run's dataset is (default: the run's)")
     parser.add_argument("--dataset", default=None, help="the dataset, where the checkpoint has no run files")
     parser.add_argument("--backbone", default=None, help="the backbone, where the checkpoint does not say")
-    parser.add_argument("--hash_bit", type=int_in_range(1, None), default=None,
+    parser.add_argument("--hash_bit", type=positive_int, default=None,
                         help="the bits, where the checkpoint does not say")
     parser.add_argument("--host", default=LOCAL, help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int_in_range(0, 65535), default=8000,
