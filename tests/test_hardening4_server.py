@@ -143,6 +143,8 @@ def test_a_16_bit_grey_upload_is_scaled_as_query_reads_it(served, search_service
     results = json.loads(answer)["results"]
     assert status == 200 and [r["id"] for r in results] == ids[0].tolist()
     assert [r["distance"] for r in results] == distances[0].tolist()
+    model = search_service[1]
+    assert (model.encode([Image.open(path)]) == model.encode([expected])).all()  # a PIL image given to the API
 
 
 # 2. The server never blocks and never waits forever.
