@@ -20,7 +20,7 @@ Sec-Fetch-Site); images are served by index and figures only from the run's regu
 names a file); uploads are decoded (data.files.decode_image: the project's formats only) and encoded off the event
 loop in DECODE_SLOTS threads, at most MAX_UPLOADS at once, and capped in bytes and pixels; a body is capped in
 bytes and seconds while it streams, a connection gets HEADER_TIMEOUT seconds to send its headers, and at
-MAX_CONNECTIONS the longest-idle connection is closed to make room. No debug mode, and the client never sees a
+connection_cap() connections the longest-idle one is closed to make room. No debug mode, and the client never sees a
 traceback. Built on Starlette, served by uvicorn.
 """
 import argparse
@@ -28,6 +28,7 @@ import asyncio
 import io
 import logging
 import os
+import resource
 import socket
 import stat
 import time
@@ -66,7 +67,7 @@ MAX_FIGURE_BYTES = 32 << 20
 # spool up to MAX_BODY_BYTES to disk), connections, and the seconds it may take to send headers and a body.
 DECODE_SLOTS = 2
 MAX_UPLOADS = 4
-MAX_CONNECTIONS = 100
+MAX_CONNECTIONS = 500  # and at most half the file descriptors the process may open (connection_cap)
 HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0
 KEEP_ALIVE_TIMEOUT = 5.0
@@ -377,14 +378,14 @@ def capped_body(receive):
 
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 connection, which waits at most HEADER_TIMEOUT seconds for a request's headers (uvicorn
-    waits forever), and which at MAX_CONNECTIONS makes room by closing the longest-idle connection, so idle sockets
-    can neither use up the process's file descriptors nor lock others out."""
+    waits forever), and which at connection_cap() connections makes room by closing the longest-idle one, so idle
+    sockets can neither use up the process's file descriptors nor lock others out."""
 
     def connection_made(self, transport):
         super().connection_made(transport)
         self.idle_since, self.header_timer = time.monotonic(), None
         open_ones = [other for other in self.connections if not other.transport.is_closing()]
-        if len(open_ones) > MAX_CONNECTIONS:
+        if len(open_ones) >= self.config.limit_concurrency:
             idle = [other for other in open_ones if other is not self and not other.busy()]
             (min(idle, key=lambda other: other.idle_since) if idle else self).transport.close()
         self.arm_header_timer()
@@ -415,11 +416,17 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
 
+def connection_cap():
+    """The most connections the server holds: MAX_CONNECTIONS, and at most half the file descriptors the process
+    may open (`ulimit -n`), which leaves room for the connections being accepted and for its files."""
+    soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return MAX_CONNECTIONS if soft_limit == resource.RLIM_INFINITY else max(8, min(MAX_CONNECTIONS, soft_limit // 2))
+
+
 def server_config(app):
     """uvicorn's configuration of the search server: its connection limits and timeouts, no access log."""
     return uvicorn.Config(app, http=GuardedH11Protocol, timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
-                          limit_concurrency=MAX_CONNECTIONS + 1, backlog=32, log_level="warning",
-                          access_log=False)
+                          limit_concurrency=connection_cap() + 1, backlog=32, log_level="warning", access_log=False)
 
 
 def bound_socket(host, port):
