@@ -432,3 +432,13 @@ def test_a_missing_image_is_the_apis_documented_exception(search_service, tmp_pa
     with pytest.raises(api.UnreadableImage, match="absent.jpg does not exist"):
         model.encode([str(tmp_path / "absent.jpg")])
     assert issubclass(api.UnreadableImage, api.UserError) and "UnreadableImage" in api.__doc__
+
+
+def test_host_names_are_read_as_a_browser_sends_them():
+    assert [serve.host_name(h) for h in ("127.0.0.1:8000", "LocalHost", "[::1]:8000", "[::1]", "evil.example:80",
+                                         "127.0.0.1.evil.example", "[::1")] == \
+        ["127.0.0.1", "localhost", "::1", "::1", "evil.example", "127.0.0.1.evil.example", ""]
+    assert set(serve.LOCAL_NAMES) <= set(serve.listening_names("0.0.0.0"))
+    assert socket.gethostname().lower() in serve.listening_names("0.0.0.0")
+    assert serve.listening_names("127.0.0.1") == tuple(sorted(serve.LOCAL_NAMES))
+    assert "192.168.1.5" in serve.listening_names("192.168.1.5")
