@@ -19,6 +19,7 @@ from data import DATASETS
 from engine import SELECTION_RULES
 from hashing.codetable import check_zeta
 from hashing.conventions import NORMALIZE, TIES, ZERO_HIT
+from hashing.search import MAX_K
 from loss import LOSSES, PROXY_LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss
 from network import TIMM_SHORTCUTS, TORCHVISION_BACKBONES
 from session.checkpoint_tasks import run_checkpoint_tasks
@@ -28,7 +29,7 @@ from session.parts import (DEFAULT_VAL_SIZE, OPTIMIZERS, backbone_of, make_netwo
 from session.run import Run
 from session.training import report_truncated_images, train
 from utils.argtypes import (DefaultsHelpFormatter, checked, finite_float, inference_head, non_negative_float, non_negative_int,
-                            positive_int, seed_value)
+                            int_in_range, positive_int, seed_value)
 from utils.checkpoint import require_checkpoint_file
 from utils.config import parse_args_with_config
 from utils.device import select_device
@@ -206,7 +207,8 @@ def add_evaluation_arguments(parser):
     group.add_argument("--query", nargs="+", default=None, metavar="IMAGE",
                        help="search the database with these images using the saved checkpoint; DATASET:N is the "
                             "N-th image of the query split (e.g. digits:0)")
-    group.add_argument("--num_matches", type=positive_int, default=10, help="matches printed per --query image")
+    group.add_argument("--num_matches", type=int_in_range(1, MAX_K), default=10,
+                       help=f"matches printed per --query image (at most {MAX_K})")
     group.add_argument("--export_index", default=None, metavar="PATH",
                        help="write the database codes as a FAISS IndexBinaryFlat to PATH")
 

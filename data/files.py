@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 from utils.errors import UserError
@@ -66,13 +66,34 @@ def to_rgb(image):
     return Image.fromarray(grey).convert("RGB")
 
 
-def _open_rgb(path, what):
+# The formats the project decodes (uploads, --query, data sets): Pillow knows more, some through external programs
+# (EPS runs Ghostscript), so every image is opened with only these.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+FORMATS_TEXT = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+
+
+class TooManyPixels(ValueError):
+    """An image that declares more pixels than the caller accepts (refused before it is decoded)."""
+
+
+def decode_image(source, max_pixels=None):
+    """The RGB image (8 bits a channel, to_rgb) in `source`, a binary file object, decoded only from IMAGE_FORMATS:
+    the one decoding function of uploads, --query and data sets. TooManyPixels when it declares more than
+    `max_pixels` (checked before decoding), DecompressionBombWarning/Error over PIL's own limit,
+    UnidentifiedImageError (an OSError) for another format."""
     with warnings.catch_warnings():
         # Over PIL's pixel limit PIL only warns (an error from twice the limit): refuse both alike.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        # open_regular: a FIFO would block PIL's open, a device (/dev/zero) feed it without end
-        with open_regular(path, what) as handle, Image.open(handle) as image:
+        with Image.open(source, formats=IMAGE_FORMATS) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise TooManyPixels(f"it has {image.width} x {image.height} pixels, more than {max_pixels:,}")
             return to_rgb(image)
+
+
+def _open_rgb(path, what):
+    # open_regular: a FIFO would block PIL's open, a device (/dev/zero) feed it without end
+    with open_regular(path, what) as handle:
+        return decode_image(handle)
 
 
 def decode_rgb(path, strict=False, what="image", hint="replace the file or remove its line from the split"):
@@ -87,6 +108,8 @@ def decode_rgb(path, strict=False, what="image", hint="replace the file or remov
         return _open_rgb(path, what), False
     except UserError as exc:  # missing, or not a regular file
         raise UnreadableImage(f"{exc}; {hint}") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage(f"cannot read {what} {path} (not a {FORMATS_TEXT} image); {hint}") from None
     except (ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(f"cannot read {what} {path} ({exc}); {hint}") from None
     except OSError as exc:

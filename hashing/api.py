@@ -12,7 +12,9 @@ load_checkpoint finds what a checkpoint needs to be rebuilt and used: the backbo
 checkpoint records, else the run's log next to it (OUTPUT_DIR/{run}.jsonl, .metrics.json: dataset, backbone,
 bits, heads, data settings), else the arguments given. encode takes image files, a folder, PIL images or a
 dataset split (items (image tensor, labels), e.g. one of model.splits()) and returns the packed codes of
-hashing/codes.py, which HammingIndex (hashing/index.py) searches in the evaluator's tie order.
+hashing/codes.py, which HammingIndex (hashing/index.py) searches in the evaluator's tie order. An image file
+that is missing or is no JPEG, PNG, WebP, BMP, GIF or TIFF image raises hashing.api.UnreadableImage (a
+utils.errors.UserError, whose message names the file); every other mistake a UserError.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.base import DataOptions, split_labels
+from data.base import DataOptions, UnreadableImage, split_labels
+from data.fingerprint import split_fingerprint
 from data.registry import build_splits, get_dataset_spec
 from data.transforms import image_transform
 from network import DEFAULT_BACKBONE, build_network, get_backbone
@@ -34,6 +37,8 @@ from utils.runlog import progress_bar, read_run_log
 from . import cache
 from .codes import CodeSet, NonFiniteCodes, pack_labels, pack_signs
 from .stream import ImageItems, encode_to_file, image_paths
+
+__all__ = ["CheckpointModel", "UnreadableImage", "UserError", "load_checkpoint"]
 
 # The run's data settings that decide its splits, with the defaults of a run that does not record them.
 DATA_SETTINGS = {"data_root": "./data", "seed": 0, "subset": 0}  # the data options: DataOptions.from_flags
@@ -95,19 +100,25 @@ class CheckpointModel:
         except (ValueError, NotImplementedError) as exc:
             raise UserError(f"--dataset {self.dataset} under {settings['data_root']}: {exc}") from None
 
-    def cached_codes(self):
+    def cached_codes(self, splits):
         """The CodeSet of the run's codes cache ({run}.codes.npz) when it was computed from this checkpoint's
-        bytes, else None."""
+        bytes and from these splits as they are now (their content digests in its key, as --test checks), else
+        None."""
         stored = cache.read(self.checkpoint.with_suffix(".codes.npz"))
-        if stored is None or stored[1].get("checkpoint_sha256") != cache.file_sha256(self.checkpoint):
+        if stored is None:
             return None
-        return stored[0]
+        codes, key = stored
+        expected = {"checkpoint_sha256": cache.file_sha256(self.checkpoint),
+                    "query": split_fingerprint(splits.query), "database": split_fingerprint(splits.database)}
+        if any(key.get(name) != value for name, value in expected.items()):
+            return None
+        return codes if (len(codes.query_bits), len(codes.database_bits)) == \
+            (len(splits.query), len(splits.database)) else None
 
     def split_codes(self, splits):
         """The CodeSet of `splits`' query and database: the run's cache when it fits them, else encoded."""
-        cached = self.cached_codes()
-        if cached is not None and (len(cached.query_bits), len(cached.database_bits)) == \
-                (len(splits.query), len(splits.database)):
+        cached = self.cached_codes(splits)
+        if cached is not None:
             return cached
         query_labels, database_labels = (split_labels(split).numpy() for split in (splits.query, splits.database))
         return CodeSet(self.encode(splits.query), pack_labels(query_labels), self.encode(splits.database),

@@ -18,6 +18,9 @@ from .index import HammingIndex, faiss_available, faiss_flat_index, import_faiss
 
 build_index = faiss_flat_index  # the name tests and callers know
 BINARY_FLAT_MAGIC = b"IBxF"  # the first bytes of FAISS's serialised IndexBinaryFlat
+# The most results a person asks for per query (--num_matches, the search server's k and its page): a ranking
+# printed or shown, not a bulk export (HammingIndex.search takes any k).
+MAX_K = 1000
 
 __all__ = ["build_index", "faiss_available", "search", "write_index"]
 

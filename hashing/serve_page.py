@@ -1,6 +1,8 @@
 """The search page of hashing/serve.py: one HTML document with its style and script, which calls the JSON API
 (/api/run, /api/search) and shows the thumbnails it serves by index. Text from the server is inserted as text
-(textContent), never as markup."""
+(textContent), never as markup. The address reproduces what the page shows: /?query_index=N&k=K searches query N
+on load (query 0 without one), and each search by index puts its own N and K into the address."""
+from .search import MAX_K
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -33,7 +35,7 @@ PAGE = """<!doctype html>
 <div id="figures"></div>
 <form id="by-index">
   <label>query # <input id="query-index" type="number" min="0" value="0"></label>
-  <label>k <input id="k" type="number" min="1" max="200" value="10"></label>
+  <label>k <input id="k" type="number" min="1" max="__MAX_K__" value="10"></label>
   <button id="search-index" type="submit">Search</button>
   <button id="random" type="button">Random query</button>
 </form>
@@ -68,10 +70,16 @@ async function call(url, options) {
   return body;
 }
 
-function show(answer) {
+function clearResults() {
+  document.getElementById("query").replaceChildren();
+  document.getElementById("grid").replaceChildren();
+}
+
+function show(answer, uploadedImage) {
   const query = document.getElementById("query");
   query.replaceChildren();
-  if (answer.query.image) query.append(element("img", {src: answer.query.image, alt: "query"}));
+  const image = answer.query.image || uploadedImage;
+  if (image) query.append(element("img", {src: image, alt: "query"}));
   const about = answer.query.index === null ? "uploaded image" : "query #" + answer.query.index;
   query.append(element("div", {}, [about + (answer.query.labels.length ? ": " + answer.query.labels.join(", ") : "")]));
   const precision = answer.precision_at_k === null ? "" :
@@ -95,11 +103,21 @@ function show(answer) {
   });
 }
 
-async function searchIndex(index) {
+async function searchIndex(index, addressed) {
   const k = document.getElementById("k").value;
+  const params = "?query_index=" + encodeURIComponent(index) + "&k=" + encodeURIComponent(k);
+  if (!addressed && location.search !== params) history.pushState(null, "", params);
   status("searching ...");
-  try { show(await call("/api/search?query_index=" + encodeURIComponent(index) + "&k=" + encodeURIComponent(k))); }
-  catch (error) { status(error.message, true); }
+  try { show(await call("/api/search" + params)); }
+  catch (error) { clearResults(); status(error.message, true); }
+}
+
+function searchAddressed() {
+  const params = new URLSearchParams(location.search);
+  if (params.get("k")) document.getElementById("k").value = params.get("k");
+  const index = params.get("query_index") || "0";
+  document.getElementById("query-index").value = index;
+  searchIndex(index, true);
 }
 
 document.getElementById("by-index").addEventListener("submit", event => {
@@ -119,9 +137,15 @@ document.getElementById("by-upload").addEventListener("submit", async event => {
   form.append("image", file);
   form.append("k", document.getElementById("k").value);
   status("searching ...");
-  try { show(await call("/api/search", {method: "POST", body: form})); }
-  catch (error) { status(error.message, true); }
+  try {
+    const answer = await call("/api/search", {method: "POST", body: form});
+    history.pushState(null, "", location.pathname);  // an upload has no address
+    show(answer, URL.createObjectURL(file));
+  }
+  catch (error) { clearResults(); status(error.message, true); }
 });
+window.addEventListener("popstate", searchAddressed);
+searchAddressed();
 
 call("/api/run").then(run => {
   queries = run.queries;
@@ -141,4 +165,4 @@ call("/api/run").then(run => {
 </script>
 </body>
 </html>
-"""
+""".replace("__MAX_K__", str(MAX_K))

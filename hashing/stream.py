@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data.files import read_rgb
+from data.files import read_rgb, to_rgb
 from data.image_cache import decode_workers
 from utils.atomic import write_json
 from utils.documents import read_json_file
@@ -71,7 +71,7 @@ class ImageItems(Dataset):
         image = self.images[index]
         if not isinstance(image, Image.Image):
             image = read_rgb(image, hint=self.hint)
-        return self.transform(image.convert("RGB"))
+        return self.transform(to_rgb(image))
 
 
 def network_digest(network):

@@ -179,10 +179,14 @@ def search_images(run, network, codes):
             images = torch.stack([query_image(run, item) for item in args.query[start:start + args.batch_size]])
             outputs.append(network(images.to(run.device)).float().cpu().numpy())
     distances, indices = search(pack_signs(np.concatenate(outputs)), codes.database_bits, args.num_matches)
-    name, labels = item_names(database), codes.database_label_matrix()
+    name, labels, query_labels = item_names(database), codes.database_label_matrix(), codes.query_label_matrix()
     results = []
     for path, row_distances, row_indices in zip(args.query, distances, indices):
-        print(f"{path}: {len(row_indices)} nearest of {len(codes.database_bits)} database items ({args.hash_bit} bits)")
+        index = query_split_index(run, path)
+        own = None if index is None else np.flatnonzero(query_labels[index]).tolist()
+        about = "" if own is None else f" (labels {','.join(map(str, own)) or 'none'})"
+        print(f"{path}{about}: {len(row_indices)} nearest of {len(codes.database_bits)} database items "
+              f"({args.hash_bit} bits)")
         print(f"  {'rank':>4}  {'hamming':>7}  {'labels':<12}  item")
         matches = []
         for rank, (distance, index) in enumerate(zip(row_distances, row_indices), start=1):
@@ -190,7 +194,7 @@ def search_images(run, network, codes):
                      "labels": np.flatnonzero(labels[index]).tolist(), "item": name(int(index))}
             print(f"  {rank:>4}  {distance:>7}  {','.join(map(str, match['labels'])):<12}  {match['item']}")
             matches.append(match)
-        results.append({"query": path, "matches": matches})
+        results.append({"query": path, "labels": own, "matches": matches})
     return results
 
 

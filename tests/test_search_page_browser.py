@@ -68,3 +68,53 @@ def test_the_page_shows_the_apis_results_and_takes_an_upload(page_url, tmp_path)
         page.screenshot(path=str(tmp_path / "search_page_upload.png"), full_page=True)
         browser.close()
     assert (tmp_path / "search_page.png").stat().st_size > 10_000
+
+
+def grid_of(page):
+    return page.eval_on_selector_all("#grid .result", "cards => cards.map(c => [+c.dataset.id, +c.dataset.distance])")
+
+
+def test_the_address_reproduces_what_the_page_shows(page_url, tmp_path):
+    """A deep link shows its search on load; the page shows the first query when opened bare, puts each search
+    into the address, shows an uploaded image back, and clears the results under an upload error."""
+    url, service = page_url
+
+    def expected(index, k):
+        return [[result["id"], result["distance"]] for result in service.search_query(index, k)["results"]]
+
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(url + "?query_index=3&k=7")
+        page.locator("#status", has_text="precision@7").wait_for()
+        assert grid_of(page) == expected(3, 7) and page.input_value("#query-index") == "3"
+        assert page.inner_text("#query").startswith("query #3")
+
+        page.goto(url)
+        page.locator("#status", has_text="precision@10").wait_for()
+        assert grid_of(page) == expected(0, 10)
+
+        page.fill("#k", "5")
+        page.fill("#query-index", "11")
+        page.click("#search-index")
+        page.locator("#status", has_text="precision@5").wait_for()
+        assert page.url == url + "?query_index=11&k=5" and grid_of(page) == expected(11, 5)
+        page.reload()
+        page.locator("#status", has_text="precision@5").wait_for()
+        assert grid_of(page) == expected(11, 5)
+
+        upload = tmp_path / "query.png"
+        raw_image(service.splits.query, 4).save(upload)
+        page.set_input_files("#upload", str(upload))
+        page.click("#search-upload")
+        page.locator("#query", has_text="uploaded image").wait_for()
+        shown = page.locator("#query img")
+        assert shown.get_attribute("src").startswith("blob:")
+        assert shown.evaluate("image => image.complete && image.naturalWidth") > 0
+
+        (tmp_path / "notes.txt").write_text("not an image")
+        page.set_input_files("#upload", str(tmp_path / "notes.txt"))
+        page.click("#search-upload")
+        page.locator("#status.error", has_text="not an image").wait_for()
+        assert grid_of(page) == [] and page.inner_text("#query") == ""
+        browser.close()

@@ -30,7 +30,7 @@ def trained(search_service):
 
 @pytest.fixture
 def client(trained):
-    return TestClient(serve.create_app(trained[2]), raise_server_exceptions=False)
+    return TestClient(serve.create_app(trained[2]), base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
 
 
 def brute_force(query_signs, database_signs, k):
@@ -131,8 +131,8 @@ def test_a_server_error_shows_no_traceback(trained, monkeypatch):
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(trained[2], "search_query", failing)
-    response = TestClient(serve.create_app(trained[2]), raise_server_exceptions=False).get(
-        "/api/search?query_index=0")
+    response = TestClient(serve.create_app(trained[2]), base_url="http://127.0.0.1:8000",
+                          raise_server_exceptions=False).get("/api/search?query_index=0")
     assert response.status_code == 500 and "secret" not in response.text and "Traceback" not in response.text
 
 
@@ -158,11 +158,12 @@ def test_the_readme_example_runs_as_printed(trained, tmp_path, monkeypatch):
     (tmp_path / "result").mkdir()
     for suffix in (".ckpt", ".jsonl", ".metrics.json", ".codes.npz"):
         (tmp_path / "result" / f"digits_small_48{suffix}").write_bytes((out / f"digits_small_16{suffix}").read_bytes())
-    raw_image(trained[2].splits.query, 0).save(tmp_path / "my_photo.jpg")
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a fresh clone: no image of the user's, only the run's files in result/
     namespace = {}
     exec(compile(example, "README.md", "exec"), namespace)
-    assert namespace["ids"].shape == (3, 5) and (tmp_path / "digits.index").is_file()
+    assert namespace["ids"].shape == (3, 5) and (tmp_path / "result" / "digits.index").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["result"]  # writes only under the gitignored result/
+    assert "/result/*" in (ROOT / ".gitignore").read_text().splitlines()
     assert namespace["ids"].tolist() == trained[2].index.search(trained[2].codes.query_bits[:3], 5)[1].tolist()
 
 

@@ -14,6 +14,19 @@ def positive_int(text):
     return value
 
 
+def int_in_range(low, high=None):
+    """An argparse type for an integer from `low` to `high` (None: no upper bound)."""
+    def parse(text):
+        value = int(text) if text.strip().lstrip("-").isdigit() else None
+        if value is None or value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text!r}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
 def non_negative_int(text):
     value = int(text) if text.lstrip("-").isdigit() else None
     if value is None or value < 0:
