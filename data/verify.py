@@ -104,7 +104,7 @@ def verify(dataset, root, options=DataOptions(), seed=0):
     for split in SPLIT_ORDER:
         checks[split], found = check_lines(split, splits[split], expected.get(split))
         problems += found
-    problems += split_problems(splits)
+    problems += split_problems(splits, options.allow_query_in_database)
     checks["files"], found = check_files(splits)
     problems += found
     checks["files"]["truncated_images"] = [os.path.relpath(path, root) for path in checks["files"]["truncated_images"]]

@@ -109,3 +109,32 @@ def write_cifar_batch(path, rows, classes):
              b"filenames": [f"{i}.png".encode() for i in range(len(rows))]}
     with open(path, "wb") as handle:
         pickle.dump(batch, handle)
+
+
+def shipped_coco_rows(*families):
+    """{image name: "l1 ... l80"} of the shipped COCO lists of these families ("hashnet", "deephash"), read
+    with gzip alone; the HashNet lists' absolute paths reduced to train2014/... or val2014/..."""
+    import gzip
+    rows = {}
+    for family in families:
+        for split in ("test", "train"):
+            path = Path(__file__).resolve().parents[1] / "data" / "splits" / f"coco_{family}_{split}.txt.gz"
+            for line in gzip.decompress(path.read_bytes()).decode().splitlines():
+                image, labels = line.split(" ", 1)
+                rows["/".join(image.split("/")[-2:])] = labels.strip()
+    return rows
+
+
+def write_coco_tree(root, rows, seed=0):
+    """DATA_ROOT/coco as COCO's archives extract and data.coco_lists writes it: one tiny JPEG per image name of
+    `rows` ({"train2014/COCO_train2014_N.jpg": "l1 ... l80"}) in train2014/ or val2014/, and labels.txt (sorted).
+    One picture serves every file, so tens of thousands of them take seconds."""
+    folder = Path(root) / "coco"
+    buffer = io.BytesIO()
+    Image.fromarray(image_array(np.random.default_rng(seed), 32, 24)).save(buffer, format="JPEG", quality=90)
+    for sub in ("train2014", "val2014"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for name in rows:
+        (folder / name).write_bytes(buffer.getvalue())
+    (folder / "labels.txt").write_text("".join(f"{name} {rows[name]}\n" for name in sorted(rows)))
+    return folder
