@@ -59,7 +59,7 @@ def image_key(path):
 
 def keyed_lines(text, source):
     """The lines of a COCO list with each image path reduced to its image_key (UserError naming the line
-    otherwise); empty lines dropped."""
+    otherwise) and the labels single-spaced; empty lines dropped."""
     lines = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         path, _, labels = line.strip().partition(" ")
@@ -69,7 +69,7 @@ def keyed_lines(text, source):
         if key is None:
             raise UserError(f"{source} line {line_number}: {path} is not a COCO-2014 image path "
                             "(train2014/COCO_train2014_NNNNNNNNNNNN.jpg or val2014/...)")
-        lines.append(f"{key} {labels}")
+        lines.append(f"{key} {' '.join(labels.split())}")
     return lines
 
 
@@ -144,7 +144,9 @@ def describe(root, options=DataOptions()):
     folder = Path(root) / FOLDER
     variant = chosen_variant(folder, options)
     if variant == OWN:
-        return {"split_variant": "own (coco/train.txt, test.txt, database.txt)"}
+        from .variants import identify_list  # data.variants reads COCO lists with this module
+        return {"split_variant": "own", **{f"coco/{name}": "{} ({})".format(*identify_list(folder / name))
+                                           for name in LIST_FILES.values()}}
     what, query_file, train_file = VARIANTS[variant]
     return {"split_variant": f"{variant} ({what}: data/splits/{query_file}.gz, {train_file}.gz; database: "
                              f"coco/{LABELS_FILE} minus the queries)"}
