@@ -2,7 +2,6 @@
 
 They use only the standard library, NumPy and Pillow, never the loaders under test, so a test compares
 what a loader reads with what was written here."""
-import csv
 import gzip
 import io
 import json
@@ -143,7 +142,14 @@ def write_coco_tree(root, rows, seed=0):
     return folder
 
 
-# COCO's 80 category ids, in the order of data/hierarchies/coco.csv (COCO's own order)
+# COCO's 80 categories in its own (category-id) order, and their ids, as instances_*.json lists them
+COCO_CATEGORIES = (
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign parking_meter "
+    "bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase frisbee "
+    "skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard tennis_racket bottle wine_glass "
+    "cup fork knife spoon bowl banana apple sandwich orange broccoli carrot hot_dog pizza donut cake chair couch "
+    "potted_plant bed dining_table toilet tv laptop mouse remote keyboard cell_phone microwave oven toaster sink "
+    "refrigerator book clock vase scissors teddy_bear hair_drier toothbrush").split()  # "_" stands for a space
 COCO_CATEGORY_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
                      32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
                      58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87,
@@ -154,8 +160,7 @@ def write_coco_annotations(folder, rows, unlabelled=()):
     """instances_train2014.json and instances_val2014.json as COCO ships them (the fields the builder reads):
     one object per label of `rows` ({"train2014/COCO_train2014_N.jpg": "l1 ... l80"}, columns in alphabetical
     order of the names), each image listed, and the images of `unlabelled` listed without any object."""
-    with open(Path(__file__).resolve().parents[1] / "data" / "hierarchies" / "coco.csv") as handle:
-        names = [row["class"] for row in csv.DictReader(handle)]
+    names = [name.replace("_", " ") for name in COCO_CATEGORIES]
     id_of = dict(zip(names, COCO_CATEGORY_IDS))
     column_ids = [id_of[name] for name in sorted(names)]
     documents = {subset: {"info": {}, "images": [], "annotations": [],

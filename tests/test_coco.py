@@ -182,3 +182,11 @@ def test_the_query_in_database_refusal_is_one_line_and_the_flag_overrides_it(tmp
 def test_split_variant_is_refused_for_another_dataset(capsys):
     code, _, err = exit_status(retrieval.cli, ["--dataset", "digits", "--split_variant", "hashnet"], capsys)
     assert code != 0 and "--split_variant applies to --dataset coco only" in err
+
+
+def test_the_shipped_coco_hierarchy_follows_the_lists_column_order():
+    from data.hierarchy_files import read_hierarchy
+    hierarchy = read_hierarchy("coco", 80, coco.CLASS_NAMES)  # refused if a row named another class
+    groups = hierarchy.level_names[0]
+    assert groups[hierarchy.levels[0][coco.CLASS_NAMES.index("person")]] == "person"
+    assert groups[hierarchy.levels[0][coco.CLASS_NAMES.index("zebra")]] == "animal"
