@@ -2,6 +2,7 @@
 the query-in-database refusal, and a tiny training on a fixture of the real layout."""
 import gzip
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,8 @@ def test_a_tiny_training_runs_on_each_variant(coco_root, fixture_database_size, 
     assert 0 <= result["map"] <= 1
     logs = list((tmp_path / "out").rglob("*.jsonl")) + list((tmp_path / "out").rglob("*.log"))
     assert any(f'"split_variant": "{family} (' in log.read_text() for log in logs)
+    metrics = json.loads(next((tmp_path / "out").rglob("*.metrics.json")).read_text())
+    assert metrics["run"]["data_files"]["split_variant"].startswith(f"{family} ({coco.VARIANTS[family][0]}:")
 
 
 GOOD_LABELS = [1] + [0] * 79
