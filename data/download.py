@@ -1,4 +1,4 @@
-"""Fetch a data set into --data_root:
+"""Fetch a data set into --data_root, resumable and checked against its published md5.
 
     python -m data.download NAME [--data_root ./data]
 
