@@ -71,7 +71,7 @@ PROTOCOL_SIZES = {
     "voc2012": {"train": 5717, "query": 5823, "database": 5717},
     "flickr": {"train": 4000, "query": 1000, "database": 19581},
     "nuswide": {"train": 10500, "query": 2100, "database": 193734},
-    "coco": {"train": 10000, "query": 5000, "database": None},
+    "coco": {"train": 10000, "query": 5000, "database": 117218},
     "imagenet": {"train": 13000, "query": 5000, "database": None},
 }
 
