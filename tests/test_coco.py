@@ -137,7 +137,9 @@ def test_a_tiny_training_runs_on_each_variant(coco_root, fixture_database_size, 
     assert 0 <= result["map"] <= 1
     logs = list((tmp_path / "out").rglob("*.jsonl")) + list((tmp_path / "out").rglob("*.log"))
     assert any(f'"split_variant": "{family} (' in log.read_text() for log in logs)
-    metrics = json.loads(next((tmp_path / "out").rglob("*.metrics.json")).read_text())
+    metrics_file = next((tmp_path / "out").rglob("*.metrics.json"))
+    assert metrics_file.name == f"coco_{family}_small_16.metrics.json"  # the families never share a run's files
+    metrics = json.loads(metrics_file.read_text())
     assert metrics["run"]["data_files"]["split_variant"].startswith(f"{family} ({coco.VARIANTS[family][0]}:")
 
 
