@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from data import DATASETS
+from data import DATASETS, coco
 from engine import SELECTION_RULES
 from hashing.codetable import check_zeta
 from hashing.conventions import NORMALIZE, TIES, ZERO_HIT
@@ -81,6 +81,14 @@ def add_data_arguments(parser):
                        help="a truncated image is an error (default: it loads padded, as in the paper's code)")
     group.add_argument("--split", choices=["paper", "random"], default="paper",
                        help="flickr: the paper's fixed split (shipped) or a permutation drawn from --seed")
+    group.add_argument("--split_variant", choices=[*coco.VARIANTS, coco.OWN], default=None,
+                       help="coco: which published lists fix the queries and training images: hashnet (thuml/HashNet, "
+                            "also CSQ's) or deephash (DeepHash-pytorch, also VTS's and DHD's), both shipped, the "
+                            "database rebuilt from COCO's annotations; own: coco/train.txt, test.txt, database.txt "
+                            f"(default: own when coco/ holds those three, else {coco.DEFAULT_VARIANT})")
+    group.add_argument("--allow_query_in_database", action="store_true",
+                       help="keep a database that holds query images (each finds itself at rank 1), to reproduce "
+                            "a published table made so; refused by default")
 
 
 def add_model_arguments(parser):
@@ -245,6 +253,9 @@ def check_flags(args):
     if args.split != "paper" and args.dataset != "flickr":
         raise UserError(f"--split {args.split} applies to --dataset flickr only; --dataset {args.dataset} has one "
                         "protocol (see README, Datasets)")
+    if args.split_variant and args.dataset != "coco":
+        raise UserError(f"--split_variant applies to --dataset coco only; --dataset {args.dataset} has one list "
+                        "family (see docs/DATASETS.md)")
     if args.hierarchy and args.hierarchy_file:
         raise UserError("--hierarchy K clusters the proxies and --hierarchy_file gives the groups: use one of them")
     if args.inference_head != 0 and args.experts == 1:

@@ -367,6 +367,26 @@ def describe_selection(options):
             "selected on the test queries as in the paper")
 
 
+def data_files_text(records):
+    """What the runs' logs record of their data files ("data_files": e.g. coco's split variant, NUS-WIDE's
+    database.txt), distinct descriptions joined by " | "; "" when they record none."""
+    described = {"; ".join(f"{name} {value}" for name, value in (record.get("data_files") or {}).items())
+                 for record in records}
+    return " | ".join(sorted(filter(None, described)))
+
+
+def data_files_lines(rows):
+    """The markdown lines naming the rows' data files: one line when every row has the same, else per row."""
+    described = {row.get("data_files") for row in rows if row.get("data_files")}
+    if len(described) == 1:
+        return [f"Data files (from the run logs): {described.pop()}.", ""]
+    if described:
+        return ["Data files differ between cells: " + "; ".join(
+            f"{row['loss']} {row['hash_bit']} bits: {row['data_files']}" for row in rows if row.get("data_files"))
+            + ".", ""]
+    return []
+
+
 def table_rows(options, variants, results):
     """One row per (loss, bits) with the statistics the tables show."""
     rows = []
@@ -383,6 +403,7 @@ def table_rows(options, variants, results):
                 row["final_map_mean"] = statistics.mean(final_map(r) for r in records)
                 row["train_seconds_mean"] = statistics.mean(r["train_seconds"] for r in records)
                 row["topk"] = records[0]["topk"]
+                row["data_files"] = data_files_text(records)
             rows.append(row)
     return rows
 
@@ -432,6 +453,7 @@ def render_markdown(options, variants, rows, command):
     if options.loss_args:
         lines += ["Per-loss flags: " + "; ".join(f"{variant} `{shlex.join(flags)}`"
                                                  for variant, flags in options.loss_args) + ".", ""]
+    lines += data_files_lines(rows)
     recipes = describe_recipes(options, variants)
     if recipes:
         lines += ["Rows NAME_authors: the loss as its authors ran it, with the flags of its recipe file in "
@@ -449,7 +471,7 @@ def render_markdown(options, variants, rows, command):
 
 
 CSV_COLUMNS = ["loss", "hash_bit", "runs", "select", "map_mean", "map_std", "map_per_seed", "final_map_mean",
-               "train_seconds_mean", "threads", "topk", "paper_map"]
+               "train_seconds_mean", "threads", "data_files", "topk", "paper_map"]
 
 
 def render_csv(rows):

@@ -26,12 +26,15 @@ class DataOptions:
     imbalance: float = 1.0  # --imbalance: ratio of the commonest to the rarest class (long-tailed variants)
     cache_dir: Optional[str] = None  # where --cache writes (e.g. when the data root is read-only); None: in the data
     offline: bool = False  # read only what is on disk: no download, no archive extraction (python -m data.verify)
+    split_variant: Optional[str] = None  # --split_variant: coco's published list family (data/coco.py)
+    allow_query_in_database: bool = False  # --allow_query_in_database: keep a database that holds query images
 
     @classmethod
     def from_flags(cls, flags):
         """The options a run's data flags give (a mapping such as vars(args) or a run log's "args"); a flag
         it lacks keeps its default, so runs logged before a flag existed read as they ran."""
-        names = ("cache", "skip_bad_images", "strict_images", "split", "imbalance", "cache_dir")
+        names = ("cache", "skip_bad_images", "strict_images", "split", "imbalance", "cache_dir", "split_variant",
+                 "allow_query_in_database")
         return cls(**{name: flags[name] for name in names if name in flags})
 
     def cache_folder(self, dataset_folder):

@@ -233,10 +233,11 @@ def truncation_note(truncated):
             f"(--strict_images makes them an error){names}")
 
 
-def split_problems(splits):
+def split_problems(splits, allow_query_in_database=False):
     """What makes splits {"train", "query", "database": LabelledPaths} untrainable, one line each: an empty split,
-    queries that are also training images (a query must never be trained on). Training refuses them
-    (file_splits); data.verify reports them."""
+    queries that are also training images (a query must never be trained on), and, unless allowed, queries that
+    are also database images (each would find itself at rank 1). Training refuses them (file_splits); data.verify
+    reports them."""
     problems = [f"the {name} split is empty ({split.source} lists no images)"
                 for name, split in splits.items() if not len(split.paths)]
     trained = {os.path.normpath(path) for path in splits["train"].paths}
@@ -245,7 +246,21 @@ def split_problems(splits):
         problems.append(f"{len(both)} query image{'s are' if len(both) > 1 else ' is'} also training "
                         f"image{'s' if len(both) > 1 else ''} (e.g. {name_some(both, 2)}): a query must not be "
                         f"trained on; fix {splits['query'].source} or {splits['train'].source}")
+    if not allow_query_in_database:
+        problems += query_in_database(splits)
     return problems
+
+
+def query_in_database(splits):
+    """The one-line problem of a database that holds query images (an older HashNet COCO database holds all
+    5,000 queries), or nothing."""
+    database = {os.path.normpath(path) for path in splits["database"].paths}
+    both = sorted({path for path in splits["query"].paths if os.path.normpath(path) in database})
+    if not both:
+        return []
+    return [f"{len(both):,} query image{'s are' if len(both) > 1 else ' is'} also in the database (e.g. "
+            f"{name_some(both, 3)}): each would find itself at rank 1; fix {splits['database'].source}, or pass "
+            "--allow_query_in_database to reproduce such a published table knowingly"]
 
 
 def file_splits(name, splits, preprocessing, cache_dir=None, options=DataOptions()):
@@ -254,7 +269,7 @@ def file_splits(name, splits, preprocessing, cache_dir=None, options=DataOptions
     splits, so each image is decoded once however many splits hold it). Missing files stop the run here,
     before any training, unless options.skip_bad_images leaves them out with the undecodable ones."""
     preprocessing = as_preprocessing(preprocessing)
-    problems = split_problems(splits)
+    problems = split_problems(splits, options.allow_query_in_database)
     if problems:
         raise UserError("; ".join(problems))
     train, query, database = (splits[part] for part in ("train", "query", "database"))

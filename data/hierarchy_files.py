@@ -3,8 +3,8 @@
 A hierarchy file is a CSV with a header row `class,level1[,level2...]` and one row per class, in the
 dataset's class order: the class's name, then the name of its group at each coarse level. Group
 indices follow the order in which the names first appear. data/hierarchies/ ships the ones that exist:
-voc.csv (person / animal / vehicle / indoor), coco.csv (COCO's 12 supercategories, in the category-id
-order of the deep-hashing lists) and digits.csv (parity); `--hierarchy_file voc` names a shipped one.
+voc.csv (person / animal / vehicle / indoor), coco.csv (COCO's 12 supercategories, in the alphabetical
+class order of the deep-hashing lists, data/coco.py) and digits.csv (parity); `--hierarchy_file voc` names a shipped one.
 """
 import csv
 from pathlib import Path

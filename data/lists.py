@@ -1,4 +1,4 @@
-"""Datasets in the list format: NUS-WIDE, MS-COCO, ImageNet-100 and a user's own data.
+"""Datasets in the list format: NUS-WIDE, ImageNet-100, a user's own data, and MS-COCO's own lists (data/coco.py).
 
 A folder holds train.txt, test.txt (the queries) and database.txt; each line is an image path
 (relative to the folder, or absolute) followed by C labels 0/1, all separated by whitespace:
@@ -128,7 +128,6 @@ SHIPPED_LISTS = {("nuswide", "train.txt"): "nuswide21_train.txt", ("nuswide", "t
 SPECS = [
     list_spec("nuswide", "nus_wide", 21, 5000, "NUS-WIDE (21 most frequent concepts), lists in DATA_ROOT/nus_wide; "
               "train.txt and test.txt ship (the paper's)", describe=describe_nuswide),
-    list_spec("coco", "coco", 80, 5000, "MS-COCO (80 classes), lists in DATA_ROOT/coco"),
     list_spec("imagenet", "imagenet", 100, 1000, "ImageNet-100 (single label), lists in DATA_ROOT/imagenet"),
     list_spec("list", "", 0, 0, "your own data: DATA_ROOT/train.txt, test.txt, database.txt (path l1 ... lC)"),
 ]

@@ -5,7 +5,8 @@ and a permutation, NUS-WIDE by train.txt, test.txt and database.txt. The first f
 here, byte for byte (gzip-compressed); each is checked against its SHA-256 when read. The 193,734-line
 NUS-WIDE database.txt does not ship: a user's copy is identified by its git blob id (the sha1 of
 b"blob <size>\\0" + the bytes, what `git hash-object` prints), because two different files of that name
-circulate and only one is the paper's.
+circulate and only one is the paper's. MS-COCO's query and training lists of its two published families ship
+the same way (data/coco.py).
 """
 import gzip
 import hashlib
@@ -14,7 +15,7 @@ from pathlib import Path
 from utils.errors import UserError
 from utils.paths import MiB, open_regular, read_capped, read_file_bytes
 
-# The shipped files are at most 114 kB compressed and 1.9 MB uncompressed: anything larger is not one of them
+# The shipped files are at most 114 kB compressed and 2.4 MB uncompressed: anything larger is not one of them
 # (a gzip bomb inflates a few kB into gigabytes), so it is refused before or while inflating.
 MAX_SHIPPED_BYTES = 1 * MiB
 MAX_SHIPPED_INFLATED = 4 * MiB
@@ -35,6 +36,16 @@ SHIPPED = {
                             "20f16d48c5d71412ab118563ab0edb3fd8a4e975"),
     "nuswide21_test.txt": ("bbdbc13c08e340068064eb4f9849f33800139816fbe0e0792d5a49953581b41f",
                            "371be57ca9dd7b0d98323cbc4dee9f1191224b5b"),
+    # MS-COCO's two published list families (data/coco.py): thuml/HashNet pytorch/data/coco/{test,train}.txt
+    # (commit 85387b8) and swuxyj/DeepHash-pytorch data/coco/{test,train}.txt (commit ab14068), both MIT
+    "coco_hashnet_test.txt": ("654919c54449579a3896d32fa7136731cbb7d14be9288bb1c07977ede9a0feb6",
+                              "f3c1b618677d27ad00c03a889d3eba5100eb2d57"),
+    "coco_hashnet_train.txt": ("e833f1fb6db06988861ee92221dc4e003205f5b9407b5926a1f8d086ac0a7c15",
+                               "523489ab654d08dc306f93cc4e18bec036135349"),
+    "coco_deephash_test.txt": ("3f0e2c49e363bccbf5ed67cf8cd59cce2b04a7238417ba0c3baf876be3be90b7",
+                               "e326d2091ab54672f1116fd93ea2d93fd76052c6"),
+    "coco_deephash_train.txt": ("4708c66fa87bac20c85d470c29422c564b0a6811fc48d32a4714c23212e9500c",
+                                "2b78ffd61c5ec98234343a8a2321d1378345d1bb"),
 }
 
 # git blob id -> what the file is (docs/METHOD.md §4)
@@ -46,6 +57,10 @@ KNOWN_FILES = {
     SHIPPED["nuswide21_test.txt"][1]: "the paper's nus_wide/test.txt (= DeepHash-pytorch nuswide_21)",
     "1d8f3dd2214d19fe038b91f2aab68bfe3d84fd01": "the paper's nus_wide/database.txt",
     "23c314cf90f8ed2648c957d302435ad7ccf9ce48": "DeepHash-pytorch's nuswide_21/database.txt, not the paper's",
+    SHIPPED["coco_hashnet_test.txt"][1]: "thuml/HashNet's coco/test.txt (the queries)",
+    SHIPPED["coco_hashnet_train.txt"][1]: "thuml/HashNet's coco/train.txt",
+    SHIPPED["coco_deephash_test.txt"][1]: "DeepHash-pytorch's coco/test.txt (the queries)",
+    SHIPPED["coco_deephash_train.txt"][1]: "DeepHash-pytorch's coco/train.txt",
 }
 NUSWIDE_DATABASE_VARIANTS = {"1d8f3dd2214d19fe038b91f2aab68bfe3d84fd01": "paper",
                              "23c314cf90f8ed2648c957d302435ad7ccf9ce48": "DeepHash-pytorch nuswide_21"}
@@ -56,7 +71,7 @@ PROTOCOL_SIZES = {
     "voc2012": {"train": 5717, "query": 5823, "database": 5717},
     "flickr": {"train": 4000, "query": 1000, "database": 19581},
     "nuswide": {"train": 10500, "query": 2100, "database": 193734},
-    "coco": {"train": 10000, "query": 5000, "database": None},
+    "coco": {"train": 10000, "query": 5000, "database": 117218},
     "imagenet": {"train": 13000, "query": 5000, "database": None},
 }
 

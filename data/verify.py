@@ -1,6 +1,7 @@
 """Check a dataset against its protocol before training on it:
 
     python -m data.verify --dataset NAME --data_root DIR [--manifest out.json]
+    python -m data.verify --identify FILE [FILE ...]
 
 Reads the dataset's split lists (as training would: shipped split files, the lists in the dataset folder,
 VOC's ImageSets) and reports, per split: its size against the protocol's (docs/METHOD.md §4), images listed
@@ -9,7 +10,8 @@ in DataLoader workers (progress bar) and counts the truncated ones (loaded padde
 code) and the undecodable ones; and identifies the split files by their git blob ids (the paper's,
 DeepHash-pytorch's, or unknown). Each problem is one line on stderr; any problem makes the exit status 1.
 --manifest writes what was checked as JSON: dataset, protocol, the splits' image paths relative to
---data_root in split order, num_classes and the checks (with every truncated image). It checks offline: it
+--data_root in split order, num_classes and the checks (with every truncated image). --identify names the
+published variant of any list file by fingerprint (data/variants.py). It checks offline: it
 neither downloads nor extracts archives (VOC), and never writes over the data: --manifest is a new file or an
 earlier manifest.
 """
@@ -25,11 +27,13 @@ from utils.atomic import write_json
 from utils.errors import UserError, run_reporting_errors
 from utils.paths import check_output_target, holds_json_object_with
 
+from . import coco
 from .base import DataOptions
 from .base import name_some
 from .files import check_images, split_problems
 from .protocol import PROTOCOL_SIZES, identify
 from .registry import DATASETS, get_dataset_spec
+from .variants import identify_list
 
 SPLIT_ORDER = ("train", "query", "database")
 
@@ -104,7 +108,7 @@ def verify(dataset, root, options=DataOptions(), seed=0):
     for split in SPLIT_ORDER:
         checks[split], found = check_lines(split, splits[split], expected.get(split))
         problems += found
-    problems += split_problems(splits)
+    problems += split_problems(splits, options.allow_query_in_database)
     checks["files"], found = check_files(splits)
     problems += found
     checks["files"]["truncated_images"] = [os.path.relpath(path, root) for path in checks["files"]["truncated_images"]]
@@ -144,9 +148,25 @@ def report(record, problems, root):
         print(f"error: {problem}", file=sys.stderr)
 
 
+def identify_files(paths):
+    """Print the published variant of each list file; {path: [variant, which file]}."""
+    found = {}
+    for path in paths:
+        found[path] = list(identify_list(path))
+        print(f"{path}: {found[path][0]} ({found[path][1]})")
+    return found
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(prog="python -m data.verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, choices=list(DATASETS))
+    parser.add_argument("--dataset", choices=list(DATASETS), help="the dataset to check (required unless --identify)")
+    parser.add_argument("--identify", nargs="+", metavar="FILE",
+                        help="only name the published variant of each list file, by fingerprint (data/variants.py)")
+    parser.add_argument("--split_variant", choices=[*coco.VARIANTS, coco.OWN], default=None,
+                        help="coco: the list family to check (default as training: own lists if present, else "
+                             f"{coco.DEFAULT_VARIANT})")
+    parser.add_argument("--allow_query_in_database", action="store_true",
+                        help="do not count query images in the database as a problem")
     parser.add_argument("--data_root", default="./data", help="folder holding the datasets")
     parser.add_argument("--manifest", default=None, metavar="JSON", help="write what was checked to this file")
     parser.add_argument("--split", choices=["paper", "random"], default="paper", help="flickr: which split")
@@ -158,11 +178,17 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
 
     def run():
+        if args.identify:
+            return identify_files(args.identify)
+        if not args.dataset:
+            raise UserError("python -m data.verify needs --dataset NAME (or --identify FILE ...)")
         if args.manifest:  # before any work, and never over the data: a new file or an earlier manifest
             check_output_target(args.manifest, "--manifest", earlier_output=(
                 "an earlier manifest of data.verify",
                 lambda path: holds_json_object_with(path, ("dataset", "protocol", "splits", "checks"))))
-        record, problems = verify(args.dataset, args.data_root, DataOptions(split=args.split, offline=True), args.seed)
+        options = DataOptions(split=args.split, offline=True, split_variant=args.split_variant,
+                              allow_query_in_database=args.allow_query_in_database)
+        record, problems = verify(args.dataset, args.data_root, options, args.seed)
         report(record, problems, args.data_root)
         if args.manifest:
             write_json(args.manifest, record)

@@ -30,6 +30,7 @@ from utils.provenance import provenance
 from utils.runlog import read_run_log, warn
 
 from .files import dataset_label, run_loss_label
+from .parts import described_data_files
 
 CHECKPOINT_HINT = ("Pass the --backbone and --hash_bit it was trained with "
                    "(and --experts for a multi-head checkpoint).")
@@ -92,7 +93,8 @@ def checkpoint_metrics(run, codes, key, cached, selection=None):
                       "imbalance": args.imbalance, "experts": args.experts,
                       "inference_head": str(args.inference_head),
                       "checkpoint": str(run.files.checkpoint), "checkpoint_sha256": key["checkpoint_sha256"],
-                      "codes": str(run.files.codes), "codes_from_cache": cached, "selection": selection}
+                      "codes": str(run.files.codes), "codes_from_cache": cached, "selection": selection,
+                      "data_files": described_data_files(run)}
     metrics["provenance"] = provenance(run.device)
     if run.writes:
         write_json(run.files.metrics, metrics)

@@ -23,8 +23,11 @@ from utils.paths import check_output_target
 
 
 def dataset_label(args):
-    """The dataset as run names and the codes cache name it: --dataset, plus _ltRHO for --imbalance RHO."""
-    return args.dataset + (f"_lt{args.imbalance:g}" if args.imbalance != 1 else "")
+    """The dataset as run names and the codes cache name it: --dataset, plus _ltRHO for --imbalance RHO and
+    _VARIANT for a --split_variant given (runs on two COCO list families never share files; a checkpoint trained
+    on one family's training images is not tested on the other's queries by accident)."""
+    variant = getattr(args, "split_variant", None)
+    return args.dataset + (f"_lt{args.imbalance:g}" if args.imbalance != 1 else "") + (f"_{variant}" if variant else "")
 
 
 def loss_label(name, hierarchy=0, experts=1):

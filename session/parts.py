@@ -43,6 +43,13 @@ def data_options(args):
     return DataOptions.from_flags(vars(args))
 
 
+def described_data_files(run):
+    """What the run log and .metrics.json record of the data files in use (DatasetSpec.describe), e.g. coco's
+    --split_variant; {} for a dataset without such files."""
+    spec, args = run.spec, run.args
+    return spec.describe(Path(args.data_root), data_options(args)) if spec.describe else {}
+
+
 def build_splits(spec, args, preprocessing):
     if args.imbalance != 1 and "imbalance" not in spec.options:
         raise UserError(f"--imbalance: --dataset {args.dataset} has no long-tailed variant (only "

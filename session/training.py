@@ -22,7 +22,7 @@ from utils.runlog import warn
 
 from .checkpoint_tasks import report_best_checkpoint
 from .files import dataset_label, run_loss_label
-from .parts import build_criterion, build_trainer, data_options
+from .parts import build_criterion, build_trainer, described_data_files
 
 
 def describe_training(run, trainer, lr):
@@ -39,7 +39,7 @@ def describe_training(run, trainer, lr):
               f"lr {lr:g}{f' (proxies {args.rate:g})' if list(criterion.parameters()) else ''}, device {run.device}"
               + (f" x {context.world_size} processes" if context.enabled else "")
               + f", {args.optimizer}, select {describe_selection(run)}")
-    data_files = run.spec.describe(Path(args.data_root), data_options(args)) if run.spec.describe else {}
+    data_files = described_data_files(run)
     if data_files:
         header += "\ndata files: " + "; ".join(f"{name} {value}" for name, value in data_files.items())
     origin = provenance(run.device)

@@ -141,3 +141,20 @@ def test_paper_figures_stand_next_to_ours():
     assert "HyP² paper, alexnet, mAP@1000" in table and "reference, not a target" not in table
     assert compare.paper_map("voc2007", "orthohash", 32) == .876 and compare.paper_map("voc2007", "csq", 32) is None
     assert "paper_map" in compare.render_csv(rows).splitlines()[0] and ",0.901\n" in compare.render_csv(rows)
+
+
+def test_the_tables_name_the_data_files_the_runs_recorded():
+    options = Namespace(dataset="coco", backbone="small", bits=[16, 32], seeds=[0], epochs=1, eval_every=1,
+                        subset=0, loss_args=[])
+    hashnet = {"data_files": {"split_variant": "hashnet (COCO, HashNet lists)"}}
+    assert compare.data_files_text([hashnet, hashnet, {}]) == "split_variant hashnet (COCO, HashNet lists)"
+    rows = [{"loss": "hyp2", "hash_bit": bits, "runs": 1, "map_mean": 0.5, "map_std": None, "topk": 5000,
+             "train_seconds_mean": 1.0, "paper_map": None, "data_files": compare.data_files_text([hashnet])}
+            for bits in (16, 32)]
+    table = compare.render_markdown(options, ["hyp2"], rows, "cmd")
+    assert "Data files (from the run logs): split_variant hashnet (COCO, HashNet lists)." in table
+    rows[1]["data_files"] = "split_variant deephash (COCO, DeepHash-pytorch lists)"
+    table = compare.render_markdown(options, ["hyp2"], rows, "cmd")
+    assert ("Data files differ between cells: hyp2 16 bits: split_variant hashnet (COCO, HashNet lists); hyp2 32 "
+            "bits: split_variant deephash (COCO, DeepHash-pytorch lists).") in table
+    assert ',"split_variant hashnet (COCO, HashNet lists)",5000,' in compare.render_csv(rows)

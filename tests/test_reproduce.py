@@ -102,7 +102,7 @@ def write_log(args, maps, finished=True):
     """The event log retrieval.py would write for `args`, by hand: start, the evaluated epochs, best, finish."""
     path = RunFiles.for_args(args).event_log
     path.parent.mkdir(parents=True)
-    events = [{"event": "start", "args": vars(args), "topk": 5011}]
+    events = [{"event": "start", "args": vars(args), "topk": 5011, "data_files": {"split": "as logged"}}]
     events += [{"event": "epoch", "epoch": i + 1, "map": value, "train_seconds": 1.0} for i, value in enumerate(maps)]
     events += [{"event": "best", "map": max(maps), "epoch": 1}]
     if finished:
@@ -130,7 +130,9 @@ def test_seeds_are_aggregated_and_unfinished_runs_shown_as_running(tmp_path):
     assert float(both["map_mean"]) == pytest.approx(0.6) and float(both["map_std"]) == pytest.approx(0.1414, abs=1e-4)
     assert rows[("voc2007", "32", "dhn")]["status"] == "running (0/2 seeds done)"
     assert rows[("voc2007", "16", "dhn")]["status"] == "not run (0/2 seeds done)"
-    assert "0.600 ± 0.141 (2 seeds)" in (tmp_path / "out" / "reproduce_voc.md").read_text()
+    assert "0.600 ± 0.141 (2 seeds) | 0.862 | -0.262 | ok | split as logged |" in (
+        tmp_path / "out" / "reproduce_voc.md").read_text()
+    assert both["data_files"] == "split as logged" and rows[("voc2007", "16", "dhn")]["data_files"] == ""
 
 
 def test_an_interrupted_run_resumes_from_its_training_state(tmp_path):
