@@ -66,6 +66,8 @@ def run_lock(path, enabled=True, elsewhere="--output_dir"):
             handle.flush()
         except OSError as exc:  # a full disk: the lock is held, only its note of the holder is missing
             path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # closing flushes the unwritten note again, failing again
+                handle.close()
             raise _cannot_write(path, exc) from None
         try:
             yield
