@@ -164,8 +164,10 @@ def check_paths(run):
     state and --export_index replace only an earlier file of their kind, never another (a split list, an image)."""
     written, read = written_and_read(run)
     earlier = list(read)
+    resumed = run.args.resume is not None  # the training state is read first, and refused there if it is not one
     for what, path in written:
-        check_output_target(path, what, earlier, earlier_output=OUTPUT_KINDS.get(what))
+        kind = None if resumed and what == "the training state" else OUTPUT_KINDS.get(what)
+        check_output_target(path, what, earlier, earlier_output=kind)
         earlier.append((what, path))
 
 
