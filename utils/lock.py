@@ -19,16 +19,16 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 
-def _without_following(path, flags):
-    """open()'s opener for the lock file: a symbolic link put in its place is not followed (opening the lock
-    truncates it, which would empty the file the link points to)."""
-    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+def _open_without_following(path):
+    """A descriptor of the lock file, created if need be: a symbolic link put in its place is not followed (taking
+    the lock truncates the file, which would empty the file the link points to)."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
 
 
 def _acquire(path):
     """The open lock file at `path`, flock-ed; None when another process holds it."""
     while True:
-        handle = open(path, "a+", opener=_without_following)
+        handle = open(_open_without_following(path), "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
