@@ -107,6 +107,13 @@ def test_a_record_out_of_bounds_is_refused_before_anything_is_built(tmp_path, no
         hashing.api.load_checkpoint(checkpoint, device="cpu")
 
 
+@pytest.mark.parametrize("flag, value", [("--hash_bit", "8193"), ("--experts", "65"), ("--input_size", "2049")])
+def test_a_run_cannot_write_a_checkpoint_its_own_test_would_refuse(capsys, flag, value):
+    with pytest.raises(SystemExit):
+        retrieval.parse_args(SMALL_DIGITS_RUN + [flag, value])
+    assert f"argument {flag}: must be at most {int(value) - 1}, got {value}" in capsys.readouterr().err
+
+
 def test_a_run_log_out_of_bounds_is_refused_before_anything_is_built(tmp_path, nothing_is_built):
     torch.save(build_network("small", 16).state_dict(), tmp_path / "run.ckpt")
     (tmp_path / "run.jsonl").write_text('{"event": "start", "args": {"dataset": "digits", "backbone": "small", '

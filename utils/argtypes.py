@@ -14,6 +14,18 @@ def positive_int(text):
     return value
 
 
+def positive_int_up_to(upper):
+    """positive_int with an upper bound (a network's size: what its checkpoint's record may say, utils/checkpoint)."""
+    def parse(text):
+        value = positive_int(text)
+        if value > upper:
+            raise argparse.ArgumentTypeError(f"must be at most {upper}, got {value}")
+        return value
+
+    parse.__name__ = "positive_int"  # argparse names the type in its messages
+    return parse
+
+
 def non_negative_int(text):
     value = int(text) if text.lstrip("-").isdigit() else None
     if value is None or value < 0:
