@@ -30,7 +30,7 @@ from session.run import Run
 from session.training import report_truncated_images, train
 from utils.argtypes import (DefaultsHelpFormatter, checked, finite_float, inference_head, non_negative_float, non_negative_int,
                             int_in_range, positive_int, seed_value)
-from utils.checkpoint import require_checkpoint_file
+from utils.checkpoint import NETWORK_BOUNDS, require_checkpoint_file
 from utils.config import parse_args_with_config
 from utils.device import select_device
 from utils.dist import init_distributed, shutdown
@@ -98,10 +98,11 @@ def add_model_arguments(parser):
                             "(digits), a torchvision model (" + ", ".join(TORCHVISION_BACKBONES) + "), a named timm "
                             "model (" + ", ".join(TIMM_SHORTCUTS) + ") or timm:MODEL for any timm model (default: "
                             "googlenet, or with --test/--query/--export_index the one the --checkpoint records)")
-    group.add_argument("--input_size", type=positive_int, default=None, metavar="PIXELS",
+    group.add_argument("--input_size", type=int_in_range(1, NETWORK_BOUNDS["input_size"]), default=None, metavar="PIXELS",
                        help="side of the square input images (default: the backbone's own); vision transformers "
                             "interpolate their position embeddings to it")
-    group.add_argument("--hash_bit", type=positive_int, default=48, help="number of hash bits n")
+    group.add_argument("--hash_bit", type=int_in_range(1, NETWORK_BOUNDS["hash_bit"]), default=48,
+                       help="number of hash bits n")
     weights = group.add_mutually_exclusive_group()
     weights.add_argument("--weights", default=None, metavar="PATH",
                          help="the backbone's pretrained weights: a .safetensors file or a state dict; default: "
@@ -111,7 +112,7 @@ def add_model_arguments(parser):
     group.add_argument("--freeze_backbone", action="store_true",
                        help="train only the hash layer (or heads) and the loss's parameters; the trunk stays as "
                             "loaded, its BatchNorm statistics included")
-    group.add_argument("--experts", type=positive_int, default=1, metavar="E",
+    group.add_argument("--experts", type=int_in_range(1, NETWORK_BOUNDS["experts"]), default=1, metavar="E",
                        help="E >= 2 hash heads on the shared trunk, trained collaboratively (ECL); 1 = one head")
     group.add_argument("--inference_head", type=inference_head, default=0, metavar="HEAD",
                        help="with --experts: the head whose outputs give the codes, or 'mean' of the heads' "

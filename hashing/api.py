@@ -28,7 +28,8 @@ from data.fingerprint import split_fingerprint
 from data.registry import build_splits, get_dataset_spec
 from data.transforms import image_transform
 from network import DEFAULT_BACKBONE, build_network, get_backbone
-from utils.checkpoint import load_network_weights, read_backbone_record, require_checkpoint_file
+from utils.checkpoint import (check_network_settings, check_weights_fit, load_network_weights, read_backbone_record,
+                              require_checkpoint_file)
 from utils.device import select_device
 from utils.documents import MAX_METRICS_BYTES, read_json_file
 from utils.errors import UserError
@@ -42,6 +43,8 @@ __all__ = ["CheckpointModel", "UnreadableImage", "UserError", "load_checkpoint"]
 
 # The run's data settings that decide its splits, with the defaults of a run that does not record them.
 DATA_SETTINGS = {"data_root": "./data", "seed": 0, "subset": 0}  # the data options: DataOptions.from_flags
+API_HINT = "Pass the backbone, hash_bit and experts it was trained with."
+CLI_HINT = "Pass the --backbone and --hash_bit it was trained with (and --experts for a multi-head checkpoint)."
 
 
 @dataclass
@@ -156,36 +159,61 @@ def run_record(checkpoint):
     return (args if isinstance(args, dict) else {}), (metrics if isinstance(metrics, dict) else None)
 
 
+def _given_contradicts(checkpoint, name, value, known, cli):
+    if cli:
+        return UserError(f"--{name} {value} contradicts --checkpoint {checkpoint}, whose network has {name} {known}: "
+                         f"drop --{name} (the checkpoint says it) or pass the right checkpoint")
+    return UserError(f"{name}={value} contradicts {checkpoint}, whose run has {name} {known}")
+
+
+def resolve_network(checkpoint, given, defaults=None, cli=False):
+    """How to rebuild the network of `checkpoint`: (settings {dataset, backbone, input_size, hash_bit, experts,
+    inference_head}, its BackboneSpec, the run's flags, its metrics). Each setting comes from the checkpoint's own
+    record (self-describing backbones), else its run's files (run_record), else `given` (None: not given), else
+    `defaults`; a given value that contradicts the checkpoint is a UserError (worded for flags with `cli`). The
+    values are checked (types, bounds) and the network they describe is compared with the weights' shapes before
+    anything is built. The API, the search server and retrieval.py (--test, --query, --export_index) use it."""
+    checkpoint = Path(checkpoint)
+    run, metrics = run_record(checkpoint)
+    check_network_settings(run, f"the run log of {checkpoint}")
+    check_network_settings(given, "the arguments", "pass an integer within the bounds")
+    record = read_backbone_record(checkpoint) or {}
+    known = {"dataset": run.get("dataset"), "backbone": record.get("name") or run.get("backbone"),
+             "input_size": record.get("input_size") or run.get("input_size"),
+             "hash_bit": record.get("hash_bit") or run.get("hash_bit"),
+             "experts": record.get("experts") or run.get("experts"), "inference_head": run.get("inference_head")}
+    for name, value in given.items():
+        if value is not None and known[name] is not None and str(value) != str(known[name]):
+            raise _given_contradicts(checkpoint, name, value, known[name], cli)
+    settings = {name: next((value for value in (given.get(name), known[name], (defaults or {}).get(name))
+                            if value is not None), None) for name in known}
+    if settings["hash_bit"] is None:
+        raise UserError(f"{checkpoint}: neither the checkpoint nor a run log next to it says its number of bits; "
+                        "pass hash_bit= (--hash_bit)")
+    settings["experts"] = settings["experts"] or 1
+    try:
+        spec = get_backbone(settings["backbone"] or DEFAULT_BACKBONE, settings["input_size"])
+    except ValueError as exc:
+        raise UserError(f"{checkpoint}: {exc}") from None
+    check_weights_fit(checkpoint, spec, settings["hash_bit"], settings["experts"],
+                      hint=CLI_HINT if cli else API_HINT)
+    return settings, spec, run, metrics
+
+
 def load_checkpoint(path, dataset=None, backbone=None, hash_bit=None, experts=None, inference_head=None,
                     device="auto"):
     """The CheckpointModel of the checkpoint at `path`. What rebuilds its network comes from the checkpoint's
     own record (self-describing backbones), else from its run's files, else from the arguments (as the
-    flags of the same names); an argument that contradicts the checkpoint is a UserError."""
+    flags of the same names): resolve_network; an argument that contradicts the checkpoint is a UserError."""
     checkpoint = Path(path)
     require_checkpoint_file(checkpoint)
-    run, metrics = run_record(checkpoint)
-    record = read_backbone_record(checkpoint) or {}
-    known = {"dataset": run.get("dataset"), "backbone": record.get("name") or run.get("backbone"),
-             "hash_bit": record.get("hash_bit") or run.get("hash_bit"),
-             "experts": record.get("experts") or run.get("experts"), "inference_head": run.get("inference_head")}
     given = {"dataset": dataset, "backbone": backbone, "hash_bit": hash_bit, "experts": experts,
              "inference_head": inference_head}
-    for name, value in given.items():
-        if value is not None and known[name] is not None and str(value) != str(known[name]):
-            raise UserError(f"{name}={value} contradicts {checkpoint}, whose run has {name} {known[name]}")
-    settings = {name: given[name] if given[name] is not None else known[name] for name in given}
-    if settings["hash_bit"] is None:
-        raise UserError(f"{checkpoint}: neither the checkpoint nor a run log next to it says its number of bits; "
-                        "pass hash_bit= (--hash_bit)")
+    settings, spec, run, metrics = resolve_network(checkpoint, given)
     head = settings["inference_head"]
     head = int(head) if isinstance(head, str) and head.isdigit() else (head if head is not None else 0)
-    try:
-        spec = get_backbone(settings["backbone"] or DEFAULT_BACKBONE, record.get("input_size") or run.get("input_size"))
-    except ValueError as exc:
-        raise UserError(f"{checkpoint}: {exc}") from None
-    network = build_network(spec, int(settings["hash_bit"]), experts=int(settings["experts"] or 1),
-                            inference_head=head)
-    load_network_weights(network, checkpoint, hint="Pass the backbone, hash_bit and experts it was trained with.")
+    network = build_network(spec, settings["hash_bit"], experts=settings["experts"], inference_head=head)
+    load_network_weights(network, checkpoint, hint=API_HINT)
     chosen = select_device(device) if isinstance(device, str) else device
     class_names = None
     if settings["dataset"] is not None:
@@ -193,5 +221,5 @@ def load_checkpoint(path, dataset=None, backbone=None, hash_bit=None, experts=No
             class_names = get_dataset_spec(settings["dataset"]).class_names
         except ValueError as exc:
             raise UserError(f"{checkpoint}: {exc}") from None
-    return CheckpointModel(network.to(chosen).eval(), spec, int(settings["hash_bit"]), checkpoint, chosen,
+    return CheckpointModel(network.to(chosen).eval(), spec, settings["hash_bit"], checkpoint, chosen,
                            settings["dataset"], class_names, run, metrics)

@@ -51,7 +51,7 @@ import numpy as np
 from utils.atomic import atomic_write
 from utils.documents import parse_json
 from utils.errors import UserError
-from utils.paths import check_output_target, require_regular_file
+from utils.paths import check_output_target, open_regular, require_regular_file
 
 from .codes import hamming_distances, word_columns
 from .metrics import rank_top_k
@@ -450,8 +450,9 @@ class HammingIndex:
         return text + b" " * (data_offset - len(MAGIC) - 4 - len(text))
 
     def save(self, path):
-        """Write the index to `path` atomically (the file format is in this module's docstring)."""
-        path = check_output_target(path, "index file")
+        """Write the index to `path` atomically (the file format is in this module's docstring); an existing file
+        is replaced only when it is an index file itself (begins with MAGIC), never a file of another kind."""
+        path = check_output_target(path, "index file", earlier_output=("a Hamming index file", is_index_file))
         header = self._header()
         ids = np.ascontiguousarray(self._ids, dtype="<i8")
 
@@ -491,6 +492,12 @@ class HammingIndex:
             raise UserError(f"index file {path} is damaged (its ids are not increasing and >= 0); save the index "
                             "again")
         return index
+
+
+def is_index_file(path):
+    """Whether `path` is a regular file that begins with MAGIC: the one kind of existing file save() replaces."""
+    with open_regular(path, "index file") as handle:
+        return handle.read(len(MAGIC)) == MAGIC
 
 
 def _read_header(handle, path):

@@ -7,8 +7,10 @@ sign bits (hashing/codes.py) of each batch into rows of OUTPUT, a .npy file of u
 np.load(OUTPUT, mmap_mode="r") or open_code_file() maps: no array of the whole collection is ever in memory.
 
 Resuming. While it runs, the codes go to OUTPUT.partial and OUTPUT.progress.json records how many rows are
-final (written and flushed to disk) and what they were computed from: a SHA-256 of the image list, of the
-network's weights and of the transform's description. A run that stops (an error, Ctrl-C, a killed process)
+final (written and flushed to disk), the SHA-256 of those rows, and what they were computed from: a SHA-256 of
+the image list, of the network's weights and of the transform's description. The rows are checked against their
+digest before they are trusted (a record edited to say more rows are done is refused), the partial file is never
+followed through a symbolic link, and OUTPUT.lock keeps a second encoder into the same output out (one line). A run that stops (an error, Ctrl-C, a killed process)
 leaves both; the same call again checks that the record matches its inputs and continues after the last final
 row, so it produces the file an uninterrupted run would have. A record that does not match stops the run with
 a message naming what differs (the partial file is kept, not overwritten). The record is written at most every
@@ -19,6 +21,7 @@ the list of paths, not their bytes.
 """
 import fcntl
 import hashlib
+import os
 import re
 import time
 from pathlib import Path
@@ -34,6 +37,7 @@ from data.image_cache import decode_workers
 from utils.atomic import write_json
 from utils.documents import read_json_file
 from utils.errors import UserError
+from utils.lock import run_lock
 from utils.paths import check_output_target, require_regular_file
 from utils.runlog import progress_bar
 
@@ -41,7 +45,8 @@ from .codes import NonFiniteCodes, pack_signs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 PROGRESS_SECONDS = 10.0
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2  # 2: the record holds the SHA-256 of its final rows (codes_sha256)
+DIGEST_ROWS = 1 << 16  # rows hashed at a time when a record is checked against its file
 MAX_NPY_HEADER = 1 << 16
 
 
@@ -146,6 +151,39 @@ def open_code_file(path, mode="r", shape=None):
     return np.memmap(path, dtype=np.uint8, mode=mode, offset=offset, shape=found_shape)
 
 
+def _rows_digest(codes, rows):
+    """The running SHA-256 of the first `rows` rows of a code file (C-ordered uint8 rows, so their bytes in order)."""
+    digest = hashlib.sha256()
+    for start in range(0, rows, DIGEST_ROWS):
+        digest.update(np.ascontiguousarray(codes[start:min(rows, start + DIGEST_ROWS)]))
+    return digest
+
+
+def _check_final_rows(record, codes, path, record_path):
+    """The running digest of the rows `record` says are final in `path`, after checking them against the digest it
+    recorded: UserError when they differ (the record was edited, the file replaced or damaged), so a forged "done"
+    never passes unencoded rows off as codes."""
+    digest = _rows_digest(codes, record["done"])
+    if record.get("codes_sha256") != digest.hexdigest():
+        raise UserError(f"progress record {record_path} says {record['done']:,} rows of {path} are final, but they are "
+                        "not the rows it recorded (the record was edited, or the file replaced or damaged); delete "
+                        "both to encode from the start")
+    return digest
+
+
+def _check_target_files(output, partial, record_path, paths):
+    """The writer rule for the three files of an encoding, and its folder, before anything is read or locked."""
+    if not output.parent.is_dir():
+        raise UserError(f"the folder of the code file {output} does not exist; create it or choose another output")
+    if partial.is_symlink():  # opened for writing in place, so never followed to another file
+        raise UserError(f"partial code file {partial} is a symbolic link, which is never followed; delete it")
+    listed = set(paths)
+    for what, path in (("code file", output), ("partial code file", partial), ("progress record", record_path)):
+        check_output_target(path, what)
+        if str(path) in listed:
+            raise UserError(f"{what} {path} is one of the images to encode; choose another output")
+
+
 def _lock(handle, path):
     """Hold an exclusive lock on an open file until it is closed: two runs never write the same file."""
     try:
@@ -158,7 +196,7 @@ def _lock(handle, path):
 
 def _create_code_file(path, shape):
     """A new .npy file of uint8 `shape` (its rows not yet written), open and locked."""
-    handle = _lock(open(path, "x+b"), path)
+    handle = _lock(open(path, "x+b"), path)  # O_EXCL: a symbolic link put there is not followed either
     np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False, "shape": shape})
     handle.truncate(handle.tell() + shape[0] * shape[1])
     handle.flush()
@@ -197,11 +235,15 @@ def encode_to_file(network, images, transform, output, batch_size=64, device=Non
         raise UserError(f"no images to encode in {images} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files)")
     output = Path(output)
     partial, record_path = output.with_name(output.name + ".partial"), output.with_name(output.name + ".progress.json")
-    listed = set(paths)
-    for what, path in (("code file", output), ("partial code file", partial), ("progress record", record_path)):
-        check_output_target(path, what)
-        if str(path) in listed:
-            raise UserError(f"{what} {path} is one of the images to encode; choose another output")
+    _check_target_files(output, partial, record_path, paths)
+    with run_lock(output.with_name(output.name + ".lock"), elsewhere="output"):  # one encoder per output
+        return _resume_or_start(network, paths, transform, (output, partial, record_path), batch_size, device,
+                                workers)
+
+
+def _resume_or_start(network, paths, transform, files, batch_size, device, workers):
+    """encode_to_file under its lock: the finished file, or the encoding resumed or started."""
+    output, partial, record_path = files
     provenance = _provenance(paths, network, transform)
     record = _read_record(record_path)
     differs = _differences(record, provenance) if record is not None else []
@@ -211,11 +253,13 @@ def encode_to_file(network, images, transform, output, batch_size=64, device=Non
             why = "has no progress record" if record is None else \
                 f"was encoded from another {', '.join(differs)}" if differs else "is incomplete"
             raise UserError(f"code file {output} exists and {why}; delete it or choose another output")
+        codes = open_code_file(output, shape=(len(paths), -(-record["hash_bit"] // 8)))
+        _check_final_rows(record, codes, output, record_path)
         print(f"{output} already holds the {len(paths):,} codes of these images; nothing to do")
-        return EncodedImages(open_code_file(output), paths, record["hash_bit"])
+        return EncodedImages(codes, paths, record["hash_bit"])
     handle = None
     if partial.exists():
-        handle = _lock(open(partial, "r+b"), partial)
+        handle = _lock(os.fdopen(os.open(partial, os.O_RDWR | os.O_NOFOLLOW), "r+b"), partial)
         if record is not None and differs:
             handle.close()
             raise UserError(f"{partial} is a partial encoding of another {', '.join(differs)} (see {record_path}); "
@@ -225,7 +269,7 @@ def encode_to_file(network, images, transform, output, batch_size=64, device=Non
             partial.unlink()
             handle = None
     workers = decode_workers() if workers is None else workers
-    return _encode(network, paths, transform, (output, partial, record_path), provenance,
+    return _encode(network, paths, transform, files, provenance,
                    (record, handle) if handle is not None else (None, None), (batch_size, workers),
                    device or _device_of(network))
 
@@ -236,9 +280,14 @@ def _encode(network, paths, transform, files, provenance, resumed, loading, devi
     record, handle = resumed
     done = record["done"] if record is not None else 0
     hash_bit = record["hash_bit"] if record is not None else None
-    codes = None
+    codes, digest = None, hashlib.sha256()
     if record is not None:
         codes = open_code_file(partial, "r+", shape=(len(paths), -(-hash_bit // 8)))
+        try:
+            digest = _check_final_rows(record, codes, partial, record_path)
+        except UserError:
+            handle.close()
+            raise
     started, saved_at, encoded = time.perf_counter(), time.monotonic(), 0
     batch_size, workers = loading
     loader = DataLoader(ImageItems(paths[done:], transform), batch_size=batch_size, num_workers=workers)
@@ -246,7 +295,8 @@ def _encode(network, paths, transform, files, provenance, resumed, loading, devi
     def save_progress():
         if codes is not None:
             codes.flush()  # the rows reach the disk before the record says they are final
-            write_json(record_path, {**provenance, "hash_bit": hash_bit, "done": done})
+            write_json(record_path, {**provenance, "hash_bit": hash_bit, "done": done,
+                                     "codes_sha256": digest.hexdigest()})
 
     network.eval()
     try:
@@ -262,6 +312,7 @@ def _encode(network, paths, transform, files, provenance, resumed, loading, devi
                 elif width != hash_bit:
                     raise ValueError(f"the network gave {width} bits after {hash_bit}")
                 codes[done:done + len(bits)] = bits
+                digest.update(np.ascontiguousarray(bits))
                 done += len(bits)
                 encoded += len(bits)
                 bar.update(len(bits))

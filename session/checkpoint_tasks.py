@@ -19,6 +19,7 @@ from data.query_images import item_names, query_batch
 from data.transforms import Preprocessing
 from engine import encode_splits
 from hashing import cache, plots
+from hashing.api import CLI_HINT
 from hashing.codes import NonFiniteCodes, pack_signs
 from hashing.metrics import BUCKETS, metrics_of_codes
 from hashing.search import search, write_index
@@ -32,8 +33,6 @@ from utils.runlog import read_run_log, warn
 from .files import dataset_label, run_loss_label
 from .parts import described_data_files
 
-CHECKPOINT_HINT = ("Pass the --backbone and --hash_bit it was trained with "
-                   "(and --experts for a multi-head checkpoint).")
 
 
 def codes_key(run):
@@ -68,7 +67,7 @@ def checkpoint_codes(run, network, weights_loaded=False):
         print(f"note: {run.files.codes} is damaged or was computed from another checkpoint or other data; "
               "encoding again", file=sys.stderr)
     if not weights_loaded:
-        load_network_weights(network, run.files.checkpoint, hint=CHECKPOINT_HINT)
+        load_network_weights(network, run.files.checkpoint, hint=CLI_HINT)
     try:
         codes = encode_splits(network, run.loaders, run.device, run.context)
     except NonFiniteCodes as exc:
@@ -240,7 +239,7 @@ def run_checkpoint_tasks(run, network):
     if args.query:  # queries need the network even when the database codes are cached
         for item in args.query:  # a bad DATASET:N before any work
             query_split_index(run, item)
-        load_network_weights(network, run.files.checkpoint, hint=CHECKPOINT_HINT)
+        load_network_weights(network, run.files.checkpoint, hint=CLI_HINT)
     codes, key, cached = checkpoint_codes(run, network, weights_loaded=bool(args.query))
     result = {"topk": run.topk}
     if not run.context.is_main:

@@ -17,6 +17,7 @@ from pathlib import Path
 from hashing.search import is_binary_index
 from network import DEFAULT_BACKBONE, file_label
 from utils.atomic import ensure_writable_dir, remove_leftovers
+from utils.checkpoint import is_checkpoint_file
 from utils.errors import UserError
 from utils.lock import run_lock
 from utils.paths import check_output_target
@@ -137,7 +138,8 @@ def written_and_read(run):
                         ("the text log", files.text_log), ("the event log", files.event_log)]
     if files.index:  # last: checked against the run's own outputs too, it is refused naming the one it would hit
         written.append(("--export_index", files.index))
-    read = [("--weights", args.weights), ("--codetable", args.codetable), ("--resume", args.resume or None),
+    read = [("--config", args.config), ("--weights", args.weights), ("--codetable", args.codetable),
+            ("--resume", args.resume or None),
             # a path, not one of the shipped hierarchies' names
             ("--hierarchy_file", args.hierarchy_file if args.hierarchy_file and Path(args.hierarchy_file).exists()
              else None)]
@@ -152,14 +154,22 @@ def written_and_read(run):
     return written, [(what, path) for what, path in read if path]
 
 
+# The outputs a user can aim at any file (--checkpoint, --export_index) replace only a file of their own kind,
+# whatever --overwrite says: `--checkpoint D/train.txt --overwrite` once replaced a split list with a checkpoint.
+OUTPUT_KINDS = {"--export_index": ("a FAISS binary index", is_binary_index),
+                "--checkpoint": ("a checkpoint (torch.save's format)", is_checkpoint_file),
+                "the training state": ("a training state (torch.save's format)", is_checkpoint_file)}
+
+
 def check_paths(run):
     """Every output is absent or a regular file that is none of the inputs, and no file is written twice
-    (--export_index onto the checkpoint once replaced it with an 81-byte index); --export_index replaces only
-    an earlier index, never a file of another kind (another run's checkpoint, an image)."""
+    (--export_index onto the checkpoint once replaced it with an 81-byte index); the checkpoint, the training
+    state and --export_index replace only an earlier file of their kind, never another (a split list, an image)."""
     written, read = written_and_read(run)
     earlier = list(read)
+    resumed = run.args.resume is not None  # the training state is read first, and refused there if it is not one
     for what, path in written:
-        kind = ("a FAISS binary index", is_binary_index) if what == "--export_index" else None
+        kind = None if resumed and what == "the training state" else OUTPUT_KINDS.get(what)
         check_output_target(path, what, earlier, earlier_output=kind)
         earlier.append((what, path))
 

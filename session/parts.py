@@ -17,11 +17,11 @@ from data.hierarchy_files import read_hierarchy
 from data.validation import hold_out_validation
 from engine import Loaders, Trainer
 from hashing import codetable
+from hashing.api import resolve_network
 from hashing.conventions import Convention
 from hashing.metrics import check_top_ns
 from loss import LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss, build_experts_loss, build_loss
 from network import DEFAULT_BACKBONE, build_network, get_backbone, hash_head, trunk_and_head_parameters
-from utils.checkpoint import read_backbone_record
 from utils.dist import barrier, shard_bounds
 from utils.errors import UserError
 from utils.reproducibility import loader_generator, seed_worker
@@ -164,24 +164,17 @@ def backbone_of(args):
 
 
 def resolve_backbone(args):
-    """The flags with --backbone resolved: as given, else the backbone a self-describing --checkpoint
-    records (--test, --query, --export_index rebuild its network without the training flags: backbone,
-    input size, bits and heads), else googlenet, the paper's default. A flag that contradicts the
-    checkpoint's record is a UserError; --hash_bit and --experts at their defaults take the record's."""
-    record = None
-    if (args.test or args.query or args.export_index) and args.checkpoint and Path(args.checkpoint).is_file():
-        record = read_backbone_record(args.checkpoint)
-    if record is None:
+    """The flags with the network resolved: for --test, --query and --export_index with a --checkpoint, as
+    hashing.api.resolve_network rebuilds it (the checkpoint's record, else its run's log, else the flags: backbone,
+    input size, bits and heads, checked against the weights' shapes); else --backbone, or googlenet, the paper's
+    default. A flag that contradicts the checkpoint is a UserError; flags at their defaults count as not given."""
+    if not ((args.test or args.query or args.export_index) and args.checkpoint and Path(args.checkpoint).is_file()):
         return argparse.Namespace(**{**vars(args), "backbone": args.backbone or DEFAULT_BACKBONE})
-    recorded = {"backbone": record["name"], "input_size": record.get("input_size"),
-                "hash_bit": record.get("hash_bit"), "experts": record.get("experts", 1)}
-    defaults = {"backbone": None, "input_size": None, "hash_bit": 48, "experts": 1}
-    for flag, value in recorded.items():
-        given = getattr(args, flag)
-        if given != defaults[flag] and given != value:
-            raise UserError(f"--{flag} {given} contradicts --checkpoint {args.checkpoint}, whose network has "
-                            f"{flag} {value}: drop --{flag} (the checkpoint says it) or pass the right checkpoint")
-    return argparse.Namespace(**{**vars(args), **recorded})
+    defaults = {"backbone": DEFAULT_BACKBONE, "input_size": None, "hash_bit": 48, "experts": 1}
+    given = {flag: None if getattr(args, flag) == default else getattr(args, flag)
+             for flag, default in defaults.items()}
+    settings, *_ = resolve_network(args.checkpoint, {**given, "backbone": args.backbone}, defaults, cli=True)
+    return argparse.Namespace(**{**vars(args), **{flag: settings[flag] for flag in defaults}})
 
 
 def make_network(run):

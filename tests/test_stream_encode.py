@@ -103,12 +103,20 @@ def test_an_interrupted_run_resumes_to_the_identical_file(folder, tmp_path, caps
     assert "22 images" in capsys.readouterr().out.splitlines()[-1]
 
 
-def test_rows_written_after_the_last_record_are_redone(folder, tmp_path):
+def test_rows_written_after_the_last_record_are_redone(folder, tmp_path, monkeypatch):
     # A killed process leaves rows written after its last record; they are not trusted but computed again.
     encode_to_file(make_network(), folder, TRANSFORM, tmp_path / "reference.npy", batch_size=5, workers=0)
-    record_path = interrupted_run(folder, tmp_path / "codes.npy", batch_size=5, fail_on=6)
-    record = json.loads(record_path.read_text())
-    record_path.write_text(json.dumps({**record, "done": 10}))
+    monkeypatch.setattr(stream, "PROGRESS_SECONDS", 0.0)  # a record after every batch: keep the one at 10 rows
+    record_path, earlier = tmp_path / "codes.npy.progress.json", []
+    network = make_network()
+    network.register_forward_pre_hook(lambda module, inputs: earlier.append(record_path.read_bytes())
+                                      if record_path.exists() else None)
+    counting_calls(network, fail_on=6)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        encode_to_file(network, folder, TRANSFORM, tmp_path / "codes.npy", batch_size=5, workers=0)
+    at_10 = next(record for record in earlier if json.loads(record)["done"] == 10)
+    assert json.loads(record_path.read_text())["done"] == 25
+    record_path.write_bytes(at_10)  # as if killed before the records after it were written
     partial = np.load(tmp_path / "codes.npy.partial", mmap_mode="r+")
     partial[10:25] = 255  # rows beyond the record: garbage
     partial.flush()

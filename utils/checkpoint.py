@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from .atomic import atomic_write
 from .errors import UserError
-from .paths import require_regular_file
+from .paths import MiB, open_regular, require_regular_file
 
 TRAIN_STATE_FORMAT = "hyp2-retrieval/train-state/1"
 NETWORK_FORMAT = "hyp2-retrieval/network/1"  # a checkpoint that records its backbone (save_state_dict)
@@ -26,6 +27,14 @@ IDENTITY_FLAGS = ("dataset", "backbone", "hash_bit", "loss", "hierarchy", "hiera
 # Flags that change the result when they differ on resume; allowed, but the user is told.
 RECIPE_FLAGS = ("batch_size", "lr", "rate", "beta", "seed", "subset", "amp", "momentum", "weight_decay", "lr_step",
                 "lr_gamma", "clip_grad")
+# What a checkpoint's record (or its run's log) may say about its network, checked before anything is built from
+# it: a 400 KB file saying input_size 64000 (vit_b_32) or hash_bit 4000000 would make gigabytes of weights first.
+NETWORK_BOUNDS = {"hash_bit": 8192, "experts": 64, "input_size": 2048}
+# torch.save stores its members uncompressed; a deflated one may inflate a small file into gigabytes (a zip bomb)
+# inside torch.load, so a file whose members unpack to more than its own size and this much is refused unread.
+MAX_INFLATION = 64 * MiB
+# A vision transformer's position embedding holds its patch grid and a few more tokens (class, registers).
+MAX_EXTRA_TOKENS = 8
 
 
 def save(obj, path):
@@ -36,9 +45,24 @@ def save(obj, path):
     atomic_write(path, lambda f: f.write(buffer.getbuffer()), binary=True)
 
 
+def check_inflation(path, what, unreadable):
+    """UserError when the zip archive at `path` (torch.save's format) unpacks to more than its own size and
+    MAX_INFLATION, as the members' declared sizes say, before torch.load inflates any of them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip archive (torch.load refuses it with its own message) or unreadable
+    if unpacked > os.path.getsize(path) + MAX_INFLATION:
+        raise UserError(f"{what} {path} unpacks to {unpacked / MiB:,.1f} MiB from {os.path.getsize(path) / MiB:,.1f} "
+                        f"MiB (compressed members, which torch.save never writes): it is not a checkpoint of this "
+                        f"tool, and inflating it could exhaust the memory; {unreadable}")
+
+
 def _load(path, what, missing, unreadable, mmap=False):
     if Path(path).exists():  # a FIFO would block torch.load forever, a device would be read without end
         require_regular_file(path, what)
+        check_inflation(path, what, unreadable)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
@@ -52,6 +76,34 @@ def non_finite_names(state):
     """Names of a state_dict's floating-point tensors that hold a NaN or an infinity."""
     return [name for name, tensor in state.items()
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def require_finite(state, path, advice="it comes from a diverged training; retrain with a lower --lr"):
+    """UserError naming the file and a tensor when a state_dict holds a NaN or an infinity."""
+    non_finite = non_finite_names(state)
+    if non_finite:
+        raise UserError(f"{path} holds NaN or infinite values ({len(non_finite)} tensors, e.g. {non_finite[0]}): "
+                        f"{advice}")
+
+
+def check_network_settings(settings, source, advice="it is damaged or not of this tool; retrain, or point "
+                                                   "--checkpoint to a good copy"):
+    """UserError unless each of hash_bit, experts and input_size in `settings` (a mapping) is absent, None or an
+    integer within NETWORK_BOUNDS; `source` names where the values come from and `advice` what to do."""
+    for name, upper in NETWORK_BOUNDS.items():
+        value = settings.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper):
+            raise UserError(f"{source}: {name} {value!r} is not an integer from 1 to {upper}; {advice}")
+
+
+def is_checkpoint_file(path):
+    """Whether `path` is a regular file laid out as torch.save writes one (a zip archive with a data.pkl member): how
+    a training recognises its earlier checkpoint or training state, the one kind of existing file it replaces."""
+    try:
+        with open_regular(path, "checkpoint") as handle, zipfile.ZipFile(handle) as archive:
+            return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
+    except (UserError, OSError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 def require_checkpoint_file(path):
@@ -84,27 +136,63 @@ def read_backbone_record(path):
         record = state.get("backbone")
         if not isinstance(record, dict) or not isinstance(record.get("name"), str):
             raise UserError(f"{path} has a damaged backbone record; retrain or point --checkpoint to a good copy")
+        check_network_settings(record, f"the backbone record of {path}")
         return record
     return None
 
 
 def read_state_dict(path, what="checkpoint",
                     missing="train first (the same command without --test) or pass --checkpoint PATH",
-                    unreadable="retrain or point --checkpoint to a good copy"):
-    """The state_dict stored at `path`, with a UserError for a missing or unreadable file; `what` names
+                    unreadable="retrain or point --checkpoint to a good copy", mmap=False):
+    """The state_dict stored at `path`, with a UserError for a missing or unreadable file or one holding a NaN or
+    an infinity (unless mmap: then only its tensors' shapes are looked at, nothing is read); `what` names
     the kind of file and `missing`/`unreadable` say what to do, in the messages."""
-    state = _load(path, what, missing, unreadable)
+    state = _load(path, what, missing, unreadable, mmap=mmap)
     if isinstance(state, dict) and state.get("format") == TRAIN_STATE_FORMAT:
         state = state["network"]  # a .last.pt holds the network too
     elif isinstance(state, dict) and state.get("format") == NETWORK_FORMAT:
         state = state.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} does not hold a network state_dict")
-    non_finite = non_finite_names(state)
-    if non_finite:
-        raise UserError(f"{path} holds NaN or infinite values ({len(non_finite)} tensors, e.g. {non_finite[0]}): "
-                        f"it comes from a diverged training; retrain with a lower --lr")
+    if not mmap:
+        require_finite(state, path, "it comes from a diverged training; retrain with a lower --lr" if
+                       what == "checkpoint" else f"it is damaged; {unreadable}")
     return state
+
+
+def weights_layout(state, hash_layer):
+    """(name, shape, heads, position tokens) that a network state_dict's tensors imply: the name and shape of its
+    hash layer's weight (`hash_layer`, the BackboneSpec's, or heads.0 of a multi-head network), the number of heads
+    (None when they are not numbered 0, 1, ...), and the token count of a vision transformer's position embedding
+    (None where a tensor is not there)."""
+    heads = sorted(int(match[1]) for match in map(re.compile(r"heads\.(\d+)\.weight").fullmatch, state) if match)
+    name = "heads.0.weight" if heads else f"{hash_layer}.weight"
+    weight = state.get(name)
+    shape = tuple(weight.shape) if weight is not None and weight.ndim == 2 else None
+    tokens = next((tensor.shape[1] for key, tensor in state.items()
+                   if key.endswith(("pos_embedding", "pos_embed")) and tensor.ndim == 3), None)
+    count = None if heads != list(range(len(heads))) else len(heads) or 1
+    return name, shape, count, tokens
+
+
+def check_weights_fit(path, spec, hash_bit, experts, hint=""):
+    """Before a network is built: UserError when the network of BackboneSpec `spec` with `hash_bit` bits and
+    `experts` heads does not have the shapes of the weights in the checkpoint at `path` (its hash layer, its heads,
+    a vision transformer's patch grid at spec.input_size). The file is memory-mapped, not read."""
+    name, shape, heads, tokens = weights_layout(read_state_dict(path, mmap=True), spec.hash_layer)
+    problems = []
+    if shape is not None and shape[0] != hash_bit:
+        problems.append(f"{name} is {shape} in the checkpoint but {(hash_bit, *shape[1:])} in the model: it gives "
+                        f"{shape[0]} bits, not {hash_bit}")
+    if heads != experts:
+        problems.append(f"it has {heads if heads is not None else 'damaged'} heads, not {experts}")
+    grid = (spec.input_size // spec.patch_size) ** 2 if spec.patch_size else None
+    if grid is not None and tokens is not None and not 0 <= tokens - grid <= MAX_EXTRA_TOKENS:
+        problems.append(f"its position embedding has {tokens} tokens, not the {grid} patches (and a class token) "
+                        f"of {spec.input_size}-pixel inputs")
+    if problems:
+        raise UserError(f"checkpoint {path} does not fit the network described for it ({spec.name}, {hash_bit} bits, "
+                        f"{experts} head(s), {spec.input_size}-pixel inputs): {'; '.join(problems)}. {hint}".strip())
 
 
 def describe_mismatch(expected, found):
@@ -200,6 +288,8 @@ def read_train_state(path, args, data=None):
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         raise UserError(f"{path} is not a training state written by this tool; start without --resume")
     check_content(path, state)
+    if isinstance(state.get("network"), dict):
+        require_finite(state["network"], path, "it comes from a diverged training; start without --resume")
     saved = state["args"]
     for flag in IDENTITY_FLAGS:
         if flag in saved and saved[flag] != args.get(flag, saved[flag]):

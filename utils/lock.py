@@ -6,6 +6,7 @@ kill -9, so a stale lock file never blocks a later run. The file names the holde
 for the message of a run that finds it taken. Where fcntl does not exist (Windows) runs are not locked.
 """
 import contextlib
+import errno
 import os
 import sys
 from pathlib import Path
@@ -18,10 +19,16 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 
+def _open_without_following(path):
+    """A descriptor of the lock file, created if need be: a symbolic link put in its place is not followed (taking
+    the lock truncates the file, which would empty the file the link points to)."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
+
+
 def _acquire(path):
     """The open lock file at `path`, flock-ed; None when another process holds it."""
     while True:
-        handle = open(path, "a+")
+        handle = open(_open_without_following(path), "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -66,6 +73,8 @@ def run_lock(path, enabled=True, elsewhere="--output_dir"):
             handle.flush()
         except OSError as exc:  # a full disk: the lock is held, only its note of the holder is missing
             path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # closing flushes the unwritten note again, failing again
+                handle.close()
             raise _cannot_write(path, exc) from None
         try:
             yield
@@ -74,5 +83,8 @@ def run_lock(path, enabled=True, elsewhere="--output_dir"):
 
 
 def _cannot_write(path, exc):
+    if exc.errno == errno.ELOOP:
+        return UserError(f"the run lock {path} is a symbolic link, which is never followed (opening the lock empties "
+                         "it); delete it or choose another --output_dir")
     return UserError(f"cannot write the run lock {path} ({exc.strerror or exc}); free disk space or choose another "
                      "--output_dir")

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .checkpoint import read_state_dict
+from .checkpoint import read_state_dict, require_finite
 from .errors import UserError
 from .paths import require_regular_file
 
@@ -33,10 +33,12 @@ def read_weights_file(path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
-        return load_file(path, device="cpu")
+        state = load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"cannot read weights file {path} ({str(exc).splitlines()[0][:200]}): the file is truncated, "
                         "corrupt or not a safetensors file; point --weights to a good copy") from None
+    require_finite(state, f"weights file {path}", "it is damaged; point --weights to a good copy")
+    return state
 
 
 def hub_cache_file(weights):
