@@ -6,7 +6,7 @@ import json
 import pytest
 
 import retrieval
-from benchmarks import longtail_study
+from benchmarks import digits_study, longtail_study
 from session.files import RunFiles
 
 
@@ -38,3 +38,26 @@ def test_a_long_tail_cell_resumed_with_more_epochs_counts_as_done(tmp_path, monk
     out = capsys.readouterr().out
     assert out.count("mAP 0.5000, tail 0.2500") == 4 and "4/4 cells done" in out
     assert "| HyP² (no hierarchy) | 0.5000 | 0.2500 | 1 |" in (tmp_path / "longtail_study.md").read_text()
+
+
+# ============ 11: digits_study --collect before the search has run ============
+
+def test_digits_study_collect_with_nothing_run_says_no_recipe_was_chosen(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(retrieval, "main", lambda args: pytest.fail("trained under --collect"))
+    result = digits_study.main(["--losses", "hyp2", "dpsh", "--bits", "8", "--seeds", "0", "--collect",
+                                "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "search: hyp2 not chosen yet (0/3 search runs finished), dpsh not chosen yet (0/3 search runs " \
+           "finished)" in err
+    table = (tmp_path / "digits_study.md").read_text()
+    assert "| hyp2 (not chosen yet: 0/3 search runs) | — |" in table and "(`sgd_0.05`)" not in table
+    assert [row["recipe"] for row in result["rows"]] == ["", ""]
+
+
+def test_digits_study_names_a_recipe_only_once_its_search_is_complete():
+    scores = {"hyp2": {"sgd_0.05": 0.5, "sgd_0.01": 0.7}, "dpsh": {"sgd_0.05": 0.5, "sgd_0.01": 0.7,
+                                                                  "rmsprop_1e-3": 0.6}}
+    assert digits_study.chosen_recipe(scores, "hyp2") is None
+    assert digits_study.describe_choice(scores, "hyp2") == "not chosen yet (2/3 search runs finished)"
+    assert digits_study.chosen_recipe(scores, "dpsh") == "sgd_0.01"
+    assert digits_study.describe_choice(scores, "dpsh") == "sgd_0.01"
