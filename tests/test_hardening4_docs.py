@@ -2,12 +2,21 @@
 data, `digits_study --collect` with nothing run, `bench_search` without --methods, and the pair losses' memory of
 the training set's codes (DeepHash-pytorch's DPSH and DHN)."""
 import json
+import re
+import shlex
+import urllib.error
+from pathlib import Path
 
 import pytest
 
 import retrieval
-from benchmarks import digits_study, longtail_study
+from benchmarks import digits_study, longtail_study, reproduce
+from data import archives, voc
 from session.files import RunFiles
+from tests.cli_runs import exit_status
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 
 
 # ============ 10b: the long-tail study continued with other --epochs ============
@@ -61,3 +70,53 @@ def test_digits_study_names_a_recipe_only_once_its_search_is_complete():
     assert digits_study.describe_choice(scores, "hyp2") == "not chosen yet (2/3 search runs finished)"
     assert digits_study.chosen_recipe(scores, "dpsh") == "sgd_0.01"
     assert digits_study.describe_choice(scores, "dpsh") == "sgd_0.01"
+
+
+# ============ 11: reproduce fetches what a run fetches, and says when a cell cannot run ============
+
+def test_reproduce_downloads_the_voc_archives_and_exits_non_zero_with_one_line_when_it_cannot(tmp_path, capsys,
+                                                                                            monkeypatch):
+    asked = []
+
+    def offline(url, path):
+        asked.append(url)
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(archives, "download", offline)
+    monkeypatch.setattr(retrieval, "main", lambda args: pytest.fail("trained without data"))
+    code, out, err = exit_status(reproduce.cli, ["--table", "voc", "--bits", "16", "--losses", "hyp2",
+                                                 "--data_root", str(tmp_path / "data"), "--output_dir",
+                                                 str(tmp_path / "out")], capsys)
+    # the first archive of each year, as retrieval.py's ensure_extracted asks for them: once per dataset
+    assert asked == [voc.ARCHIVES["2007"][0].url, voc.ARCHIVES["2012"][0].url]
+    assert code == 1 and "0/2 cells done" in out
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: 2 of 2 cells did not run for want of data: voc2007: "
+                                                   "cannot download http://")
+    assert "VOCtrainval_11-May-2012.tar" in lines[0]
+
+
+def test_reproduce_asks_for_the_nuswide_database_not_the_shipped_lists(tmp_path, capsys):
+    (tmp_path / "nus_wide").mkdir()
+    problem = reproduce.data_problem("nuswide", str(tmp_path))
+    assert "database.txt" in problem and "train.txt" not in problem.split("(")[0]
+    (tmp_path / "nus_wide" / "database.txt").write_text("")
+    assert reproduce.data_problem("nuswide", str(tmp_path)) is None
+
+
+def dry_run_output(capsys, *argv):
+    reproduce.main(["--dry_run", *argv])
+    return capsys.readouterr()
+
+
+def test_the_dry_run_prints_the_total_the_readme_quotes_and_the_readmes_sample_line(capsys):
+    captured = dry_run_output(capsys, "--table", "voc")
+    commands = captured.out.splitlines()
+    per_run = {dataset: max(reproduce.estimate_seconds(dataset)) for dataset in ("voc2007", "voc2012")}
+    hours = sum(per_run[shlex.split(line)[3]] for line in commands) / 3600
+    total = re.search(r"# total: 40 runs per seed, ~([0-9.]+) GPU-hours", captured.err)
+    assert total and float(total.group(1)) == pytest.approx(hours, abs=0.05)
+    quoted = re.search(r"the VOC table \(both years\) is ~([0-9.]+)\s+GPU-hours per seed", README)
+    assert quoted and float(quoted.group(1)) == pytest.approx(hours, abs=0.05)
+    sample = README.split("`--dry_run` prints one command per run")[1].split("```")[1].strip()
+    assert sample == commands[0]
