@@ -2,16 +2,19 @@
 data, `digits_study --collect` with nothing run, `bench_search` without --methods, and the pair losses' memory of
 the training set's codes (DeepHash-pytorch's DPSH and DHN)."""
 import json
+import math
 import re
 import shlex
 import urllib.error
 from pathlib import Path
 
 import pytest
+import torch
 
 import retrieval
-from benchmarks import digits_study, longtail_study, reproduce
+from benchmarks import bench_search, digits_study, longtail_study, reproduce
 from data import archives, voc
+from loss import build_loss
 from session.files import RunFiles
 from tests.cli_runs import exit_status
 
@@ -120,3 +123,99 @@ def test_the_dry_run_prints_the_total_the_readme_quotes_and_the_readmes_sample_l
     assert quoted and float(quoted.group(1)) == pytest.approx(hours, abs=0.05)
     sample = README.split("`--dry_run` prints one command per run")[1].split("```")[1].strip()
     assert sample == commands[0]
+
+
+# ============ 11: DPSH and DHN with DeepHash-pytorch's memory of the training set's codes ============
+
+def memory_loss(name, **settings):
+    loss = build_loss(name, 2, 2, gradient_factors=1, memory=1, **settings)
+    loss.attach_training_set(3)
+    return loss
+
+
+def test_dpsh_with_memory_pairs_the_batch_with_every_training_code_as_deephash_pytorch_does():
+    loss = memory_loss("dpsh")
+    log2, softplus = math.log(2.0), lambda t: math.log(1 + math.exp(t))
+    # Batch 1: items 2 and 0. The memory then holds U2 = (1, -1), U0 = (.5, .5) and an empty row U1 = 0.
+    # theta = u . U_k / 2: row 1 (0, 0, 1) with s (0, 0, 1); row 2 (.25, 0, 0) with s (1, 0, 0); the mean runs
+    # over the whole 2 x 3 matrix, empty row included (DeepHash-pytorch's likelihood_loss.mean()).
+    first = loss(torch.tensor([[1.0, -1.0], [0.5, 0.5]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+                 torch.tensor([2, 0]))
+    pair = (log2 + log2 + softplus(1) - 1 + softplus(0.25) - 0.25 + log2 + log2) / 6
+    quantisation = 0.1 * (0 + 0 + 0.25 + 0.25) / 4  # lambda * mean (u - sign u)^2
+    assert first.item() == pytest.approx(pair + quantisation, rel=1e-6)
+    # Batch 2: item 1 = (2, 0), label 0; the memory keeps batch 1's codes: theta (.5, 2, 1), s (0, 1, 1).
+    codes = torch.tensor([[2.0, 0.0]], requires_grad=True)
+    second = loss(codes, torch.tensor([[1.0, 0.0]]), torch.tensor([1]))
+    thetas, similar = [0.5, 2.0, 1.0], [0, 1, 1]
+    pair = sum(softplus(t) - s * t for t, s in zip(thetas, similar)) / 3
+    assert second.item() == pytest.approx(pair + 0.1 * (1 + 0) / 2, rel=1e-6)
+    second.backward()
+    # d/du: (1/3) sum_k (sigmoid(theta_k) - s_k) U_k / 2 through u only (the memory is detached), plus
+    # lambda * 2 (u - sign u) / 2 entries.
+    memory_rows = [(0.5, 0.5), (2.0, 0.0), (1.0, -1.0)]
+    sigmoid = lambda t: 1 / (1 + math.exp(-t))  # noqa: E731
+    expected = [sum((sigmoid(t) - s) * row[j] / 2 for t, s, row in zip(thetas, similar, memory_rows)) / 3
+                + 0.1 * 2 * ((2.0, 0.0)[j] - (1.0, 0.0)[j]) / 2 for j in range(2)]
+    assert codes.grad[0].tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dhn_with_memory_keeps_its_own_quantisation_term():
+    loss = memory_loss("dhn")
+    value = loss(torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    log2 = math.log(2.0)
+    pair = (math.log(1 + math.exp(2.0)) - 2.0 + log2 + log2) / 3  # theta (2, 0, 0), s (1, 0, 0)
+    quantisation = 0.1 * (math.log(math.cosh(1.0)) + math.log(math.cosh(-1.0))) / 2  # log cosh(|u| - 1)
+    assert value.item() == pytest.approx(pair + quantisation, rel=1e-6)
+
+
+def test_the_memory_needs_one_gradient_factor_the_training_set_and_the_batchs_indices():
+    with pytest.raises(ValueError, match="memory 1 pairs the batch with detached codes"):
+        build_loss("dpsh", 2, 2, memory=1)
+    with pytest.raises(ValueError, match="memory is 0 .* or 1"):
+        build_loss("dpsh", 2, 2, memory=2)
+    loss = build_loss("dpsh", 2, 2, memory=1, gradient_factors=1)
+    with pytest.raises(ValueError, match="training-set size"):
+        loss(torch.ones(1, 2), torch.ones(1, 2), torch.tensor([0]))
+    loss.attach_training_set(3)
+    with pytest.raises(ValueError, match="item indices"):
+        loss(torch.ones(1, 2), torch.ones(1, 2))
+
+
+def test_a_training_run_fills_the_memory_with_every_training_items_code(tmp_path):
+    out = tmp_path / "out"
+    retrieval.main(retrieval.parse_args(["--dataset", "digits", "--backbone", "small", "--hash_bit", "8", "--subset",
+                                         "60", "--epochs", "1", "--batch_size", "20", "--loss", "dpsh",
+                                         "--dpsh_memory", "1", "--dpsh_gradient_factors", "1", "--device", "cpu",
+                                         "--no_progress", "--output_dir", str(out)]))
+    state = torch.load(out / "digits_small_8_dpsh.last.pt", weights_only=True)["loss"]
+    codes, labels = state["memory_codes"], state["memory_labels"]
+    assert codes.shape == (60, 8) and labels.shape == (60, 10)
+    assert bool((codes != 0).any(dim=1).all()) and bool((labels.sum(dim=1) > 0).all())  # every item visited
+
+
+# ============ 11: bench_search builds HNSW only when asked, and warns before hours of it ============
+
+def test_bench_search_without_methods_builds_no_hnsw(tmp_path):
+    assert "hnsw" not in bench_search.get_args_parser().parse_args([]).methods
+
+
+def test_bench_search_warns_before_an_hnsw_build_of_millions_of_codes(tmp_path, capsys, monkeypatch):
+    built = []
+
+    def pretend(method, database, queries, single_queries, k, exact):
+        built.append((method, len(database)))
+        return {"method": method, "exact": "yes", "build_s": 0.0, "memory_mb": 0.0, "batch1_ms": 0.0, "batch_ms": 0.0,
+                "recall": 1.0, "same": 1.0}, exact
+
+    monkeypatch.setattr(bench_search, "time_method", pretend)
+    monkeypatch.setattr(bench_search, "synthetic_codes", lambda rng, kind, count, *rest: range(count))
+    monkeypatch.setattr(bench_search, "markdown_table", lambda rows, args: "table")
+    args = bench_search.get_args_parser().parse_args(["--sizes", "1000", "2000000", "--codes", "uniform",
+                                                      "--methods", "flat", "hnsw", "--output_dir", str(tmp_path)])
+    bench_search.main(args)
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "hnsw at 2,000,000 codes" in warnings[0] and "1,000 codes" not in warnings[0]
+    assert built == [("flat", 1000), ("hnsw", 1000), ("flat", 2000000), ("hnsw", 2000000)]
+    assert err.index("warning: ") < err.index("uniform 1,000 flat")  # said before any work
