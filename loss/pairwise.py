@@ -54,7 +54,7 @@ class PairwiseLikelihoodLoss(HashingLoss):
             raise ValueError(f"memory is 0 (the batch's pairs) or 1 (a memory of the training set), not {self.memory}")
         if self.memory and self.gradient_factors != 1:
             raise ValueError("memory 1 pairs the batch with detached codes, so the pair gradient flows through one "
-                             "factor: set gradient_factors 1")
+                             f"factor: set gradient_factors 1 (--{self.name}_gradient_factors 1)")
 
     @property
     def uses_item_indices(self):

@@ -219,3 +219,20 @@ def test_bench_search_warns_before_an_hnsw_build_of_millions_of_codes(tmp_path, 
     assert len(warnings) == 1 and "hnsw at 2,000,000 codes" in warnings[0] and "1,000 codes" not in warnings[0]
     assert built == [("flat", 1000), ("hnsw", 1000), ("flat", 2000000), ("hnsw", 2000000)]
     assert err.index("warning: ") < err.index("uniform 1,000 flat")  # said before any work
+
+
+def test_the_memory_is_refused_under_torchrun_where_each_process_would_hold_its_own():
+    from types import SimpleNamespace
+
+    from data.registry import get_dataset_spec
+    from session.training import training_criterion
+    from utils.errors import UserError
+
+    args = retrieval.parse_args(["--dataset", "digits", "--backbone", "small", "--loss", "dpsh", "--dpsh_memory", "1",
+                                 "--dpsh_gradient_factors", "1"])
+    run = SimpleNamespace(args=args, spec=get_dataset_spec("digits"), context=SimpleNamespace(world_size=2),
+                          splits=SimpleNamespace(train=range(40)))
+    with pytest.raises(UserError, match="--dpsh_memory 1 keeps the training set's codes in one process"):
+        training_criterion(run)
+    run.context.world_size = 1
+    assert training_criterion(run).memory_codes.shape == (40, 48)
