@@ -12,6 +12,11 @@ GPU, or to prefix with `torchrun --nproc_per_node=N`). Runs go into OUTPUT_DIR/r
 interrupted one resumes from its .last.pt. After every run the tables OUTPUT_DIR/reproduce_{table}.md and
 .csv are rewritten: our mAP (mean ± sample std over the seeds), the paper's, the difference, the status.
 
+Before training, each dataset with an unfinished run is fetched as retrieval.py fetches it (VOC's archives
+downloaded, md5-checked and extracted); cells that still have no data are listed in the tables as "no data", and
+the command ends with exit status 1 and one line saying what to get. --dry_run ends with the table's estimated
+total in GPU-hours.
+
 Any further retrieval.py flag (e.g. --amp, --cache, --workers 16, or --epochs 2 for a smoke test) goes to
 every run after the recipe's, so it overrides the recipe; the tables list such changes.
 """
