@@ -41,9 +41,11 @@ class HashingObjective(nn.Module):
         self.network = network
         self.criterion = criterion
 
-    def forward(self, images, labels):
+    def forward(self, images, labels, indices=None):
         codes = self.network(images)
         with torch.autocast(device_type=codes.device.type, enabled=False):  # the loss in float32
+            if getattr(self.criterion, "uses_item_indices", False):
+                return self.criterion(codes.float(), labels, indices)
             return self.criterion(codes.float(), labels)
 
 
@@ -135,10 +137,11 @@ def train_one_epoch(trainer, loader, device, epoch, context=DistContext()):
     started = time.perf_counter()
     batches = TimedIterable(loader)
     bar = progress_bar(batches, desc=f"epoch {epoch}", unit="batch")
-    for step, (images, labels) in enumerate(bar, start=1):
+    for step, (images, labels, *indices) in enumerate(bar, start=1):  # the training loader adds item indices
         images, labels = to_device(images, device), labels.to(device, non_blocking=True)
+        indices = indices[0].to(device) if indices else None
         with torch.autocast(device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None):
-            loss = trainer.model(images, labels)
+            loss = trainer.model(images, labels, indices)
         if not all_true(context, torch.isfinite(loss).item(), device):
             raise NonFiniteLoss(loss.item(), epoch, step)
         trainer.optimizer.zero_grad(set_to_none=True)

@@ -2,7 +2,8 @@
 and batch 1,000, and recall@k against the exact ranking.
 
     python benchmarks/bench_search.py --sizes 1000000 10000000            # the full measurement (long)
-    python benchmarks/bench_search.py --sizes 100000 --queries 100 --single 20   # a quick check
+    python benchmarks/bench_search.py --sizes 1000000 --methods flat hnsw  # HNSW, asked for by name
+    python benchmarks/bench_search.py --sizes 100000 --queries 200 --single 20 --methods flat mih  # a quick check
 
 Codes (--codes, both by default): "uniform" draws every bit at random, the hardest case for a sub-linear
 index (the 100th neighbour of a query among 10 M 64-bit codes lies at distance ~14, with nothing closer to
@@ -34,6 +35,9 @@ from utils.atomic import ensure_writable_dir, write_text  # noqa: E402
 from utils.errors import UserError, run_reporting_errors  # noqa: E402
 
 CHUNK = 1_000_000  # codes generated at a time: bounded temporary memory at 10 M
+# HNSW's graph took 76-124 s to build over 1 M codes (docs/SEARCH.md) and grows faster than linearly, so it is
+# measured only when asked for, with a warning above this size.
+HNSW_WARN_SIZE = 1_000_000
 
 
 def get_args_parser():
@@ -44,7 +48,9 @@ def get_args_parser():
     parser.add_argument("--bits", type=int, default=64, help="code length")
     parser.add_argument("--codes", nargs="+", choices=["uniform", "clustered"], default=["uniform", "clustered"])
     parser.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m != "auto"],
-                        default=["flat", "mih", "ivf", "hnsw"])
+                        default=["flat", "mih", "ivf"],
+                        help="methods to measure (flat is the reference); hnsw only when named: its graph takes "
+                             "minutes per million codes to build")
     parser.add_argument("--k", type=int, default=100, help="neighbours per query (recall@k)")
     parser.add_argument("--queries", type=int, default=1000, help="queries of the batch search")
     parser.add_argument("--single", type=int, default=100, help="one-query searches timed for batch 1")
@@ -124,6 +130,11 @@ def main(args):
         import_faiss().omp_set_num_threads(args.threads)
         mih.THREADS = args.threads
     methods = ["flat"] + [m for m in args.methods if m != "flat"]
+    slow = [size for size in args.sizes if size > HNSW_WARN_SIZE]
+    if "hnsw" in methods and slow:
+        print(f"warning: hnsw at {', '.join(f'{size:,}' for size in slow)} codes: its graph took 76-124 s to build "
+              f"over {HNSW_WARN_SIZE:,} codes (docs/SEARCH.md) and grows faster than linearly, so expect tens of "
+              "minutes to hours per build on a CPU", file=sys.stderr)
     rows = []
     for kind in args.codes:
         for size in args.sizes:

@@ -81,8 +81,11 @@ AUTHORS_SUFFIX = "_authors"  # the label of a row run with its authors' recipe: 
 # The baselines whose authors ran them otherwise than the project's defaults do (docs/METHOD.md §6).
 RECIPE_LOSSES = ("csq", "dhn", "dpsh", "hashnet", "proxy_anchor")
 
-# Settings that do not change a cell's result, so a finished cell with other values is still reused.
-NOT_SETTINGS = {"output_dir", "checkpoint", "device", "cuda", "workers", "data_root", "no_progress"}
+# Settings that do not change a cell's result, so a finished cell with other values is still reused. `resume` and
+# `overwrite` say how a run was started: a cell resumed by train_or_resume records `resume: ""`, and a resume
+# replays an uninterrupted run's batches exactly.
+NOT_SETTINGS = {"output_dir", "checkpoint", "device", "cuda", "workers", "data_root", "no_progress", "resume",
+                "overwrite"}
 
 
 def paper_map(dataset, loss, bits):

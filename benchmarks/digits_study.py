@@ -141,6 +141,35 @@ def best_recipe(scores, loss):
     return max(candidates, key=candidates.get)
 
 
+def search_progress(scores, loss):
+    """"k/n": how many of the loss's search runs finished."""
+    return f"{len(scores.get(loss, {}))}/{len(SEARCH_SPACE.get(loss, ()))}"
+
+
+def chosen_recipe(scores, loss):
+    """best_recipe once every search run of the loss has finished, else None (nothing has been chosen)."""
+    return best_recipe(scores, loss) if len(scores.get(loss, {})) >= len(SEARCH_SPACE.get(loss, ())) else None
+
+
+def describe_choice(scores, loss):
+    """The chosen recipe's name, or how far the loss's search is."""
+    return chosen_recipe(scores, loss) or f"not chosen yet ({search_progress(scores, loss)} search runs finished)"
+
+
+def final_recipe(options, scores, loss):
+    """The recipe of the loss's final runs: the chosen one; when a search run failed, the best of those that
+    finished; under --collect before the search is complete, None (no final run can be looked up)."""
+    return chosen_recipe(scores, loss) or (None if options.collect else best_recipe(scores, loss))
+
+
+def recipe_label(options, scores, loss):
+    """The loss's recipe as the final table names it."""
+    recipe = final_recipe(options, scores, loss)
+    if recipe is None:
+        return f"not chosen yet: {search_progress(scores, loss)} search runs"
+    return f"`{recipe}`" + ("" if chosen_recipe(scores, loss) else f", of {search_progress(scores, loss)} search runs")
+
+
 def converged_at(epochs):
     """(epoch, training seconds) at which a run's mAP first reaches CONVERGED x its final mAP."""
     final = epochs[-1]["map"]
@@ -164,7 +193,9 @@ def final_runs(options, scores):
     results = {(loss, bits): [] for loss in options.losses for bits in options.bits}
     runs = [(seed, bits, loss) for seed in options.seeds for bits in options.bits for loss in options.losses]
     for number, (seed, bits, loss) in enumerate(runs, start=1):
-        recipe = best_recipe(scores, loss)
+        recipe = final_recipe(options, scores, loss)
+        if recipe is None:
+            continue
         record = run_once(run_args(options, "final", loss, bits, seed, recipe), options,
                           ("final", recipe, number, len(runs)))
         if record is not None:
@@ -180,7 +211,8 @@ def summary_rows(options, scores, results):
     for loss in options.losses:
         for bits in options.bits:
             records = results[(loss, bits)]
-            row = {"loss": loss, "hash_bit": bits, "recipe": best_recipe(scores, loss), "runs": len(records)}
+            row = {"loss": loss, "hash_bit": bits, "recipe": final_recipe(options, scores, loss) or "",
+                   "runs": len(records)}
             if records:
                 finals = [record["epochs"][-1]["map"] for record in records]
                 reached = [converged_at(record["epochs"]) for record in records]
@@ -218,7 +250,7 @@ def render_markdown(options, scores, rows, invocation):
         cells = []
         for recipe, score in scores.get(loss, {}).items():
             text = f"{score:.3f}" + ("" if recipe in SGD_RECIPES else f" (`{recipe}`)")
-            cells.append(f"**{text}**" if recipe == best_recipe(scores, loss) else text)
+            cells.append(f"**{text}**" if recipe == chosen_recipe(scores, loss) else text)
         lines.append(f"| {loss} | " + " | ".join(cells + ["—"] * (3 - len(cells))) + " |")
     by_cell = {(row["loss"], row["hash_bit"]): row for row in rows}
     best = {bits: max((row["map_mean"] for row in rows if row["hash_bit"] == bits and row["runs"]), default=None)
@@ -229,7 +261,7 @@ def render_markdown(options, scores, rows, invocation):
               "| loss (recipe) | " + " | ".join(f"{bits} bits" for bits in options.bits) + " |",
               "|---|" + "---|" * len(options.bits)]
     for loss in options.losses:
-        lines.append(f"| {loss} (`{best_recipe(scores, loss)}`) | " + " | ".join(
+        lines.append(f"| {loss} ({recipe_label(options, scores, loss)}) | " + " | ".join(
             format_cell(by_cell[(loss, bits)], best[bits], len(options.seeds)) for bits in options.bits) + " |")
     levels = {bits: next((row["shared_level"] for row in rows if row["hash_bit"] == bits and "shared_level" in row),
                          None) for bits in options.bits}
@@ -279,7 +311,8 @@ def main(argv=None):
     started = time.perf_counter()
     Path(options.output_dir).mkdir(parents=True, exist_ok=True)
     scores = search(options)
-    print("search: " + ", ".join(f"{loss} {best_recipe(scores, loss)}" for loss in options.losses), file=sys.stderr)
+    print("search: " + ", ".join(f"{loss} {describe_choice(scores, loss)}" for loss in options.losses),
+          file=sys.stderr)
     results = final_runs(options, scores)
     rows = summary_rows(options, scores, results)
     stem = Path(options.output_dir) / "digits_study"

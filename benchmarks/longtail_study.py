@@ -133,6 +133,8 @@ def main(argv=None):
             cell_started = time.perf_counter()
             error = compare.train_or_resume(cell_args(options, *key), options.verbose)
             results[key] = None if error else cell_result(cell_args(options, *key))
+            if results[key] is None and not error:
+                error = "it finished, but its run log does not record this cell's settings or cannot be tabulated"
             outcome = f"failed: {error}" if error else f"mAP {results[key][0]:.4f}, tail {results[key][1]:.4f}"
             failures += [f"{key}: {error}"] if error else []
             print(f"[{done}/{len(grid)}] {key[0]} {key[1]} rho {key[2]:g} seed {key[3]}: {outcome} "

@@ -12,6 +12,11 @@ GPU, or to prefix with `torchrun --nproc_per_node=N`). Runs go into OUTPUT_DIR/r
 interrupted one resumes from its .last.pt. After every run the tables OUTPUT_DIR/reproduce_{table}.md and
 .csv are rewritten: our mAP (mean ± sample std over the seeds), the paper's, the difference, the status.
 
+Before training, each dataset with an unfinished run is fetched as retrieval.py fetches it (VOC's archives
+downloaded, md5-checked and extracted); cells that still have no data are listed in the tables as "no data", and
+the command ends with exit status 1 and one line saying what to get. --dry_run ends with the table's estimated
+total in GPU-hours.
+
 Any further retrieval.py flag (e.g. --amp, --cache, --workers 16, or --epochs 2 for a smoke test) goes to
 every run after the recipe's, so it overrides the recipe; the tables list such changes.
 """
@@ -31,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval  # noqa: E402
 from benchmarks import compare  # noqa: E402
 from data import flickr, voc  # noqa: E402
+from data.registry import check_available  # noqa: E402
 from network import build_network, get_backbone  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.config import config_arguments, read_config  # noqa: E402
-from utils.errors import run_reporting_errors  # noqa: E402
+from utils.errors import UserError, run_reporting_errors  # noqa: E402
 from utils.argtypes import positive_int, seed_value  # noqa: E402
 from session.files import RunFiles  # noqa: E402
 
@@ -66,20 +72,30 @@ def recipe(dataset, data_root):
     return [*from_file, "--retrieve", str(compare.PAPER[dataset]["topk"]), "--data_root", data_root]
 
 
-def data_problem(dataset, data_root):
-    """None when the dataset's files are where retrieval.py looks for them, else the one-line fix."""
+def data_problem(dataset, data_root, fetch=False):
+    """None when the dataset's files are where retrieval.py looks for them, else the one-line fix. With `fetch`,
+    the files are first fetched as a run fetches them (VOC's archives downloaded, checked and extracted), and the
+    split lists read; without it, only what is on disk is looked at (a dry run, --collect)."""
     root = Path(data_root)
+    if fetch:
+        try:
+            check_available(dataset, root)
+        except UserError as exc:
+            return str(exc)
+        return None
     if dataset.startswith("voc"):
         year = dataset[3:]
         archives = [archive.file_name for archive in voc.ARCHIVES[year]]
         if (root / "VOCdevkit" / f"VOC{year}").is_dir() or all((root / name).exists() for name in archives):
             return None
-        return f"put VOCdevkit/VOC{year} or {' and '.join(archives)} into {root} (README, Datasets)"
+        return (f"VOCdevkit/VOC{year} is not in {root} yet: running the table downloads and extracts "
+                f"{' and '.join(archives)} there (README, Datasets)")
     if dataset == "flickr":
         found = (root / flickr.FOLDER).is_dir()
         return None if found else f"put MIRFlickr-25k into {root / flickr.FOLDER} (README, Datasets)"
-    found = (root / "nus_wide" / "train.txt").exists()
-    return None if found else f"put the NUS-WIDE TC-21 lists and images into {root / 'nus_wide'} (README, Datasets)"
+    found = (root / "nus_wide" / "database.txt").exists()
+    return None if found else (f"put NUS-WIDE's database.txt and images into {root / 'nus_wide'} (its train.txt "
+                               "and test.txt ship in data/splits/; README, Datasets)")
 
 
 def get_args_parser():
@@ -258,11 +274,18 @@ def print_commands(options, overrides, problems):
             print(shlex.join(["python", "retrieval.py", *command(options, overrides, cell, seed)]))
     print(f"# estimated time per run on one GPU ({ASSUMED_FLOPS_PER_SECOND / 1e12:.0f} TFLOP/s sustained, "
           f"{ASSUMED_IMAGES_PER_SECOND} JPEGs/s decoded; an estimate from FLOPs, not a measurement):", file=sys.stderr)
+    per_run = {}
     for dataset in TABLES[options.table]:
         run = retrieval.get_args_parser().parse_args(command(options, overrides, (dataset, 16, "hyp2"), 0))
         compute, reading = estimate_seconds(dataset, run.epochs, run.eval_every, run.backbone, run.input_size)
+        per_run[dataset] = max(compute, reading)  # decoding overlaps the compute: the longer sets the pace
         print(f"#   {dataset}: compute {compute / 60:.0f} min, image decoding {reading / 60:.0f} min"
               + (f"  [no data: {problems[dataset]}]" if problems[dataset] else ""), file=sys.stderr)
+    cells = table_cells(options)
+    hours = sum(per_run[dataset] for dataset, _, _ in cells) / 3600
+    print(f"# total: {len(cells)} runs per seed, ~{hours:.1f} GPU-hours per seed (each run the longer of its compute "
+          f"and its decoding, which overlap); {len(options.seeds)} seed{'s' if len(options.seeds) > 1 else ''}: "
+          f"~{hours * len(options.seeds):.1f} GPU-hours", file=sys.stderr)
 
 
 def run_cells(options, overrides, problems, invocation):
@@ -289,7 +312,9 @@ def main(argv=None):
     options, overrides = parse(argv)
     retrieval.get_args_parser().parse_args(command(options, overrides, table_cells(options)[0], 0))  # check flags
     invocation = shlex.join(["python", "-m", "benchmarks.reproduce", *argv])
-    problems = {dataset: data_problem(dataset, options.data_root) for dataset in TABLES[options.table]}
+    fetch = not (options.dry_run or options.collect)
+    problems = {dataset: data_problem(dataset, options.data_root, fetch and unfinished(options, overrides, dataset))
+                for dataset in TABLES[options.table]}
     if options.dry_run:
         print_commands(options, overrides, problems)
         return {"rows": None}
@@ -297,15 +322,28 @@ def main(argv=None):
     failures = {} if options.collect else run_cells(options, overrides, problems, invocation)
     rows, stem = write_tables(options, overrides, problems, failures, invocation)
     done = sum(row["status"] == "ok" for row in rows)
-    print(f"{done}/{len(rows)} cells done, {len(failures)} failed, "
-          f"{sum(row['status'].startswith('no data') for row in rows)} without data, in "
+    without_data = [row for row in rows if row["status"].startswith("no data")]
+    print(f"{done}/{len(rows)} cells done, {len(failures)} failed, {len(without_data)} without data, in "
           f"{time.perf_counter() - started:.0f}s; tables {stem}.md, {stem}.csv")
-    return {"rows": rows, "failures": failures}
+    missing = None
+    if without_data and not options.collect:
+        datasets = dict.fromkeys(row["dataset"] for row in without_data)
+        missing = (f"{len(without_data)} of {len(rows)} cells did not run for want of data: "
+                   + "; ".join(f"{dataset}: {problems[dataset]}" for dataset in datasets))
+    return {"rows": rows, "failures": failures, "missing_data": missing}
+
+
+def unfinished(options, overrides, dataset):
+    """Whether a run of the dataset's cells has not finished (so its data is needed here)."""
+    return any(compare.finished_record(retrieval.get_args_parser().parse_args(command(options, overrides, cell, seed)))
+               is None for cell in table_cells(options) if cell[0] == dataset for seed in options.seeds)
 
 
 def cli(argv=None):
     summary = run_reporting_errors(lambda: main(argv), "; run the same command again to resume")
-    sys.exit(1 if summary.get("failures") else 0)
+    if summary.get("missing_data"):
+        print(f"error: {summary['missing_data']}", file=sys.stderr)
+    sys.exit(1 if summary.get("failures") or summary.get("missing_data") else 0)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,25 @@ class ArrayImageDataset(Dataset):
         return list(zip(images.unbind(0), self.labels[indices].unbind(0)))
 
 
+class WithIndices(Dataset):
+    """A dataset whose items also carry their index, (image, label, index), for a loss that keeps state per training
+    item (DPSH's and DHN's memory of codes). Batched reads (__getitems__) stay batched, so the images are the same."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return (*self.dataset[index], index)
+
+    def __getitems__(self, indices):
+        batched = getattr(self.dataset, "__getitems__", None)
+        items = batched(indices) if batched else [self.dataset[index] for index in indices]
+        return [(*item, index) for item, index in zip(items, indices)]
+
+
 class UnreadableImage(UserError):
     """An image file that cannot be decoded.
 

@@ -85,8 +85,11 @@ def list_splits(name, subfolder, num_classes, root, seed=0, options=None, proble
     del seed, options  # the lists fix the splits
     folder = Path(root) / subfolder
     if not folder.is_dir():
-        raise UserError(f"no folder {folder}: it should hold {', '.join(LIST_FILES.values())} and the images "
-                        "they list (see README, Datasets); or pass --data_root")
+        shipped = [file_name for file_name in LIST_FILES.values() if (name, file_name) in SHIPPED_LISTS]
+        needed = [file_name for file_name in LIST_FILES.values() if file_name not in shipped]
+        raise UserError(f"no folder {folder}: it should hold {', '.join(needed)} and the images they list"
+                        + (f" ({' and '.join(shipped)} ship in data/splits/)" if shipped else "")
+                        + " (see README, Datasets); or pass --data_root")
     splits, classes_from = {}, f"--dataset {name}"
     for split, file_name in LIST_FILES.items():
         shipped = SHIPPED_LISTS.get((name, file_name))

@@ -30,28 +30,68 @@ class PairwiseLikelihoodLoss(HashingLoss):
     gradient_factors=2 back-propagates through both factors of u_i . u_k (the papers' analytic gradient);
     1 through the first only, as DeepHash-pytorch's product with a detached memory of codes does, which
     halves the pair term's gradient and leaves its value and the quantisation term as they are.
+
+    memory=1 is DeepHash-pytorch's pairing itself: a memory U (N, n) and Y (N, C) of every training item's
+    latest code (detached) and labels, updated with the batch (U[ind] = u, Y[ind] = y) before the batch is
+    paired with all N rows, the item itself and rows not yet visited (U = 0, so log 2 without gradient)
+    included, and the pair term is the mean over that B x N matrix. It needs gradient_factors=1, the
+    training-set size (attach_training_set) and the batch's item indices (forward's third argument).
     """
 
     HYPERPARAMETERS = (Hyperparameter("quantization", 0.1, "weight lambda of the quantisation term"),
                        Hyperparameter("gradient_factors", 2, "factors of u_i.u_k the pair term's gradient flows "
                                       "through: 2 (both, the analytic gradient) or 1 (DeepHash-pytorch's detached "
-                                      "memory: half the pair gradient)"))
+                                      "memory: half the pair gradient)"),
+                       Hyperparameter("memory", 0, "1: pair each batch with a memory of every training item's "
+                                      "latest code and labels, as DeepHash-pytorch (needs gradient_factors 1); "
+                                      "0: the batch's own pairs"))
 
     def __init__(self, num_classes, hash_bit, **hyperparameters):
         super().__init__(num_classes, hash_bit, **hyperparameters)
         if self.gradient_factors not in (1, 2):
             raise ValueError(f"gradient_factors is 1 (one factor, detached) or 2 (both), not {self.gradient_factors}")
+        if self.memory not in (0, 1):
+            raise ValueError(f"memory is 0 (the batch's pairs) or 1 (a memory of the training set), not {self.memory}")
+        if self.memory and self.gradient_factors != 1:
+            raise ValueError("memory 1 pairs the batch with detached codes, so the pair gradient flows through one "
+                             f"factor: set gradient_factors 1 (--{self.name}_gradient_factors 1)")
+
+    @property
+    def uses_item_indices(self):
+        """Whether forward needs the batch's item indices (the training loop passes them when it does)."""
+        return bool(self.memory)
+
+    def attach_training_set(self, size):
+        """Allocate the memory of `size` training items (zeros: not visited yet); a no-op without memory."""
+        if self.memory:
+            self.register_buffer("memory_codes", torch.zeros(size, self.hash_bit))
+            self.register_buffer("memory_labels", torch.zeros(size, self.num_classes))
 
     def quantization_error(self, codes):
         raise NotImplementedError
 
-    def forward(self, codes, labels):
+    def forward(self, codes, labels, indices=None):
         codes = codes.float()
-        partners = codes if self.gradient_factors == 2 else codes.detach()
-        theta = 0.5 * codes @ partners.T
-        likelihood = F.softplus(theta) - shares_label(labels).float() * theta
-        pairs = distinct_pairs(len(codes), codes.device)
-        return masked_mean(likelihood, pairs) + self.quantization * self.quantization_error(codes).mean()
+        if self.memory:
+            pair_term = self.memory_pair_term(codes, labels, indices)
+        else:
+            partners = codes if self.gradient_factors == 2 else codes.detach()
+            theta = 0.5 * codes @ partners.T
+            likelihood = F.softplus(theta) - shares_label(labels).float() * theta
+            pair_term = masked_mean(likelihood, distinct_pairs(len(codes), codes.device))
+        return pair_term + self.quantization * self.quantization_error(codes).mean()
+
+    def memory_pair_term(self, codes, labels, indices):
+        if not hasattr(self, "memory_codes"):
+            raise ValueError("memory 1 needs the training-set size: call attach_training_set(N) first")
+        if indices is None:
+            raise ValueError("memory 1 needs the item indices of the batch (forward's third argument)")
+        positive = (labels > 0).float()
+        self.memory_codes[indices] = codes.detach()
+        self.memory_labels[indices] = positive
+        theta = 0.5 * codes @ self.memory_codes.T
+        similar = (positive @ self.memory_labels.T) > 0
+        return (F.softplus(theta) - similar.float() * theta).mean()
 
 
 class DHNLoss(PairwiseLikelihoodLoss):

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from data import DATASETS, DataOptions, get_dataset_spec
+from data.base import WithIndices
 from data.registry import build_splits as data_splits
 from data.hierarchy_files import read_hierarchy
 from data.validation import hold_out_validation
@@ -103,8 +104,9 @@ def make_loaders(run, splits):
     batch_size = train_batch_size(run, len(splits.train))
     per_rank = math.ceil(len(splits.train) / context.world_size)
     # BatchNorm cannot train on a batch of one, so a last batch of one sample is left out (drop_last).
-    train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, drop_last=per_rank % batch_size == 1,
-                       generator=loader_generator(args.seed), **common)
+    # Each item carries its index, for a loss with a memory of the training items (--dpsh_memory, --dhn_memory).
+    train = DataLoader(WithIndices(splits.train), batch_size=batch_size, sampler=sampler,
+                       drop_last=per_rank % batch_size == 1, generator=loader_generator(args.seed), **common)
     common["persistent_workers"] = workers > 0  # evaluation draws no random numbers
 
     def eval_loader(dataset):

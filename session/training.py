@@ -121,11 +121,22 @@ def train_reporting_failures(run, trainer, progress, lr):
         raise TrainingInterrupted("interrupted before the first epoch finished; nothing to resume") from None
 
 
+def training_criterion(run):
+    """The loss of the flags; a loss with a memory of the training items is given the training set's size."""
+    criterion = build_criterion(run.args, run.spec)
+    if getattr(criterion, "uses_item_indices", False):
+        if run.context.world_size > 1:
+            raise UserError(f"--{run.args.loss}_memory 1 keeps the training set's codes in one process; under "
+                            "torchrun each process would hold a different memory: train it in one process")
+        criterion.attach_training_set(len(run.splits.train))
+    return criterion
+
+
 def start_training(run, network):
     """The loss, the optimiser, the resumed state and the logs' start: (run, trainer, progress, lr)."""
     args = run.args
     # ============ loss, optimiser and mixed precision ============
-    objective = HashingObjective(network, build_criterion(args, run.spec)).to(run.device)
+    objective = HashingObjective(network, training_criterion(run)).to(run.device)
     lr = args.lr or run.backbone.default_lr
     trainer = build_trainer(args, objective, lr, run.device, run.backbone)
     run = dataclasses.replace(run, data_identity=data_identity(run))

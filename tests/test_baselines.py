@@ -373,7 +373,8 @@ def test_hyperparameters_are_reported_and_default_to_the_published_values():
     published = {
         "hyp2": {"beta": 0.5}, "proxy_anchor": {"alpha": 32.0, "delta": 0.1},
         "hhf": {"alpha": 16.0, "delta": 0.2, "quantization": 0.001},
-        "dhn": {"quantization": 0.1, "gradient_factors": 2}, "dpsh": {"quantization": 0.1, "gradient_factors": 2},
+        "dhn": {"quantization": 0.1, "gradient_factors": 2, "memory": 0},
+        "dpsh": {"quantization": 0.1, "gradient_factors": 2, "memory": 0},
         "hashnet": {"alpha": 0.1, "step": 20, "alpha_over_bits": 0.0, "similar_weight": 0.0},
         "dch": {"gamma": 20.0, "quantization": 0.1}, "csq": {"quantization": 1e-4},
         "idhn": {"scale": 5.0, "gamma": 0.1, "quantization": 0.1}, "orthohash": {"scale": 8.0, "margin": 0.2},

@@ -18,7 +18,8 @@ def restored_threads(monkeypatch):
 def test_the_search_benchmark_writes_its_table(tmp_path, capsys, restored_threads):
     # One thread: FAISS's OpenMP threads are slow to meet while other tests hold the CPUs.
     args = bench_search.get_args_parser().parse_args(["--sizes", "3000", "--queries", "20", "--single", "3", "--k",
-                                                      "10", "--threads", "1", "--output_dir", str(tmp_path)])
+                                                      "10", "--threads", "1", "--methods", "flat", "mih", "ivf",
+                                                      "hnsw", "--output_dir", str(tmp_path)])
     bench_search.main(args)
     table = (tmp_path / "bench_search_64bit.md").read_text()
     assert "(1 threads)" in table and "(mih: 1 threads)" in table

@@ -187,8 +187,9 @@ def test_compare_on_a_missing_dataset_stops_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(retrieval, "main", must_not_train)
     code, _, err = exit_status(compare.cli, compare_grid(tmp_path, "--dataset", "nuswide", "--backbone", "small",
                                                          "--data_root", str(tmp_path / "data")), capsys)
-    assert code == 1 and err == (f"error: no folder {tmp_path}/data/nus_wide: it should hold train.txt, test.txt, "
-                                 "database.txt and the images they list (see README, Datasets); or pass --data_root\n")
+    assert code == 1 and err == (f"error: no folder {tmp_path}/data/nus_wide: it should hold database.txt and the "
+                                 "images they list (train.txt and test.txt ship in data/splits/) (see README, "
+                                 "Datasets); or pass --data_root\n")
 
 
 # ============ the thread count goes with every table ============

@@ -52,7 +52,8 @@ def test_missing_list_file_and_folder(tmp_path):
     with pytest.raises(UserError, match=r"database\.txt does not exist: the list format needs train\.txt, test\.txt, "
                                         r"database\.txt"):
         get_dataset_spec("list").build(tmp_path, seed=0, preprocessing=24)
-    with pytest.raises(UserError, match=r"no folder .*nus_wide: it should hold train\.txt"):
+    with pytest.raises(UserError, match=r"no folder .*nus_wide: it should hold database\.txt and the images they list "
+                                        r"\(train\.txt and test\.txt ship in data/splits/\)"):
         get_dataset_spec("nuswide").build(tmp_path, seed=0, preprocessing=24)
 
 
