@@ -69,9 +69,9 @@ def test_split_emptied_by_skipping(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("0", "--hash_bit: must be a positive integer, got 0"),
-    ("-8", "--hash_bit: must be a positive integer, got -8"),
-    ("4.5", "--hash_bit: '4.5' is not an integer"),
+    ("0", "--hash_bit: must be an integer from 1 to 8192, got '0'"),
+    ("-8", "--hash_bit: must be an integer from 1 to 8192, got '-8'"),
+    ("4.5", "--hash_bit: must be an integer from 1 to 8192, got '4.5'"),
     ("300", "--hash_bit 300: no best-known code distance"),
 ])
 def test_hash_bit_not_positive_or_outside_the_code_table(tmp_path, capsys, value, message):
