@@ -27,7 +27,7 @@ def cli_error(argv, capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--hash_bit", "0"], "--hash_bit: must be an integer from 1 to 8192, got '0'"),
-    (["--hash_bit", "twelve"], "--hash_bit: 'twelve' is not an integer"),
+    (["--hash_bit", "twelve"], "--hash_bit: must be an integer from 1 to 8192, got 'twelve'"),
     (["--dataset", "imagenet21k"], "--dataset: invalid choice: 'imagenet21k'"),
     (["--retrieve", "-5"], "--retrieve/--topk: must be an integer >= 0"),
     (["--topk", "-5"], "--retrieve/--topk: must be an integer >= 0"),
