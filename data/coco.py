@@ -13,16 +13,17 @@ extract; the HashNet lists' absolute paths and DeepHash-pytorch's relative ones 
 A coco/ folder with its own train.txt, test.txt and database.txt (the list format, data/lists.py) keeps
 working: those lists are used when --split_variant is not given.
 """
-import re
 from pathlib import Path
 
 from utils.errors import UserError
 
 from .base import DataOptions, DatasetSpec, name_some
+from .coco_paths import keyed_lines
 from .files import LabelledPaths, file_splits
 from .lists import LIST_FILES, parse_list, read_list
 from .lists import list_splits as own_list_splits
 from .protocol import shipped_bytes
+from .variants import identify_list
 
 FOLDER = "coco"
 LABELS_FILE = "labels.txt"  # every labelled COCO-2014 image and its 80 labels (python -m data.coco_lists)
@@ -46,32 +47,6 @@ VARIANTS = {
 # The paper's own NUS-WIDE train/test lists are DeepHash-pytorch's (docs/METHOD.md §4): the same lineage.
 DEFAULT_VARIANT = "deephash"
 OWN = "own"  # the folder's own train.txt, test.txt and database.txt
-
-IMAGE_NAME = re.compile(r"(?:^|/)((?:train|val)2014/COCO_(?:train|val)2014_\d+\.jpg)$")
-
-
-def image_key(path):
-    """'train2014/COCO_train2014_000000566612.jpg' of any path form the lists use (absolute, ./data/coco/...,
-    relative), or None for a path that names no COCO-2014 image."""
-    match = IMAGE_NAME.search(str(path).replace("\\", "/"))
-    return match.group(1) if match else None
-
-
-def keyed_lines(text, source):
-    """The lines of a COCO list with each image path reduced to its image_key (UserError naming the line
-    otherwise) and the labels single-spaced; empty lines dropped."""
-    lines = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        path, _, labels = line.strip().partition(" ")
-        if not path:
-            continue
-        key = image_key(path)
-        if key is None:
-            raise UserError(f"{source} line {line_number}: {path} is not a COCO-2014 image path "
-                            "(train2014/COCO_train2014_NNNNNNNNNNNN.jpg or val2014/...)")
-        lines.append(f"{key} {' '.join(labels.split())}")
-    return lines
-
 
 def chosen_variant(folder, options):
     """--split_variant, else the folder's own lists where it holds all three, else DEFAULT_VARIANT."""
@@ -144,7 +119,6 @@ def describe(root, options=DataOptions()):
     folder = Path(root) / FOLDER
     variant = chosen_variant(folder, options)
     if variant == OWN:
-        from .variants import identify_list  # data.variants reads COCO lists with this module
         return {"split_variant": "own", **{f"coco/{name}": "{} ({})".format(*identify_list(folder / name))
                                            for name in LIST_FILES.values()}}
     what, query_file, train_file = VARIANTS[variant]

@@ -20,6 +20,7 @@ from utils.paths import MiB, check_output_target, open_regular
 from utils.runlog import progress_bar
 
 from . import coco
+from .coco_paths import image_key, keyed_lines
 from .protocol import shipped_bytes
 
 ANNOTATION_FILES = ("instances_train2014.json", "instances_val2014.json")
@@ -55,7 +56,7 @@ def image_names(document, path):
     names = {}
     for image in document["images"]:
         file_name = str(image.get("file_name", ""))
-        key = coco.image_key(f"{file_name.split('_')[1] if file_name.count('_') >= 2 else ''}/{file_name}")
+        key = image_key(f"{file_name.split('_')[1] if file_name.count('_') >= 2 else ''}/{file_name}")
         if key is None:
             raise UserError(f"the annotation file {path}: image {image.get('id')} has the file name {file_name!r}, "
                             "not a COCO-2014 one")
@@ -88,7 +89,7 @@ def shipped_problems(rows, expected_labelled):
     for variant, (_, query_file, train_file) in coco.VARIANTS.items():
         for file_name in (query_file, train_file):
             absent, differ = [], []
-            for line in coco.keyed_lines(shipped_bytes(file_name).decode(), file_name):
+            for line in keyed_lines(shipped_bytes(file_name).decode(), file_name):
                 key, labels = line.split(" ", 1)
                 if key not in rows:
                     absent.append(key)
@@ -107,7 +108,7 @@ def write_labels(rows, path):
 
 def is_labels_file(path):
     with open(path, "rb") as handle:
-        return coco.image_key(handle.readline(200).split(b" ")[0].decode(errors="replace")) is not None
+        return image_key(handle.readline(200).split(b" ")[0].decode(errors="replace")) is not None
 
 
 def build_labels(annotation_dir, data_root, expected_labelled=None):

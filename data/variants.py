@@ -11,7 +11,7 @@ import hashlib
 
 from utils.errors import UserError
 
-from . import coco
+from .coco_paths import keyed_lines
 from .protocol import git_blob_id, read_list_bytes
 
 NOT_PUBLISHED = "not a published variant"
@@ -45,7 +45,7 @@ BLOBS = {
     "05c46e607982c26a4a1135770148f0868e100b60": ("Flickr-25k, DeepHash-pytorch's lists (not the paper's split)",
                                                  "DeepHash-pytorch data/mirflickr/database.txt"),
 }
-# SHA-256 of a COCO list's keyed lines (coco.keyed_lines) -> (variant, which list)
+# SHA-256 of a COCO list's keyed lines (coco_paths.keyed_lines) -> (variant, which list)
 COCO_DIGESTS = {
     "b3db5fc7d3ee0bd97de6d890a5ea592c6874fb88e255bc680b341cddd35d6d4a":
         (COCO_HASHNET, "the queries, test.txt; HashNet's caffe test0-7.txt hold the same"),
@@ -67,7 +67,7 @@ COCO_DIGESTS = {
 def coco_digest(text):
     """SHA-256 of a COCO list's keyed lines, or None when a line names no COCO-2014 image."""
     try:
-        lines = coco.keyed_lines(text, "the list")
+        lines = keyed_lines(text, "the list")
     except UserError:
         return None
     return hashlib.sha256("".join(f"{line}\n" for line in lines).encode()).hexdigest()

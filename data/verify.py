@@ -25,7 +25,8 @@ import numpy as np
 
 from utils.atomic import write_json
 from utils.errors import UserError, run_reporting_errors
-from utils.paths import check_output_target, holds_json_object_with
+from utils.documents import holds_json_object_with
+from utils.paths import check_output_target
 
 from . import coco
 from .base import DataOptions

@@ -22,7 +22,8 @@ import numpy as np
 from utils.argtypes import seed_value
 from utils.atomic import write_json, write_text
 from utils.errors import UserError, run_reporting_errors
-from utils.paths import check_output_target, holds_json_object_with, load_arrays, starts_with_line
+from utils.documents import holds_json_object_with
+from utils.paths import check_output_target, load_arrays, starts_with_line
 
 from . import cache as codes_cache
 from .codes import CodeSet, pack_labels

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import retrieval
-from data import coco
+from data import coco, coco_paths
 from data.base import DataOptions
 from data.files import LabelledPaths
 from data.registry import get_dataset_spec
@@ -61,11 +61,11 @@ def test_the_two_families_are_different_draws_with_the_same_labels():
 
 
 def test_image_key_reads_the_path_forms_of_both_families():
-    assert coco.image_key("/home/caozhangjie/run-czj/dataset/coco/val2014/COCO_val2014_000000477705.jpg") \
+    assert coco_paths.image_key("/home/caozhangjie/run-czj/dataset/coco/val2014/COCO_val2014_000000477705.jpg") \
         == "val2014/COCO_val2014_000000477705.jpg"
-    assert coco.image_key("train2014/COCO_train2014_000000566612.jpg") == "train2014/COCO_train2014_000000566612.jpg"
-    assert coco.image_key("./data/coco/train2014/COCO_train2014_000000000009.jpg").startswith("train2014/")
-    assert coco.image_key("images/0001.jpg") is None
+    assert coco_paths.image_key("train2014/COCO_train2014_000000566612.jpg") == "train2014/COCO_train2014_000000566612.jpg"
+    assert coco_paths.image_key("./data/coco/train2014/COCO_train2014_000000000009.jpg").startswith("train2014/")
+    assert coco_paths.image_key("images/0001.jpg") is None
 
 
 def labelled(names):

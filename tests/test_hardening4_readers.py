@@ -23,7 +23,7 @@ from tests.test_hardening_evaluate import deadline, small_problem
 from utils.config import parse_args_with_config, read_config
 from utils.documents import MAX_NESTING, nesting_depth, parse_json, read_json_file
 from utils.errors import UserError
-from utils.paths import holds_json_object_with
+from utils.documents import holds_json_object_with
 from utils.runlog import MAX_EVENT_BYTES, read_run_log
 
 HOSTILE = "[" * 100_000  # one line of this in RUN.jsonl ended --test, hashing.serve and plot_compare

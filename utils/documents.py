@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from .errors import UserError
-from .paths import read_text_file
+from .paths import MiB, read_text_file
 
 # The files of this project nest a handful of levels; parsers recurse once a level (Python's limit is 1,000).
 MAX_NESTING = 64
@@ -81,3 +81,12 @@ def load_yaml(text, what, loader=yaml.SafeLoader, fix="correct it"):
         line = f" (line {where.line + 1})" if where is not None else ""
         problem = getattr(exc, "problem", None) or exc
         raise UserError(f"{what} is not valid YAML{line}: {problem}") from None
+
+
+def holds_json_object_with(path, keys, max_bytes=64 * MiB):
+    """Whether `path` holds a JSON object with every one of `keys`: how a writer recognises its earlier output."""
+    try:
+        value = read_json_file(path, "file", max_bytes)
+    except UserError:
+        return False
+    return isinstance(value, dict) and all(key in value for key in keys)

@@ -150,17 +150,6 @@ def check_output_target(path, what, inputs=(), earlier_output=None):
     return path
 
 
-def holds_json_object_with(path, keys, max_bytes=64 * MiB):
-    """Whether `path` holds a JSON object with every one of `keys`: how a writer recognises its earlier output."""
-    from .documents import read_json_file  # it builds on this module's readers
-
-    try:
-        value = read_json_file(path, "file", max_bytes)
-    except UserError:
-        return False
-    return isinstance(value, dict) and all(key in value for key in keys)
-
-
 def starts_with_line(path, line, max_bytes=64 * MiB):
     """Whether the text file at `path` begins with `line` (a CSV header): how a writer recognises its earlier output."""
     try:
