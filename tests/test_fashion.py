@@ -255,3 +255,18 @@ def test_verify_reports_a_damaged_file(fixture_root, tmp_path, no_debian_no_down
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x03\xe8" + bytes(10))
     code, _, err = exit_status(verify.main, ["--dataset", "fashion_mnist", "--data_root", str(tmp_path)], capsys)
     assert code == 1 and "t10k-labels-idx1-ubyte declares 1000 = 1,000 bytes but holds 10" in err
+
+
+def test_convergence_study_takes_a_dataset_and_given_recipes(tmp_path, capsys):
+    from benchmarks import digits_study
+    options = digits_study.parse(["--dataset", "fashion_mosaic", "--losses", "dhn", "--recipe", "dhn=sgd_0.01",
+                                  "--output_dir", str(tmp_path)])
+    scores = digits_study.search(options)  # nothing to search: the recipe is given
+    assert scores == {"dhn": {"sgd_0.01": None}} and digits_study.best_recipe(scores, "dhn") == "sgd_0.01"
+    args = digits_study.run_args(options, "final", "dhn", 16, 0, "sgd_0.01")
+    assert args.dataset == "fashion_mosaic" and args.lr == 0.01 and args.optimizer == "sgd"
+    assert "fashion_mosaic_study" in args.output_dir
+    rows = digits_study.summary_rows(options, scores, {("dhn", bits): [] for bits in options.bits})
+    assert "given: `sgd_0.01`" in digits_study.render_markdown(options, scores, rows, "python -m ...")
+    code, _, err = exit_status(digits_study.cli, ["--recipe", "dhn=sgd_0.7"], capsys)
+    assert code == 2 and "expected LOSS=RECIPE" in err
