@@ -228,11 +228,17 @@ def format_cell(row, best, seeds):
     return f"{text} · {row['epochs_to_95']:.1f} ep · {row['seconds_to_95']:.1f} s{partial}"
 
 
+def search_heading(options):
+    if set(options.losses) <= set(dict(options.recipe)):
+        return "Recipes (given with --recipe, no search):"
+    return (f"Search (seed 0, {options.search_bits} bits, validation mAP of {options.val_size} held-out training items "
+            "after the last epoch; the chosen recipe in bold):")
+
+
 def render_markdown(options, scores, rows, invocation):
     lines = [f"# Convergence on {options.dataset}: {options.epochs} epochs, first {options.subset} images of each "
              "split", "",
-             "Search (seed 0, " + f"{options.search_bits} bits, validation mAP of {options.val_size} held-out "
-             "training items after the last epoch; the chosen recipe in bold):", "",
+             search_heading(options), "",
              "| loss | " + " | ".join(f"`{name}`" for name in ["sgd_0.05", "sgd_0.01", "published"]) + " |",
              "|---|---|---|---|"]
     for loss in options.losses:

@@ -267,6 +267,7 @@ def test_convergence_study_takes_a_dataset_and_given_recipes(tmp_path, capsys):
     assert args.dataset == "fashion_mosaic" and args.lr == 0.01 and args.optimizer == "sgd"
     assert "fashion_mosaic_study" in args.output_dir
     rows = digits_study.summary_rows(options, scores, {("dhn", bits): [] for bits in options.bits})
-    assert "given: `sgd_0.01`" in digits_study.render_markdown(options, scores, rows, "python -m ...")
+    text = digits_study.render_markdown(options, scores, rows, "python -m ...")
+    assert "given: `sgd_0.01`" in text and "no search" in text and "Search (seed 0" not in text
     code, _, err = exit_status(digits_study.cli, ["--recipe", "dhn=sgd_0.7"], capsys)
     assert code == 2 and "expected LOSS=RECIPE" in err
