@@ -1,4 +1,5 @@
-"""A fair convergence comparison of the losses on `digits` (docs/STUDIES.md, "Convergence on digits").
+"""A fair convergence comparison of the losses on `digits` (docs/STUDIES.md, "Convergence on digits"), or on
+another dataset with --dataset (e.g. fashion_mosaic, real images); the outputs are named after the dataset.
 
     python -m benchmarks.digits_study --output_dir /tmp/study         # docs/STUDIES.md's study
     python -m benchmarks.digits_study --losses hyp2 dpsh --bits 16 --seeds 0 --epochs 2 --subset 300   # smoke
@@ -10,13 +11,13 @@
 2. Final: every loss at its best recipe, every --bits, every --seeds, with `--select last` and an
    evaluation on the test queries after every epoch: (a) the final mAP, (b) the first epoch (and the
    training seconds) at which a run reaches 95 % of its own final mAP, (c) the mAP-per-epoch curves, mean
-   ± sample std over the seeds, drawn as OUTPUT_DIR/digits_study.convergence_{bits}.png, and (d) the epoch
+   ± sample std over the seeds, drawn as OUTPUT_DIR/{dataset}_study.convergence_{bits}.png, and (d) the epoch
    at which each loss's mean curve reaches one level shared by all losses: 95 % of the best final mean mAP
    at that code length (a loss that settles early at a low mAP reaches its own 95 % early, but not this).
 
 Runs are retrieval.py runs (benchmarks/compare.py's train_or_resume and finished_record): a finished run
 is reused and an interrupted one continues from its training state, so an interrupted study resumes. Other
-arguments are retrieval.py flags for every run (e.g. --device, --batch_size). Tables OUTPUT_DIR/digits_study.md
+arguments are retrieval.py flags for every run (e.g. --device, --batch_size). Tables OUTPUT_DIR/{dataset}_study.md
 and .csv and the figures are written at the end.
 """
 import argparse
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval  # noqa: E402
 from benchmarks import compare  # noqa: E402
+from data import DATASETS  # noqa: E402
 from hashing import plots  # noqa: E402
 from loss import LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
@@ -64,10 +66,15 @@ FLAGS_SET_PER_RUN = ("--dataset", "--backbone", "--hash_bit", "--loss", "--seed"
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Other arguments are retrieval.py flags for every run.")
+    parser.add_argument("--dataset", default="digits", choices=list(DATASETS),
+                        help="the dataset of every run (the search candidates stay configs/digits_study/'s)")
     parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES), help="losses")
     parser.add_argument("--bits", nargs="+", type=positive_int, default=[12, 24, 48], help="hash bits")
     parser.add_argument("--seeds", nargs="+", type=seed_value, default=[0, 1, 2], help="seeds of the final runs")
     parser.add_argument("--search_bits", type=positive_int, default=24, help="hash bits of the search")
+    parser.add_argument("--recipe", action="append", type=parse_recipe, default=[], metavar="LOSS=RECIPE",
+                        help="take this recipe of configs/digits_study/ for LOSS instead of searching (repeatable; "
+                             "e.g. the recipes the digits search chose, where a search on a larger set costs too much)")
     parser.add_argument("--epochs", type=positive_int, default=10, help="epochs of every run")
     parser.add_argument("--subset", type=positive_int, default=1000,
                         help="first N images of each split (train = database N, queries min(N, 500))")
@@ -78,6 +85,15 @@ def get_args_parser():
                         help="train nothing: tabulate the runs that have finished (e.g. while the study runs)")
     parser.add_argument("--verbose", action="store_true", help="show each run's output")
     return parser
+
+
+def parse_recipe(text):
+    """argparse type of --recipe: 'dhn=sgd_0.01' -> ('dhn', 'sgd_0.01'), both checked."""
+    loss, _, recipe = text.partition("=")
+    if loss not in LOSSES or recipe not in {name for names in SEARCH_SPACE.values() for name in names}:
+        raise argparse.ArgumentTypeError(f"expected LOSS=RECIPE with a loss of {', '.join(LOSSES)} and a recipe of "
+                                         f"{RECIPE_FOLDER} (without .yaml), got {text!r}")
+    return loss, recipe
 
 
 def parse(argv):
@@ -95,8 +111,9 @@ def run_args(options, phase, loss, bits, seed, recipe):
     name, flags = recipe, recipe_flags(recipe)
     selection = ["--select", "val", "--val_size", str(options.val_size), "--eval_every", str(options.epochs)] \
         if phase == "search" else ["--select", "last", "--eval_every", "1"]
-    folder = Path(options.output_dir) / "digits_study" / phase / f"{loss}_{name}_{bits}bit_seed{seed}"
-    argv = ["--dataset", "digits", "--backbone", "small", "--hash_bit", str(bits), "--loss", loss, "--seed", str(seed),
+    folder = Path(options.output_dir) / f"{options.dataset}_study" / phase / f"{loss}_{name}_{bits}bit_seed{seed}"
+    argv = ["--dataset", options.dataset, "--backbone", "small", "--hash_bit", str(bits), "--loss", loss,
+            "--seed", str(seed),
             "--epochs", str(options.epochs), "--subset", str(options.subset), *selection, *flags,
             *options.overrides, "--output_dir", str(folder)]
     return retrieval.get_args_parser().parse_args(argv)
@@ -124,9 +141,10 @@ def run_once(args, options, progress):
 
 
 def search(options):
-    """{loss: {recipe: validation mAP}} of the search runs that finished."""
-    scores = {}
-    runs = [(loss, recipe) for loss in options.losses for recipe in SEARCH_SPACE[loss]]
+    """{loss: {recipe: validation mAP}} of the search runs that finished; {loss: {recipe: None}} for a --recipe."""
+    given = dict(options.recipe)
+    scores = {loss: {given[loss]: None} for loss in options.losses if loss in given}
+    runs = [(loss, recipe) for loss in options.losses if loss not in given for recipe in SEARCH_SPACE[loss]]
     for number, (loss, recipe) in enumerate(runs, start=1):
         record = run_once(run_args(options, "search", loss, options.search_bits, 0, recipe), options,
                           ("search", recipe, number, len(runs)))
@@ -138,6 +156,8 @@ def search(options):
 def best_recipe(scores, loss):
     """The recipe with the best validation mAP (the first listed on a tie); the project's default without scores."""
     candidates = scores.get(loss) or {"sgd_0.05": 0.0}
+    if len(candidates) == 1:  # also a recipe given with --recipe (no score)
+        return next(iter(candidates))
     return max(candidates, key=candidates.get)
 
 
@@ -240,15 +260,25 @@ def format_cell(row, best, seeds):
     return f"{text} · {row['epochs_to_95']:.1f} ep · {row['seconds_to_95']:.1f} s{partial}"
 
 
+def search_heading(options):
+    if set(options.losses) <= set(dict(options.recipe)):
+        return "Recipes (given with --recipe, no search):"
+    return (f"Search (seed 0, {options.search_bits} bits, validation mAP of {options.val_size} held-out training items "
+            "after the last epoch; the chosen recipe in bold):")
+
+
 def render_markdown(options, scores, rows, invocation):
-    lines = [f"# Convergence on digits: {options.epochs} epochs, first {options.subset} images of each split", "",
-             "Search (seed 0, " + f"{options.search_bits} bits, validation mAP of {options.val_size} held-out "
-             "training items after the last epoch; the chosen recipe in bold):", "",
+    lines = [f"# Convergence on {options.dataset}: {options.epochs} epochs, first {options.subset} images of each "
+             "split", "",
+             search_heading(options), "",
              "| loss | " + " | ".join(f"`{name}`" for name in ["sgd_0.05", "sgd_0.01", "published"]) + " |",
              "|---|---|---|---|"]
     for loss in options.losses:
         cells = []
         for recipe, score in scores.get(loss, {}).items():
+            if score is None:
+                cells.append(f"given: `{recipe}` (--recipe, not searched)")
+                continue
             text = f"{score:.3f}" + ("" if recipe in SGD_RECIPES else f" (`{recipe}`)")
             cells.append(f"**{text}**" if recipe == chosen_recipe(scores, loss) else text)
         lines.append(f"| {loss} | " + " | ".join(cells + ["—"] * (3 - len(cells))) + " |")
@@ -298,9 +328,9 @@ def draw_curves(options, results):
                    [[entry["map"] for entry in record["epochs"]] for record in records])
                   for loss in options.losses for records in [results[(loss, bits)]] if records]
         if curves:
-            path = Path(options.output_dir) / f"digits_study.convergence_{bits}.png"
-            paths.append(plots.plot_mean_curves(curves, path, f"digits · small · {bits} bits · test queries",
-                                                ylabel="mAP@all"))
+            path = Path(options.output_dir) / f"{options.dataset}_study.convergence_{bits}.png"
+            title = f"{options.dataset} · small · {bits} bits · test queries"
+            paths.append(plots.plot_mean_curves(curves, path, title, ylabel="mAP"))
     return paths
 
 
@@ -315,11 +345,12 @@ def main(argv=None):
           file=sys.stderr)
     results = final_runs(options, scores)
     rows = summary_rows(options, scores, results)
-    stem = Path(options.output_dir) / "digits_study"
+    stem = Path(options.output_dir) / f"{options.dataset}_study"
     write_text(stem.with_suffix(".md"), render_markdown(options, scores, rows, invocation))
     write_text(stem.with_suffix(".csv"), render_csv(rows))
     figures = draw_curves(options, results)
-    print(f"digits study: {sum(row['runs'] for row in rows)} final runs in {time.perf_counter() - started:.0f}s; "
+    print(f"{options.dataset} study: {sum(row['runs'] for row in rows)} final runs in "
+          f"{time.perf_counter() - started:.0f}s; "
           f"tables {stem}.md, {stem}.csv; figures {', '.join(map(str, figures))}")
     return {"scores": scores, "rows": rows, "figures": figures}
 

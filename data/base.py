@@ -61,6 +61,9 @@ class DatasetSpec:
     class_names: tuple = ()  # the classes in label order, where the dataset names them
     options: tuple = ()  # DataOptions fields beyond the common ones that its build() honours (digits: "imbalance")
     fetch: Optional[Callable[..., object]] = None  # fetch(root): an in-memory dataset's files, downloaded if needed
+    # check_files(root, options, seed) -> (manifest record with "summary" lines, problems): what data.verify checks
+    # of an in-memory dataset read from files (fashion_mnist: the idx files); None: nothing to check
+    check_files: Optional[Callable[..., tuple]] = None
 
     def with_classes_of(self, splits):
         """This spec, with num_classes taken from the built splits when the dataset leaves it to the data."""

@@ -5,10 +5,11 @@ from torch.utils.data import Subset
 
 from utils.errors import UserError
 
-from . import cifar, coco, digits, flickr, lists, voc
+from . import cifar, coco, digits, fashion, flickr, lists, voc
 from .base import DataOptions
 
-DATASETS = {spec.name: spec for spec in [digits.SPEC, voc.VOC2007, voc.VOC2012, flickr.SPEC, *lists.SPECS, coco.SPEC, cifar.SPEC]}
+DATASETS = {spec.name: spec for spec in [digits.SPEC, voc.VOC2007, voc.VOC2012, flickr.SPEC, *lists.SPECS, coco.SPEC,
+                                         cifar.SPEC, *fashion.SPECS]}
 
 
 def get_dataset_spec(name):

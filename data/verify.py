@@ -99,6 +99,8 @@ def check_split_files(dataset, root, options):
 def verify(dataset, root, options=DataOptions(), seed=0):
     """(manifest record, problems) of a dataset under root."""
     spec = get_dataset_spec(dataset)
+    if spec.check_files is not None:
+        return spec.check_files(Path(root), options, seed)
     if spec.list_splits is None:
         raise UserError(f"--dataset {dataset} is held in memory (no image files to verify); "
                         "data.verify checks file datasets")
@@ -131,22 +133,28 @@ def protocol_name(dataset, options, seed):
 
 def report(record, problems, root):
     """Print the summary lines; the problems go to stderr, one line each."""
+    for line in record.get("summary") or summary_lines(record, root):  # "summary": DatasetSpec.check_files's own
+        print(line)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+
+
+def summary_lines(record, root):
+    """What a file dataset's check found: split sizes, images, split files."""
     checks = record["checks"]
     sizes = ", ".join(f"{split} {checks[split]['images']:,}" + (f" (protocol {checks[split]['expected']:,})"
                                                                if checks[split]["expected"] else "")
                       for split in SPLIT_ORDER)
-    print(f"{record['dataset']}, protocol: {record['protocol']}, {record['num_classes']} classes: {sizes}")
+    yield f"{record['dataset']}, protocol: {record['protocol']}, {record['num_classes']} classes: {sizes}"
     files = checks["files"]
     intact = files["images"] - files["missing"] - files["unreadable"] - files["truncated"]
-    print(f"{files['images']:,} images: {intact:,} decode, {files['truncated']:,} truncated (they load padded, as "
-          f"in the paper's code), {files['unreadable']:,} undecodable, {files['missing']:,} missing")
+    yield (f"{files['images']:,} images: {intact:,} decode, {files['truncated']:,} truncated (they load padded, as "
+           f"in the paper's code), {files['unreadable']:,} undecodable, {files['missing']:,} missing")
     if files["truncated_images"]:
         listed = " (--manifest lists them all)" if len(files["truncated_images"]) > 3 else ""
-        print(f"truncated images: {name_some(os.path.join(root, path) for path in files['truncated_images'])}{listed}")
+        yield f"truncated images: {name_some(os.path.join(root, path) for path in files['truncated_images'])}{listed}"
     for file_name, what in checks["split_files"].items():
-        print(f"{file_name}: {what}")
-    for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
+        yield f"{file_name}: {what}"
 
 
 def identify_files(paths):
