@@ -307,8 +307,11 @@ def test_idle_sockets_cannot_lock_others_out(search_service, tmp_path):
                               text=True, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
     idle = []
     try:
-        line = server.stdout.readline()
-        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
+        match = None
+        while match is None and (line := server.stdout.readline()):  # the address line, after any note
+            match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match, f"the server printed no address: {server.stderr.read()}"
+        port = int(match.group(1))
         assert port != 0
         assert request(port, "GET", "/api/run")[0] == 200
         for _ in range(300):
