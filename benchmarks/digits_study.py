@@ -156,9 +156,7 @@ def search(options):
 def best_recipe(scores, loss):
     """The recipe with the best validation mAP (the first listed on a tie); the project's default without scores."""
     candidates = scores.get(loss) or {"sgd_0.05": 0.0}
-    if len(candidates) == 1:  # also a recipe given with --recipe (no score)
-        return next(iter(candidates))
-    return max(candidates, key=candidates.get)
+    return max(candidates, key=candidates.get)  # a single candidate (a --recipe, scored None) is never compared
 
 
 def search_progress(scores, loss):
@@ -167,8 +165,13 @@ def search_progress(scores, loss):
 
 
 def chosen_recipe(scores, loss):
-    """best_recipe once every search run of the loss has finished, else None (nothing has been chosen)."""
-    return best_recipe(scores, loss) if len(scores.get(loss, {})) >= len(SEARCH_SPACE.get(loss, ())) else None
+    """The --recipe given for the loss; else best_recipe once every search run of the loss has finished; else None
+    (nothing has been chosen)."""
+    candidates = scores.get(loss, {})
+    given = [recipe for recipe, score in candidates.items() if score is None]
+    if given:
+        return given[0]
+    return best_recipe(scores, loss) if len(candidates) >= len(SEARCH_SPACE.get(loss, ())) else None
 
 
 def describe_choice(scores, loss):

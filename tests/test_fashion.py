@@ -269,5 +269,10 @@ def test_convergence_study_takes_a_dataset_and_given_recipes(tmp_path, capsys):
     rows = digits_study.summary_rows(options, scores, {("dhn", bits): [] for bits in options.bits})
     text = digits_study.render_markdown(options, scores, rows, "python -m ...")
     assert "given: `sgd_0.01`" in text and "no search" in text and "Search (seed 0" not in text
+    # a given recipe is chosen: named alone, and looked up under --collect (not "not chosen yet (1/3 ...)")
+    assert digits_study.chosen_recipe(scores, "dhn") == "sgd_0.01"
+    assert digits_study.recipe_label(options, scores, "dhn") == "`sgd_0.01`"
+    collecting = digits_study.parse(["--losses", "dhn", "--recipe", "dhn=sgd_0.01", "--collect"])
+    assert digits_study.final_recipe(collecting, scores, "dhn") == "sgd_0.01"
     code, _, err = exit_status(digits_study.cli, ["--recipe", "dhn=sgd_0.7"], capsys)
     assert code == 2 and "expected LOSS=RECIPE" in err
