@@ -9,12 +9,12 @@ at least one instance annotation gets a row of 80 labels 0/1, the categories in 
 and each variant's rebuilt database must count 117,218; otherwise nothing is written.
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from utils.atomic import atomic_write
+from utils.documents import read_json_file
 from utils.errors import UserError, run_reporting_errors
 from utils.paths import MiB, check_output_target, open_regular
 from utils.runlog import progress_bar
@@ -29,12 +29,8 @@ MAX_ANNOTATION_BYTES = 2048 * MiB  # instances_train2014.json is about 330 MB
 
 def read_annotations(path):
     """The JSON object of one instances_*.json, with its images, annotations and categories."""
-    with open_regular(path, "the annotation file", MAX_ANNOTATION_BYTES,
-                      missing="pass --annotations DIR holding COCO's instances_*2014.json") as handle:
-        try:
-            document = json.load(handle)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"the annotation file {path} is not valid JSON ({exc}); download it again") from None
+    document = read_json_file(path, "the annotation file", MAX_ANNOTATION_BYTES, fix="download it again",
+                              missing="pass --annotations DIR holding COCO's instances_*2014.json")
     if not isinstance(document, dict) or not all(isinstance(document.get(key), list)
                                                  for key in ("images", "annotations", "categories")):
         raise UserError(f"the annotation file {path} has no images, annotations and categories lists: is it COCO's "
@@ -107,7 +103,7 @@ def write_labels(rows, path):
 
 
 def is_labels_file(path):
-    with open(path, "rb") as handle:
+    with open_regular(path, "labels file", MAX_ANNOTATION_BYTES) as handle:
         return image_key(handle.readline(200).split(b" ")[0].decode(errors="replace")) is not None
 
 
