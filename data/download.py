@@ -25,7 +25,7 @@ from torchvision.datasets.utils import check_integrity, extract_archive
 from tqdm import tqdm
 
 from utils.errors import UserError, run_reporting_errors
-from utils.paths import check_output_target
+from utils.paths import check_output_target, require_regular_file
 from utils.runlog import progress_bar
 
 from . import cifar, coco, voc
@@ -37,7 +37,7 @@ COCO_ARCHIVES = (Archive("train2014.zip", "0da8c0bd3d6becc4dcb32757491aca88", f"
                  Archive("val2014.zip", "a3d79f5ed8d289b7a7554ce06a5782b3", f"{COCO_HOST}/zips/val2014.zip"),
                  Archive("annotations_trainval2014.zip", "0a379cfc70b0e71301e0f377548639bd",
                          f"{COCO_HOST}/annotations/annotations_trainval2014.zip"))
-COCO_FOLDERS = ("train2014", "val2014", "annotations")
+COCO_FOLDERS = ("train2014", "val2014", "annotations")  # the folder each of COCO_ARCHIVES holds, in order
 ATTEMPTS = 3  # a cut connection is resumed this often before giving up
 INTERRUPTIONS = (http.client.IncompleteRead, ConnectionError, TimeoutError)
 
@@ -52,6 +52,7 @@ def download_resumable(archive, root):
     """root/archive.file_name, downloaded (resuming its .part file) and md5-checked; an existing one is checked."""
     path = Path(root) / archive.file_name
     if path.exists():
+        require_regular_file(path, "the downloaded archive")  # hashing a FIFO or a device would never end
         if not check_integrity(str(path), archive.md5):
             raise UserError(f"{path} exists but its md5 is not {archive.md5}: it is incomplete or another file; "
                             "delete it and rerun")
@@ -117,13 +118,14 @@ def unpack_coco(root, archives):
     into place), then coco/labels.txt from the annotations."""
     folder = Path(root) / coco.FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    for archive in archives:
+    for archive, name in zip(archives, COCO_FOLDERS):
+        if (folder / name).exists():  # extracted before: a 13 GB archive is not unpacked again to be thrown away
+            continue
         staging = Path(tempfile.mkdtemp(dir=folder, prefix=".extract.", suffix=".partial"))
         try:
             extract_archive(str(Path(root) / archive.file_name), str(staging))
-            for name in COCO_FOLDERS:
-                if (staging / name).is_dir() and not (folder / name).exists():
-                    (staging / name).rename(folder / name)
+            if (staging / name).is_dir():
+                (staging / name).rename(folder / name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     if not (folder / coco.LABELS_FILE).exists():

@@ -134,6 +134,16 @@ def test_a_404_is_one_line(tmp_path, server, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_fifo_in_place_of_the_archive_is_refused_without_blocking(tmp_path, monkeypatch, capsys):
+    import os
+    os.mkfifo(tmp_path / "cifar-10-python.tar.gz")  # hashing it would wait for a writer forever
+    monkeypatch.setitem(download.SOURCES, "cifar10", download.Fetchable(
+        (Archive("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "http://127.0.0.1:9/unused"),),
+        download.SOURCES["cifar10"].unpack))
+    code, _, err = exit_status(download.main, ["cifar10", "--data_root", str(tmp_path)], capsys)
+    assert code == 1 and err.count("\n") == 1 and "is a FIFO" in err
+
+
 def zipped(members):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
