@@ -74,9 +74,8 @@ class ImageItems(Dataset):
 
     def __getitem__(self, index):
         image = self.images[index]
-        if not isinstance(image, Image.Image):
-            image = read_rgb(image, hint=self.hint)
-        return self.transform(to_rgb(image))
+        image = to_rgb(image) if isinstance(image, Image.Image) else read_rgb(image, hint=self.hint)  # already RGB
+        return self.transform(image)
 
 
 def network_digest(network):
@@ -171,14 +170,15 @@ def _check_final_rows(record, codes, path, record_path):
     return digest
 
 
-def _check_target_files(output, partial, record_path, paths):
-    """The writer rule for the three files of an encoding, and its folder, before anything is read or locked."""
+def _check_target_files(output, partial, record_path, lock_path, paths):
+    """The writer rule for the four files of an encoding, and its folder, before anything is read or locked."""
     if not output.parent.is_dir():
         raise UserError(f"the folder of the code file {output} does not exist; create it or choose another output")
     if partial.is_symlink():  # opened for writing in place, so never followed to another file
         raise UserError(f"partial code file {partial} is a symbolic link, which is never followed; delete it")
     listed = set(paths)
-    for what, path in (("code file", output), ("partial code file", partial), ("progress record", record_path)):
+    for what, path in (("code file", output), ("partial code file", partial), ("progress record", record_path),
+                       ("encoding lock", lock_path)):  # the lock is emptied and removed: never an image
         check_output_target(path, what)
         if str(path) in listed:
             raise UserError(f"{what} {path} is one of the images to encode; choose another output")
@@ -235,8 +235,9 @@ def encode_to_file(network, images, transform, output, batch_size=64, device=Non
         raise UserError(f"no images to encode in {images} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files)")
     output = Path(output)
     partial, record_path = output.with_name(output.name + ".partial"), output.with_name(output.name + ".progress.json")
-    _check_target_files(output, partial, record_path, paths)
-    with run_lock(output.with_name(output.name + ".lock"), elsewhere="output"):  # one encoder per output
+    lock_path = output.with_name(output.name + ".lock")
+    _check_target_files(output, partial, record_path, lock_path, paths)
+    with run_lock(lock_path, elsewhere="output"):  # one encoder per output
         return _resume_or_start(network, paths, transform, (output, partial, record_path), batch_size, device,
                                 workers)
 

@@ -273,6 +273,17 @@ def test_a_missing_output_folder_is_one_line(tmp_path):
     assert not (tmp_path / "missing").exists()
 
 
+def test_an_image_where_the_encodings_lock_would_be_is_refused_untouched(tmp_path):
+    network, folder, transform = stream_inputs(tmp_path)
+    output = folder / "codes.npy"
+    lock = output.with_name(output.name + ".lock")
+    image = (folder / "00.png").read_bytes()
+    lock.write_bytes(image)  # the lock would be emptied and removed when the encoding ends
+    with pytest.raises(UserError, match=r"encoding lock .*codes.npy.lock is one of the images to encode"):
+        encode_to_file(network, sorted(map(str, folder.glob("*.png"))) + [str(lock)], transform, output, workers=0)
+    assert lock.read_bytes() == image
+
+
 @pytest.mark.parametrize("name, content", [("train.txt", b"0.png 1 0\n"), ("photo.png", b"\x89PNG\r\n\x1a\n..."),
                                            ("recipe.yaml", b"epochs: 1\n")])
 def test_overwrite_never_replaces_a_file_of_another_kind_with_a_checkpoint(tmp_path, capsys, name, content):
