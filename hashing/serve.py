@@ -52,6 +52,7 @@ from data.files import FORMATS_TEXT, TooManyPixels, decode_image
 from data.query_images import raw_image
 from utils.argtypes import int_in_range, positive_int
 from utils.errors import UserError, run_reporting_errors
+from utils.paths import read_file_bytes
 from utils.runlog import warn
 
 from .api import load_checkpoint
@@ -162,18 +163,14 @@ class SearchService:
 
     def figure(self, kind):
         """The PNG bytes of the run's figure `kind` as the file holds them now, or None (figure_path); opened
-        without following a symlink, and checked again on the opened file."""
+        without following a symlink put there since figure_path looked, and checked again on the opened file."""
         path = self.figure_path(kind)
         if path is None:
             return None
-        try:  # without blocking on a FIFO or following a symlink put there since figure_path looked
-            handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb")
-        except OSError:
+        try:
+            return read_file_bytes(path, "figure", MAX_FIGURE_BYTES, follow_symlinks=False)
+        except UserError:
             return None
-        with handle:
-            status = os.fstat(handle.fileno())
-            regular = stat.S_ISREG(status.st_mode) and status.st_size <= MAX_FIGURE_BYTES
-            return handle.read(MAX_FIGURE_BYTES) if regular else None
 
     @lru_cache(maxsize=4096)
     def thumbnail(self, split_name, item):

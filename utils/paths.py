@@ -52,13 +52,13 @@ def require_regular_file(path, what, max_bytes=None, missing="check the path"):
     return path
 
 
-def open_regular(path, what, max_bytes=None, missing="check the path"):
-    """A binary file object of `path`, refused (UserError) unless it is a regular file of at most `max_bytes`.
-    The check is made on the opened descriptor (opened without blocking, so a FIFO does not hang the open),
-    so the file that is read is the file that was checked."""
+def open_regular(path, what, max_bytes=None, missing="check the path", follow_symlinks=True):
+    """A binary file object of `path`, refused (UserError) unless it is a regular file of at most `max_bytes`
+    (and, with follow_symlinks=False, not a symbolic link). The check is made on the opened descriptor (opened
+    without blocking, so a FIFO does not hang the open), so the file that is read is the file that was checked."""
     path = Path(path)
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW))
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist: {missing}") from None
     except OSError as exc:
@@ -77,9 +77,9 @@ def open_regular(path, what, max_bytes=None, missing="check the path"):
         raise
 
 
-def read_file_bytes(path, what, max_bytes, missing="check the path"):
+def read_file_bytes(path, what, max_bytes, missing="check the path", follow_symlinks=True):
     """The bytes of a regular file of at most `max_bytes` (open_regular); UserError naming `what` otherwise."""
-    with open_regular(path, what, max_bytes, missing) as handle:
+    with open_regular(path, what, max_bytes, missing, follow_symlinks) as handle:
         try:
             return read_capped(handle, max_bytes, f"{what} {path}")
         except OSError as exc:
