@@ -140,20 +140,30 @@ def _load(paths, root):
     return arrays
 
 
+def _files_key(root, offline):
+    """The four files as _load's cache key: (key, path, size, mtime) tuples."""
+    return tuple((key, path, path.stat().st_size, path.stat().st_mtime_ns)
+                 for key, path in fetch(root, offline).items())
+
+
 def load(root, offline=False):
     """{train_images, train_labels, test_images, test_labels}: uint8 (N, 28, 28) and uint8 (N,), read-only."""
-    found = fetch(root, offline)
-    return _load(tuple((key, path, path.stat().st_size, path.stat().st_mtime_ns) for key, path in found.items()),
-                 str(root))
+    return _load(_files_key(root, offline), str(root))
 
 
-def source_digest(root, offline=False):
-    """sha256 over the four files' uncompressed bytes: what the run log records and the mosaic cache is keyed on."""
+@lru_cache(maxsize=2)
+def _digest(paths, root):
     digest = hashlib.sha256()
-    for key, array in load(root, offline).items():
+    for key, array in _load(paths, root).items():
         digest.update(f"{key}{array.shape}".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+def source_digest(root, offline=False):
+    """sha256 over the four files' uncompressed bytes: what the run log records and the mosaic cache is keyed on
+    (computed once per version of the files, like the arrays)."""
+    return _digest(_files_key(root, offline), str(root))
 
 
 def describe(root, options=None):
