@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hashing.codes import CodeSet
-from hashing.conventions import Convention
-from hashing.metrics import map_of_codes
+from hashing.evaluation.conventions import Convention
+from hashing.evaluation.metrics import map_of_codes
 from utils.checkpoint import load_network_weights, non_finite_names, save_state_dict, save_train_state
 from utils.dist import (DistContext, all_true, broadcast_object, gather_rows, sum_over_ranks,
                         sync_buffers)

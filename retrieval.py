@@ -18,8 +18,8 @@ import torch
 from data import DATASETS, coco
 from engine import SELECTION_RULES
 from hashing.codetable import check_zeta
-from hashing.conventions import NORMALIZE, TIES, ZERO_HIT
-from hashing.search import MAX_K
+from hashing.evaluation.conventions import NORMALIZE, TIES, ZERO_HIT
+from hashing.search.exact import MAX_K
 from loss import LOSSES, PROXY_LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss
 from network import TIMM_SHORTCUTS, TORCHVISION_BACKBONES
 from session.checkpoint_tasks import run_checkpoint_tasks

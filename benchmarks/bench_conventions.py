@@ -7,7 +7,7 @@ all measured in the same run (the machine is shared: read the ratios, not the se
 Rows: the floor (Hamming distances of all pairs, chunked, on the same threads, nothing else); the default
 mAP (map_of_codes, the paper's convention); one pass per tie rule computing every normalize/zero_hit
 and NDCG/ACG/WAP (ranking_metrics_of_codes); and all 18 conventions together (convention_table, the
-standalone evaluator's work). These use the fused numba kernel when numba is installed (hashing/fused.py);
+standalone evaluator's work). These use the fused numba kernel when numba is installed (hashing/evaluation/fused.py);
 --numpy adds the default mAP and convention_table on the NumPy path (the fallback, and the code before the
 kernel), timed in the same run. Peak traced allocation of convention_table is printed at the end.
 """
@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_map import benchmark_parser, make_problem  # noqa: E402
-from hashing import fused, metrics  # noqa: E402
+from hashing.evaluation import fused
+from hashing.evaluation import metrics
 from hashing.codes import CodeSet, hamming_distances, word_columns  # noqa: E402
-from hashing.conventions import Convention  # noqa: E402
+from hashing.evaluation.conventions import Convention  # noqa: E402
 
 
 def popcount_floor(codes, threads):
@@ -39,7 +40,7 @@ def popcount_floor(codes, threads):
 
 
 def without_kernel(work):
-    """work() on the NumPy path of hashing/metrics.py."""
+    """work() on the NumPy path of hashing/evaluation/metrics.py."""
     def run():
         enabled, fused.enabled = fused.enabled, False
         try:
@@ -64,7 +65,7 @@ def best_seconds_round_robin(rows, repeats):
 
 def main():
     parser = benchmark_parser(__doc__, repeats=3)
-    parser.add_argument("--numpy", action="store_true", help="also time the NumPy path (hashing.fused disabled)")
+    parser.add_argument("--numpy", action="store_true", help="also time the NumPy path (hashing.evaluation.fused disabled)")
     args = parser.parse_args()
     query_codes, query_labels, db_codes, db_labels, topk = make_problem(args)
     codes = CodeSet.from_outputs(query_codes, query_labels, db_codes, db_labels)

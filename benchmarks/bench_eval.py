@@ -1,4 +1,4 @@
-"""Time the evaluation suite of hashing/metrics.py against straightforward implementations (per query: an
+"""Time the evaluation suite of hashing/evaluation/metrics.py against straightforward implementations (per query: an
 argsort or a distance mask, then a loop over ranks or radii, as deep-hashing evaluation code does it),
 check both give the same figures, and report speed ratio and peak memory.
 
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_map import benchmark_parser, make_problem, paper_loop_map  # noqa: E402
-from hashing.metrics import (HAMMING_RADIUS, PAPER_TOP_NS, map_at_k, precision_at_top_n,  # noqa: E402
+from hashing.evaluation.metrics import (HAMMING_RADIUS, PAPER_TOP_NS, map_at_k, precision_at_top_n,  # noqa: E402
                            precision_recall_curve, precision_within_radius, retrieval_metrics)
 
 
@@ -48,7 +48,7 @@ def loop_precision_at_top_n(query_codes, query_labels, db_codes, db_labels, top_
 
 def loop_pr_curve(query_codes, query_labels, db_codes, db_labels):
     """Per query and per radius r = 0..n: mask the items within r and count. Precision averages over the
-    queries retrieving something, recall over the queries with a relevant item (hashing.metrics.RadiusCurves)."""
+    queries retrieving something, recall over the queries with a relevant item (hashing.evaluation.metrics.RadiusCurves)."""
     query_codes, db_codes = signs(query_codes), signs(db_codes)
     num_bits = db_codes.shape[1]
     precision_sum, precision_count = np.zeros(num_bits + 1), np.zeros(num_bits + 1)

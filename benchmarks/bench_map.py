@@ -1,4 +1,4 @@
-"""Time hashing.metrics.map_at_k against the paper's evaluation loop (argsort, then a Python loop over
+"""Time hashing.evaluation.metrics.map_at_k against the paper's evaluation loop (argsort, then a Python loop over
 ranks j <= K testing relevance with a label dot product), and check both give the same mAP.
 
     python benchmarks/bench_map.py --scale voc2007          # 4,952 x 5,011, 48 bits, K = 5,011
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hashing.metrics import map_at_k  # noqa: E402
+from hashing.evaluation.metrics import map_at_k  # noqa: E402
 
 SCALES = {  # queries, database, classes, K
     "voc2007": (4952, 5011, 20, 5011),

@@ -1,4 +1,4 @@
-"""Time the search methods of hashing/index.py on synthetic codes: build time, memory, query latency at batch 1
+"""Time the search methods of hashing/search/index.py on synthetic codes: build time, memory, query latency at batch 1
 and batch 1,000, and recall@k against the exact ranking.
 
     python benchmarks/bench_search.py --sizes 1000000 10000000            # the full measurement (long)
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hashing import mih  # noqa: E402
-from hashing.index import HammingIndex, METHODS, import_faiss  # noqa: E402
+from hashing.search import mih
+from hashing.search.index import HammingIndex, METHODS, import_faiss  # noqa: E402
 from utils.atomic import ensure_writable_dir, write_text  # noqa: E402
 from utils.errors import UserError, run_reporting_errors  # noqa: E402
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hashing.serve import bound_socket  # noqa: E402
+from hashing.search.server import bound_socket  # noqa: E402
 from utils.argtypes import positive_int  # noqa: E402
 from utils.errors import UserError, run_reporting_errors  # noqa: E402
 

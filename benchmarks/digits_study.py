@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval  # noqa: E402
 from benchmarks import compare  # noqa: E402
 from data import DATASETS  # noqa: E402
-from hashing import plots  # noqa: E402
+from hashing.evaluation import plots
 from loss import LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.config import config_arguments, read_config  # noqa: E402

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hashing import plots  # noqa: E402
+from hashing.evaluation import plots
 from utils.documents import MAX_METRICS_BYTES, read_json_file  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.runlog import read_run_log  # noqa: E402

@@ -22,7 +22,7 @@ from utils.errors import UserError
 from utils.documents import parse_json
 from utils.paths import GiB, MiB, check_output_target, load_arrays
 
-from .codes import CodeSet
+from hashing.codes import CodeSet
 
 # Bump when the file layout or the meaning of the stored codes changes: older files are then re-encoded.
 FORMAT_VERSION = 3

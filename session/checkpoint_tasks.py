@@ -18,11 +18,12 @@ from data.fingerprint import split_fingerprint
 from data.query_images import item_names, query_batch
 from data.transforms import Preprocessing
 from engine import encode_splits
-from hashing import cache, plots
-from hashing.api import CLI_HINT
+from hashing import cache
+from hashing.evaluation import plots
+from hashing.search.api import CLI_HINT
 from hashing.codes import NonFiniteCodes, pack_signs
-from hashing.metrics import BUCKETS, metrics_of_codes
-from hashing.search import search, write_index
+from hashing.evaluation.metrics import BUCKETS, metrics_of_codes
+from hashing.search.exact import search, write_index
 from utils.atomic import write_json
 from utils.checkpoint import load_network_weights
 from utils.dist import barrier, broadcast_object
@@ -78,7 +79,7 @@ def checkpoint_codes(run, network, weights_loaded=False):
 
 
 def checkpoint_metrics(run, codes, key, cached, selection=None):
-    """Every metric of the codes (hashing.metrics.metrics_of_codes) with a "run" record (and how training
+    """Every metric of the codes (hashing.evaluation.metrics.metrics_of_codes) with a "run" record (and how training
     selected the checkpoint, when known), written to OUTPUT_DIR/{run}.metrics.json unless --no_save."""
     args = run.args
     train_counts = (split_labels(run.splits.train) > 0).sum(dim=0).numpy()

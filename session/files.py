@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hashing.search import is_binary_index
+from hashing.search.exact import is_binary_index
 from network import DEFAULT_BACKBONE, file_label
 from utils.atomic import ensure_writable_dir, remove_leftovers
 from utils.checkpoint import is_checkpoint_file

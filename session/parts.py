@@ -18,9 +18,9 @@ from data.hierarchy_files import read_hierarchy
 from data.validation import hold_out_validation
 from engine import Loaders, Trainer
 from hashing import codetable
-from hashing.api import resolve_network
-from hashing.conventions import Convention
-from hashing.metrics import check_top_ns
+from hashing.search.api import resolve_network
+from hashing.evaluation.conventions import Convention
+from hashing.evaluation.metrics import check_top_ns
 from loss import LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss, build_experts_loss, build_loss
 from network import DEFAULT_BACKBONE, build_network, get_backbone, hash_head, trunk_and_head_parameters
 from utils.dist import barrier, shard_bounds
@@ -167,7 +167,7 @@ def backbone_of(args):
 
 def resolve_backbone(args):
     """The flags with the network resolved: for --test, --query and --export_index with a --checkpoint, as
-    hashing.api.resolve_network rebuilds it (the checkpoint's record, else its run's log, else the flags: backbone,
+    hashing.search.api.resolve_network rebuilds it (the checkpoint's record, else its run's log, else the flags: backbone,
     input size, bits and heads, checked against the weights' shapes); else --backbone, or googlenet, the paper's
     default. A flag that contradicts the checkpoint is a UserError; flags at their defaults count as not given."""
     if not ((args.test or args.query or args.export_index) and args.checkpoint and Path(args.checkpoint).is_file()):

@@ -13,7 +13,7 @@ import torch
 
 from data import DatasetSpec, RetrievalSplits
 from engine import Loaders
-from hashing.conventions import Convention
+from hashing.evaluation.conventions import Convention
 from network import BackboneSpec
 from utils.dist import DistContext
 from utils.runlog import RunLog

@@ -43,8 +43,8 @@ def search_service(tmp_path_factory):
     """(output folder, model, SearchService) of a tiny digits run, shared by the search API, page and browser
     tests (training once)."""
     import retrieval
-    from hashing import serve
-    from hashing.api import load_checkpoint
+    from hashing.search import server as serve
+    from hashing.search.api import load_checkpoint
 
     out = tmp_path_factory.mktemp("search")
     retrieval.main(retrieval.parse_args(SEARCH_RUN + ["--output_dir", str(out)]))

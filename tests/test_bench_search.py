@@ -3,7 +3,7 @@ import faiss
 import pytest
 
 from benchmarks import bench_search
-from hashing import mih
+from hashing.search import mih
 from utils.errors import UserError
 
 

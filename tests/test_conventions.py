@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from hashing.codes import CodeSet
-from hashing.conventions import NORMALIZE, TIES, ZERO_HIT, Convention
-from hashing.metrics import (acg_at_k, average_precisions, map_at_k, map_of_codes, metrics_of_codes, ndcg_at_k,
+from hashing.evaluation.conventions import NORMALIZE, TIES, ZERO_HIT, Convention
+from hashing.evaluation.metrics import (acg_at_k, average_precisions, map_at_k, map_of_codes, metrics_of_codes, ndcg_at_k,
                              ranking_metrics_of_codes, retrieval_metrics, wap_at_k)
 
 METRICS = {"map": map_at_k, "wap": wap_at_k, "ndcg": ndcg_at_k, "acg": acg_at_k}

@@ -61,7 +61,7 @@ def test_same_seed_same_run(trained, tmp_path):
 
 def test_learning_beats_random_codes(trained):
     from data import digits
-    from hashing.metrics import map_at_k
+    from hashing.evaluation.metrics import map_at_k
     _, train_labels, _, query_labels = digits.generate(seed=0)
     rng = np.random.default_rng(0)
     chance = np.mean([map_at_k(rng.standard_normal((500, 16)), query_labels,

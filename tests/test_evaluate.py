@@ -1,5 +1,5 @@
 """The standalone evaluator (python -m hashing.evaluate): every input format gives the same figures, which are
-those of hashing.metrics; mistakes are one-line errors; the table goes to JSON and CSV."""
+those of hashing.evaluation.metrics; mistakes are one-line errors; the table goes to JSON and CSV."""
 import csv
 import json
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from hashing import cache as codes_cache
-from hashing import evaluate
+from hashing.evaluation import cli as evaluate
 from hashing.codes import CodeSet
-from hashing.metrics import map_at_k, ndcg_at_k
+from hashing.evaluation.metrics import map_at_k, ndcg_at_k
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from benchmarks import plot_compare
 from data import digits
 from network import build_network
 from hashing import cache as codes_cache
-from hashing import evaluate
+from hashing.evaluation import cli as evaluate
 from utils.runlog import read_run_log
 from session.parts import build_splits, make_loaders
 from session.run import Run

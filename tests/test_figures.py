@@ -2,7 +2,7 @@
 import numpy as np
 
 from data import get_dataset_spec
-from hashing import plots
+from hashing.evaluation import plots
 
 
 def legend_of_tsne(monkeypatch, tmp_path, class_names):

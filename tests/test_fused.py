@@ -1,13 +1,14 @@
-"""The fused numba kernel (hashing/fused.py) and the NumPy path of hashing/metrics.py give identical figures, and
+"""The fused numba kernel (hashing/evaluation/fused.py) and the NumPy path of hashing/evaluation/metrics.py give identical figures, and
 the NumPy path alone still matches the brute-force definitions (tests/test_conventions.py's loops)."""
 import itertools
 
 import numpy as np
 import pytest
 
-from hashing import fused, metrics
+from hashing.evaluation import fused
+from hashing.evaluation import metrics
 from hashing.codes import CodeSet
-from hashing.conventions import Convention
+from hashing.evaluation.conventions import Convention
 from test_conventions import METRICS, every_option, loop_mean, query_figures, tied_problem
 
 needs_numba = pytest.mark.skipif(not fused.available(), reason="numba is not installed: only the NumPy path runs")
@@ -83,7 +84,7 @@ def test_small_problems_and_keys_beyond_16_bits_take_the_numpy_path():
 def test_a_read_only_checkout_compiles_without_a_cache(monkeypatch):
     from numba.core import caching
 
-    from hashing import fused_kernel
+    from hashing.evaluation import fused_kernel
 
     def unwritable(locator):
         raise PermissionError("read-only")

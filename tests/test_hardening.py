@@ -367,7 +367,7 @@ def test_query_digits_n_searches_with_the_n_th_query_mosaic(trained, capsys):
 
 
 def test_plot_format_and_an_epoch_axis_on_the_convergence_figure(tmp_path, monkeypatch):
-    from hashing import plots
+    from hashing.evaluation import plots
     log = {"topk": 10, "epochs": [{"epoch": 1, "train_seconds": 4.0, "map": 0.5},
                                   {"epoch": 2, "train_seconds": 9.0},
                                   {"epoch": 3, "train_seconds": 15.0, "map": 0.7}]}

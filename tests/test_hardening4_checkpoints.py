@@ -10,10 +10,10 @@ import pytest
 import safetensors.torch
 import torch
 
-import hashing.api
+import hashing.search.api
 import retrieval
-from hashing.index import HammingIndex
-from hashing.stream import encode_to_file
+from hashing.search.index import HammingIndex
+from hashing.search.stream import encode_to_file
 import utils.lock
 from network import build_network
 from tests.cli_runs import SMALL_DIGITS_RUN, exit_status, run_small_digits, small_digits_failure
@@ -62,7 +62,7 @@ def test_test_rebuilds_a_plain_checkpoint_from_its_run_log(trained, capsys):
                                                    "cpu", "--checkpoint", str(out / "digits_small_16.ckpt"),
                                                    "--output_dir", str(out), "--no_progress"], capsys)
     assert code == 0 and f"mAP@200: {result['map']:.4f}  (digits, small, 16 bits" in printed
-    model = hashing.api.load_checkpoint(out / "digits_small_16.ckpt", device="cpu")
+    model = hashing.search.api.load_checkpoint(out / "digits_small_16.ckpt", device="cpu")
     assert (model.backbone.name, model.hash_bit) == ("small", 16)
 
 
@@ -88,7 +88,7 @@ def nothing_is_built(monkeypatch):
     def build(*args, **kwargs):
         raise AssertionError("a network was built from a record that was not checked")
 
-    monkeypatch.setattr(hashing.api, "build_network", build)
+    monkeypatch.setattr(hashing.search.api, "build_network", build)
 
 
 @pytest.mark.parametrize("field, value, expected", [
@@ -104,7 +104,7 @@ def test_a_record_out_of_bounds_is_refused_before_anything_is_built(tmp_path, no
               field: value}
     checkpoint = described_checkpoint(tmp_path / "crafted.ckpt", record)
     with pytest.raises(UserError, match=expected):
-        hashing.api.load_checkpoint(checkpoint, device="cpu")
+        hashing.search.api.load_checkpoint(checkpoint, device="cpu")
 
 
 @pytest.mark.parametrize("flag, value", [("--hash_bit", "8193"), ("--experts", "65"), ("--input_size", "2049")])
@@ -119,7 +119,7 @@ def test_a_run_log_out_of_bounds_is_refused_before_anything_is_built(tmp_path, n
     (tmp_path / "run.jsonl").write_text('{"event": "start", "args": {"dataset": "digits", "backbone": "small", '
                                         '"hash_bit": [16]}}\n')
     with pytest.raises(UserError, match=r"the run log of .*run.ckpt: hash_bit \[16\] is not an integer"):
-        hashing.api.load_checkpoint(tmp_path / "run.ckpt", device="cpu")
+        hashing.search.api.load_checkpoint(tmp_path / "run.ckpt", device="cpu")
 
 
 def vit_shaped_state(tokens, bits=16, width=768):
@@ -137,7 +137,7 @@ def test_the_network_a_record_describes_is_compared_with_the_weights_before_it_i
     record = {"name": "vit_b_32", "source": "torchvision", "input_size": 224, "hash_bit": 16, "experts": 1, **record}
     checkpoint = described_checkpoint(tmp_path / "crafted.ckpt", record, state)
     with pytest.raises(UserError, match=expected):
-        hashing.api.load_checkpoint(checkpoint, device="cpu")
+        hashing.search.api.load_checkpoint(checkpoint, device="cpu")
     code, _, err = exit_status(retrieval.cli, ["--dataset", "digits", "--test", "--checkpoint", str(checkpoint),
                                                "--output_dir", str(tmp_path)], capsys)
     assert code == 1 and err.count("\n") == 1 and expected in err

@@ -13,10 +13,10 @@ from benchmarks import plot_compare
 from data.flickr import read_saved_order
 from data.image_cache import ImageCache, truncated_list_for
 from hashing import cache as codes_cache
-from hashing import stream
-from hashing.api import run_record
+from hashing.search import stream
+from hashing.search.api import run_record
 from hashing.codes import CodeSet
-from hashing.index import ALIGNMENT, MAGIC, HammingIndex
+from hashing.search.index import ALIGNMENT, MAGIC, HammingIndex
 from tests.cli_runs import SMALL_DIGITS_RUN, exit_status
 from tests.cli_runs import run_small_digits as run
 from tests.test_hardening_evaluate import deadline, small_problem

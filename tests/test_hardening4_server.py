@@ -30,9 +30,9 @@ import retrieval
 from data.base import RetrievalSplits, UnreadableImage, split_labels
 from data.files import ImageFileDataset, read_rgb
 from data.query_images import raw_image, read_query_image
-from hashing import serve
-from hashing.index import HammingIndex
-from hashing.search import MAX_K
+from hashing.search import server as serve
+from hashing.search.index import HammingIndex
+from hashing.search.exact import MAX_K
 from tests.conftest import SEARCH_RUN
 from utils.errors import UserError
 
@@ -432,7 +432,7 @@ def test_query_prints_the_labels_of_a_dataset_item(search_service, capsys):
 
 
 def test_a_missing_image_is_the_apis_documented_exception(search_service, tmp_path):
-    from hashing import api
+    from hashing.search import api
     model = search_service[1]
     with pytest.raises(api.UnreadableImage, match="absent.jpg does not exist"):
         model.encode([str(tmp_path / "absent.jpg")])

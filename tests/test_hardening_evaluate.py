@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from hashing import cache as codes_cache
-from hashing import evaluate, fused, metrics
+from hashing.evaluation import cli as evaluate
+from hashing.evaluation import fused
+from hashing.evaluation import metrics
 from hashing.codes import CodeSet, hamming_distances, word_columns
-from hashing.conventions import Convention
+from hashing.evaluation.conventions import Convention
 from tests.cli_runs import exit_status
 
 

@@ -1,4 +1,4 @@
-"""hashing/index.py: every exact method ranks like a brute-force loop (ties by id) and like --query's search;
+"""hashing/search/index.py: every exact method ranks like a brute-force loop (ties by id) and like --query's search;
 add/remove/save/load round trips; radius search; what the approximate methods promise; and load refusing
 files that are not complete indexes."""
 import os
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from hashing.codes import pack_signs
-from hashing.index import AUTO_MIH_ROWS, HammingIndex
-from hashing.mih import MultiIndexTables, default_substrings
-from hashing.search import search
+from hashing.search.index import AUTO_MIH_ROWS, HammingIndex
+from hashing.search.mih import MultiIndexTables, default_substrings
+from hashing.search.exact import search
 from utils.errors import UserError
 
 # Each exact method as (method, options); "flat" with and without FAISS, "mih" with its default and with
@@ -77,7 +77,7 @@ def test_exact_methods_rank_like_brute_force_with_ties_by_id(bits, items, method
 
 @pytest.mark.parametrize("method", ["mih", "auto"])
 def test_index_search_equals_the_query_search(method):
-    # --query prints hashing.search.search; an index with ids = database indices must give the same ranking.
+    # --query prints hashing.search.exact.search; an index with ids = database indices must give the same ranking.
     rng = np.random.default_rng(5)
     database_bits, pool = tied_codes(rng, 48, 2000)
     query_bits = query_codes(rng, pool, 48)

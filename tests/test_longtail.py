@@ -6,7 +6,7 @@ import pytest
 
 import retrieval
 from data import digits
-from hashing.metrics import (average_precisions, frequency_buckets, long_tail_breakdown,
+from hashing.evaluation.metrics import (average_precisions, frequency_buckets, long_tail_breakdown,
                              per_class_average_precision)
 from test_metrics import brute_force_average_precisions
 from utils.errors import UserError

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hashing.codes import hamming_distances, pack_signs, word_columns
-from hashing.metrics import (average_precisions, default_top_ns, map_at_k,
+from hashing.evaluation.metrics import (average_precisions, default_top_ns, map_at_k,
                            precision_at_top_n, precision_recall_curve, precision_within_radius, rank_top_k,
                            retrieval_metrics)
 
@@ -80,7 +80,7 @@ def test_accepts_torch_tensors_and_matches_numpy():
 
 
 def test_chunking_and_threads_do_not_change_the_result(monkeypatch):
-    import hashing.metrics as metrics
+    import hashing.evaluation.metrics as metrics
     problem = tied_problem(np.random.default_rng(4), 50, 300, 32, 10, distinct_codes=12)
     reference = average_precisions(*problem, topk=100, threads=1)
     monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 600)  # two queries per chunk
@@ -210,7 +210,7 @@ def test_undefined_curve_points_are_nan_and_null_in_json():
 
 
 def test_retrieval_metrics_agree_with_each_metric_and_do_not_depend_on_chunking(monkeypatch):
-    import hashing.metrics as metrics_module
+    import hashing.evaluation.metrics as metrics_module
     problem = tied_problem(np.random.default_rng(9), 41, 230, 24, 8, distinct_codes=10)
     together = retrieval_metrics(*problem, topk=100, top_ns=[10, 100, 200])
     assert together["map"] == pytest.approx(map_at_k(*problem, topk=100), abs=1e-12)

@@ -13,7 +13,7 @@ import retrieval
 from data.transforms import image_transform
 from fixture_files import small_list_folder
 from utils.errors import UserError
-from hashing.metrics import map_at_k
+from hashing.evaluation.metrics import map_at_k
 from session.parts import backbone_of, make_network, resolve_backbone
 from session.run import Run
 

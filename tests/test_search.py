@@ -5,7 +5,7 @@ import pytest
 
 from hashing import cache as codes_cache
 from hashing.codes import CodeSet, pack_signs, unpack_signs
-from hashing.search import build_index, search, write_index
+from hashing.search.exact import build_index, search, write_index
 
 
 @pytest.mark.parametrize("bits", [5, 12, 48, 64, 70])

@@ -9,7 +9,7 @@ import pytest
 import uvicorn
 
 from data.query_images import raw_image
-from hashing import serve
+from hashing.search import server as serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")

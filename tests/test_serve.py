@@ -1,4 +1,4 @@
-"""The search API and page of a trained checkpoint (hashing/api.py, hashing/serve.py): rankings equal --query's
+"""The search API and page of a trained checkpoint (hashing/search/api.py, hashing/search/server.py): rankings equal --query's
 and a brute-force loop, uploads equal the API's encoding, requests never name a file, bad uploads get a 4xx,
 errors show no traceback; and the README's example runs as printed."""
 import builtins
@@ -14,8 +14,8 @@ from starlette.testclient import TestClient
 
 import retrieval
 from data.query_images import raw_image
-from hashing import serve
-from hashing.index import HammingIndex
+from hashing.search import server as serve
+from hashing.search.index import HammingIndex
 from tests.conftest import SEARCH_RUN
 from utils.errors import UserError
 

@@ -1,4 +1,4 @@
-"""hashing/stream.py: streamed encoding into a memory-mapped code file equals encoding in memory, and a run
+"""hashing/search/stream.py: streamed encoding into a memory-mapped code file equals encoding in memory, and a run
 interrupted after some batches resumes to the identical file; mismatched resumes and bad files are refused."""
 import json
 import os
@@ -10,9 +10,9 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from data.files import read_rgb
-from hashing import stream
+from hashing.search import stream
 from hashing.codes import CodeSet, pack_signs
-from hashing.stream import encode_to_file, image_paths, open_code_file
+from hashing.search.stream import encode_to_file, image_paths, open_code_file
 from utils.errors import UserError
 
 BITS = 20  # 3 bytes a code, 4 padding bits

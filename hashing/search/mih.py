@@ -12,7 +12,7 @@ in another table is recognised from its substring distances (no visited set), an
 distance is computed from its code.
 
 The result is exact and in the evaluator's order: every row within the final distance has been met, and
-the rows are ranked by (distance, row); rows are stored in id order (hashing/index.py), so that is
+the rows are ranked by (distance, row); rows are stored in id order (hashing/search/index.py), so that is
 (distance, id), the flat scan's ranking to the last tie. How much of the database a search meets depends on
 the codes: little for the clustered codes of a trained model or a near-duplicate query, more for uniformly
 random codes, whose 100th neighbour among 10 M 64-bit codes lies at distance ~14.
@@ -82,7 +82,7 @@ def substring_keys(words, start, end):
 
 def _kernel():
     try:
-        from . import mih_kernel
+        from hashing.search.exact import mih_kernel
     except ImportError:
         raise UserError("multi-index hashing (method='mih') needs numba: pip install numba (see requirements.txt), "
                         "or use method='flat'") from None

@@ -41,7 +41,7 @@ from utils.lock import run_lock
 from utils.paths import check_output_target, require_regular_file
 from utils.runlog import progress_bar
 
-from .codes import NonFiniteCodes, pack_signs
+from hashing.codes import NonFiniteCodes, pack_signs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 PROGRESS_SECONDS = 10.0

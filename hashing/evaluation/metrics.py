@@ -9,7 +9,7 @@ distance is a popcount of an XOR and relevance a bitwise AND. Distances are smal
 chunk of queries is ranked by numpy's stable radix sort on uint8/uint16 keys, and for K < N a per-row
 histogram of distances finds the boundary distance first, so only about K candidates per query are
 ranked. Chunks run on a few threads (numpy releases the GIL) and memory stays bounded by the chunk.
-With numba installed, hashing/fused.py does the whole pass in one compiled loop per query instead (distances,
+With numba installed, hashing/evaluation/fused.py does the whole pass in one compiled loop per query instead (distances,
 (distance x shared labels) counts, a counting sort per tie rule; docs/PERFORMANCE.md), with identical figures;
 this module's NumPy code is its fallback.
 
@@ -19,7 +19,7 @@ need no ranking at all, only per-query histograms of the distances of all items 
 ones (the set "every item within radius r" is the same whatever the tie rule). retrieval_metrics()
 computes all of them in one pass, with the same memory bound.
 
-Conventions (docs/METHOD.md §3.5-§3.7, hashing/conventions.py): the defaults are the paper's; any other
+Conventions (docs/METHOD.md §3.5-§3.7, hashing/evaluation/conventions.py): the defaults are the paper's; any other
 normalize / zero_hit / ties, and the graded metrics NDCG, ACG and WAP (rel = number of shared labels), come
 from the same chunked pass, the grade of a ranked item being a popcount of an AND. ties="aware" ranks
 nothing: it reads per-query counts of (distance, shared labels) pairs.
@@ -30,9 +30,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import fused
-from .codes import CodeSet, count_dtype, hamming_distances, popcount_sum, word_columns
-from .conventions import (TIES, Convention, database_permutation, every_convention, expected_hits,
+from hashing.evaluation import fused
+from hashing.codes import CodeSet, count_dtype, hamming_distances, popcount_sum, word_columns
+from hashing.evaluation.conventions import (TIES, Convention, database_permutation, every_convention, expected_hits,
                           precision_sums_of_ranking, ranked_statistics, shuffled_database, statistics_of_ranking_sums,
                           summarize, tie_aware_statistics)
 
@@ -288,7 +288,7 @@ def _concatenate(parts):
 
 
 def _fused_statistics(problem, depths, rules, seed, threads, graded, histograms):
-    """_per_query_statistics by the fused kernel (hashing/fused.py) for every tie rule of `rules` in one pass:
+    """_per_query_statistics by the fused kernel (hashing/evaluation/fused.py) for every tie rule of `rules` in one pass:
     {rule: stats}. Each stats has the distance histograms when `histograms`; graded: conventions.PER_QUERY_KEYS
     (+ hits_at_top_n), else average_precision (when map_depth) and hits_at_top_n (when top_ns)."""
     map_depth, top_ns = depths

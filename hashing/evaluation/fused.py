@@ -1,4 +1,4 @@
-"""A fused ranking kernel (numba) for the evaluation of hashing/metrics.py, with a NumPy fallback there.
+"""A fused ranking kernel (numba) for the evaluation of hashing/evaluation/metrics.py, with a NumPy fallback there.
 
 NumPy materialises a (queries x database) distance matrix, then sorts or histograms it in further passes; at
 NUS-WIDE scale that costs several times the XOR + popcount itself. This kernel does, per query, in one
@@ -17,7 +17,7 @@ compiled loop (docs/PERFORMANCE.md, where the evaluation's time goes):
 numba is optional: without it, below MIN_PAIRS query-database pairs, when the keys do not fit 16 bits, or for
 queries of more than MAX_GRADE labels,
 metrics.py uses NumPy, with identical figures (tests/test_fused.py). The kernel itself is in
-hashing/fused_kernel.py, imported on first use, so that processes scoring small problems never load numba. Compiled code is cached next to this file, or, on a read-only
+hashing/evaluation/fused_kernel.py, imported on first use, so that processes scoring small problems never load numba. Compiled code is cached next to this file, or, on a read-only
 checkout, in numba's user-wide cache directory; when neither is writable numba compiles at each start (some
 seconds on first use, as after any change to this file).
 """
@@ -55,6 +55,6 @@ def packed_matrix(word_columns):
 
 
 def rank_chunk(query, databases, depths, log2_positions, out):
-    """hashing.fused_kernel.rank_chunk (numba imported here, on first use)."""
-    from . import fused_kernel
+    """hashing.evaluation.fused_kernel.rank_chunk (numba imported here, on first use)."""
+    from hashing.evaluation import fused_kernel
     fused_kernel.rank_chunk(query, databases, depths, log2_positions, out)

@@ -1,8 +1,8 @@
-"""The search page of hashing/serve.py: one HTML document with its style and script, which calls the JSON API
+"""The search page of hashing/search/server.py: one HTML document with its style and script, which calls the JSON API
 (/api/run, /api/search) and shows the thumbnails it serves by index. Text from the server is inserted as text
 (textContent), never as markup. The address reproduces what the page shows: /?query_index=N&k=K searches query N
 on load (query 0 without one), and each search by index puts its own N and K into the address."""
-from .search import MAX_K
+from hashing.search.exact import MAX_K
 
 PAGE = """<!doctype html>
 <html lang="en">

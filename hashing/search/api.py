@@ -1,7 +1,7 @@
 """Search with a trained checkpoint from Python: load it, encode images to packed codes, index them.
 
-    from hashing.api import load_checkpoint
-    from hashing.index import HammingIndex
+    from hashing.search.api import load_checkpoint
+    from hashing.search.index import HammingIndex
 
     model = load_checkpoint("result/digits_small_48.ckpt")   # network, dataset and class names of the run
     splits = model.splits()                                  # the run's own query and database splits
@@ -12,8 +12,8 @@ load_checkpoint finds what a checkpoint needs to be rebuilt and used: the backbo
 checkpoint records, else the run's log next to it (OUTPUT_DIR/{run}.jsonl, .metrics.json: dataset, backbone,
 bits, heads, data settings), else the arguments given. encode takes image files, a folder, PIL images or a
 dataset split (items (image tensor, labels), e.g. one of model.splits()) and returns the packed codes of
-hashing/codes.py, which HammingIndex (hashing/index.py) searches in the evaluator's tie order. An image file
-that is missing or is no JPEG, PNG, WebP, BMP, GIF or TIFF image raises hashing.api.UnreadableImage (a
+hashing/codes.py, which HammingIndex (hashing/search/index.py) searches in the evaluator's tie order. An image file
+that is missing or is no JPEG, PNG, WebP, BMP, GIF or TIFF image raises hashing.search.api.UnreadableImage (a
 utils.errors.UserError, whose message names the file); every other mistake a UserError.
 """
 from dataclasses import dataclass, field
@@ -35,9 +35,9 @@ from utils.documents import MAX_METRICS_BYTES, read_json_file
 from utils.errors import UserError
 from utils.runlog import progress_bar, read_run_log
 
-from . import cache
-from .codes import CodeSet, NonFiniteCodes, pack_labels, pack_signs
-from .stream import ImageItems, encode_to_file, image_paths
+from hashing import cache
+from hashing.codes import CodeSet, NonFiniteCodes, pack_labels, pack_signs
+from hashing.search.stream import ImageItems, encode_to_file, image_paths
 
 __all__ = ["CheckpointModel", "UnreadableImage", "UserError", "load_checkpoint"]
 
@@ -81,7 +81,7 @@ class CheckpointModel:
 
     def encode_to_file(self, images, output, batch_size=64):
         """Encode a large collection (a folder or image paths) into a memory-mapped code file, resumably
-        (hashing/stream.py); returns its EncodedImages (codes, paths, hash_bit)."""
+        (hashing/search/stream.py); returns its EncodedImages (codes, paths, hash_bit)."""
         return encode_to_file(self.network, images, self.transform, output, batch_size=batch_size, device=self.device)
 
     def data_settings(self, data_root=None):

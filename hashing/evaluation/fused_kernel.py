@@ -1,4 +1,4 @@
-"""The numba code of hashing/fused.py (its docstring describes the three steps); imported only when a problem is
+"""The numba code of hashing/evaluation/fused.py (its docstring describes the three steps); imported only when a problem is
 large enough to use it."""
 import numba
 import numpy as np

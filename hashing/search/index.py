@@ -13,9 +13,9 @@ Methods (`method=`; docs/SEARCH.md has the measured figures):
   is strictly closer than the current k-th, and its heap compares (distance, row) pairs; results are still
   re-sorted by (distance, row), a no-op with the FAISS version pinned in requirements.txt. Which tied rows a
   FAISS version keeps at the k-th distance no re-sort could repair, so the tests check FAISS alone against
-  brute force too. hashing/search.py's search() (used by --query) is this method: one ranking
+  brute force too. hashing/search/exact.py's search() (used by --query) is this method: one ranking
   implementation.
-- "mih" (exact): multi-index hashing (hashing/mih.py, numba), which visits only the rows that can be among
+- "mih" (exact): multi-index hashing (hashing/search/mih.py, numba), which visits only the rows that can be among
   the result; identical results to "flat" to the last tie.
 - "ivf" (approximate): FAISS's IndexBinaryIVF: the codes are clustered, and a search scans the `nprobe`
   nearest of `nlist` clusters, so it misses neighbours in other clusters.
@@ -53,9 +53,9 @@ from utils.documents import parse_json
 from utils.errors import UserError
 from utils.paths import check_output_target, open_regular, require_regular_file
 
-from .codes import hamming_distances, word_columns
-from .metrics import rank_top_k
-from .mih import MAX_SUBSTRING_BITS, MultiIndexTables
+from hashing.codes import hamming_distances, word_columns
+from hashing.evaluation.metrics import rank_top_k
+from hashing.search.mih import MAX_SUBSTRING_BITS, MultiIndexTables
 
 MAGIC = b"hyp2-hamming-index\n"
 FORMAT_VERSION = 1
@@ -74,7 +74,7 @@ OPTIONS = {"auto": {}, "flat": {"use_faiss": None}, "mih": {"substrings": None},
 OPTION_BOUNDS = {"nlist": (1, 1 << 16), "nprobe": (1, 1 << 16), "seed": (0, 2 ** 31 - 1), "neighbors": (2, 256),
                  "ef_construction": (1, 1 << 12), "ef_search": (1, 1 << 16)}
 DEFAULT_METHOD = "auto"
-# Query rows x database items per chunk of the NumPy flat scan: bounded memory, as in hashing.metrics.
+# Query rows x database items per chunk of the NumPy flat scan: bounded memory, as in hashing.evaluation.metrics.
 _CHUNK_ELEMENTS = 1 << 20
 
 
@@ -192,7 +192,7 @@ class _Flat:
 
 
 class _MultiIndexHashing:
-    """Exact search by multi-index hashing (hashing/mih.py)."""
+    """Exact search by multi-index hashing (hashing/search/mih.py)."""
 
     def __init__(self, codes, hash_bit, substrings=None):
         self.tables = MultiIndexTables(codes, hash_bit, substrings)

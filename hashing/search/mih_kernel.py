@@ -1,10 +1,10 @@
-"""The numba code of hashing/mih.py (its docstring describes the method); imported only when a multi-index
+"""The numba code of hashing/search/mih.py (its docstring describes the method); imported only when a multi-index
 hashing index is built or searched."""
 import numpy as np
 
 # The project's numba helpers (cached compilation, the CPU's popcount) live with the first kernel.
-from .fused_kernel import _compiled as compiled
-from .fused_kernel import _popcount as popcount
+from hashing.evaluation.fused_kernel import _compiled as compiled
+from hashing.evaluation.fused_kernel import _popcount as popcount
 
 
 @compiled

@@ -1,0 +1,1 @@
+"""Scoring binary codes: the metrics, their conventions and kernels, the figures and the standalone evaluator."""
