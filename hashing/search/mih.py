@@ -82,7 +82,7 @@ def substring_keys(words, start, end):
 
 def _kernel():
     try:
-        from hashing.search.exact import mih_kernel
+        from hashing.search import mih_kernel
     except ImportError:
         raise UserError("multi-index hashing (method='mih') needs numba: pip install numba (see requirements.txt), "
                         "or use method='flat'") from None
