@@ -19,8 +19,10 @@ partial file is renamed to OUTPUT; the record stays as the file's provenance, an
 the finished file at once. An image file replaced after its row was written is not noticed: the record covers
 the list of paths, not their bytes.
 """
+import contextlib
 import fcntl
 import hashlib
+import itertools
 import os
 import re
 import time
@@ -35,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.files import read_rgb, to_rgb
 from data.image_cache import decode_workers
 from utils.atomic import write_json
+from utils.dist import DistContext, all_true, barrier, broadcast_object, gather_objects, shard_bounds
 from utils.documents import read_json_file
 from utils.errors import UserError
 from utils.lock import run_lock
@@ -116,10 +119,24 @@ def _read_record(path):
                                                                                                 "hash_bit"))
         if not counts or not 0 <= record["done"] <= record["rows"] or record["hash_bit"] < 1:
             raise ValueError
+        _recorded_runs(record)
         return record
     except ValueError:
         raise UserError(f"progress record {path} is unreadable; delete it and its .partial file to encode from "
                         "the start") from None
+
+
+def _recorded_runs(record):
+    """The runs of final rows a record lists, [(start, stop, SHA-256 of their bytes)] in order: the first `done`
+    rows, then the runs under "more" (those the other processes of a torchrun encoding finished). ValueError when
+    they are malformed, overlap or lie outside the file."""
+    runs = [(0, record["done"], record.get("codes_sha256"))]
+    for run in record.get("more", []):
+        if not (isinstance(run, list) and len(run) == 3 and all(isinstance(value, int) for value in run[:2])
+                and isinstance(run[2], str) and runs[-1][1] <= run[0] < run[1] <= record["rows"]):
+            raise ValueError
+        runs.append(tuple(run))
+    return runs
 
 
 def open_code_file(path, mode="r", shape=None):
@@ -159,19 +176,32 @@ def _rows_digest(codes, rows):
 
 
 def _check_final_rows(record, codes, path, record_path):
-    """The running digest of the rows `record` says are final in `path`, after checking them against the digest it
-    recorded: UserError when they differ (the record was edited, the file replaced or damaged), so a forged "done"
-    never passes unencoded rows off as codes."""
-    digest = _rows_digest(codes, record["done"])
-    if record.get("codes_sha256") != digest.hexdigest():
-        raise UserError(f"progress record {record_path} says {record['done']:,} rows of {path} are final, but they are "
-                        "not the rows it recorded (the record was edited, or the file replaced or damaged); delete "
-                        "both to encode from the start")
-    return digest
+    """The final runs of rows `record` lists, [start, stop, running digest] with adjacent runs joined, after
+    checking each against the digest it recorded: UserError when they differ (the record was edited, the file
+    replaced or damaged), so a forged "done" never passes unencoded rows off as codes."""
+    runs = []
+    for start, stop, expected in _recorded_runs(record):
+        own, joined = hashlib.sha256(), runs[-1] if runs and runs[-1][1] == start else None
+        for first in range(start, stop, DIGEST_ROWS):
+            rows = np.ascontiguousarray(codes[first:min(stop, first + DIGEST_ROWS)])
+            own.update(rows)
+            if joined is not None:
+                joined[2].update(rows)
+        if own.hexdigest() != expected:
+            which = f"{stop:,} rows" if start == 0 else f"rows {start:,} to {stop - 1:,}"
+            raise UserError(f"progress record {record_path} says {which} of {path} are final, but they are not the "
+                            "rows it recorded (the record was edited, or the file replaced or damaged); delete both "
+                            "to encode from the start")
+        if joined is not None:
+            joined[1] = stop
+        else:
+            runs.append([start, stop, own])
+    return runs
 
 
-def _check_target_files(output, partial, record_path, lock_path, paths):
+def _check_target_files(files, paths):
     """The writer rule for the four files of an encoding, and its folder, before anything is read or locked."""
+    output, partial, record_path, lock_path = files
     if not output.parent.is_dir():
         raise UserError(f"the folder of the code file {output} does not exist; create it or choose another output")
     if partial.is_symlink():  # opened for writing in place, so never followed to another file
@@ -182,6 +212,151 @@ def _check_target_files(output, partial, record_path, lock_path, paths):
         check_output_target(path, what)
         if str(path) in listed:
             raise UserError(f"{what} {path} is one of the images to encode; choose another output")
+
+
+class EncodingFiles(NamedTuple):
+    output: Path
+    partial: Path
+    record: Path
+    lock: Path
+
+    @classmethod
+    def of(cls, output):
+        output = Path(output)
+        return cls(output, *(output.with_name(output.name + suffix) for suffix in (".partial", ".progress.json",
+                                                                                   ".lock")))
+
+
+def _image_list(images):
+    if isinstance(images, (str, Path)):
+        if not Path(images).is_dir():
+            raise UserError(f"images {images} is not a folder; pass a folder of images or a list of image paths")
+        paths = image_paths(images)
+    else:
+        paths = [str(path) for path in images]
+    if not paths:
+        raise UserError(f"no images to encode in {images} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files)")
+    return paths
+
+
+def encode_to_file(network, images, transform, output, batch_size=64, device=None, workers=None, context=None):
+    """Encode `images` (a folder or a sequence of image paths) with `network` after `transform` (an RGB PIL
+    image -> (C, H, W) tensor) into the .npy code file `output`, resuming an interrupted run of the same call.
+    Returns EncodedImages(codes: read-only memory map, paths, hash_bit). device: None = the network's;
+    workers: DataLoader processes decoding images (None = a few, 0 = in this process); context: the
+    utils.dist.DistContext of a torchrun job whose every process makes this same call, each then encoding its
+    share of the batches into the same file (None: this process alone)."""
+    context = context or DistContext()
+    paths, files = _image_list(images), EncodingFiles.of(output)
+    provenance = _provenance(paths, network, transform)
+    with contextlib.ExitStack() as held:  # process 0's lock and partial file, until the file is finished
+        plan, resumed = _on_main(context, lambda: _prepare(provenance, paths, files, held))
+        if plan["provenance"] != provenance:
+            raise UserError(f"process {context.rank} of the torchrun job was given another "
+                            f"{', '.join(_differences(plan['provenance'], provenance))} than process 0; start every "
+                            "process with the same arguments")
+        if plan["finished"]:
+            return EncodedImages(open_code_file(files.output), paths, plan["hash_bit"])
+        writer = _SharedCodeFile(context, files, provenance, plan["hash_bit"], *(resumed or ([], None)))
+        held.callback(writer.close)
+        workers = decode_workers() if workers is None else workers
+        return _encode(network, paths, transform, writer, plan["missing"], (batch_size, workers),
+                       device or _device_of(network))
+
+
+def _on_main(context, prepare):
+    """(what process 0's prepare() returned to share with every process, what it keeps to itself): process 0's
+    UserError stops every process with its message, rather than leaving them waiting."""
+    if not context.enabled:
+        return prepare()
+    shared, kept, error = None, None, None
+    if context.is_main:
+        try:
+            shared, kept = prepare()
+        except UserError as exc:
+            error = str(exc)
+    shared, error = broadcast_object(context, (shared, error))
+    if error is not None:
+        raise UserError(error)
+    return shared, kept
+
+
+def _prepare(provenance, paths, files, held):
+    """Process 0, before any encoding: check the files, take the lock (held until `held` closes), and find what is
+    left to do. Returns ({finished, hash_bit, missing rows, provenance}, (final runs, locked partial file) or
+    None)."""
+    _check_target_files(files, paths)
+    held.enter_context(run_lock(files.lock, elsewhere="output"))  # one encoding per output
+    record = _read_record(files.record)
+    differs = _differences(record, provenance) if record is not None else []
+    plan = {"finished": False, "hash_bit": None, "missing": [(0, len(paths))], "provenance": provenance}
+    if files.output.exists():
+        if record is None or differs or record["done"] != len(paths):
+            why = "has no progress record" if record is None else \
+                f"was encoded from another {', '.join(differs)}" if differs else "is incomplete"
+            raise UserError(f"code file {files.output} exists and {why}; delete it or choose another output")
+        _check_final_rows(record, open_code_file(files.output, shape=_shape(len(paths), record["hash_bit"])),
+                          files.output, files.record)
+        print(f"{files.output} already holds the {len(paths):,} codes of these images; nothing to do")
+        return {**plan, "finished": True, "hash_bit": record["hash_bit"]}, None
+    if not files.partial.exists():
+        return plan, None
+    handle = held.enter_context(_lock(os.fdopen(os.open(files.partial, os.O_RDWR | os.O_NOFOLLOW), "r+b"),
+                                      files.partial))
+    if record is not None and differs:
+        raise UserError(f"{files.partial} is a partial encoding of another {', '.join(differs)} (see "
+                        f"{files.record}); delete both files to encode these images from the start")
+    if record is None:  # left before its record was first written: no row is final
+        handle.close()
+        files.partial.unlink()
+        return plan, None
+    codes = open_code_file(files.partial, "r+", shape=_shape(len(paths), record["hash_bit"]))
+    runs = _check_final_rows(record, codes, files.partial, files.record)
+    return {**plan, "hash_bit": record["hash_bit"], "missing": _gaps(runs, len(paths))}, (runs, handle)
+
+
+def _shape(rows, hash_bit):
+    return rows, -(-hash_bit // 8)
+
+
+def _gaps(runs, rows):
+    """The [start, stop) ranges of rows that no run covers, in order."""
+    gaps, start = [], 0
+    for first, stop, _ in sorted(runs):
+        if first > start:
+            gaps.append((start, first))
+        start = max(start, stop)
+    return gaps + [(start, rows)] if start < rows else gaps
+
+
+def _batches(missing, batch_size):
+    """The batches (start, stop) that encode the rows `missing`, cut where a single process cuts them (at multiples
+    of batch_size from row 0), so every process computes each row in the batch a single process would."""
+    for start, stop in missing:
+        while start < stop:
+            end = min(stop, (start // batch_size + 1) * batch_size)
+            yield start, end
+            start = end
+
+
+def _batch_count(missing, batch_size):
+    return sum(-(-stop // batch_size) - start // batch_size for start, stop in missing)
+
+
+class _ShardRows:
+    """The batch sampler of one process's share: the row numbers of batches [first, stop) of _batches()."""
+
+    def __init__(self, missing, batch_size, first, stop):
+        self.missing, self.batch_size, self.first, self.stop = missing, batch_size, first, stop
+
+    def __len__(self):
+        return self.stop - self.first
+
+    def __iter__(self):
+        return (list(range(*rows)) for rows in self.batches())
+
+    def batches(self):
+        return itertools.islice(_batches(self.missing, self.batch_size), self.first, self.stop)
 
 
 def _lock(handle, path):
@@ -203,6 +378,68 @@ def _create_code_file(path, shape):
     return handle
 
 
+class _SharedCodeFile:
+    """The partial code file as the processes of one encoding write it, each its batches at their rows, keeping the
+    running digest of each run of rows it finished. Process 0 alone creates the file, writes the progress record
+    (what every process finished, gathered) and finally renames the file; the others only write rows."""
+
+    def __init__(self, context, files, provenance, hash_bit, runs, handle):
+        self.context, self.files, self.provenance, self.hash_bit = context, files, provenance, hash_bit
+        self.rows, self.handle, self.encoded, self.encoded_by_all, self.final = provenance["rows"], handle, 0, 0, []
+        self.runs = {run[1]: run for run in runs}  # [start, stop, running digest] by the row they end at
+        self.codes = None if hash_bit is None else open_code_file(files.partial, "r+", _shape(self.rows, hash_bit))
+
+    def create(self, width):
+        """The first batches of a new encoding: process 0 creates the file for codes of its batch's `width` bits,
+        which every process then opens."""
+        if self.context.is_main:
+            self.handle = _create_code_file(self.files.partial, _shape(self.rows, width))
+        self.hash_bit = broadcast_object(self.context, width)
+        self.codes = open_code_file(self.files.partial, "r+", _shape(self.rows, self.hash_bit))
+        self.save()
+
+    def write(self, start, bits, width):
+        if width != self.hash_bit:
+            raise ValueError(f"the network gave {width} bits after {self.hash_bit}")
+        self.codes[start:start + len(bits)] = bits
+        run = self.runs.pop(start, None) or [start, start, hashlib.sha256()]
+        run[1] += len(bits)
+        run[2].update(np.ascontiguousarray(bits))
+        self.runs[run[1]] = run
+        self.encoded += len(bits)
+
+    def save(self):
+        """Flush this process's rows, then (process 0) record every process's final runs: a collective call."""
+        if self.codes is None:
+            return
+        self.codes.flush()  # the rows reach the disk before the record says they are final
+        mine = [(start, stop, digest.hexdigest()) for start, stop, digest in self.runs.values() if stop > start]
+        everyone = gather_objects(self.context, (mine, self.encoded))
+        self.final, self.encoded_by_all = sorted(run for runs, _ in everyone for run in runs), \
+            sum(count for _, count in everyone)
+        if self.context.is_main:
+            first = self.final[0] if self.final and self.final[0][0] == 0 else (0, 0, hashlib.sha256().hexdigest())
+            more = [list(run) for run in self.final if run is not first]
+            write_json(self.files.record, {**self.provenance, "hash_bit": self.hash_bit, "done": first[1],
+                                           "codes_sha256": first[2], **({"more": more} if more else {})})
+
+    def finish(self):
+        """Process 0: the record of the whole file, then the file renamed to the output; every process waits."""
+        if self.context.is_main:
+            if [run[:2] for run in self.final] != [(0, self.rows)]:  # not one run, whose digest is the file's
+                digest = _rows_digest(self.codes, self.rows).hexdigest()
+                write_json(self.files.record, {**self.provenance, "hash_bit": self.hash_bit, "done": self.rows,
+                                               "codes_sha256": digest})
+            self.close()
+            self.files.partial.replace(self.files.output)
+        barrier(self.context)
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
 def _device_of(network):
     parameter = next(network.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
@@ -220,112 +457,40 @@ def _packed_batch(network, images, device, paths):
                         "its codes would mean nothing") from None
 
 
-def encode_to_file(network, images, transform, output, batch_size=64, device=None, workers=None):
-    """Encode `images` (a folder or a sequence of image paths) with `network` after `transform` (an RGB PIL
-    image -> (C, H, W) tensor) into the .npy code file `output`, resuming an interrupted run of the same call.
-    Returns EncodedImages(codes: read-only memory map, paths, hash_bit). device: None = the network's;
-    workers: DataLoader processes decoding images (None = a few, 0 = in this process)."""
-    if isinstance(images, (str, Path)):
-        if not Path(images).is_dir():
-            raise UserError(f"images {images} is not a folder; pass a folder of images or a list of image paths")
-        paths = image_paths(images)
-    else:
-        paths = [str(path) for path in images]
-    if not paths:
-        raise UserError(f"no images to encode in {images} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files)")
-    output = Path(output)
-    partial, record_path = output.with_name(output.name + ".partial"), output.with_name(output.name + ".progress.json")
-    lock_path = output.with_name(output.name + ".lock")
-    _check_target_files(output, partial, record_path, lock_path, paths)
-    with run_lock(lock_path, elsewhere="output"):  # one encoder per output
-        return _resume_or_start(network, paths, transform, (output, partial, record_path), batch_size, device,
-                                workers)
-
-
-def _resume_or_start(network, paths, transform, files, batch_size, device, workers):
-    """encode_to_file under its lock: the finished file, or the encoding resumed or started."""
-    output, partial, record_path = files
-    provenance = _provenance(paths, network, transform)
-    record = _read_record(record_path)
-    differs = _differences(record, provenance) if record is not None else []
-
-    if output.exists():
-        if record is None or differs or record["done"] != len(paths):
-            why = "has no progress record" if record is None else \
-                f"was encoded from another {', '.join(differs)}" if differs else "is incomplete"
-            raise UserError(f"code file {output} exists and {why}; delete it or choose another output")
-        codes = open_code_file(output, shape=(len(paths), -(-record["hash_bit"] // 8)))
-        _check_final_rows(record, codes, output, record_path)
-        print(f"{output} already holds the {len(paths):,} codes of these images; nothing to do")
-        return EncodedImages(codes, paths, record["hash_bit"])
-    handle = None
-    if partial.exists():
-        handle = _lock(os.fdopen(os.open(partial, os.O_RDWR | os.O_NOFOLLOW), "r+b"), partial)
-        if record is not None and differs:
-            handle.close()
-            raise UserError(f"{partial} is a partial encoding of another {', '.join(differs)} (see {record_path}); "
-                            "delete both files to encode these images from the start")
-        if record is None:  # left before its record was first written: no row is final
-            handle.close()
-            partial.unlink()
-            handle = None
-    workers = decode_workers() if workers is None else workers
-    return _encode(network, paths, transform, files, provenance,
-                   (record, handle) if handle is not None else (None, None), (batch_size, workers),
-                   device or _device_of(network))
-
-
-def _encode(network, paths, transform, files, provenance, resumed, loading, device):
-    """The encoding loop of encode_to_file; resumed = (record, locked handle of the partial file) or Nones."""
-    output, partial, record_path = files
-    record, handle = resumed
-    done = record["done"] if record is not None else 0
-    hash_bit = record["hash_bit"] if record is not None else None
-    codes, digest = None, hashlib.sha256()
-    if record is not None:
-        codes = open_code_file(partial, "r+", shape=(len(paths), -(-hash_bit // 8)))
-        try:
-            digest = _check_final_rows(record, codes, partial, record_path)
-        except UserError:
-            handle.close()
-            raise
-    started, saved_at, encoded = time.perf_counter(), time.monotonic(), 0
-    batch_size, workers = loading
-    loader = DataLoader(ImageItems(paths[done:], transform), batch_size=batch_size, num_workers=workers)
-
-    def save_progress():
-        if codes is not None:
-            codes.flush()  # the rows reach the disk before the record says they are final
-            write_json(record_path, {**provenance, "hash_bit": hash_bit, "done": done,
-                                     "codes_sha256": digest.hexdigest()})
-
+def _encode(network, paths, transform, writer, missing, loading, device):
+    """The encoding loop of encode_to_file: this process's share of the batches of the `missing` rows, in as many
+    rounds as every other process (a round: one batch each, and a collective vote on saving the record)."""
+    context, (batch_size, workers) = writer.context, loading
+    count = _batch_count(missing, batch_size)
+    shard = _ShardRows(missing, batch_size, *shard_bounds(count, 1, context))
+    loader = DataLoader(ImageItems(paths, transform), batch_sampler=shard, num_workers=workers)
+    batches, rounds = zip(shard.batches(), loader), -(-count // context.world_size)
+    started, saved_at = time.perf_counter(), time.monotonic()
     network.eval()
     try:
-        with torch.inference_mode(), progress_bar(total=len(paths), initial=done, desc="encoding images",
-                                                  unit="img") as bar:
-            for images in loader:
-                bits, width = _packed_batch(network, images, device, paths[done:done + len(images)])
-                if codes is None:  # the first batch tells the code length
-                    hash_bit = width
-                    handle = _create_code_file(partial, (len(paths), bits.shape[1]))
-                    codes = open_code_file(partial, "r+", shape=(len(paths), bits.shape[1]))
-                    save_progress()
-                elif width != hash_bit:
-                    raise ValueError(f"the network gave {width} bits after {hash_bit}")
-                codes[done:done + len(bits)] = bits
-                digest.update(np.ascontiguousarray(bits))
-                done += len(bits)
-                encoded += len(bits)
-                bar.update(len(bits))
-                if time.monotonic() - saved_at >= PROGRESS_SECONDS:
-                    save_progress()
+        with torch.inference_mode(), progress_bar(total=sum(b - a for a, b in shard.batches()), unit="img",
+                                                  desc="encoding images") as bar:
+            for _ in range(rounds):
+                (start, stop), images = next(batches, ((None, None), None))
+                bits, width = (None, None) if images is None else \
+                    _packed_batch(network, images, device, paths[start:stop])
+                if writer.codes is None:  # the first batch tells the code length
+                    writer.create(width)
+                if bits is not None:
+                    writer.write(start, bits, width)
+                    bar.update(len(bits))
+                if not all_true(context, time.monotonic() - saved_at < PROGRESS_SECONDS, device):
+                    writer.save()
                     saved_at = time.monotonic()
-    finally:
-        save_progress()
-        if handle is not None:
-            handle.close()
-    partial.replace(output)
-    print(f"encoded {encoded:,} images into {output} ({len(paths):,} codes of {hash_bit} bits"
-          f"{f', {len(paths) - encoded:,} from an interrupted run' if encoded < len(paths) else ''}) "
-          f"in {time.perf_counter() - started:.1f}s")
-    return EncodedImages(open_code_file(output), paths, hash_bit)
+    except BaseException:
+        if not context.enabled:  # the others may be gone: a torchrun job keeps its last collective record
+            writer.save()
+        raise
+    writer.save()
+    writer.finish()
+    if context.is_main:
+        encoded, world = writer.encoded_by_all, context.world_size
+        print(f"encoded {encoded:,} images into {writer.files.output} ({len(paths):,} codes of {writer.hash_bit} bits"
+              f"{f', {len(paths) - encoded:,} from an interrupted run' if encoded < len(paths) else ''}) "
+              f"{f'in {world} processes ' if world > 1 else ''}in {time.perf_counter() - started:.1f}s")
+    return EncodedImages(open_code_file(writer.files.output), paths, writer.hash_bit)
