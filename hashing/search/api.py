@@ -66,8 +66,8 @@ class CheckpointModel:
         return image_transform(self.backbone.preprocessing, train=False)
 
     def encode(self, images, batch_size=64):
-        """Packed codes (N, ceil(hash_bit / 8)) uint8 of `images`: image paths, a folder, PIL images or a
-        dataset split whose items are (image tensor, labels)."""
+        """Packed codes (N, ceil(hash_bit / 8)) uint8 of `images`: image paths, one image path, a folder, PIL
+        images or a dataset split whose items are (image tensor, labels)."""
         loader = DataLoader(_as_dataset(images, self.transform), batch_size=batch_size, shuffle=False)
         outputs = []
         with torch.inference_mode():
@@ -131,10 +131,8 @@ class CheckpointModel:
 def _as_dataset(images, transform):
     if isinstance(images, Dataset):
         return images
-    if isinstance(images, (str, Path)):
-        if not Path(images).is_dir():
-            raise UserError(f"{images} is not a folder of images; pass a list of image paths for a single file")
-        images = image_paths(images)
+    if isinstance(images, (str, Path)):  # a folder, or one image file (not a sequence of characters)
+        images = image_paths(images) if Path(images).is_dir() else [images]
     return ImageItems(list(images), transform, hint="pass a PNG or JPEG image")
 
 
