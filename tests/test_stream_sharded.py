@@ -85,12 +85,28 @@ def test_two_processes_write_the_file_of_one(collection, tmp_path):
     assert sorted(path.name for path in tmp_path.glob("codes*")) == ["codes.npy", "codes.npy.progress.json"]
 
 
+def refuses_other_inputs(collection, output, record):
+    """A partial file of a sharded run refuses another image list, other weights and a forged run of final rows."""
+    model, images = model_of(collection), image_paths(collection / "images")
+    with pytest.raises(UserError, match="partial encoding of another number of images, image list"):
+        encode_to_file(model.network, images[1:], model.transform, output, workers=0)
+    with pytest.raises(UserError, match="partial encoding of another network weights"):
+        encode_to_file(build_network("small", 16), images, model.transform, output, workers=0)
+    record_path = output.with_name(output.name + ".progress.json")
+    forged = {**record, "more": [[32, 48, record["more"][0][2]]]}  # rows 40-47 were never written
+    record_path.write_text(json.dumps(forged))
+    with pytest.raises(UserError, match="says rows 32 to 47 of .*codes.npy.partial are final, but they are not"):
+        encode_to_file(model.network, images, model.transform, output, workers=0)
+    record_path.write_text(json.dumps(record))
+
+
 def test_a_run_cut_short_on_one_process_resumes_in_one_process(collection, tmp_path):
     expected = reference(collection, tmp_path)
     stopped = torchrun(collection, tmp_path / "codes.npy", stop=(1, 1))  # process 1 dies before its 2nd batch
     assert stopped.returncode != 0 and not (tmp_path / "codes.npy").exists()
     record = json.loads((tmp_path / "codes.npy.progress.json").read_text())
     assert record["done"] == 8 and [run[:2] for run in record["more"]] == [[32, 40]]  # the first round of each
+    refuses_other_inputs(collection, tmp_path / "codes.npy", record)
 
     model = model_of(collection)
     rows = counting_rows(model.network)
@@ -99,22 +115,6 @@ def test_a_run_cut_short_on_one_process_resumes_in_one_process(collection, tmp_p
     assert rows == [8, 8, 8, 8, 2] and result.hash_bit == 16  # rows 8-31 and 40-49, cut as one process cuts
     assert (tmp_path / "codes.npy").read_bytes() == expected
     assert json.loads((tmp_path / "codes.npy.progress.json").read_text())["done"] == IMAGES
-
-
-def test_a_sharded_partial_refuses_another_checkpoint_or_image_list(collection, tmp_path):
-    assert torchrun(collection, tmp_path / "codes.npy", stop=(1, 1)).returncode != 0
-    model, images = model_of(collection), image_paths(collection / "images")
-    with pytest.raises(UserError, match="partial encoding of another number of images, image list"):
-        encode_to_file(model.network, images[1:], model.transform, tmp_path / "codes.npy", workers=0)
-    torch.nn.init.zeros_(model.network.hash_layer.weight if hasattr(model.network, "hash_layer") else
-                         next(model.network.parameters()))
-    with pytest.raises(UserError, match="partial encoding of another network weights"):
-        encode_to_file(model.network, images, model.transform, tmp_path / "codes.npy", workers=0)
-    record = json.loads((tmp_path / "codes.npy.progress.json").read_text())
-    record["more"][0][1] = 48  # rows 40-47 were never recorded: a forged run is refused like a forged "done"
-    (tmp_path / "codes.npy.progress.json").write_text(json.dumps(record))
-    with pytest.raises(UserError, match="says rows 32 to 47 of .*codes.npy.partial are final, but they are not"):
-        encode_to_file(model_of(collection).network, images, model.transform, tmp_path / "codes.npy", workers=0)
 
 
 def test_a_one_process_partial_resumes_in_two_and_other_jobs_are_refused(collection, tmp_path, monkeypatch):
