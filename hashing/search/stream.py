@@ -18,6 +18,15 @@ PROGRESS_SECONDS and when the run stops, so a killed run redoes at most that muc
 partial file is renamed to OUTPUT; the record stays as the file's provenance, and the same call again returns
 the finished file at once. An image file replaced after its row was written is not noticed: the record covers
 the list of paths, not their bytes.
+
+Several processes (torchrun; context=): every process of the job makes the same call. The rows still missing are
+cut into the batches a single process would use (at multiples of batch_size from row 0) and each process takes a
+contiguous share of them, writing its rows in place into the one partial file, so the file is byte for byte a
+single process's. Process 0 alone takes the lock, checks the files, creates the partial file and writes the
+record; its errors stop every process. The processes go in rounds (a batch each, then a vote on saving): at a
+save each flushes its rows and process 0 records every process's runs of final rows (the first `done` rows, the
+others under "more", each with its SHA-256). A rerun, with any number of processes, encodes only the rows no run
+covers. One machine: the processes share the file through the page cache (a network file system would not).
 """
 import contextlib
 import fcntl
