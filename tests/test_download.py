@@ -185,3 +185,40 @@ def test_fashion_mnist_is_torchvision_s_own_download(tmp_path, monkeypatch, caps
         (root, train, download)))
     code, out, _ = exit_status(download.main, ["fashion_mnist", "--data_root", str(tmp_path)], capsys)
     assert code == 0 and calls == [(str(tmp_path), True, True), (str(tmp_path), False, True)]
+
+
+def test_each_archive_is_hashed_once_per_process(tmp_path, server, monkeypatch, capsys):
+    from data import archives
+    data = cifar_archive()
+    serve_as(monkeypatch, "cifar10", server, {"cifar-10-python.tar.gz": data})
+    monkeypatch.setattr(archives, "_verified", {})
+    hashed = []
+    md5_of = archives.md5_of
+    monkeypatch.setattr(archives, "md5_of", lambda path: hashed.append(path) or md5_of(path))
+    code, _, _ = exit_status(download.main, ["cifar10", "--data_root", str(tmp_path)], capsys)
+    assert code == 0 and len(hashed) == 1  # downloaded and checked, then extracted without hashing it again
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # changed since
+    code, _, err = exit_status(download.main, ["cifar10", "--data_root", str(tmp_path)], capsys)
+    assert code == 1 and len(hashed) == 2 and "cifar-10-python.tar.gz has md5" in err
+
+
+def test_a_zip_that_does_not_fit_on_the_disk_is_refused(tmp_path, server, monkeypatch, capsys):
+    import shutil
+    from data import archives
+    serve_as(monkeypatch, "coco", server, {"train2014.zip": zipped({"train2014/a.jpg": b"jpeg" * 100}),
+                                           "val2014.zip": zipped({"val2014/b.jpg": b"jpeg"}),
+                                           "annotations_trainval2014.zip": zipped({"annotations/x.json": b"{}"})})
+    monkeypatch.setattr(archives.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 5, 5))
+    code, _, err = exit_status(download.main, ["coco", "--data_root", str(tmp_path)], capsys)
+    assert code == 1 and err.count("\n") == 1 and "train2014.zip unpacks to 400B, but its disk has only 5.00B" in err
+    assert sorted(path.name for path in (tmp_path / "coco").iterdir()) == []  # no staging folder left
+
+
+def test_zip_members_may_not_escape(tmp_path):
+    from data import archives
+    (tmp_path / "evil.zip").write_bytes(zipped({"../escaped.txt": b"x", "/abs.txt": b"y", "inside/ok.txt": b"z"}))
+    (tmp_path / "out").mkdir()
+    archives.extract(tmp_path / "evil.zip", tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists() and (tmp_path / "out" / "inside" / "ok.txt").read_bytes() == b"z"
+    assert sorted(str(path.relative_to(tmp_path / "out")) for path in (tmp_path / "out").rglob("*.txt")) == [
+        "abs.txt", "escaped.txt", "inside/ok.txt"]
