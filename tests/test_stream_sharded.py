@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from hashing import encode
 from hashing.search import stream
 from hashing.search.api import load_checkpoint
 from hashing.search.stream import encode_to_file, image_paths
 from network import build_network
+from tests.cli_runs import exit_status
 from utils.errors import UserError
 from utils.lock import run_lock
 
@@ -56,15 +58,18 @@ def reference(collection, tmp_path):
     return (tmp_path / "reference.npy").read_bytes()
 
 
+def flags(collection, output, images=None):
+    return ["--checkpoint", str(collection / "small.ckpt"), "--backbone", "small", "--hash_bit", "16",
+            "--images", str(images or collection / "images"), "--output", str(output),
+            "--batch_size", str(BATCH), "--workers", "0", "--device", "cpu"]
+
+
 def torchrun(collection, output, *, images=None, stop=None):
     """python -m hashing.encode in 2 processes (or tests.sharded_encode_worker, which stops process stop[0] after
     stop[1] batches); the finished process."""
     module = ["-m", "hashing.encode"] if stop is None else ["-m", "tests.sharded_encode_worker", *map(str, stop)]
-    flags = ["--checkpoint", str(collection / "small.ckpt"), "--backbone", "small", "--hash_bit", "16",
-             "--images", str(images or collection / "images"), "--output", str(output),
-             "--batch_size", str(BATCH), "--workers", "0", "--device", "cpu"]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *module, *flags], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           *module, *flags(collection, output, images)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -138,6 +143,17 @@ def test_a_one_process_partial_resumes_in_two_and_other_jobs_are_refused(collect
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "encoded 26 images" in resumed.stdout and "24 from an interrupted run" in resumed.stdout
     assert (tmp_path / "codes.npy").read_bytes() == expected
+
+
+def test_one_process_encodes_a_list_file_in_its_order(collection, tmp_path, capsys):
+    paths = image_paths(collection / "images")
+    listed = tmp_path / "list.txt"
+    listed.write_text("\n".join(reversed(paths)) + "\n\n")
+    code, out, _ = exit_status(encode.cli, flags(collection, tmp_path / "codes.npy", listed), capsys)
+    assert code == 0 and "encoded 50 images" in out
+    np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), model_of(collection).encode(paths)[::-1])
+    code, _, err = exit_status(encode.cli, flags(collection, tmp_path / "other.npy", tmp_path / "absent.txt"), capsys)
+    assert code == 1 and err.count("\n") == 1 and "--images list" in err and "absent.txt" in err
 
 
 def test_the_missing_rows_are_cut_into_the_batches_of_one_process():
