@@ -435,6 +435,8 @@ class _SharedCodeFile:
     def finish(self):
         """Process 0: the record of the whole file, then the file renamed to the output; every process waits."""
         if self.context.is_main:
+            if sum(stop - start for start, stop, _ in self.final) != self.rows:  # a share left undone: a bug
+                raise RuntimeError(f"only {self.final} of the {self.rows} rows of {self.files.partial} are final")
             if [run[:2] for run in self.final] != [(0, self.rows)]:  # not one run, whose digest is the file's
                 digest = _rows_digest(self.codes, self.rows).hexdigest()
                 write_json(self.files.record, {**self.provenance, "hash_bit": self.hash_bit, "done": self.rows,
