@@ -126,10 +126,12 @@ def test_a_one_process_partial_resumes_in_two_and_other_jobs_are_refused(collect
     expected = reference(collection, tmp_path)
     model = model_of(collection)
     monkeypatch.setattr(stream, "PROGRESS_SECONDS", 0.0)
-    model.network.register_forward_pre_hook(lambda module, inputs: (_ for _ in ()).throw(KeyboardInterrupt)
-                                            if (tmp_path / "codes.npy.progress.json").exists() and json.loads(
-                                                (tmp_path / "codes.npy.progress.json").read_text())["done"] == 24
-                                            else None)
+    record_path = tmp_path / "codes.npy.progress.json"
+
+    def ctrl_c_after_24_rows(module, inputs):
+        if record_path.exists() and json.loads(record_path.read_text())["done"] == 24:
+            raise KeyboardInterrupt
+    model.network.register_forward_pre_hook(ctrl_c_after_24_rows)
     with pytest.raises(KeyboardInterrupt):
         encode_to_file(model.network, collection / "images", model.transform, tmp_path / "codes.npy",
                        batch_size=BATCH, workers=0)
