@@ -138,7 +138,7 @@ def verify_collection(model, args):
     codes = model.split_codes(splits)
     source = database_source(model, args.data_root)
     collection = args.collection or collection_name(model.checkpoint)
-    with MilvusBackend(args.uri, collection, args.token, args.nprobe) as backend:
+    with MilvusBackend(uri=args.uri, collection=collection, token=args.token, nprobe=args.nprobe) as backend:
         backend.check_record({"checkpoint_sha256": file_sha256(model.checkpoint), "hash_bit": model.hash_bit,
                               "source": source.name, "source_sha256": source.digest, "rows": len(source.paths)})
         held = len(backend)

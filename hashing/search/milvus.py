@@ -2,8 +2,8 @@
 
     from hashing.search.milvus import MilvusBackend
 
-    backend = MilvusBackend("result/codes.db", "hyp2_digits_small_48")   # Milvus Lite: an embedded file
-    backend = MilvusBackend("http://HOST:19530", NAME, token="user:pw")  # a Milvus server or cluster
+    backend = MilvusBackend(uri="result/codes.db", collection="hyp2_digits_small_48")  # Milvus Lite: a file
+    backend = MilvusBackend(uri="http://HOST:19530", collection=NAME, token="user:pw")  # a server or cluster
     distances, ids = backend.search(query_bits, k=10)                    # the evaluator's order
 
 The URI picks the engine (pymilvus's own rule): a path ending in .db is Milvus Lite, the engine embedded in a
@@ -34,6 +34,8 @@ import numpy as np
 
 from utils.errors import UserError
 from utils.paths import check_output_target
+
+from hashing.search.backend import SearchBackend, register_backend
 
 RECORD_FORMAT = "hyp2-codes/1"
 INDEX_TYPES = {"BIN_FLAT": True, "BIN_IVF_FLAT": False}  # index type -> exact
@@ -143,12 +145,17 @@ def _record_of(description, where):
                         "pass another --collection") from None
 
 
-class MilvusBackend:
+@register_backend
+class MilvusBackend(SearchBackend):
     """A Milvus collection of packed codes under int64 ids, searched as a HammingIndex is: search(queries, k) ->
-    (distances int32 (Q, k'), ids int64 (Q, k')), add(codes, ids), remove(ids), len()."""
+    (distances int32 (Q, k'), ids int64 (Q, k')), search_radius, add(codes, ids), remove(ids), len(). Opens an
+    existing collection (MilvusBackend.create makes one); open_backend("milvus", hash_bit, uri=, collection=)."""
     name = "milvus"
+    OPTIONS = {"uri": None, "collection": None, "token": None, "nprobe": DEFAULT_NPROBE}
 
-    def __init__(self, uri, collection, token=None, nprobe=DEFAULT_NPROBE, client=None):
+    def __init__(self, hash_bit=None, uri=None, collection=None, token=None, nprobe=DEFAULT_NPROBE, client=None):
+        if uri is None or collection is None:
+            raise UserError("the milvus search method needs uri= (FILE.db or http://HOST:19530) and collection=")
         self.uri, self.collection = str(uri), check_collection_name(collection)
         self.client = client if client is not None else connect(uri, token)
         self.nprobe = int(nprobe)
@@ -158,7 +165,11 @@ class MilvusBackend:
                             "hashing.export --to milvus")
         described = self._call("describing the collection", self.client.describe_collection, collection)
         self.record = _record_of(described.get("description"), f"collection {collection} at {uri}")
-        self.hash_bit = self.record["hash_bit"]
+        if hash_bit is not None and int(hash_bit) != self.record["hash_bit"]:
+            self.close()
+            raise UserError(f"collection {collection} at {uri} holds {self.record['hash_bit']}-bit codes, not "
+                            f"{hash_bit}-bit ones; pass another --collection")
+        super().__init__(self.record["hash_bit"], uri=self.uri, collection=collection, nprobe=self.nprobe)
         self.index_type = self._index_type()
         self.exact = INDEX_TYPES.get(self.index_type, False)
         self._call("loading the collection", self.client.load_collection, collection)
@@ -181,7 +192,7 @@ class MilvusBackend:
         except Exception as exc:
             client.close()
             raise engine_error(exc, uri, f"creating collection {collection}") from None
-        backend = cls(uri, collection, token, nprobe, client=client)
+        backend = cls(uri=uri, collection=collection, token=token, nprobe=nprobe, client=client)
         backend.check_record(record)
         return backend
 
@@ -210,10 +221,6 @@ class MilvusBackend:
                 return described.get("index_type")
         raise UserError(f"collection {self.collection} at {self.uri} has no index on its codes; drop it and export "
                         "again")
-
-    @property
-    def code_bytes(self):
-        return -(-self.hash_bit // 8)
 
     def __len__(self):
         return self.count()
@@ -306,6 +313,24 @@ class MilvusBackend:
             for q, answer in zip(cut, self._engine_search(queries[cut], limit)):
                 answers[q] = sorted(answer)
         return answers
+
+    def search_radius(self, queries, radius):
+        """[(distances int32, ids int64)] per query: every code within Hamming distance `radius`, in the evaluator's
+        order (BIN_FLAT: all of them; UserError past MAX_LIMIT codes within the radius)."""
+        queries = self._queries(queries, 1)
+        held, results = len(self), []
+        for query in queries:
+            limit = min(held, 64)
+            answer = sorted(self._engine_search(query[None], limit)[0]) if limit else []
+            while len(answer) == limit < held and answer[-1][0] <= radius:
+                if limit == MAX_LIMIT:
+                    raise UserError(f"more than {MAX_LIMIT:,} codes lie within radius {radius}: Milvus answers at "
+                                    f"most {MAX_LIMIT:,}; search a smaller radius")
+                limit = min(held, MAX_LIMIT, limit * 4)
+                answer = sorted(self._engine_search(query[None], limit)[0])
+            kept = [(d, i) for d, i in answer if d <= radius]
+            results.append((np.array([d for d, _ in kept], np.int32), np.array([i for _, i in kept], np.int64)))
+        return results
 
     def _padded(self, answers, k):
         distances = np.full((len(answers), k), self.hash_bit + 1, dtype=np.int32)
