@@ -19,16 +19,22 @@ from hashing.evaluation.metrics import average_precisions_of_codes
 from hashing.search.index import HammingIndex
 
 
-def true_distances(query_bits, database_bits, ids, hash_bit):
-    """The Hamming distance of each answer (Q, k) to its query, computed from the codes; hash_bit + 1 for a
-    missing answer (id -1 or out of range) and for an id repeated in the same row."""
+def answered(ids, rows):
+    """The answers that count: ids of a database of `rows` codes (not -1, not out of range), each once per row."""
     ids = np.asarray(ids, dtype=np.int64)
-    valid = (ids >= 0) & (ids < len(database_bits))
+    valid = (ids >= 0) & (ids < rows)
     for row in range(len(ids)):  # a repeated id counts once
-        _, first = np.unique(ids[row], return_index=True)
         repeated = np.ones(ids.shape[1], dtype=bool)
-        repeated[first] = False
+        repeated[np.unique(ids[row], return_index=True)[1]] = False
         valid[row] &= ~repeated
+    return valid
+
+
+def true_distances(query_bits, database_bits, ids, hash_bit):
+    """The Hamming distance of each answer (Q, k) to its query, computed from the codes; hash_bit + 1 for an
+    answer that does not count (answered)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    valid = answered(ids, len(database_bits))
     xor = np.bitwise_xor(database_bits[np.where(valid, ids, 0)], query_bits[:, None, :])
     distances = np.unpackbits(xor, axis=-1).sum(axis=-1)
     return np.where(valid, distances, hash_bit + 1)
@@ -47,9 +53,10 @@ def recall_by_distance_level(exact_distances, found_distances, hash_bit):
 
 
 def average_precisions_of_ranking(ids, query_labels, database_labels):
-    """AP (hits normalization) of each query's ranking `ids` (Q, k), -1 = no answer (not relevant)."""
+    """AP (hits normalization) of each query's ranking `ids` (Q, k); an answer that does not count (answered) is
+    not relevant."""
     ids = np.asarray(ids, dtype=np.int64)
-    valid = (ids >= 0) & (ids < len(database_labels))
+    valid = answered(ids, len(database_labels))
     shared = (database_labels[np.where(valid, ids, 0)] & query_labels[:, None, :]).any(axis=-1)
     precision_sum, relevant = precision_sums_of_ranking(shared & valid)
     return np.where(relevant > 0, precision_sum / np.maximum(relevant, 1), 0.0)
