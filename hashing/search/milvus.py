@@ -255,6 +255,16 @@ class MilvusBackend(SearchBackend):
                     for i in range(start, min(len(ids), start + INSERT_ROWS))]
             self._call("inserting", self.client.upsert, self.collection, rows)
 
+    def fetch(self, ids):
+        """{id: (packed code, labels string, path)} of the `ids` held."""
+        ids, held = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)], {}
+        for start in range(0, len(ids), MAX_LIMIT):
+            rows = self._call("reading rows", self.client.query, self.collection, ids=ids[start:start + MAX_LIMIT],
+                              output_fields=["id", "code", "labels", "path"])
+            held.update({row["id"]: (np.frombuffer(row["code"][0], np.uint8), row["labels"], row["path"])
+                         for row in rows})
+        return held
+
     def remove(self, ids):
         """Delete `ids`; returns how many of them were held."""
         ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
