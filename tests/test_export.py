@@ -175,3 +175,21 @@ def test_flag_mistakes_are_one_line(run, capsys):
         with pytest.raises(SystemExit) as stopped:
             export.cli(["--checkpoint", str(checkpoint), *argv])
         assert stopped.value.code == 1 and message in capsys.readouterr().err
+
+
+def test_the_search_page_on_the_collection_answers_as_on_the_exact_index(run):
+    from starlette.testclient import TestClient
+
+    from hashing.search import server as serve
+    checkpoint, service, uri = run
+    export.main(export_args(checkpoint, "--uri", uri))
+    args = serve.get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--index", f"milvus:{uri}"])
+    index = serve.open_index(service.model, args)
+    on_milvus = serve.SearchService.for_model(service.model, index=index)
+    clients = [TestClient(serve.create_app(s), base_url="http://127.0.0.1:8000") for s in (service, on_milvus)]
+    for query, k in ((0, 10), (7, 50), (31, 200)):
+        exact, engine = (client.get(f"/api/search?query_index={query}&k={k}").json() for client in clients)
+        assert engine == exact and len(engine["results"]) == k
+    index.close()
+    with pytest.raises(SystemExit):
+        serve.get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--index", "elastic:x"])

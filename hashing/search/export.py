@@ -132,25 +132,37 @@ def export_faiss(model, source, args):
     return {"output": str(output), "rows": len(source.paths)}
 
 
+def database_collection(model, uri, collection=None, token=None, nprobe=DEFAULT_NPROBE, data_root=None):
+    """The MilvusBackend of the collection holding `model`'s run's database codes (ids = database indices), after
+    checking that its record names this checkpoint, bits and split and that it holds every row: what the search
+    page and --verify search.
+
+        from hashing.search.export import database_collection
+        backend = database_collection(model, "result/codes.db")     # model = hashing.search.api.load_checkpoint(...)
+        distances, ids = backend.search(model.encode(["photo.jpg"]), k=10)
+    """
+    source = database_source(model, data_root)
+    collection = collection or collection_name(model.checkpoint)
+    backend = MilvusBackend(uri=uri, collection=collection, token=token, nprobe=nprobe)
+    backend.check_record(source_record(model, source))
+    held = len(backend)
+    if held != len(source.paths):
+        backend.close()
+        raise UserError(f"collection {collection} at {uri} holds {held:,} of the {len(source.paths):,} database "
+                        "codes: finish the export first (the same export command resumes it)")
+    return backend
+
+
 def verify_collection(model, args):
     """--verify: search the collection with the run's queries and compare with the exact ranking."""
-    splits = model.splits(args.data_root)
-    codes = model.split_codes(splits)
-    source = database_source(model, args.data_root)
-    collection = args.collection or collection_name(model.checkpoint)
-    with MilvusBackend(uri=args.uri, collection=collection, token=args.token, nprobe=args.nprobe) as backend:
-        backend.check_record({"checkpoint_sha256": file_sha256(model.checkpoint), "hash_bit": model.hash_bit,
-                              "source": source.name, "source_sha256": source.digest, "rows": len(source.paths)})
-        held = len(backend)
-        if held != len(codes.database_bits):
-            raise UserError(f"collection {collection} at {args.uri} holds {held:,} of the {len(codes.database_bits):,} "
-                            "database codes: finish the export first (the same export command resumes it)")
+    codes = model.split_codes(model.splits(args.data_root))
+    with database_collection(model, args.uri, args.collection, args.token, args.nprobe, args.data_root) as backend:
         report = compare_with_exact(backend.search_raw(codes.query_bits, args.k), codes, args.k)
-        report.update(collection=collection, index_type=backend.index_type)
-    print(f"{collection} ({report['index_type']}, {held:,} codes) vs the exact ranking, {report['queries']:,} queries, "
-          f"k={report['k']}: recall@k by distance level {report['recall_by_distance_level']:.4f}, mAP@k "
-          f"{report['map_engine']:.4f} from the engine's rankings vs {report['map_evaluator']:.4f} from the "
-          f"evaluator's: {report['verdict']}")
+        report.update(collection=backend.collection, index_type=backend.index_type)
+    print(f"{report['collection']} ({report['index_type']}, {len(codes.database_bits):,} codes) vs the exact ranking, "
+          f"{report['queries']:,} queries, k={report['k']}: recall@k by distance level "
+          f"{report['recall_by_distance_level']:.4f}, mAP@k {report['map_engine']:.4f} from the engine's rankings vs "
+          f"{report['map_evaluator']:.4f} from the evaluator's: {report['verdict']}")
     return report
 
 
