@@ -152,3 +152,13 @@ def test_a_wrong_neighbour_or_a_repeated_id_does_not_count():
     assert report["recall_by_distance_level"] == pytest.approx(2 / 3)
     assert report["map_engine"] == pytest.approx(((1 / 2 + 2 / 3) / 2 + 1 / 2) / 2)  # relevance 011, then 01-
     assert recall_by_distance_level(np.array([[0, 1, 1]]), np.array([[1, 1, 0]]), 4) == pytest.approx([1.0])
+
+
+def test_the_milvus_benchmark_writes_its_table(tmp_path):
+    from benchmarks import bench_milvus
+    args = bench_milvus.get_args_parser().parse_args(["--size", "600", "--queries", "6", "--single", "2", "--k", "10",
+                                                      "--insert_batch", "250", "--output_dir", str(tmp_path)])
+    rows = bench_milvus.main(args)
+    assert [row["engine"] for row in rows] == ["HammingIndex (flat)", "Milvus Lite (BIN_FLAT)"]
+    assert all(row["recall"] == 1 for row in rows)  # both exact: a correct top k at every query
+    assert "| Milvus Lite (BIN_FLAT) | 600 |" in (tmp_path / "bench_milvus_64bit.md").read_text()
