@@ -100,6 +100,14 @@ def test_another_checkpoints_or_code_lengths_collection_is_refused(lite):
             milvus.MilvusBackend.create(backend.uri, "fixture", {**RECORD, **change}, 8)
 
 
+def test_a_collection_not_written_by_the_export_is_refused(lite):
+    backend, _, _ = lite
+    backend.client.create_collection("plain", dimension=8)  # pymilvus's quick setup: float vectors, no record
+    with pytest.raises(UserError, match="was not written by hashing.export"):
+        milvus.MilvusBackend(uri=backend.uri, collection="plain")
+    assert len(backend) == 1500  # the shared client still works
+
+
 def test_milvus_lite_refuses_ivf_with_a_clear_line(lite):
     backend, _, _ = lite
     with pytest.raises(UserError, match="Milvus Lite builds BIN_FLAT only"):

@@ -22,6 +22,7 @@ k-th distance's tie group is whole and returns the evaluator's order (distance, 
 HammingIndex's to the last tie; search_raw() returns the engine's own answer (what `--verify` measures).
 """
 import importlib
+import itertools
 import importlib.util
 import json
 import logging
@@ -46,6 +47,7 @@ INSERT_ROWS = 1000  # rows per upsert request
 PATH_LENGTH = 4096  # the longest image path a collection stores (Linux's PATH_MAX)
 CONNECT_TIMEOUT = 10.0
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+_CONNECTIONS = itertools.count()
 SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://")
 
 
@@ -113,7 +115,9 @@ def connect(uri, token=None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return pymilvus.MilvusClient(uri=uri, token=token or "", timeout=CONNECT_TIMEOUT)
+            # a connection of its own: pymilvus shares one per URI, and closing a client would close the others'
+            return pymilvus.MilvusClient(uri=uri, token=token or "", timeout=CONNECT_TIMEOUT,
+                                         alias=f"hyp2-{next(_CONNECTIONS)}-{uri}")
     except Exception as exc:  # pymilvus raises MilvusException, grpc and OS errors alike
         raise engine_error(exc, uri, "connecting") from None
 
@@ -159,20 +163,25 @@ class MilvusBackend(SearchBackend):
         self.uri, self.collection = str(uri), check_collection_name(collection)
         self.client = client if client is not None else connect(uri, token)
         self.nprobe = int(nprobe)
-        if not self._call("checking the collection", self.client.has_collection, collection):
-            self.close()
-            raise UserError(f"Milvus at {uri} has no collection {collection}; write it first with python -m "
+        try:
+            self._open(hash_bit)
+        except UserError:
+            self.close()  # Milvus Lite's server process stops with its last client
+            raise
+
+    def _open(self, hash_bit):
+        if not self._call("checking the collection", self.client.has_collection, self.collection):
+            raise UserError(f"Milvus at {self.uri} has no collection {self.collection}; write it first with python -m "
                             "hashing.export --to milvus")
-        described = self._call("describing the collection", self.client.describe_collection, collection)
-        self.record = _record_of(described.get("description"), f"collection {collection} at {uri}")
+        described = self._call("describing the collection", self.client.describe_collection, self.collection)
+        self.record = _record_of(described.get("description"), f"collection {self.collection} at {self.uri}")
         if hash_bit is not None and int(hash_bit) != self.record["hash_bit"]:
-            self.close()
-            raise UserError(f"collection {collection} at {uri} holds {self.record['hash_bit']}-bit codes, not "
-                            f"{hash_bit}-bit ones; pass another --collection")
-        super().__init__(self.record["hash_bit"], uri=self.uri, collection=collection, nprobe=self.nprobe)
+            raise UserError(f"collection {self.collection} at {self.uri} holds {self.record['hash_bit']}-bit codes, "
+                            f"not {hash_bit}-bit ones; pass another --collection")
+        super().__init__(self.record["hash_bit"], uri=self.uri, collection=self.collection, nprobe=self.nprobe)
         self.index_type = self._index_type()
         self.exact = INDEX_TYPES.get(self.index_type, False)
-        self._call("loading the collection", self.client.load_collection, collection)
+        self._call("loading the collection", self.client.load_collection, self.collection)
 
     @classmethod
     def create(cls, uri, collection, record, label_length, token=None, index_type="BIN_FLAT", nlist=None,
@@ -302,7 +311,8 @@ class MilvusBackend(SearchBackend):
 
     def search(self, queries, k):
         """(distances int32, ids int64) of shape (Q, min(k, len)) in the evaluator's order (distance, then id).
-        With BIN_FLAT the k-th distance's tie group is fetched whole, so the answer is HammingIndex's exactly."""
+        With BIN_FLAT the k-th distance's tie group is fetched whole (up to MAX_LIMIT results a query, Milvus's
+        cap), so the answer is HammingIndex's exactly."""
         queries, k = self._queries(queries, k), int(k)
         k = min(k, len(self))
         if k == 0 or len(queries) == 0:
