@@ -44,6 +44,7 @@ DEFAULT_NPROBE = 16
 MAX_LIMIT = 16384  # Milvus's largest topk (and nq) per search
 QUERY_ROWS = 256  # queries per search request
 INSERT_ROWS = 1000  # rows per upsert request
+MAX_BITS = 32768  # Milvus's largest BINARY_VECTOR
 PATH_LENGTH = 4096  # the longest image path a collection stores (Linux's PATH_MAX)
 CONNECT_TIMEOUT = 10.0
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
@@ -141,7 +142,7 @@ def _record_of(description, where):
     try:
         record = json.loads(description or "")
         if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or \
-                not isinstance(record.get("hash_bit"), int) or record["hash_bit"] < 1:
+                not isinstance(record.get("hash_bit"), int) or not 1 <= record["hash_bit"] <= MAX_BITS:
             raise ValueError
         return record
     except ValueError:
@@ -212,7 +213,8 @@ class MilvusBackend(SearchBackend):
             self.close()
             raise UserError(f"collection {self.collection} at {self.uri} holds the codes of another "
                             f"{', '.join(differs)} ({', '.join(f'{k}={self.record.get(k)}' for k in differs)}); "
-                            "pass another --collection, or drop that one to replace it")
+                            "pass another --collection, or drop that one to replace it (pymilvus: "
+                            "MilvusClient(URI).drop_collection(NAME))")
 
     def _call(self, doing, function, *args, **kwargs):
         try:
@@ -259,6 +261,10 @@ class MilvusBackend(SearchBackend):
             raise ValueError(f"add takes ({len(ids)}, {self.code_bytes}) packed codes, got {codes.shape}")
         labels = labels if labels is not None else [""] * len(ids)
         paths = paths if paths is not None else [""] * len(ids)
+        too_long = next((path for path in paths if len(path.encode()) > PATH_LENGTH), None)
+        if too_long is not None:
+            raise UserError(f"image path {too_long[:80]}... is longer than the {PATH_LENGTH} bytes a collection "
+                            "stores; move the images to a shorter path")
         for start in range(0, len(ids), INSERT_ROWS):
             rows = [{"id": int(ids[i]), "code": codes[i].tobytes(), "labels": labels[i], "path": paths[i]}
                     for i in range(start, min(len(ids), start + INSERT_ROWS))]
