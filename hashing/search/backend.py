@@ -152,6 +152,9 @@ class SearchBackend(abc.ABC):
     def __len__(self):
         """The number of codes held."""
 
+    def prepare(self):
+        """Build the search structure now rather than at the first search (HammingIndex.build calls it)."""
+
     @property
     def store(self):
         """The codes in id order (SortedCodes), for a backend that keeps them; else None."""

@@ -14,7 +14,9 @@ import numpy as np
 from utils.atomic import atomic_write
 from utils.paths import open_regular
 
-from hashing.search.index import HammingIndex, faiss_available, faiss_flat_index, import_faiss
+from hashing.search.backend import faiss_available, import_faiss
+from hashing.search.flat import faiss_flat_index
+from hashing.search.index import HammingIndex
 
 build_index = faiss_flat_index  # the name tests and callers know
 BINARY_FLAT_MAGIC = b"IBxF"  # the first bytes of FAISS's serialised IndexBinaryFlat

@@ -54,6 +54,9 @@ class FaissApproximateBackend(SearchBackend):
         self.index = None
         return not arrays
 
+    def prepare(self):
+        self.built()
+
     def built(self):
         with self._building:
             if self.index is None and len(self):
