@@ -74,6 +74,10 @@ DEFAULT_METHOD = "auto"
 STRUCTURE_DTYPES = ("<i8", "<u8")
 
 
+class OptionError(UserError, ValueError):
+    """A search option out of its bounds: a UserError (one line for the user) and a ValueError (for code)."""
+
+
 def method_options(method):
     """The options `method` takes, with their defaults (None = chosen from the data)."""
     return backend_class(method).OPTIONS
@@ -131,7 +135,7 @@ class HammingIndex:
             raise ValueError(f"hash_bit must be an integer from 1 to {MAX_HASH_BIT}, got {hash_bit!r}")
         problem = option_problem(method, options, hash_bit)
         if problem:
-            raise ValueError(problem)
+            raise OptionError(problem)
         self.hash_bit = int(hash_bit)
         self.method = method
         self.backend = open_backend(method, self.hash_bit, **options)
