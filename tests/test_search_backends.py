@@ -79,6 +79,16 @@ def check_search(backend, exact, recall_floor, queries, codes, ids, k):
         assert recall >= recall_floor
 
 
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """FAISS's OpenMP threads are slow to meet while other tests hold the CPUs."""
+    faiss = pytest.importorskip("faiss")
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
 @pytest.fixture
 def data():
     rng = np.random.default_rng(28)
