@@ -245,3 +245,20 @@ def test_substrings_of_24_bits_or_more_are_refused():
     with pytest.raises(ValueError, match="option substrings must be from 3 to 64"):
         open_backend("mih", 64, substrings=2)  # two 32-bit substrings
     HammingIndex(46, "mih", substrings=2)  # 23-bit substrings are allowed
+
+
+def test_encode_takes_a_single_image_path_or_image(tmp_path):
+    from PIL import Image
+
+    from hashing.search.api import UnreadableImage, _as_dataset
+
+    path = tmp_path / "one.png"
+    Image.new("RGB", (5, 4), (200, 10, 30)).save(path)
+    for single in (str(path), path, Image.open(path)):
+        items = _as_dataset(single, lambda image: np.asarray(image))
+        assert len(items) == 1 and items[0].shape == (4, 5, 3) and tuple(items[0][0, 0]) == (200, 10, 30)
+    (tmp_path / "folder").mkdir()
+    Image.new("RGB", (5, 4)).save(tmp_path / "folder" / "a.png")
+    assert len(_as_dataset(tmp_path / "folder", lambda image: image)) == 1
+    with pytest.raises(UnreadableImage, match="absent.jpg does not exist"):
+        _as_dataset(str(tmp_path / "absent.jpg"), lambda image: image)[0]
