@@ -262,3 +262,32 @@ def test_encode_takes_a_single_image_path_or_image(tmp_path):
     assert len(_as_dataset(tmp_path / "folder", lambda image: image)) == 1
     with pytest.raises(UnreadableImage, match="absent.jpg does not exist"):
         _as_dataset(str(tmp_path / "absent.jpg"), lambda image: image)[0]
+
+
+def test_the_cost_fit_recovers_known_coefficients_and_auto_reads_its_file(tmp_path, monkeypatch):
+    from benchmarks import fit_search_cost
+    from hashing.search import auto, mih
+
+    monkeypatch.setattr(mih, "THREADS", mih.THREADS)  # main() sets one thread
+    known = {"flat_fixed": 2e-5, "flat_per_word": 7e-10, "mih_fixed": 4e-5, "mih_per_bucket": 3e-8,
+             "mih_per_candidate": 5e-9}
+    rows = [{"bits": bits, "size": size, "substrings": auto.default_substrings(bits, size), "k": k}
+            for bits in (32, 64, 128) for size in (10 ** 4, 10 ** 5, 10 ** 6) for k in (1, 100)]
+    for row in rows:
+        flat, multi = fit_search_cost.features(row)
+        row["flat"] = known["flat_fixed"] + known["flat_per_word"] * flat[1]
+        row["mih"] = known["mih_fixed"] + known["mih_per_bucket"] * multi[1] + known["mih_per_candidate"] * multi[2]
+    fitted = fit_search_cost.fit(rows)
+    assert all(fitted[name] == pytest.approx(value, rel=1e-6) for name, value in known.items())
+    args = fit_search_cost.get_args_parser().parse_args(
+        ["--bits", "16", "32", "--sizes", "300", "3000", "--k", "5", "--radii", "1", "--queries", "3", "--budget",
+         "0.05", "--output", str(tmp_path / "cost.json"), "--table", str(tmp_path / "cost.md")])
+    fit_search_cost.main(args)
+    assert (tmp_path / "cost.md").read_text().count("\n| ") == 8 + 1  # the header and 8 measurements
+    monkeypatch.setattr(auto, "COST_FILE", tmp_path / "cost.json")
+    auto.coefficients.cache_clear()
+    try:
+        assert set(auto.coefficients()) == set(auto.DEFAULT_COEFFICIENTS)
+        assert auto.coefficients() != auto.DEFAULT_COEFFICIENTS
+    finally:
+        auto.coefficients.cache_clear()
