@@ -80,6 +80,7 @@ def predicted_seconds(num_codes, hash_bit, substrings, k=None, radius=None, fitt
             "mih": fitted["mih_fixed"] + fitted["mih_per_bucket"] * buckets + fitted["mih_per_candidate"] * met * words}
 
 
+@functools.lru_cache(maxsize=4096)  # searches of one index repeat the same question
 def choose(num_codes, hash_bit, substrings=None, k=None, radius=None):
     """"mih" or "flat": the faster by the model (flat without numba, or for an empty index)."""
     if not num_codes or not numba_available():
