@@ -1,9 +1,9 @@
 """Exact Hamming search of packed binary codes as one function call, and the FAISS index export.
 
-search() is hashing/search/index.py's "flat" method (FAISS IndexBinaryFlat when installed, else NumPy): the k
-nearest database items of each query, ordered by Hamming distance and then by database index (the ranking
-rule of hashing/evaluation/metrics.py). `--query` uses it; hashing/search/index.py holds the one ranking implementation and
-says why FAISS's ties come out by index. To search a database more than once, or one too large to scan,
+search() is the "flat" search backend (hashing/search/flat.py: FAISS IndexBinaryFlat when installed, else
+NumPy): the k nearest database items of each query, ordered by Hamming distance and then by database index
+(the ranking rule of hashing/evaluation/metrics.py). `--query` uses it; hashing/search/flat.py holds the one
+ranking implementation and says why FAISS's ties come out by index. To search a database more than once, or one too large to scan,
 build a hashing.search.index.HammingIndex.
 
 FAISS needs a whole number of bytes, so an exported index of n-bit codes has ceil(n / 8) * 8 dimensions;

@@ -1,43 +1,37 @@
 """A Hamming index over packed binary codes with integer ids: build it, add and remove ids, save and load it,
 and search it for the k nearest codes or for every code within a Hamming radius.
 
+HammingIndex is the public entry over one search backend (hashing/search/backend.py, the interface every
+method implements): it checks what it is given (codes, ids, k, radius, options) and keeps the file format;
+the backend holds the codes and searches them.
+
 Order. Results come in the evaluator's order (docs/METHOD.md §3.2): ascending Hamming distance, ties by id
 ascending. With ids = database indices (the default) that is the ranking mAP scores and `--query` prints.
-The index keeps its rows sorted by id, so every method's "ties by row" is "ties by id".
 
-Methods (`method=`; docs/SEARCH.md has the measured figures):
+Methods (`method=`; docs/SEARCH.md has where each wins):
 
-- "flat" (exact): every code is compared. FAISS's IndexBinaryFlat when FAISS is installed, else NumPy
-  (hashing/metrics.rank_top_k). FAISS is exact and, as checked against its source and by
-  tests/test_search.py, already orders ties by row: it scans the rows in order, admits a row only when it
-  is strictly closer than the current k-th, and its heap compares (distance, row) pairs; results are still
-  re-sorted by (distance, row), a no-op with the FAISS version pinned in requirements.txt. Which tied rows a
-  FAISS version keeps at the k-th distance no re-sort could repair, so the tests check FAISS alone against
-  brute force too. hashing/search/exact.py's search() (used by --query) is this method: one ranking
-  implementation.
-- "mih" (exact): multi-index hashing (hashing/search/mih.py, numba), which visits only the rows that can be among
-  the result; identical results to "flat" to the last tie.
-- "ivf" (approximate): FAISS's IndexBinaryIVF: the codes are clustered, and a search scans the `nprobe`
-  nearest of `nlist` clusters, so it misses neighbours in other clusters.
-- "hnsw" (approximate): FAISS's IndexBinaryHNSW, a neighbourhood graph walked greedily, so it misses
-  neighbours the walk does not reach. FAISS builds the graph on several threads, which makes it depend on
-  thread timing (faiss issue #5387: results change under a Hamming isometry); here it is built on one
-  thread, so the same codes give the same graph. No radius search.
-- "auto" (the default): "mih" from AUTO_MIH_ROWS codes on (when numba is installed), "flat" below.
+- "flat" (exact, hashing/search/flat.py): every code is compared, FAISS's IndexBinaryFlat when installed,
+  else NumPy. hashing/search/exact.py's search() (used by --query) is this method: one ranking.
+- "mih" (exact, hashing/search/mih.py): multi-index hashing, which visits only the codes that can be among the
+  result; identical results to "flat" to the last tie.
+- "auto" (exact, the default; hashing/search/auto.py): per search "flat" or "mih", whichever a cost model
+  fitted by benchmarks/fit_search_cost.py predicts faster for N, the code length, the substring count and k
+  (or the radius).
+- "ivf", "hnsw" (approximate, hashing/search/faiss_backend.py): FAISS's IndexBinaryIVF and IndexBinaryHNSW.
+  A query for which they found fewer than k codes gets id -1 at distance hash_bit + 1 in the missing places.
 
-An approximate method returns the rows it found in the same order; a query for which it found fewer than k
-codes gets id -1 at distance hash_bit + 1 in the missing places.
+Changes. add() and remove() copy the arrays once (O(N)); multi-index tables are changed in place, FAISS's
+approximate indexes rebuilt at the next search; so change an index in batches. Several threads may search an
+index at once, but none may change it while another searches it.
 
-Changes. add() and remove() copy the arrays (O(N)), and the search structure is rebuilt at the next search,
-so change an index in batches. Several threads may search an index at once, but none may change it while
-another searches it.
-
-File. save() writes atomically: MAGIC, a little-endian uint32 header length, a JSON header (format,
-hash_bit, rows, method, options) padded to a multiple of 64 bytes, then the codes (rows x ceil(hash_bit / 8)
-bytes) and the ids (rows little-endian int64). load() refuses anything but a regular file, checks the header
-against the file size before reading the arrays, and checks that the ids increase and the padding bits are 0;
-the search structures are rebuilt, never read from the file. load(mmap=True) maps the arrays instead of
-reading them.
+File (format 2). save() writes atomically: MAGIC, a little-endian uint32 header length, a JSON header (format,
+hash_bit, rows, method, options, structure: the name, dtype and shape of each array of the search structure)
+padded to a multiple of 64 bytes, the codes (rows x ceil(hash_bit / 8) bytes), the ids (rows little-endian
+int64), then each array of the structure from the next multiple of 64 bytes. load() refuses anything but a
+regular file, checks the header against the file size before reading the arrays, checks that the ids
+increase and the padding bits are 0, and gives the structure to the backend, which checks it (multi-index
+tables: bucket offsets within the codes) and otherwise rebuilds it from the codes. Format 1 files (no
+structure) still load. load(mmap=True) maps the arrays instead of reading them.
 """
 import json
 import math

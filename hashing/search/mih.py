@@ -12,8 +12,7 @@ in another table is recognised from its substring distances (no visited set), an
 distance is computed from its code.
 
 The result is exact and in the evaluator's order: every row within the final distance has been met, and
-the rows are ranked by (distance, row); rows are stored in id order (hashing/search/index.py), so that is
-(distance, id), the flat scan's ranking to the last tie. How much of the database a search meets depends on
+the rows are ranked by (distance, id) (the tables hold the ids), the flat scan's ranking to the last tie. How much of the database a search meets depends on
 the codes: little for the clustered codes of a trained model or a near-duplicate query, more for uniformly
 random codes, whose 100th neighbour among 10 M 64-bit codes lies at distance ~14.
 
@@ -22,8 +21,12 @@ instead of a cache miss per row (2-4x faster on uniformly random codes). m defau
 log2(N) - 7 bits, buckets of about ROWS_PER_BUCKET rows: measured the fastest of m = 3..6 on uniformly
 random 64-bit codes at 1 M (m = 5, 1.6 ms a query against 8 ms for m = 3) and 10 M (m = 4); Norouzi et al.'s
 log2(N) bits (a row a bucket) probe far more buckets for the same rows. Substrings have at most
-MAX_SUBSTRING_BITS bits, so that a table of 2^bits + 1 offsets stays small. Memory per code: m copies of
-the code (8 bytes each per 64 bits) and m row numbers (4 bytes each below 2^31 rows).
+MAX_SUBSTRING_BITS bits, so that a table of 2^bits + 1 offsets stays small and a search probes no table of
+2^24 buckets. Memory per code: m copies of the code (8 bytes each per 64 bits) and m ids (8 bytes each).
+
+The tables are changed in place by add and remove (MultiIndexTables.add/remove: each array copied once,
+no counting sort, no gather of the codes), and saved with an index file (arrays/from_arrays), so that neither
+a change nor a load rebuilds them. MultiIndexBackend is the "mih" search backend (hashing/search/backend.py).
 """
 import itertools
 import math
