@@ -93,10 +93,10 @@ def test_auto_chooses_by_its_cost_model():
     rng = np.random.default_rng(6)
     small = HammingIndex.build(pack_signs(rng.standard_normal((100, 16))))
     assert small.resolved_method == "flat" and small.exact
-    # 16-bit codes: k = 100 among 100,000 lie within distance 0-1, a few buckets of one table: mih
-    short = HammingIndex.build(rng.integers(0, 256, (100_000, 2), dtype=np.uint8))
+    # 16-bit codes: k = 100 among 1,000,000 lie within distance 1, 17 buckets of one table (~260 codes): mih
+    short = HammingIndex.build(rng.integers(0, 256, (1_000_000, 2), dtype=np.uint8))
     assert short.resolved_method == "mih" and short.exact
-    # 256-bit codes: the 100th neighbour lies near distance 100, far too many buckets to probe: flat
+    # 256-bit codes: the 100th neighbour lies near distance 100; reaching it meets more codes than N: flat
     long = HammingIndex.build(rng.integers(0, 256, (100_000, 32), dtype=np.uint8))
     assert long.resolved_method == "flat"
     assert long.backend.method_for(radius=0) == "mih"  # an exact-duplicate search is a lookup
