@@ -38,7 +38,7 @@ import numpy as np
 
 from utils.errors import UserError
 
-from hashing.search.backend import SearchBackend, SortedCodes, register_backend
+from hashing.search.backend import SortedCodes, StoredBackend, empty_result, no_matches, register_backend
 
 # A substring of 24 bits took 0.5 s a query over one code (2^24 buckets to probe): at most 23.
 MAX_SUBSTRING_BITS = 23
@@ -247,7 +247,7 @@ def segments(distances, ids, counts):
 
 
 @register_backend
-class MultiIndexBackend(SearchBackend):
+class MultiIndexBackend(StoredBackend):
     """Exact search by multi-index hashing: substrings = m (None = from the size when the tables are first
     built, so that a bucket holds ~ROWS_PER_BUCKET codes). The tables are built at the first search (or
     restored from an index file) and then changed in place by add and remove."""
@@ -259,16 +259,8 @@ class MultiIndexBackend(SearchBackend):
         super().__init__(hash_bit, **options)
         if self.options["substrings"] is not None:
             check_substrings(self.hash_bit, self.options["substrings"])
-        self._store = SortedCodes(self.code_bytes)
         self.tables = None
         self._building = threading.Lock()  # concurrent first searches build the tables once
-
-    @property
-    def store(self):
-        return self._store
-
-    def __len__(self):
-        return len(self._store)
 
     @property
     def nbytes(self):
@@ -316,11 +308,11 @@ class MultiIndexBackend(SearchBackend):
     def search(self, queries, k):
         k = min(int(k), len(self))
         if k == 0 or not len(queries):
-            return np.zeros((len(queries), k), np.int32), np.zeros((len(queries), k), np.int64)
+            return empty_result(len(queries), k)
         distances, ids, _ = self.built().search(queries, k, self.hash_bit)
         return distances.astype(np.int32).reshape(len(queries), k), ids.reshape(len(queries), k)
 
     def search_radius(self, queries, radius):
         if not len(self):
-            return [(np.zeros(0, np.int32), np.zeros(0, np.int64)) for _ in queries]
+            return no_matches(len(queries))
         return segments(*self.built().search(queries, np.iinfo(np.int64).max, min(int(radius), self.hash_bit)))
