@@ -90,7 +90,10 @@ def test_the_registry_opens_a_collection_and_checks_its_bits(lite):
     with pytest.raises(UserError, match="16-bit codes, not 24-bit"):
         open_backend("milvus", 24, uri=backend.uri, collection="fixture")
     with pytest.raises(UserError, match="no collection absent"):
-        open_backend("milvus", BITS, uri=backend.uri, collection="absent")
+        milvus.MilvusBackend(uri=backend.uri, collection="absent")
+    empty = open_backend("milvus", 24, uri=backend.uri, collection="made_empty")  # by bits: created empty
+    assert len(empty) == 0 and empty.hash_bit == 24 and empty.search(np.zeros((2, 3), np.uint8), 5)[1].shape == (2, 0)
+    empty.close()
 
 
 def test_another_checkpoints_or_code_lengths_collection_is_refused(lite):

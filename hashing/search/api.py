@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from data.base import DataOptions, UnreadableImage, split_labels
@@ -69,8 +70,8 @@ class CheckpointModel:
         return image_transform(self.backbone.preprocessing, train=False)
 
     def encode(self, images, batch_size=64):
-        """Packed codes (N, ceil(hash_bit / 8)) uint8 of `images`: image paths, a folder, PIL images or a
-        dataset split whose items are (image tensor, labels)."""
+        """Packed codes (N, ceil(hash_bit / 8)) uint8 of `images`: image paths, a folder, PIL images, one image
+        path or PIL image (one row), or a dataset split whose items are (image tensor, labels)."""
         loader = DataLoader(_as_dataset(images, self.transform), batch_size=batch_size, shuffle=False)
         outputs = []
         with torch.inference_mode():
@@ -132,12 +133,13 @@ class CheckpointModel:
 
 
 def _as_dataset(images, transform):
+    """Images to encode: a dataset as it is; a folder's images; one path or PIL image as a list of one."""
     if isinstance(images, Dataset):
         return images
     if isinstance(images, (str, Path)):
-        if not Path(images).is_dir():
-            raise UserError(f"{images} is not a folder of images; pass a list of image paths for a single file")
-        images = image_paths(images)
+        images = image_paths(images) if Path(images).is_dir() else [images]
+    elif isinstance(images, Image.Image):
+        images = [images]
     return ImageItems(list(images), transform, hint="pass a PNG or JPEG image")
 
 

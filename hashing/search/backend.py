@@ -59,9 +59,14 @@ def import_faiss():
     return faiss
 
 
-def empty_result(num_queries, hash_bit=None):
-    """(distances, ids) of shape (num_queries, 0)."""
-    return np.zeros((num_queries, 0), dtype=np.int32), np.zeros((num_queries, 0), dtype=np.int64)
+def empty_result(num_queries, k=0):
+    """(distances, ids) of shape (num_queries, k), int32 and int64 zeros: a search that has nothing to do."""
+    return np.zeros((num_queries, k), dtype=np.int32), np.zeros((num_queries, k), dtype=np.int64)
+
+
+def no_matches(num_queries):
+    """A radius search's answer of an empty backend: an empty (distances, ids) pair per query."""
+    return [(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)) for _ in range(num_queries)]
 
 
 def order_by_distance_then_id(distances, ids):
@@ -152,6 +157,9 @@ class SearchBackend(abc.ABC):
     def __len__(self):
         """The number of codes held."""
 
+    def prepare(self):
+        """Build the search structure now rather than at the first search (HammingIndex.build calls it)."""
+
     @property
     def store(self):
         """The codes in id order (SortedCodes), for a backend that keeps them; else None."""
@@ -176,6 +184,21 @@ class SearchBackend(abc.ABC):
 
     def __repr__(self):
         return f"{type(self).__name__}({len(self):,} codes of {self.hash_bit} bits)"
+
+
+class StoredBackend(SearchBackend):
+    """A backend that keeps its codes in id order (SortedCodes) next to its search structure."""
+
+    def __init__(self, hash_bit, **options):
+        super().__init__(hash_bit, **options)
+        self._store = SortedCodes(self.code_bytes)
+
+    @property
+    def store(self):
+        return self._store
+
+    def __len__(self):
+        return len(self._store)
 
 
 def register_backend(cls):

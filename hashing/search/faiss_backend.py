@@ -15,28 +15,20 @@ import threading
 
 import numpy as np
 
-from hashing.search.backend import SearchBackend, SortedCodes, import_faiss, order_by_distance_then_id, \
-    register_backend
+from hashing.search.backend import (SortedCodes, StoredBackend, empty_result, import_faiss, no_matches,
+                                    order_by_distance_then_id, register_backend)
 from hashing.search.flat import ids_of, ranked_range_result
 
 
-class FaissApproximateBackend(SearchBackend):
+class FaissApproximateBackend(StoredBackend):
     """The codes in id order (FAISS id = row) and a FAISS index over them, built when first searched."""
 
     exact = False
 
     def __init__(self, hash_bit, **options):
         super().__init__(hash_bit, **options)
-        self._store = SortedCodes(self.code_bytes)
         self.index = None
         self._building = threading.Lock()  # concurrent first searches build the index once
-
-    @property
-    def store(self):
-        return self._store
-
-    def __len__(self):
-        return len(self._store)
 
     def add(self, codes, ids):
         self._store.insert(codes, ids)
@@ -54,6 +46,9 @@ class FaissApproximateBackend(SearchBackend):
         self.index = None
         return not arrays
 
+    def prepare(self):
+        self.built()
+
     def built(self):
         with self._building:
             if self.index is None and len(self):
@@ -70,7 +65,7 @@ class FaissApproximateBackend(SearchBackend):
     def search(self, queries, k):
         k = min(int(k), len(self))
         if k == 0 or not len(queries):
-            return np.zeros((len(queries), k), np.int32), np.zeros((len(queries), k), np.int64)
+            return empty_result(len(queries), k)
         distances, rows = self.built().search(queries, k)
         distances[rows < 0] = self.hash_bit + 1
         distances, rows = order_by_distance_then_id(distances.astype(np.int32), rows.astype(np.int64))
@@ -78,7 +73,7 @@ class FaissApproximateBackend(SearchBackend):
 
     def search_radius(self, queries, radius):
         if not len(self):
-            return [(np.zeros(0, np.int32), np.zeros(0, np.int64)) for _ in queries]
+            return no_matches(len(queries))
         results = ranked_range_result(*self.built().range_search(queries, min(int(radius), self.hash_bit) + 1))
         return [(distances, ids_of(self._store.ids, rows)) for distances, rows in results]
 

@@ -14,8 +14,8 @@ import numpy as np
 
 from hashing.codes import hamming_distances, word_columns
 from hashing.evaluation.metrics import rank_top_k
-from hashing.search.backend import (SearchBackend, SortedCodes, faiss_available, import_faiss,
-                                    order_by_distance_then_id, register_backend)
+from hashing.search.backend import (SortedCodes, StoredBackend, empty_result, faiss_available, import_faiss,
+                                    no_matches, order_by_distance_then_id, register_backend)
 
 # Query rows x database items per chunk of the NumPy scan: bounded memory, as in hashing.evaluation.metrics.
 _CHUNK_ELEMENTS = 1 << 20
@@ -45,7 +45,7 @@ def ids_of(ids, rows):
 
 
 @register_backend
-class FlatBackend(SearchBackend):
+class FlatBackend(StoredBackend):
     """Exact scan of every code: FAISS IndexBinaryFlat (use_faiss None = when installed), or NumPy."""
 
     name = "flat"
@@ -54,15 +54,7 @@ class FlatBackend(SearchBackend):
     def __init__(self, hash_bit, **options):
         super().__init__(hash_bit, **options)
         self.use_faiss = faiss_available() if self.options["use_faiss"] is None else bool(self.options["use_faiss"])
-        self._store = SortedCodes(self.code_bytes)
         self.faiss_index = None
-
-    @property
-    def store(self):
-        return self._store
-
-    def __len__(self):
-        return len(self._store)
 
     @property
     def nbytes(self):
@@ -101,7 +93,7 @@ class FlatBackend(SearchBackend):
     def search(self, queries, k):
         k = min(int(k), len(self))
         if k == 0 or not len(queries):
-            return np.zeros((len(queries), k), np.int32), np.zeros((len(queries), k), np.int64)
+            return empty_result(len(queries), k)
         if self.use_faiss:
             distances, rows = self.faiss_index.search(queries, k)
         else:
@@ -118,7 +110,7 @@ class FlatBackend(SearchBackend):
     def search_radius(self, queries, radius):
         radius = min(int(radius), self.hash_bit)
         if not len(self):
-            return [(np.zeros(0, np.int32), np.zeros(0, np.int64)) for _ in queries]
+            return no_matches(len(queries))
         if self.use_faiss:
             results = ranked_range_result(*self.faiss_index.range_search(queries, radius + 1))  # FAISS: d < r
         else:

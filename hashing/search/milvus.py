@@ -28,6 +28,8 @@ import json
 import logging
 import math
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -154,17 +156,30 @@ def _record_of(description, where):
 class MilvusBackend(SearchBackend):
     """A Milvus collection of packed codes under int64 ids, searched as a HammingIndex is: search(queries, k) ->
     (distances int32 (Q, k'), ids int64 (Q, k')), search_radius, add(codes, ids), remove(ids), len(). Opens an
-    existing collection (MilvusBackend.create makes one); open_backend("milvus", hash_bit, uri=, collection=)."""
+    existing collection (MilvusBackend.create makes one for an export). open_backend("milvus", hash_bit, uri=,
+    collection=) opens it, or creates it empty when absent; without uri, in a temporary Milvus Lite file removed at
+    close()."""
     name = "milvus"
     OPTIONS = {"uri": None, "collection": None, "token": None, "nprobe": DEFAULT_NPROBE}
 
     def __init__(self, hash_bit=None, uri=None, collection=None, token=None, nprobe=DEFAULT_NPROBE, client=None):
-        if uri is None or collection is None:
-            raise UserError("the milvus search method needs uri= (FILE.db or http://HOST:19530) and collection=")
+        self._temporary = None
+        if uri is None:  # open_backend("milvus", bits): an empty Milvus Lite collection, gone when closed
+            if hash_bit is None:
+                raise UserError("the milvus search method needs uri= (FILE.db or http://HOST:19530) or hash_bit")
+            self._temporary = tempfile.mkdtemp(prefix="hyp2-milvus-")
+            uri, collection = str(Path(self._temporary) / "codes.db"), collection or "codes"
+        if collection is None:
+            raise UserError(f"the milvus search method at {uri} needs collection=")
         self.uri, self.collection = str(uri), check_collection_name(collection)
         self.client = client if client is not None else connect(uri, token)
         self.nprobe = int(nprobe)
         try:
+            if hash_bit is not None and not self._call("checking the collection", self.client.has_collection,
+                                                       collection):  # asked for by bits: an empty one
+                record = {"format": RECORD_FORMAT, "hash_bit": int(hash_bit), "source": "python", "rows": 0}
+                self._call("creating the collection", _create_collection, import_pymilvus(), self.client,
+                           collection, record, PATH_LENGTH, ("BIN_FLAT", 1, None))
             self._open(hash_bit)
         except UserError:
             self.close()  # Milvus Lite's server process stops with its last client
@@ -371,6 +386,9 @@ class MilvusBackend(SearchBackend):
             self.client.close()
         except Exception:  # closing a client that failed to connect
             pass
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary, ignore_errors=True)
+            self._temporary = None
 
     def __enter__(self):
         return self
