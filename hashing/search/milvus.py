@@ -31,6 +31,7 @@ import re
 import shutil
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,7 @@ class MilvusBackend(SearchBackend):
             if hash_bit is None:
                 raise UserError("the milvus search method needs uri= (FILE.db or http://HOST:19530) or hash_bit")
             self._temporary = tempfile.mkdtemp(prefix="hyp2-milvus-")
+            weakref.finalize(self, shutil.rmtree, self._temporary, ignore_errors=True)  # also when never closed
             uri, collection = str(Path(self._temporary) / "codes.db"), collection or "codes"
         if collection is None:
             raise UserError(f"the milvus search method at {uri} needs collection=")
