@@ -193,3 +193,14 @@ def test_the_search_page_on_the_collection_answers_as_on_the_exact_index(run):
     index.close()
     with pytest.raises(SystemExit):
         serve.get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--index", "elastic:x"])
+
+
+def test_the_search_page_refuses_a_collection_it_cannot_search_in_one_line(run, tmp_path, capsys):
+    from hashing.search import server as serve
+    checkpoint, _, _ = run
+    for uri, message in ((tmp_path / "empty.db", "has no collection hyp2_digits_small_16"),
+                         (tmp_path / "codes.txt", "ending in .db")):
+        with pytest.raises(SystemExit) as stopped:
+            serve.cli(["--checkpoint", str(checkpoint), "--index", f"milvus:{uri}", "--port", "0"])
+        error = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 1 and len(error) == 1 and message in error[0]
