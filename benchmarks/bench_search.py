@@ -1,9 +1,12 @@
-"""Time the search methods of hashing/search/index.py on synthetic codes: build time, memory, query latency at batch 1
-and batch 1,000, and recall@k against the exact ranking.
+"""Time the search methods on synthetic codes, interleaved in one process: build time, memory, query latency at
+batch 1 and batch 1,000, and recall@k against the exact ranking.
 
     python benchmarks/bench_search.py --sizes 1000000 10000000            # the full measurement (long)
     python benchmarks/bench_search.py --sizes 1000000 --methods flat hnsw  # HNSW, asked for by name
     python benchmarks/bench_search.py --sizes 100000 --queries 200 --single 20 --methods flat mih  # a quick check
+
+Methods: those of hashing/search/index.py (flat, mih, auto, ivf, hnsw), "flat-numpy" (flat without FAISS)
+and "faiss" (FAISS's IndexBinaryFlat searched directly, outside the index: what the flat scan costs alone).
 
 Codes (--codes, both by default): "uniform" draws every bit at random, the hardest case for a sub-linear
 index (the 100th neighbour of a query among 10 M 64-bit codes lies at distance ~14, with nothing closer to
@@ -12,11 +15,12 @@ probability --flip, as a trained hashing network's codes cluster by class. Queri
 independently of the database. The exact ranking is the "flat" method's; recall@k is the share of its k ids
 that a method returns, and "same ranking" the share of queries whose k (distance, id) pairs equal it exactly.
 
-Latency: batch 1 is the median over --single searches of one query each; batch 1,000 is the time of one
-search of --queries queries, divided by their number. Each method searches once before it is timed (numba
-loads its compiled code then). FAISS uses its OpenMP threads and "mih" up to 4 threads; the header of the
-table says how many, as figures change with the number of CPU threads and with other load on the machine.
-Memory is HammingIndex.nbytes: the codes and ids the index holds plus its search structure.
+Latency: batch 1 is the median over --single searches of one query each; batch 1,000 the median over
+--rounds searches of --queries queries, divided by their number. The methods are timed interleaved: each
+query (each batch round) is searched by every method in turn, the order rotating, so that all see the same
+load on the machine. Each method searches once before it is timed (numba loads its compiled code then).
+FAISS and "mih" use --threads threads (1 by default; 0: FAISS's OpenMP default and mih up to 4); the header
+of the table says how many. Memory is nbytes: the codes and ids held plus the search structure.
 
 The table is printed and written to OUTPUT_DIR/bench_search_{bits}bit.md.
 """
@@ -29,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hashing.search import mih
+from hashing.search import mih  # noqa: E402
+from hashing.search.flat import faiss_flat_index  # noqa: E402
 from hashing.search.index import HammingIndex, METHODS, import_faiss  # noqa: E402
 from utils.atomic import ensure_writable_dir, write_text  # noqa: E402
 from utils.errors import UserError, run_reporting_errors  # noqa: E402
@@ -47,17 +52,19 @@ def get_args_parser():
                         help="database sizes (number of codes)")
     parser.add_argument("--bits", type=int, default=64, help="code length")
     parser.add_argument("--codes", nargs="+", choices=["uniform", "clustered"], default=["uniform", "clustered"])
-    parser.add_argument("--methods", nargs="+", choices=[m for m in METHODS if m != "auto"],
-                        default=["flat", "mih", "ivf"],
-                        help="methods to measure (flat is the reference); hnsw only when named: its graph takes "
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, "flat-numpy", "faiss"],
+                        default=["flat", "faiss", "flat-numpy", "mih", "auto", "ivf"],
+                        help="methods to measure (flat is the reference; flat-numpy: flat without FAISS; faiss: "
+                             "IndexBinaryFlat alone, outside the index); hnsw only when named: its graph takes "
                              "minutes per million codes to build")
     parser.add_argument("--k", type=int, default=100, help="neighbours per query (recall@k)")
     parser.add_argument("--queries", type=int, default=1000, help="queries of the batch search")
     parser.add_argument("--single", type=int, default=100, help="one-query searches timed for batch 1")
     parser.add_argument("--classes", type=int, default=100, help="centres of the clustered codes")
     parser.add_argument("--flip", type=float, default=0.1, help="bit flip probability of the clustered codes")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads of FAISS (OpenMP) and of mih (default: FAISS's default, mih up to 4)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads of FAISS (OpenMP) and of mih (0: FAISS's default, mih up to 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="batch searches per method (the median is reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="./result")
     return parser
@@ -76,29 +83,75 @@ def synthetic_codes(rng, kind, count, bits, centres, flip):
     return np.concatenate(parts)
 
 
-def time_method(method, database, queries, single_queries, k, exact):
-    """One row of the table: build, memory, latencies, recall@k and exact agreement with `exact` (flat's)."""
-    HammingIndex.build(database[:1000], method=method)  # imports (numba, FAISS) are not part of the build time
+class FaissAlone:
+    """FAISS's IndexBinaryFlat searched directly (ids = rows): the flat scan without the index around it."""
+    exact = True
+
+    def __init__(self, database):
+        self.index = faiss_flat_index(database)
+
+    @property
+    def nbytes(self):
+        return self.index.ntotal * self.index.code_size
+
+    def search(self, queries, k):
+        return self.index.search(queries, k)
+
+
+def build(method, database):
+    """(the searchable index of `method`, its build time in seconds)."""
+    def new(codes):
+        if method == "faiss":
+            return FaissAlone(codes)
+        if method == "flat-numpy":
+            return HammingIndex.build(codes, method="flat", use_faiss=False)
+        return HammingIndex.build(codes, method=method)
+
+    new(database[:1000])  # imports (numba, FAISS) are not part of the build time
     started = time.perf_counter()
-    index = HammingIndex.build(database, method=method)
-    build_seconds = time.perf_counter() - started
-    index.search(queries[:1], k)  # warm-up: numba's compiled code, FAISS's first call
-    latencies = []
-    for query in single_queries:
-        started = time.perf_counter()
-        index.search(query[None], k)
-        latencies.append(time.perf_counter() - started)
-    started = time.perf_counter()
-    distances, ids = index.search(queries, k)
-    batch_seconds = time.perf_counter() - started
-    if exact is None:
-        exact = distances, ids
-    recall = np.mean([len(np.intersect1d(found, true)) / k for found, true in zip(ids, exact[1])])
-    same = np.mean(np.all((ids == exact[1]) & (distances == exact[0]), axis=1))
-    row = {"method": method, "exact": "yes" if index.exact else "no", "build_s": build_seconds,
-           "memory_mib": index.nbytes / 2 ** 20, "batch1_ms": 1e3 * np.median(latencies),
-           "batch_ms": 1e3 * batch_seconds / len(queries), "recall": recall, "same": same}
-    return row, exact
+    index = new(database)
+    return index, time.perf_counter() - started
+
+
+def interleaved_latencies(indexes, queries, single_queries, k, rounds):
+    """{method: (median seconds of one query alone, median seconds a query in a batch)}, every method timed
+    query by query in turn (the order rotating), so that all see the same load on the machine."""
+    names = list(indexes)
+    for index in indexes.values():
+        index.search(queries[:1], k)  # warm-up: numba's compiled code, FAISS's first call
+    single = {name: [] for name in names}
+    for number, query in enumerate(single_queries):
+        for name in names[number % len(names):] + names[:number % len(names)]:
+            started = time.perf_counter()
+            indexes[name].search(query[None], k)
+            single[name].append(time.perf_counter() - started)
+    batch = {name: [] for name in names}
+    for number in range(rounds):
+        for name in names[number % len(names):] + names[:number % len(names)]:
+            started = time.perf_counter()
+            indexes[name].search(queries, k)
+            batch[name].append((time.perf_counter() - started) / len(queries))
+    return {name: (np.median(single[name]), np.median(batch[name])) for name in names}
+
+
+def measure_methods(methods, database, queries, single_queries, k, rounds):
+    """The table's rows of one database: build, memory, interleaved latencies, recall@k and exact agreement
+    with the first method's ranking (flat's)."""
+    built = {method: build(method, database) for method in methods}
+    indexes = {method: index for method, (index, _) in built.items()}
+    latencies = interleaved_latencies(indexes, queries, single_queries, k, rounds)
+    exact = None
+    rows = []
+    for method, (index, build_seconds) in built.items():
+        distances, ids = index.search(queries, k)
+        if exact is None:
+            exact = distances, ids
+        recall = np.mean([len(np.intersect1d(found, true)) / k for found, true in zip(ids, exact[1])])
+        same = np.mean(np.all((ids == exact[1]) & (distances == exact[0]), axis=1))
+        rows.append({"method": method, "exact": "yes" if index.exact else "no", "build_s": build_seconds,
+                     "memory_mib": index.nbytes / 2 ** 20, "batch1_ms": 1e3 * latencies[method][0],
+                     "batch_ms": 1e3 * latencies[method][1], "recall": recall, "same": same})
+    return rows
 
 
 def markdown_table(rows, args):
@@ -123,8 +176,8 @@ def environment(args):
 def main(args):
     if "flat" not in args.methods:
         raise UserError("--methods must include flat: it gives the exact ranking the others are compared with")
-    if min(args.sizes) < args.k or args.queries < 1 or args.single < 1:
-        raise UserError(f"--sizes must be at least --k ({args.k}), --queries and --single at least 1")
+    if min(args.sizes) < args.k or args.queries < 1 or args.single < 1 or args.rounds < 1:
+        raise UserError(f"--sizes must be at least --k ({args.k}), --queries, --single and --rounds at least 1")
     ensure_writable_dir(args.output_dir)
     if args.threads:
         import_faiss().omp_set_num_threads(args.threads)
@@ -143,13 +196,11 @@ def main(args):
             database = synthetic_codes(rng, kind, size, args.bits, centres, args.flip)
             queries = synthetic_codes(rng, kind, args.queries, args.bits, centres, args.flip)
             single_queries = synthetic_codes(rng, kind, args.single, args.bits, centres, args.flip)
-            exact = None
-            for method in methods:
-                row, exact = time_method(method, database, queries, single_queries, args.k, exact)
+            for row in measure_methods(methods, database, queries, single_queries, args.k, args.rounds):
                 rows.append({"codes": kind, "size": size, **row})
-                print(f"{kind} {size:,} {method}: build {row['build_s']:.2f}s, batch 1 {row['batch1_ms']:.3f} ms, "
-                      f"batch {args.queries:,} {row['batch_ms']:.3f} ms/query, recall@{args.k} {row['recall']:.4f}",
-                      file=sys.stderr)
+                print(f"{kind} {size:,} {row['method']}: build {row['build_s']:.2f}s, batch 1 {row['batch1_ms']:.3f} "
+                      f"ms, batch {args.queries:,} {row['batch_ms']:.3f} ms/query, recall@{args.k} "
+                      f"{row['recall']:.4f}", file=sys.stderr)
     table = markdown_table(rows, args)
     text = f"Search benchmark: {environment(args)}.\n\n{table}\n"
     print(text)

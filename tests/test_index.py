@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from hashing.codes import pack_signs
-from hashing.search.index import AUTO_MIH_ROWS, HammingIndex
+from hashing.search.auto import knn_radius, mih_work
+from hashing.search.index import HammingIndex
 from hashing.search.mih import MultiIndexTables, default_substrings
 from hashing.search.exact import search
 from utils.errors import UserError
@@ -88,12 +89,26 @@ def test_index_search_equals_the_query_search(method):
         np.testing.assert_array_equal(actual[0], expected[0])
 
 
-def test_auto_uses_multi_index_hashing_for_large_databases():
+def test_auto_chooses_by_its_cost_model():
     rng = np.random.default_rng(6)
     small = HammingIndex.build(pack_signs(rng.standard_normal((100, 16))))
     assert small.resolved_method == "flat" and small.exact
-    large = HammingIndex.build(np.zeros((AUTO_MIH_ROWS, 2), dtype=np.uint8))
-    assert large.resolved_method == "mih" and large.exact
+    # 16-bit codes: k = 100 among 1,000,000 lie within distance 1, 17 buckets of one table (~260 codes): mih
+    short = HammingIndex.build(rng.integers(0, 256, (1_000_000, 2), dtype=np.uint8))
+    assert short.resolved_method == "mih" and short.exact
+    # 256-bit codes: the 100th neighbour lies near distance 100; reaching it meets more codes than N: flat
+    long = HammingIndex.build(rng.integers(0, 256, (100_000, 32), dtype=np.uint8))
+    assert long.resolved_method == "flat"
+    assert long.backend.method_for(radius=0) == "mih"  # an exact-duplicate search is a lookup
+
+
+def test_cost_model_counts_by_hand():
+    # 8 bits in 2 substrings of 4: covering r = 2 probes substring 0 up to radius 1 (1 + 4 buckets) and
+    # substring 1 at radius 0 (1 bucket); each bucket holds N / 16 uniform codes.
+    assert mih_work(1600, 8, 2, 2) == (6, 600)
+    assert knn_radius(2 ** 16, 16, 1) == 0  # N / 2^16 codes at distance 0 on average
+    assert knn_radius(2 ** 16, 16, 17) == 1  # 1 + 16 within distance 1
+    assert knn_radius(2 ** 16, 16, 18) == 2
 
 
 @pytest.mark.parametrize("method", ["flat (FAISS)", "flat (NumPy)", "mih", "mih, short substrings"])

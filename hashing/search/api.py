@@ -8,6 +8,9 @@
     index = HammingIndex.build(model.encode(splits.database))           # ids = database indices
     distances, ids = index.search(model.encode(["photo.jpg"]), k=10)   # the evaluator's order
 
+A Milvus collection written by `python -m hashing.export` is searched the same way:
+hashing.search.export.database_collection(model, "result/codes.db") returns its backend (search, search_radius).
+
 load_checkpoint finds what a checkpoint needs to be rebuilt and used: the backbone a self-describing
 checkpoint records, else the run's log next to it (OUTPUT_DIR/{run}.jsonl, .metrics.json: dataset, backbone,
 bits, heads, data settings), else the arguments given. encode takes image files, a folder, PIL images or a

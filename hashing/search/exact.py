@@ -1,9 +1,9 @@
 """Exact Hamming search of packed binary codes as one function call, and the FAISS index export.
 
-search() is hashing/search/index.py's "flat" method (FAISS IndexBinaryFlat when installed, else NumPy): the k
-nearest database items of each query, ordered by Hamming distance and then by database index (the ranking
-rule of hashing/evaluation/metrics.py). `--query` uses it; hashing/search/index.py holds the one ranking implementation and
-says why FAISS's ties come out by index. To search a database more than once, or one too large to scan,
+search() is the "flat" search backend (hashing/search/flat.py: FAISS IndexBinaryFlat when installed, else
+NumPy): the k nearest database items of each query, ordered by Hamming distance and then by database index
+(the ranking rule of hashing/evaluation/metrics.py). `--query` uses it; hashing/search/flat.py holds the one
+ranking implementation and says why FAISS's ties come out by index. To search a database more than once, or one too large to scan,
 build a hashing.search.index.HammingIndex.
 
 FAISS needs a whole number of bytes, so an exported index of n-bit codes has ceil(n / 8) * 8 dimensions;
@@ -14,7 +14,9 @@ import numpy as np
 from utils.atomic import atomic_write
 from utils.paths import open_regular
 
-from hashing.search.index import HammingIndex, faiss_available, faiss_flat_index, import_faiss
+from hashing.search.backend import faiss_available, import_faiss
+from hashing.search.flat import faiss_flat_index
+from hashing.search.index import HammingIndex
 
 build_index = faiss_flat_index  # the name tests and callers know
 BINARY_FLAT_MAGIC = b"IBxF"  # the first bytes of FAISS's serialised IndexBinaryFlat

@@ -159,8 +159,9 @@ def _ranked(distances, rows, bound, k, counts):
         kept_distances[taken] = bound
         kept_rows[taken] = at_bound[i]
         taken += 1
-    span = np.int64(rows.max() + 1) if len(rows) else np.int64(1)
-    order = np.argsort(kept_distances * span + kept_rows)
+    by_row = np.argsort(kept_rows)  # rows are ids (any int64): sort by row, then stably by distance
+    kept_distances, kept_rows = kept_distances[by_row], kept_rows[by_row]
+    order = np.argsort(kept_distances, kind="mergesort")
     return kept_distances[order], kept_rows[order]
 
 

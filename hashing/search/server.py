@@ -3,6 +3,7 @@ the top-k database items with their Hamming distances, labels and relevance.
 
     python -m hashing.serve --checkpoint result/digits_small_48.ckpt            # http://127.0.0.1:8000
     python -m hashing.serve --checkpoint CKPT --data_root /data --port 8080 --k 20
+    python -m hashing.serve --checkpoint CKPT --index milvus:result/codes.db   # the collection hashing.export wrote
 
 The dataset, backbone and bits come from the checkpoint and its run's files (hashing/api.load_checkpoint);
 --data_root where the data lies elsewhere than the run said. The JSON API:
@@ -58,6 +59,7 @@ from utils.runlog import warn
 from hashing.search.api import load_checkpoint
 from hashing.search.index import HammingIndex
 from hashing.search.exact import MAX_K
+from hashing.search.export import database_collection
 from hashing.search.page import PAGE
 
 MAX_UPLOAD_BYTES = 10 << 20  # 10 MiB: a large photograph
@@ -93,10 +95,13 @@ class SearchService:
     index: HammingIndex
 
     @classmethod
-    def for_model(cls, model, data_root=None):
+    def for_model(cls, model, data_root=None, index=None):
+        """index: a search backend over the database codes (ids = database indices; e.g. a Milvus collection,
+        hashing.search.export.database_collection); None = a HammingIndex built here."""
         splits = model.splits(data_root)
         codes = model.split_codes(splits)
-        return cls(model, splits, codes, HammingIndex.build(codes.database_bits, hash_bit=codes.hash_bit))
+        return cls(model, splits, codes, index if index is not None else
+                   HammingIndex.build(codes.database_bits, hash_bit=codes.hash_bit))
 
     @property
     def class_names(self):
@@ -454,7 +459,30 @@ def get_args_parser():
     parser.add_argument("--k", type=int_in_range(1, MAX_K), default=10,
                         help=f"results per search unless the request says (at most {MAX_K})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--index", type=index_spec, default="exact", metavar="exact|milvus:URI",
+                        help="exact: an index built at start; milvus:FILE.db or milvus:http://HOST:19530: the "
+                        "collection python -m hashing.export wrote")
+    parser.add_argument("--collection", default=None,
+                        help="--index milvus: the collection (default: hyp2_ and the checkpoint's file name)")
+    parser.add_argument("--token", default=os.environ.get("MILVUS_TOKEN"),
+                        help="--index milvus: server credentials (default: $MILVUS_TOKEN)")
     return parser
+
+
+def index_spec(text):
+    """--index: 'exact' or 'milvus:URI'."""
+    if text == "exact" or (text.startswith("milvus:") and len(text) > len("milvus:")):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither exact nor milvus:URI (milvus:FILE.db, "
+                                     "milvus:http://HOST:19530)")
+
+
+def open_index(model, args):
+    """The search backend --index names, or None for the exact index built at start."""
+    if args.index == "exact":
+        return None
+    return database_collection(model, args.index[len("milvus:"):], args.collection, args.token,
+                               data_root=args.data_root)
 
 
 def main(args):
@@ -463,14 +491,19 @@ def main(args):
              "authentication")
     model = load_checkpoint(args.checkpoint, dataset=args.dataset, backbone=args.backbone, hash_bit=args.hash_bit,
                             device=args.device)
-    service = SearchService.for_model(model, args.data_root)
+    index = open_index(model, args)
+    service = SearchService.for_model(model, args.data_root, index)
     sock = bound_socket(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"search page for {model.checkpoint} ({model.dataset}, {model.backbone.name}, {model.hash_bit} bits, "
-          f"{len(service.codes.database_bits)} database items) at http://{host}:{sock.getsockname()[1]}/  "
+          f"{len(service.codes.database_bits)} database items{f', in {index!r}' if index is not None else ''}) at http://{host}:{sock.getsockname()[1]}/  "
           "(Ctrl-C stops it)", flush=True)
     server = uvicorn.Server(server_config(create_app(service, args.k, listening_names(args.host))))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if index is not None:
+            index.close()
 
 
 def listening_names(host):
