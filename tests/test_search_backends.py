@@ -307,5 +307,9 @@ def test_the_cost_fit_recovers_known_coefficients_and_auto_reads_its_file(tmp_pa
     try:
         assert set(auto.coefficients()) == set(auto.DEFAULT_COEFFICIENTS)
         assert auto.coefficients() != auto.DEFAULT_COEFFICIENTS
+        (tmp_path / "cost.json").write_text('{"coefficients": {"flat_fixed": -1}}')
+        auto.coefficients.cache_clear()
+        with pytest.raises(UserError, match="lacks the coefficients flat_fixed, .*fit_search_cost.py again"):
+            auto.coefficients()
     finally:
         auto.coefficients.cache_clear()
