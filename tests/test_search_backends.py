@@ -194,10 +194,16 @@ def test_a_backend_registered_elsewhere_is_opened_by_name(data):
 
 def test_multi_index_tables_changed_in_place_equal_tables_built_afresh(data):
     codes, ids, _ = data
+    ids = ids.copy()
+    ids[-1] = 2 ** 40  # an id beyond int32 arrives with the second batch
     tables = MultiIndexTables(codes[:500], BITS, 4, ids[:500])
+    assert tables.positions.dtype == np.int32  # 4 bytes an id while they fit
     tables.add(codes[500:], ids[500:])
+    assert tables.positions.dtype == np.int64
     assert tables.remove(ids[::3]) == len(ids[::3])
     keep = ~np.isin(ids, ids[::3])
+    distances, found, _ = tables.search(codes[-1:], 900, BITS)
+    assert distances[list(found).index(2 ** 40)] == 0
     fresh = MultiIndexTables(codes[keep], BITS, 4, ids[keep])
     np.testing.assert_array_equal(tables.offsets, fresh.offsets)
     for j in range(4):  # the same ids in every bucket (their order within a bucket is free)

@@ -28,7 +28,7 @@ READABLE_VERSIONS = (1, 2)
 MAX_HEADER_BYTES = 1 << 16
 ALIGNMENT = 64
 # The dtypes a saved search structure's arrays may have.
-STRUCTURE_DTYPES = ("<i8", "<u8")
+STRUCTURE_DTYPES = ("<i4", "<i8", "<u8")
 
 
 def write_index_file(path, header, codes, ids, structure):
@@ -152,7 +152,8 @@ def _layout(header, data_offset):
     layout = [("codes", (data_offset, codes_end)), ("ids", (codes_end, codes_end + 8 * rows))]
     for entry in header["structure"]:
         start = _aligned(layout[-1][1][1])
-        layout.append((entry["name"], (start, start + 8 * math.prod(entry["shape"]))))
+        size = np.dtype(entry["dtype"]).itemsize * math.prod(entry["shape"])
+        layout.append((entry["name"], (start, start + size)))
     return layout
 
 
