@@ -72,14 +72,20 @@ def median_seconds(searches, queries, budget):
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
+def uniform_codes(rng, count, bits):
+    """Packed uniformly random codes, drawn as bytes (no array of count x bits)."""
+    codes = rng.integers(0, 256, (count, -(-bits // 8)), dtype=np.uint8)
+    codes[:, -1] &= np.uint8((0xFF << (-bits % 8)) & 0xFF)  # the padding bits are 0
+    return codes
+
+
 def measure(args):
     """[{bits, size, substrings, k, radius, flat, mih}] over the grid."""
     rng = np.random.default_rng(args.seed)
     grid = [(bits, size) for bits in args.bits for size in args.sizes if bits * size <= args.max_volume]
     rows = []
     for bits, size in progress_bar(grid, desc="fit_search_cost", unit="config"):
-        codes = np.packbits(rng.random((size, bits)) < 0.5, axis=1)
-        queries = np.packbits(rng.random((args.queries, bits)) < 0.5, axis=1)
+        codes, queries = uniform_codes(rng, size, bits), uniform_codes(rng, args.queries, bits)
         ids = np.arange(size, dtype=np.int64)
         flat, tables = FlatBackend(bits), MultiIndexBackend(bits)
         flat.add(codes, ids)

@@ -31,9 +31,19 @@ BACKEND_CASES = {
     "auto": ("auto", {}, True, None),
     "ivf": ("ivf", {"nlist": 8, "nprobe": 4}, False, 0.5),
     "hnsw": ("hnsw", {}, False, 0.5),
-    "milvus": pytest.param(("milvus", {}, True, None), marks=pytest.mark.skipif(
+    "milvus (Milvus Lite, BIN_FLAT)": pytest.param(("milvus", {}, True, None), marks=pytest.mark.skipif(
         milvus_missing(), reason="hashing.search.milvus or pymilvus is not installed")),
 }
+
+
+def new_backend(method, options, tmp_path):
+    """An empty backend; Milvus's is a new collection in a Milvus Lite file under tmp_path."""
+    if method != "milvus":
+        return open_backend(method, BITS, **options)
+    from hashing.search import milvus
+    record = {"checkpoint_sha256": "0" * 64, "hash_bit": BITS, "source": "interface test", "source_sha256": "1" * 64,
+              "rows": 900}
+    return milvus.MilvusBackend.create(str(tmp_path / "codes.db"), "interface", record, label_length=8)
 
 
 def clustered_codes(rng, items, centres=12, noise=0.06):
@@ -99,10 +109,18 @@ def data():
 
 
 @pytest.mark.parametrize("case", BACKEND_CASES.values(), ids=list(BACKEND_CASES))
-def test_every_backend_keeps_the_interface(case, data):
+def test_every_backend_keeps_the_interface(case, data, tmp_path):
+    backend = new_backend(case[0], case[1], tmp_path)
+    try:
+        check_the_interface(backend, case, data)
+    finally:
+        if hasattr(backend, "close"):
+            backend.close()
+
+
+def check_the_interface(backend, case, data):
     method, options, exact, recall_floor = case
     codes, ids, queries = data
-    backend = open_backend(method, BITS, **options)
     assert isinstance(backend, SearchBackend) and backend.name == method and backend.exact == exact
     assert len(backend) == 0 and backend.search(queries, 5)[1].shape == (len(queries), 0)
     first = ids < np.median(ids)  # two batches whose ids interleave with none of the first's order
@@ -176,10 +194,16 @@ def test_a_backend_registered_elsewhere_is_opened_by_name(data):
 
 def test_multi_index_tables_changed_in_place_equal_tables_built_afresh(data):
     codes, ids, _ = data
+    ids = ids.copy()
+    ids[-1] = 2 ** 40  # an id beyond int32 arrives with the second batch
     tables = MultiIndexTables(codes[:500], BITS, 4, ids[:500])
+    assert tables.positions.dtype == np.int32  # 4 bytes an id while they fit
     tables.add(codes[500:], ids[500:])
+    assert tables.positions.dtype == np.int64
     assert tables.remove(ids[::3]) == len(ids[::3])
     keep = ~np.isin(ids, ids[::3])
+    distances, found, _ = tables.search(codes[-1:], 900, BITS)
+    assert distances[list(found).index(2 ** 40)] == 0
     fresh = MultiIndexTables(codes[keep], BITS, 4, ids[keep])
     np.testing.assert_array_equal(tables.offsets, fresh.offsets)
     for j in range(4):  # the same ids in every bucket (their order within a bucket is free)
@@ -289,5 +313,9 @@ def test_the_cost_fit_recovers_known_coefficients_and_auto_reads_its_file(tmp_pa
     try:
         assert set(auto.coefficients()) == set(auto.DEFAULT_COEFFICIENTS)
         assert auto.coefficients() != auto.DEFAULT_COEFFICIENTS
+        (tmp_path / "cost.json").write_text('{"coefficients": {"flat_fixed": -1}}')
+        auto.coefficients.cache_clear()
+        with pytest.raises(UserError, match="lacks the coefficients flat_fixed, .*fit_search_cost.py again"):
+            auto.coefficients()
     finally:
         auto.coefficients.cache_clear()

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.documents import read_json_file
+from utils.errors import UserError
 
 from hashing.search.backend import SearchBackend, numba_available, register_backend
 from hashing.search.flat import FlatBackend
@@ -44,8 +45,14 @@ def coefficients():
     """The fitted coefficients of COST_FILE, else DEFAULT_COEFFICIENTS."""
     if not COST_FILE.is_file():
         return dict(DEFAULT_COEFFICIENTS)
-    stored = read_json_file(COST_FILE, "search cost file", 1 << 16, fix="run benchmarks/fit_search_cost.py again")
-    return {name: float(stored["coefficients"][name]) for name in DEFAULT_COEFFICIENTS}
+    fix = "run benchmarks/fit_search_cost.py again"
+    stored = read_json_file(COST_FILE, "search cost file", 1 << 16, fix=fix)
+    fitted = stored.get("coefficients") if isinstance(stored, dict) else None
+    if not isinstance(fitted, dict) or not all(isinstance(fitted.get(name), (int, float)) and fitted[name] >= 0
+                                               for name in DEFAULT_COEFFICIENTS):
+        raise UserError(f"search cost file {COST_FILE} lacks the coefficients {', '.join(DEFAULT_COEFFICIENTS)} "
+                        f"(numbers >= 0); {fix}")
+    return {name: float(fitted[name]) for name in DEFAULT_COEFFICIENTS}
 
 
 def knn_radius(num_codes, hash_bit, k):

@@ -22,7 +22,8 @@ log2(N) - 7 bits, buckets of about ROWS_PER_BUCKET rows: measured the fastest of
 random 64-bit codes at 1 M (m = 5, 1.6 ms a query against 8 ms for m = 3) and 10 M (m = 4); Norouzi et al.'s
 log2(N) bits (a row a bucket) probe far more buckets for the same rows. Substrings have at most
 MAX_SUBSTRING_BITS bits, so that a table of 2^bits + 1 offsets stays small and a search probes no table of
-2^24 buckets. Memory per code: m copies of the code (8 bytes each per 64 bits) and m ids (8 bytes each).
+2^24 buckets. Memory per code: m copies of the code (8 bytes each per 64 bits) and m ids (4 bytes each while
+every id is below 2^31, else 8).
 
 The tables are changed in place by add and remove (MultiIndexTables.add/remove: each array copied once,
 no counting sort, no gather of the codes), and saved with an index file (arrays/from_arrays), so that neither
@@ -119,7 +120,7 @@ class MultiIndexTables:
             np.cumsum(np.bincount(keys, minlength=len(table) - 1), out=table[1:])
             kernel.fill_table(keys, table, positions[j])
         self.offsets, self.codes = offsets, words[positions]
-        self.positions = ids[positions]
+        self.positions = ids[positions].astype(id_type(ids))
 
     def _layout(self):
         """The substring masks and widths, and where each table's offsets start (a last entry: their end)."""
@@ -148,6 +149,8 @@ class MultiIndexTables:
     def add(self, bits, ids):
         """Insert codes under new ids: each at the end of its bucket in every table (one copy of each array)."""
         words, ids = code_words(bits), np.asarray(ids, dtype=np.int64)
+        if self.positions.dtype == np.int32 and id_type(ids) == np.int64:
+            self.positions = self.positions.astype(np.int64)  # an id beyond int32: all tables widen once
         positions, codes = [], []
         for j, (start, end) in enumerate(self.bounds):
             keys = substring_keys(words, start, end)
@@ -206,8 +209,9 @@ class MultiIndexTables:
             if table[0] != 0 or table[-1] != len(ids) or np.any(np.diff(table) < 0):
                 raise ValueError(f"the offsets of multi-index table {j} are not ascending from 0 to the codes held")
         tables.offsets = np.array(offsets, dtype=np.int64)  # a copy: add and remove change it in place
-        tables.positions = np.asarray(positions, dtype=np.int64)
-        tables.codes = np.asarray(codes, dtype=np.uint64)
+        if positions.dtype not in (np.int32, np.int64) or codes.dtype != np.uint64:
+            raise ValueError("the multi-index tables' ids are not int32 or int64, or their codes not uint64")
+        tables.positions, tables.codes = positions, codes
         return tables
 
     def search(self, query_bits, k, max_distance, threads=None):
@@ -229,6 +233,11 @@ class MultiIndexTables:
             with ThreadPoolExecutor(max_workers=len(parts)) as pool:
                 results = list(pool.map(chunk, parts))
         return tuple(np.concatenate(column) for column in zip(*results))
+
+
+def id_type(ids):
+    """int32 while every id fits (4 bytes a code and table instead of 8), else int64."""
+    return np.int32 if not len(ids) or int(np.max(ids)) < 2 ** 31 else np.int64
 
 
 def check_substrings(hash_bit, substrings):
