@@ -258,7 +258,9 @@ def nested_maps(run, codes):
 
 def describe_nested_maps(by_bits, lead=", "):
     """'' or ', by bits: 16 0.6123, 32 0.7012, 64 0.7301' (after `lead`)."""
-    return "" if not by_bits else lead + "by bits: " + ", ".join(f"{bits} {value:.4f}" for bits, value in by_bits.items())
+    if not by_bits:
+        return ""
+    return lead + "by bits: " + ", ".join(f"{bits} {value:.4f}" for bits, value in by_bits.items())
 
 
 def evaluate_and_keep(run, network, progress, epoch, kept, entry):

@@ -223,8 +223,9 @@ def add_evaluation_arguments(parser):
                        help="search the database with these images using the saved checkpoint; DATASET:N is the "
                             "N-th image of the query split (e.g. digits:0)")
     group.add_argument("--prefix_bits", type=int_in_range(1, NETWORK_BOUNDS["hash_bit"]), default=None, metavar="B",
-                       help="--test, --query, --export_index: use the first B bits of the checkpoint's codes (any B "
-                            "up to its --hash_bit; default: the whole code, and with --test every --nested_bits length)")
+                       help="--test, --query, --export_index: use the first B bits of the checkpoint's codes (any "
+                            "B up to its --hash_bit; default: the whole code, and --test also every --nested_bits "
+                            "length)")
     group.add_argument("--num_matches", type=int_in_range(1, MAX_K), default=10,
                        help=f"matches printed per --query image (at most {MAX_K})")
     group.add_argument("--export_index", default=None, metavar="PATH",

@@ -29,7 +29,8 @@ from .target_codes import CSQLoss, OrthoHashLoss, hash_centres
 __all__ = ["LOSSES", "PROXY_LOSSES", "CSQLoss", "CollaborativeExpertsLoss", "DCHLoss", "DHNLoss", "DPSHLoss",
            "HHFLoss", "HashNetLoss", "HashingLoss", "HierarchicalProxyLoss", "Hyperparameter", "HyP2Loss",
            "IDHNLoss", "NestedLoss", "OrthoHashLoss", "PairwiseLikelihoodLoss", "ProxyAnchorLoss", "ProxyLoss",
-           "SeededTargetsLoss", "build_experts_loss", "build_loss", "build_nested_loss", "hash_centres", "tunable_hyperparameters"]
+           "SeededTargetsLoss", "build_experts_loss", "build_loss", "build_nested_loss", "hash_centres",
+           "tunable_hyperparameters"]
 
 
 def build_loss(name, num_classes, hash_bit, zeta=None, seed=0, hierarchy=0, hierarchy_settings=None,
