@@ -422,14 +422,14 @@ def build_network(spec, hash_bit, pretrained=None, experts=1, inference_head=0, 
     fit the backbone raises ValueError. experts E > 1: a HashExperts network with E heads, retrieving with
     `inference_head` (an index or "mean"); E = 1 is the plain network, whose state_dict is the paper's
     checkpoint format for the paper's backbones. The network of a self-describing backbone carries
-    `backbone_record`, which its checkpoints store so that they rebuild it alone; `nested_bits`, the
-    prefix lengths a nested run trains (docs/METHOD.md §14), is recorded there too.
+    `backbone_record`, which its checkpoints store so that they rebuild it alone; so does a nested network
+    (`nested_bits`, the prefix lengths it trains, docs/METHOD.md §14), whose record holds its lengths.
     """
     spec = get_backbone(spec) if isinstance(spec, str) else spec
     network = spec.build(hash_bit, pretrained=pretrained,
                          input_size=None if spec.source == "paper" else spec.input_size)
     if experts > 1:
         network = HashExperts(network, spec.hash_layer, experts, inference_head)
-    if spec.self_describing:
+    if spec.self_describing or nested_bits:
         network.backbone_record = spec.record(hash_bit, experts, nested_bits)
     return network
