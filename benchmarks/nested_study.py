@@ -14,7 +14,6 @@ with the same settings is reused and an interrupted one resumed (benchmarks/comp
 study.
 """
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
@@ -95,9 +94,7 @@ def render(options, results, command):
                  for name, (extra, epochs) in flags.items() if name in options.datasets) + ".", ""]
     for dataset in options.datasets:
         lines += render_dataset(options, dataset, results)
-    lines += [compare.threads_note(), "", f"Generated {datetime.date.today().isoformat()} by "
-              f"`{compare.rerun_command(command)}`.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + compare.generated_lines(command))
 
 
 def main(argv=None):
