@@ -187,3 +187,19 @@ def test_a_harness_namespace_without_the_flag_builds_a_plain_loss():
     args = argparse.Namespace(**{**vars(retrieval.parse_args(["--loss", "csq", "--hash_bit", "16"]))})
     del args.nested_bits
     assert not isinstance(build_criterion(args, get_dataset_spec("digits")), NestedLoss)
+
+
+def test_the_study_table_reads_nested_then_separate_and_sums_the_separate_times():
+    from tests.cli_runs import load_script
+    study = load_script("benchmarks/nested_study.py")
+    options = study.get_args_parser().parse_args(["--datasets", "digits", "--losses", "csq", "--lengths", "8", "16"])
+    results = {("digits", "csq", study.NESTED): ({8: 0.5, 16: 0.625}, 30.0),
+               ("digits", "csq", 8): ({8: 0.25}, 10.0), ("digits", "csq", 16): None}
+    row = study.render_dataset(options, "digits", results)[4]
+    assert row == "| csq | 0.5000 / 0.2500 | 0.6250 / — | 30 / — |"
+    results[("digits", "csq", 16)] = ({16: 0.75}, 12.0)
+    row = study.render_dataset(options, "digits", results)[4]
+    assert row == "| csq | 0.5000 / 0.2500 | 0.6250 / 0.7500 | 30 / 22 |"
+    args = study.cell_args(options, "digits", "csq", study.NESTED)
+    assert (args.hash_bit, args.nested_bits, args.loss) == (16, [8, 16], "csq")
+    assert study.cell_args(options, "digits", "csq", 8).nested_bits is None
