@@ -203,3 +203,15 @@ def test_the_study_table_reads_nested_then_separate_and_sums_the_separate_times(
     args = study.cell_args(options, "digits", "csq", study.NESTED)
     assert (args.hash_bit, args.nested_bits, args.loss) == (16, [8, 16], "csq")
     assert study.cell_args(options, "digits", "csq", 8).nested_bits is None
+
+
+def test_query_with_a_prefix_ranks_as_a_loop_over_truncated_codes(nested_run):
+    out, checkpoint, _ = nested_run
+    full = load_checkpoint(checkpoint, device="cpu")
+    codes = full.split_codes(full.splits())
+    printed = retrieval.main(retrieval.parse_args(
+        ["--dataset", "digits", "--subset", "200", "--device", "cpu", "--no_progress", "--output_dir", str(out),
+         "--checkpoint", str(checkpoint), "--query", "digits:9", "--num_matches", "12", "--prefix_bits", "7"]))
+    matches = printed["matches"][0]["matches"]
+    found = ([m["distance"] for m in matches], [m["index"] for m in matches])
+    assert found == brute_force(codes.query_signs()[9, :7], codes.database_signs()[:, :7], 12)
