@@ -19,7 +19,7 @@ from hashing.search.api import load_checkpoint
 from loss import NestedLoss, build_loss
 from network import OutputPrefix, build_network
 from session.parts import build_criterion
-from tests.cli_runs import SMALL_DIGITS_RUN, small_digits_failure
+from tests.cli_runs import SMALL_DIGITS_RUN, exit_status, small_digits_failure
 from utils.checkpoint import read_backbone_record
 from utils.errors import UserError
 
@@ -215,3 +215,11 @@ def test_query_with_a_prefix_ranks_as_a_loop_over_truncated_codes(nested_run):
     matches = printed["matches"][0]["matches"]
     found = ([m["distance"] for m in matches], [m["index"] for m in matches])
     assert found == brute_force(codes.query_signs()[9, :7], codes.database_signs()[:, :7], 12)
+
+
+def test_a_prefix_longer_than_the_checkpoint_code_is_refused_naming_the_flag(nested_run, capsys):
+    out, checkpoint, _ = nested_run
+    code, _, err = exit_status(retrieval.cli, ["--dataset", "digits", "--device", "cpu", "--output_dir", str(out),
+                                               "--checkpoint", str(checkpoint), "--test", "--prefix_bits", "17"],
+                               capsys)
+    assert code != 0 and "--prefix_bits 17" in err and "16 bits" in err

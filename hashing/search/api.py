@@ -196,7 +196,7 @@ def resolve_network(checkpoint, given, defaults=None, cli=False):
         raise UserError(f"{checkpoint}: neither the checkpoint nor a run log next to it says its number of bits; "
                         "pass hash_bit= (--hash_bit)")
     settings["experts"] = settings["experts"] or 1
-    check_nested_bits(checkpoint, settings["nested_bits"], settings["hash_bit"])
+    check_nested_bits(checkpoint, known["nested_bits"], settings["hash_bit"])  # given ones: the caller checks
     try:
         spec = get_backbone(settings["backbone"] or DEFAULT_BACKBONE, settings["input_size"])
     except ValueError as exc:
