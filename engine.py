@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from hashing.codes import CodeSet
 from hashing.evaluation.conventions import Convention
-from hashing.evaluation.metrics import map_of_codes
+from hashing.evaluation.metrics import map_by_bits, map_of_codes
 from utils.checkpoint import load_network_weights, non_finite_names, save_state_dict, save_train_state
 from utils.dist import (DistContext, all_true, broadcast_object, gather_rows, sum_over_ranks,
                         sync_buffers)
@@ -247,6 +247,22 @@ class Kept(NamedTuple):
     state: dict = None
 
 
+def nested_maps(run, codes):
+    """--nested_bits: {str(b): mAP of the b-bit prefixes} of the test-query codes (the last length is the whole
+    code, which --select compares); None without nesting or codes (docs/METHOD.md §14)."""
+    lengths = getattr(run.args, "nested_bits", None)
+    if not lengths or codes is None or not run.context.is_main:
+        return None
+    return map_by_bits(codes, lengths, run.topk, run.convention)
+
+
+def describe_nested_maps(by_bits, lead=", "):
+    """'' or ', by bits: 16 0.6123, 32 0.7012, 64 0.7301' (after `lead`)."""
+    if not by_bits:
+        return ""
+    return lead + "by bits: " + ", ".join(f"{bits} {value:.4f}" for bits, value in by_bits.items())
+
+
 def evaluate_and_keep(run, network, progress, epoch, kept, entry):
     """Evaluate after `epoch` into `entry` (the epoch's event); when --select keeps this epoch, save its
     checkpoint and return the new Kept, else return `kept`. Returns (kept, the epoch line's addition)."""
@@ -254,6 +270,9 @@ def evaluate_and_keep(run, network, progress, epoch, kept, entry):
     timings = {}
     entry[key], codes = evaluate_for_selection(run, network, timings)
     entry["evaluation"] = timings
+    by_bits = nested_maps(run, codes)
+    if by_bits:
+        entry["map_by_bits"] = by_bits
     if run.select == "last" or entry[key] > progress.best_map:
         progress.best_map, progress.best_epoch = entry[key], epoch
         state = None
@@ -263,8 +282,8 @@ def evaluate_and_keep(run, network, progress, epoch, kept, entry):
         if run.writes:
             save_state_dict(network, run.files.checkpoint)
         run.log.event("best", map=entry[key], epoch=epoch, checkpoint=str(run.files.checkpoint), select=run.select)
-    return kept, f"  {run.selection_score_name} {entry[key]:.4f}  (kept {progress.best_map:.4f} @ epoch " \
-                 f"{progress.best_epoch})"
+    return kept, f"  {run.selection_score_name} {entry[key]:.4f}{describe_nested_maps(by_bits)}  (kept " \
+                 f"{progress.best_map:.4f} @ epoch {progress.best_epoch})"
 
 
 def train(run, trainer, progress):

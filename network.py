@@ -158,12 +158,13 @@ class BackboneSpec:
                              f"be a multiple of {self.patch_size}, got {size}")
         return replace(self, preprocessing=replace(self.preprocessing, size=size))
 
-    def record(self, hash_bit, experts=1):
-        """What a self-describing checkpoint stores to rebuild this network."""
+    def record(self, hash_bit, experts=1, nested_bits=None):
+        """What a self-describing checkpoint stores to rebuild this network (and the lengths of its nested codes)."""
         pre = self.preprocessing
-        return {"name": self.name, "source": self.source, "architecture": self.architecture,
-                "input_size": pre.size, "mean": list(pre.mean), "std": list(pre.std),
-                "interpolation": pre.interpolation, "hash_bit": hash_bit, "experts": experts}
+        record = {"name": self.name, "source": self.source, "architecture": self.architecture,
+                  "input_size": pre.size, "mean": list(pre.mean), "std": list(pre.std),
+                  "interpolation": pre.interpolation, "hash_bit": hash_bit, "experts": experts}
+        return {**record, "nested_bits": list(nested_bits)} if nested_bits else record
 
 
 RECIPES = {"cnn": "configs/cnn.yaml", "vit": "configs/vit.yaml", "swin": "configs/swin.yaml",
@@ -400,7 +401,19 @@ def trunk_and_head_parameters(network, hash_layer):
     return [parameter for parameter in network.parameters() if id(parameter) not in in_head], head
 
 
-def build_network(spec, hash_bit, pretrained=None, experts=1, inference_head=0):
+class OutputPrefix(nn.Module):
+    """A hash network's first `bits` outputs: the code of that length of a nested network (docs/METHOD.md §14)."""
+
+    def __init__(self, network, bits):
+        super().__init__()
+        self.network = network
+        self.bits = bits
+
+    def forward(self, images):
+        return self.network(images)[..., :self.bits]
+
+
+def build_network(spec, hash_bit, pretrained=None, experts=1, inference_head=0, nested_bits=None):
     """The hash network of `spec` (a BackboneSpec, or a backbone name for get_backbone) with a hash_bit-wide
     output.
 
@@ -409,13 +422,14 @@ def build_network(spec, hash_bit, pretrained=None, experts=1, inference_head=0):
     fit the backbone raises ValueError. experts E > 1: a HashExperts network with E heads, retrieving with
     `inference_head` (an index or "mean"); E = 1 is the plain network, whose state_dict is the paper's
     checkpoint format for the paper's backbones. The network of a self-describing backbone carries
-    `backbone_record`, which its checkpoints store so that they rebuild it alone.
+    `backbone_record`, which its checkpoints store so that they rebuild it alone; so does a nested network
+    (`nested_bits`, the prefix lengths it trains, docs/METHOD.md §14), whose record holds its lengths.
     """
     spec = get_backbone(spec) if isinstance(spec, str) else spec
     network = spec.build(hash_bit, pretrained=pretrained,
                          input_size=None if spec.source == "paper" else spec.input_size)
     if experts > 1:
         network = HashExperts(network, spec.hash_layer, experts, inference_head)
-    if spec.self_describing:
-        network.backbone_record = spec.record(hash_bit, experts)
+    if spec.self_describing or nested_bits:
+        network.backbone_record = spec.record(hash_bit, experts, nested_bits)
     return network

@@ -117,6 +117,12 @@ def add_model_arguments(parser):
     group.add_argument("--inference_head", type=inference_head, default=0, metavar="HEAD",
                        help="with --experts: the head whose outputs give the codes, or 'mean' of the heads' "
                             "outputs before the sign")
+    group.add_argument("--nested_bits", type=int_in_range(1, NETWORK_BOUNDS["hash_bit"]), nargs="+", default=None,
+                       metavar="B", help="nested codes: train the first B bits as a B-bit code for each B listed "
+                                         "(ascending, the last = --hash_bit; the loss of every prefix, summed) and "
+                                         "evaluate every length (docs/METHOD.md §14)")
+    group.add_argument("--nested_weights", type=non_negative_float, nargs="+", default=None, metavar="W",
+                       help="with --nested_bits: the weight of each prefix's loss (default 1 each, as Matryoshka)")
 
 
 def add_hyperparameter_flags(group, owner, loss_class):
@@ -216,6 +222,10 @@ def add_evaluation_arguments(parser):
     group.add_argument("--query", nargs="+", default=None, metavar="IMAGE",
                        help="search the database with these images using the saved checkpoint; DATASET:N is the "
                             "N-th image of the query split (e.g. digits:0)")
+    group.add_argument("--prefix_bits", type=int_in_range(1, NETWORK_BOUNDS["hash_bit"]), default=None, metavar="B",
+                       help="--test, --query, --export_index: use the first B bits of the checkpoint's codes (any "
+                            "B up to its --hash_bit; default: the whole code, and --test also every --nested_bits "
+                            "length)")
     group.add_argument("--num_matches", type=int_in_range(1, MAX_K), default=10,
                        help=f"matches printed per --query image (at most {MAX_K})")
     group.add_argument("--export_index", default=None, metavar="PATH",
@@ -264,6 +274,39 @@ def check_flags(args):
                         "choose from)")
     if args.inference_head not in ("mean", 0) and args.inference_head >= args.experts:
         raise UserError(f"--inference_head {args.inference_head}: the heads are 0 to {args.experts - 1}, or mean")
+    check_nested_flags(args)
+
+
+def check_nested_flags(args):
+    """--nested_bits, --nested_weights and --prefix_bits before the checkpoint is read (check_code_lengths after)."""
+    nested = args.nested_bits
+    if nested and nested != sorted(set(nested)):
+        raise UserError(f"--nested_bits {' '.join(map(str, nested))}: the lengths must be distinct and ascending, "
+                        "e.g. --nested_bits 16 32 64")
+    if args.nested_weights and (not nested or len(args.nested_weights) != len(nested)):
+        raise UserError(f"--nested_weights gives {len(args.nested_weights)} weights: it needs --nested_bits and one "
+                        "weight per length")
+    if nested and args.zeta is not None:
+        raise UserError("--zeta sets one threshold, but with --nested_bits each prefix length takes its own from the "
+                        "code table: drop --zeta")
+    if nested and args.experts > 1:
+        raise UserError("--nested_bits trains prefixes of one code; --experts E >= 2 trains E codes: use one of them")
+    if args.prefix_bits and args.plots:
+        raise UserError("--plots draws the figures of the run's whole code: drop --prefix_bits (or --plots)")
+    if args.prefix_bits and not (args.test or args.query or args.export_index):
+        raise UserError("--prefix_bits chooses the code length of a saved checkpoint: add --test, --query or "
+                        "--export_index (training uses --nested_bits)")
+
+
+def check_code_lengths(args):
+    """With the network's --hash_bit known (the checkpoint's, for --test): the longest nested length is the code,
+    and a prefix is at most the code."""
+    if args.nested_bits and args.nested_bits[-1] != args.hash_bit:
+        raise UserError(f"--nested_bits {' '.join(map(str, args.nested_bits))}: the last length must be the code's "
+                        f"--hash_bit {args.hash_bit}")
+    if args.prefix_bits and args.prefix_bits > args.hash_bit:
+        raise UserError(f"--prefix_bits {args.prefix_bits}: the checkpoint's codes have {args.hash_bit} bits; pass "
+                        f"at most {args.hash_bit}")
 
 
 # ============ main ============
@@ -285,6 +328,7 @@ def run_command(run):
 def main(args):
     check_flags(args)
     args = resolve_backbone(args)
+    check_code_lengths(args)
     run = dataclasses.replace(Run.plan(args), backbone=backbone_of(args))
     check_paths(run)
     if not run.trains:

@@ -258,6 +258,11 @@ def rerun_command(command):
     return f"OMP_NUM_THREADS={torch.get_num_threads()} {command}"
 
 
+def generated_lines(command):
+    """The lines that close a study's table: the thread count and the dated command that reruns it."""
+    return [threads_note(), "", f"Generated {datetime.date.today().isoformat()} by `{rerun_command(command)}`.", ""]
+
+
 def log_problem(record):
     """Why a finished run's record cannot be tabulated (None when it can): a log without the run's start event or
     settings, or whose mAP and seconds are not numbers (a damaged or hand-made log)."""
@@ -468,9 +473,7 @@ def render_markdown(options, variants, rows, command):
     lines += ["| " + " | ".join([variant] + [f"{by_cell[(variant, bits)]['train_seconds_mean']:.1f}"
                                              if by_cell[(variant, bits)]["runs"] else "—"
                                              for bits in options.bits]) + " |" for variant in variants]
-    lines += ["", threads_note(), "", f"Generated {datetime.date.today().isoformat()} by `{rerun_command(command)}`.",
-              ""]
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + generated_lines(command))
 
 
 CSV_COLUMNS = ["loss", "hash_bit", "runs", "select", "map_mean", "map_std", "map_per_seed", "final_map_mean",

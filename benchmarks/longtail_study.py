@@ -20,7 +20,6 @@ training state, and one that finished under other settings (e.g. other --epochs)
 Seeded results change with the number of CPU threads: the table records it, and its rerun command sets it.
 """
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
@@ -110,9 +109,7 @@ def render(options, cells, command):
                              str(len(results))]
             lines.append(f"| {variant} | " + " | ".join(cellsets) + " |")
         lines.append("")
-    lines += [compare.threads_note(), "", f"Generated {datetime.date.today().isoformat()} by "
-              f"`{compare.rerun_command(command)}`.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + compare.generated_lines(command))
 
 
 def main(argv=None):

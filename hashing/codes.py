@@ -50,6 +50,19 @@ def pack_signs(outputs):
     return _pack_rows(outputs, "codes")
 
 
+def prefix_bits(bits, length):
+    """The packed codes of the first `length` bits of packed rows `bits`: whole leading bytes, the bits past
+    `length` in the last one cleared (bits run big-endian within a byte, so bit j of a code is bit 7 - j % 8
+    of byte j // 8, and this equals pack_signs(outputs[:, :length]))."""
+    num_bytes = -(-length // 8)
+    if not 1 <= length <= 8 * bits.shape[1]:
+        raise ValueError(f"a prefix of {length} bits does not fit packed rows of {bits.shape[1]} bytes")
+    prefix = np.array(bits[:, :num_bytes], dtype=np.uint8)
+    if length % 8:
+        prefix[:, -1] &= (0xFF << (8 - length % 8)) & 0xFF
+    return prefix
+
+
 def pack_labels(labels):
     """Multi-hot (N, C) labels (an entry counts when > 0) -> packed (N, ceil(C / 8)) uint8."""
     return _pack_rows(labels, "labels")
@@ -190,6 +203,15 @@ class CodeSet:
         return {"hash_bit": np.array(self.hash_bit), "num_classes": np.array(self.num_classes),
                 "query_bits": self.query_bits, "database_bits": self.database_bits,
                 "query_labels": self.query_labels, "database_labels": self.database_labels}
+
+    def prefix(self, length):
+        """The CodeSet of the first `length` bits of every code (nested codes, docs/METHOD.md §14)."""
+        if not 1 <= length <= self.hash_bit:
+            raise ValueError(f"a prefix of {length} bits of {self.hash_bit}-bit codes")
+        if length == self.hash_bit:
+            return self
+        return CodeSet(prefix_bits(self.query_bits, length), self.query_labels, prefix_bits(self.database_bits, length),
+                       self.database_labels, length, self.num_classes)
 
     def query_signs(self):
         return unpack_signs(self.query_bits, self.hash_bit)

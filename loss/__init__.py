@@ -14,11 +14,13 @@ The package, by family (the layout of pytorch-metric-learning's losses/):
   target_codes.py  fixed targets from the seed: CSQ, OrthoHash
   hierarchy.py     the hierarchical-proxies scheme (HPL) around a proxy loss
   experts.py       the collaborative-experts scheme (ECL) over several heads
+  nested.py        nested codes: one loss per prefix length of the code (Matryoshka)
   registry.py      LOSSES by --loss name
 """
 from .base import HashingLoss, Hyperparameter, SeededTargetsLoss
 from .experts import CollaborativeExpertsLoss
 from .hierarchy import HierarchicalProxyLoss
+from .nested import NestedLoss
 from .pairwise import DCHLoss, DHNLoss, DPSHLoss, HashNetLoss, IDHNLoss, PairwiseLikelihoodLoss
 from .proxy import HHFLoss, HyP2Loss, ProxyAnchorLoss, ProxyLoss
 from .registry import LOSSES, PROXY_LOSSES, tunable_hyperparameters
@@ -26,8 +28,9 @@ from .target_codes import CSQLoss, OrthoHashLoss, hash_centres
 
 __all__ = ["LOSSES", "PROXY_LOSSES", "CSQLoss", "CollaborativeExpertsLoss", "DCHLoss", "DHNLoss", "DPSHLoss",
            "HHFLoss", "HashNetLoss", "HashingLoss", "HierarchicalProxyLoss", "Hyperparameter", "HyP2Loss",
-           "IDHNLoss", "OrthoHashLoss", "PairwiseLikelihoodLoss", "ProxyAnchorLoss", "ProxyLoss",
-           "SeededTargetsLoss", "build_experts_loss", "build_loss", "hash_centres", "tunable_hyperparameters"]
+           "IDHNLoss", "NestedLoss", "OrthoHashLoss", "PairwiseLikelihoodLoss", "ProxyAnchorLoss", "ProxyLoss",
+           "SeededTargetsLoss", "build_experts_loss", "build_loss", "build_nested_loss", "hash_centres",
+           "tunable_hyperparameters"]
 
 
 def build_loss(name, num_classes, hash_bit, zeta=None, seed=0, hierarchy=0, hierarchy_settings=None,
@@ -56,3 +59,9 @@ def build_experts_loss(experts, build_head, **settings):
     """CollaborativeExpertsLoss over `experts` heads, each `build_head()` (a fresh proxy loss, so every
     head draws its own proxies), with its hyper-parameters `settings`; ValueError for impossible ones."""
     return CollaborativeExpertsLoss([build_head() for _ in range(experts)], **settings)
+
+
+def build_nested_loss(lengths, build_prefix, weights=None):
+    """NestedLoss over the ascending prefix `lengths`, each `build_prefix(b)` (a whole loss of b bits, with
+    its own zeta and targets of that length); ValueError for impossible ones."""
+    return NestedLoss([build_prefix(bits) for bits in lengths], weights)

@@ -17,12 +17,12 @@ from data.base import split_labels
 from data.fingerprint import split_fingerprint
 from data.query_images import item_names, query_batch
 from data.transforms import Preprocessing
-from engine import encode_splits
+from engine import describe_nested_maps, encode_splits
 from hashing import cache
 from hashing.evaluation import plots
 from hashing.search.api import CLI_HINT
 from hashing.codes import NonFiniteCodes, pack_signs
-from hashing.evaluation.metrics import BUCKETS, metrics_of_codes
+from hashing.evaluation.metrics import BUCKETS, map_by_bits, metrics_of_codes
 from hashing.search.exact import search, write_index
 from utils.atomic import write_json
 from utils.checkpoint import load_network_weights
@@ -88,10 +88,14 @@ def checkpoint_metrics(run, codes, key, cached, selection=None):
                                    train_counts=train_counts)
     except ValueError as exc:
         raise UserError(f"--top_n: {exc}") from None
-    metrics["run"] = {"dataset": args.dataset, "backbone": args.backbone, "hash_bit": args.hash_bit,
+    lengths = [bits for bits in args.nested_bits or () if bits <= codes.hash_bit]
+    if lengths:  # each nested length's mAP, the shorter from the prefixes of these codes (docs/METHOD.md §14)
+        metrics["map_by_bits"] = map_by_bits(codes, lengths, run.topk, run.convention)
+    metrics["run"] = {"dataset": args.dataset, "backbone": args.backbone, "hash_bit": codes.hash_bit,
                       "loss": run_loss_label(args), "seed": args.seed, "subset": args.subset,
                       "imbalance": args.imbalance, "experts": args.experts,
                       "inference_head": str(args.inference_head),
+                      "nested_bits": args.nested_bits, "prefix_bits": args.prefix_bits,
                       "checkpoint": str(run.files.checkpoint), "checkpoint_sha256": key["checkpoint_sha256"],
                       "codes": str(run.files.codes), "codes_from_cache": cached, "selection": selection,
                       "data_files": described_data_files(run)}
@@ -180,7 +184,8 @@ def search_images(run, network, codes):
         for start in range(0, len(args.query), args.batch_size):
             images = torch.stack([query_image(run, item) for item in args.query[start:start + args.batch_size]])
             outputs.append(network(images.to(run.device)).float().cpu().numpy())
-    distances, indices = search(pack_signs(np.concatenate(outputs)), codes.database_bits, args.num_matches)
+    query_bits = pack_signs(np.concatenate(outputs)[:, :codes.hash_bit])  # --prefix_bits: the first bits
+    distances, indices = search(query_bits, codes.database_bits, args.num_matches)
     name, labels, query_labels = item_names(database), codes.database_label_matrix(), codes.query_label_matrix()
     results = []
     for path, row_distances, row_indices in zip(args.query, distances, indices):
@@ -188,7 +193,7 @@ def search_images(run, network, codes):
         own = None if index is None else np.flatnonzero(query_labels[index]).tolist()
         about = "" if own is None else f" (labels {','.join(map(str, own)) or 'none'})"
         print(f"{path}{about}: {len(row_indices)} nearest of {len(codes.database_bits)} database items "
-              f"({args.hash_bit} bits)")
+              f"({codes.hash_bit} bits)")
         print(f"  {'rank':>4}  {'hamming':>7}  {'labels':<12}  item")
         matches = []
         for rank, (distance, index) in enumerate(zip(row_distances, row_indices), start=1):
@@ -242,15 +247,18 @@ def run_checkpoint_tasks(run, network):
             query_split_index(run, item)
         load_network_weights(network, run.files.checkpoint, hint=CLI_HINT)
     codes, key, cached = checkpoint_codes(run, network, weights_loaded=bool(args.query))
+    if args.prefix_bits:  # the cache keeps the whole codes; the run's metrics stay those of the whole code
+        codes, run = codes.prefix(args.prefix_bits), dataclasses.replace(run, saves=False)
     result = {"topk": run.topk}
     if not run.context.is_main:
         return result
     if args.test:
         metrics = checkpoint_metrics(run, codes, key, cached, trained_selection(run))
         report_evaluation(run, metrics, codes)
-        print(f"{run.map_name}: {metrics['map']:.4f}  ({args.dataset}, {args.backbone}, {args.hash_bit} bits, "
-              f"{run.files.checkpoint})")
-        result.update(map=metrics["map"], metrics=metrics)
+        print(f"{run.map_name}: {metrics['map']:.4f}  ({args.dataset}, {args.backbone}, {codes.hash_bit} bits"
+              f"{' of ' + str(args.hash_bit) if args.prefix_bits else ''}, {run.files.checkpoint})"
+              f"{describe_nested_maps(metrics.get('map_by_bits'), '; ')}")
+        result.update(map=metrics["map"], metrics=metrics, map_by_bits=metrics.get("map_by_bits"))
     if args.query:
         result["matches"] = search_images(run, network, codes)
     if run.files.index:

@@ -48,10 +48,13 @@ def run_loss_label(args):
 
 
 def run_name(args):
-    """{dataset}_{backbone}_{hash_bit}[_{loss}]: HyP2 keeps the paper's names, other losses append theirs."""
+    """{dataset}_{backbone}_{hash_bit}[_{loss}][_nested{B1-B2-...}]: HyP2 keeps the paper's names, other losses
+    append theirs, and a --nested_bits run its lengths (it never shares files with a plain run of its bits)."""
     label = run_loss_label(args)
     backbone = file_label(args.backbone or DEFAULT_BACKBONE)
-    return f"{dataset_label(args)}_{backbone}_{args.hash_bit}" + ("" if label == "hyp2" else f"_{label}")
+    nested = getattr(args, "nested_bits", None)
+    return (f"{dataset_label(args)}_{backbone}_{args.hash_bit}" + ("" if label == "hyp2" else f"_{label}")
+            + (f"_nested{'-'.join(map(str, nested))}" if nested else ""))
 
 
 def export_index_path(args):

@@ -21,7 +21,8 @@ from hashing import codetable
 from hashing.search.api import resolve_network
 from hashing.evaluation.conventions import Convention
 from hashing.evaluation.metrics import check_top_ns
-from loss import LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss, build_experts_loss, build_loss
+from loss import (LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss, build_experts_loss, build_loss,
+                  build_nested_loss)
 from network import DEFAULT_BACKBONE, build_network, get_backbone, hash_head, trunk_and_head_parameters
 from utils.dist import barrier, shard_bounds
 from utils.errors import UserError
@@ -172,7 +173,7 @@ def resolve_backbone(args):
     default. A flag that contradicts the checkpoint is a UserError; flags at their defaults count as not given."""
     if not ((args.test or args.query or args.export_index) and args.checkpoint and Path(args.checkpoint).is_file()):
         return argparse.Namespace(**{**vars(args), "backbone": args.backbone or DEFAULT_BACKBONE})
-    defaults = {"backbone": DEFAULT_BACKBONE, "input_size": None, "hash_bit": 48, "experts": 1}
+    defaults = {"backbone": DEFAULT_BACKBONE, "input_size": None, "hash_bit": 48, "experts": 1, "nested_bits": None}
     given = {flag: None if getattr(args, flag) == default else getattr(args, flag)
              for flag, default in defaults.items()}
     settings, *_ = resolve_network(args.checkpoint, {**given, "backbone": args.backbone}, defaults, cli=True)
@@ -184,7 +185,7 @@ def make_network(run):
     args, spec = run.args, run.backbone
     if args.weights and not spec.pretrained_available:
         raise UserError(f"--weights: the {spec.name} backbone has no pretrained weights to load")
-    heads = dict(experts=args.experts, inference_head=args.inference_head)
+    heads = dict(experts=args.experts, inference_head=args.inference_head, nested_bits=args.nested_bits)
     if not spec.pretrained_available or args.no_pretrained or not run.trains:
         return build_network(spec, args.hash_bit, **heads)
     state, source = pretrained_state_dict(spec, args.weights, show_progress=not args.no_progress)
@@ -221,23 +222,44 @@ def given_hierarchy(args, spec):
         raise UserError(f"--hierarchy_file: {exc}") from None
 
 
+def zeta_of_length(args, spec, hash_bit, flag):
+    """The threshold zeta of --loss for codes of `hash_bit` bits (None for a loss without one); `flag` names
+    where the length came from in the error when the code table has no value."""
+    if not LOSSES[args.loss].uses_zeta:
+        return None
+    try:
+        zeta, disagreement = codetable.resolve_zeta(hash_bit, spec.num_classes, args.zeta, args.codetable)
+    except ValueError as exc:
+        from_workbook = args.codetable and args.zeta is None
+        raise UserError(f"{f'--codetable {args.codetable}' if from_workbook else flag}: {exc}; or pass --zeta "
+                        "VALUE") from None
+    if disagreement:
+        warn(disagreement)
+    return zeta
+
+
 def build_criterion(args, spec):
     """The loss of --loss with its flags, wrapped in hierarchical proxies with --hierarchy K > 0 or
-    --hierarchy_file, and in collaborative experts with --experts E >= 2 (one such loss per head)."""
-    loss_class, zeta = LOSSES[args.loss], None
-    if loss_class.uses_zeta:
-        try:
-            zeta, disagreement = codetable.resolve_zeta(args.hash_bit, spec.num_classes, args.zeta, args.codetable)
-        except ValueError as exc:
-            from_workbook = args.codetable and args.zeta is None
-            flag = f"--codetable {args.codetable}" if from_workbook else f"--hash_bit {args.hash_bit}"
-            raise UserError(f"{flag}: {exc}; or pass --zeta VALUE") from None
-        if disagreement:
-            warn(disagreement)
+    --hierarchy_file, in collaborative experts with --experts E >= 2 (one such loss per head), and with
+    --nested_bits in NestedLoss (one such loss per prefix length, each with the zeta of its length)."""
+    if not getattr(args, "nested_bits", None):  # harnesses may build flags without it
+        return criterion_of_length(args, spec, args.hash_bit, f"--hash_bit {args.hash_bit}")
+    flag = f"--nested_bits {' '.join(map(str, args.nested_bits))}"
+    try:
+        return build_nested_loss(args.nested_bits, lambda bits: criterion_of_length(args, spec, bits, flag),
+                                 args.nested_weights)
+    except ValueError as exc:
+        raise UserError(f"{flag} with --loss {args.loss}: {exc}") from None
+
+
+def criterion_of_length(args, spec, hash_bit, length_flag):
+    """build_criterion for codes of `hash_bit` bits, without nesting."""
+    loss_class = LOSSES[args.loss]
+    zeta = zeta_of_length(args, spec, hash_bit, length_flag)
     hierarchy = given_hierarchy(args, spec) or args.hierarchy
 
     def build_head():
-        return build_loss(args.loss, spec.num_classes, args.hash_bit, zeta=zeta, seed=args.seed, hierarchy=hierarchy,
+        return build_loss(args.loss, spec.num_classes, hash_bit, zeta=zeta, seed=args.seed, hierarchy=hierarchy,
                           hierarchy_settings=hyperparameter_values(args, "hierarchy", HierarchicalProxyLoss),
                           **hyperparameter_values(args, args.loss, loss_class))
     try:
@@ -248,7 +270,8 @@ def build_criterion(args, spec):
     except ValueError as exc:
         flag = ("--experts" if args.experts > 1 else "--hierarchy_file" if args.hierarchy_file
                 else "--hierarchy" if args.hierarchy else "--loss")
-        raise UserError(f"{flag} {getattr(args, flag[2:])}: {exc}") from None
+        raise UserError(f"{flag} {getattr(args, flag[2:])}"
+                        f"{f' ({hash_bit}-bit prefix)' if hash_bit != args.hash_bit else ''}: {exc}") from None
 
 
 def parameter_groups(args, objective, lr, spec):

@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.files import truncated_paths, truncation_note
 from data.fingerprint import split_fingerprint
-from engine import HashingObjective, NonFiniteLoss, Progress, restore_training_state
+from engine import HashingObjective, NonFiniteLoss, Progress, describe_nested_maps, nested_maps, restore_training_state
 from engine import train as train_epochs
 from hashing.codes import NonFiniteCodes
 from loss import LOSSES
@@ -171,14 +171,17 @@ def train(run, network):
     metrics = None
     if progress.best_epoch and run.saves:
         metrics = report_best_checkpoint(run, network, selected.codes, selection)
-    run.log.say(summary_line(run, selected, progress, metrics))
+    # --nested_bits: each length's mAP (the last is the whole code's); the metrics have them when written
+    by_bits = metrics.get("map_by_bits") if metrics else nested_maps(run, selected.codes)
+    run.log.say(summary_line(run, selected, progress, metrics) + describe_nested_maps(by_bits, "; "))
     truncated = report_truncated_images(run)
     run.log.event("finish", best={"map": progress.best_map, "epoch": progress.best_epoch}, test_map=selected.map,
                   selection=selection, train_seconds=progress.train_seconds, truncated_images=truncated,
-                  truncated_image_count=len(truncated),
+                  truncated_image_count=len(truncated), **({"map_by_bits": by_bits} if by_bits else {}),
                   **({"rank_fingerprints": fingerprints} if run.context.enabled else {}))
     return {"map": selected.map, "epoch": selected.epoch, "topk": run.topk, "selection": selection,
-            "train_seconds": progress.train_seconds, "long_tail": metrics and metrics["long_tail"]}
+            "train_seconds": progress.train_seconds, "long_tail": metrics and metrics["long_tail"],
+            "map_by_bits": by_bits}
 
 
 def summary_line(run, selected, progress, metrics):

@@ -23,7 +23,7 @@ NETWORK_FORMAT = "hyp2-retrieval/network/1"  # a checkpoint that records its bac
 # Flags that define what is trained; a state saved under other values cannot be resumed.
 IDENTITY_FLAGS = ("dataset", "backbone", "hash_bit", "loss", "hierarchy", "hierarchy_file", "experts", "imbalance",
                   "select", "val_size", "input_size", "freeze_backbone", "backbone_lr_mult", "scheduler",
-                  "warmup_epochs", "optimizer")
+                  "warmup_epochs", "optimizer", "nested_bits")
 # Flags that change the result when they differ on resume; allowed, but the user is told.
 RECIPE_FLAGS = ("batch_size", "lr", "rate", "beta", "seed", "subset", "amp", "momentum", "weight_decay", "lr_step",
                 "lr_gamma", "clip_grad")

@@ -31,7 +31,7 @@ from data.base import DataOptions, UnreadableImage, split_labels
 from data.fingerprint import split_fingerprint
 from data.registry import build_splits, get_dataset_spec
 from data.transforms import image_transform
-from network import DEFAULT_BACKBONE, build_network, get_backbone
+from network import DEFAULT_BACKBONE, OutputPrefix, build_network, get_backbone
 from utils.checkpoint import (check_network_settings, check_weights_fit, load_network_weights, read_backbone_record,
                               require_checkpoint_file)
 from utils.device import select_device
@@ -56,13 +56,14 @@ class CheckpointModel:
     """A trained hash network ready to encode, with what its run says about it."""
     network: torch.nn.Module  # in eval mode, on `device`
     backbone: object  # network.BackboneSpec
-    hash_bit: int
+    hash_bit: int  # the length of the codes it gives: the network's, or the prefix load_checkpoint(bits=) chose
     checkpoint: Path
     device: torch.device
     dataset: str = None  # --dataset of the run, when known
     class_names: tuple = None
     run: dict = field(default_factory=dict)  # the run's flags (its event log's "args"), when found
     metrics: dict = None  # its .metrics.json, when found
+    nested_bits: list = None  # the prefix lengths a nested run trained (docs/METHOD.md §14), when recorded
 
     @property
     def transform(self):
@@ -115,6 +116,9 @@ class CheckpointModel:
         if stored is None:
             return None
         codes, key = stored
+        if codes.hash_bit < self.hash_bit:
+            return None
+        codes = codes.prefix(self.hash_bit)  # the cache holds the whole codes
         expected = {"checkpoint_sha256": cache.file_sha256(self.checkpoint),
                     "query": split_fingerprint(splits.query), "database": split_fingerprint(splits.database)}
         if any(key.get(name) != value for name, value in expected.items()):
@@ -186,7 +190,8 @@ def resolve_network(checkpoint, given, defaults=None, cli=False):
     known = {"dataset": run.get("dataset"), "backbone": record.get("name") or run.get("backbone"),
              "input_size": record.get("input_size") or run.get("input_size"),
              "hash_bit": record.get("hash_bit") or run.get("hash_bit"),
-             "experts": record.get("experts") or run.get("experts"), "inference_head": run.get("inference_head")}
+             "experts": record.get("experts") or run.get("experts"), "inference_head": run.get("inference_head"),
+             "nested_bits": record.get("nested_bits") or run.get("nested_bits")}
     for name, value in given.items():
         if value is not None and known[name] is not None and str(value) != str(known[name]):
             raise _given_contradicts(checkpoint, name, value, known[name], cli)
@@ -196,6 +201,7 @@ def resolve_network(checkpoint, given, defaults=None, cli=False):
         raise UserError(f"{checkpoint}: neither the checkpoint nor a run log next to it says its number of bits; "
                         "pass hash_bit= (--hash_bit)")
     settings["experts"] = settings["experts"] or 1
+    check_nested_bits(checkpoint, known["nested_bits"], settings["hash_bit"])  # given ones: the caller checks
     try:
         spec = get_backbone(settings["backbone"] or DEFAULT_BACKBONE, settings["input_size"])
     except ValueError as exc:
@@ -205,11 +211,33 @@ def resolve_network(checkpoint, given, defaults=None, cli=False):
     return settings, spec, run, metrics
 
 
+def check_nested_bits(checkpoint, lengths, hash_bit):
+    """UserError unless the recorded nested lengths (None: none) ascend from 1 to the code's length."""
+    if lengths is None:
+        return
+    if not isinstance(lengths, list) or not all(isinstance(bits, int) and not isinstance(bits, bool)
+                                                 for bits in lengths) \
+            or not lengths or lengths != sorted(set(lengths)) or lengths[0] < 1 or lengths[-1] != hash_bit:
+        raise UserError(f"{checkpoint}: its nested_bits {lengths!r} are not ascending lengths ending at its "
+                        f"{hash_bit} bits; it is damaged or not of this tool")
+
+
+def code_length(checkpoint, bits, hash_bit):
+    """The code length `bits` to search with (None: all `hash_bit`), checked: an integer from 1 to hash_bit."""
+    if bits is None:
+        return hash_bit
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= hash_bit:
+        raise UserError(f"bits={bits!r}: {checkpoint} gives codes of {hash_bit} bits; pass an integer from 1 to "
+                        f"{hash_bit} (a prefix of the code)")
+    return bits
+
+
 def load_checkpoint(path, dataset=None, backbone=None, hash_bit=None, experts=None, inference_head=None,
-                    device="auto"):
+                    device="auto", bits=None):
     """The CheckpointModel of the checkpoint at `path`. What rebuilds its network comes from the checkpoint's
     own record (self-describing backbones), else from its run's files, else from the arguments (as the
-    flags of the same names): resolve_network; an argument that contradicts the checkpoint is a UserError."""
+    flags of the same names): resolve_network; an argument that contradicts the checkpoint is a UserError.
+    `bits` b: encode and search with the first b bits of every code (a nested run's b-bit code, §14)."""
     checkpoint = Path(path)
     require_checkpoint_file(checkpoint)
     given = {"dataset": dataset, "backbone": backbone, "hash_bit": hash_bit, "experts": experts,
@@ -219,6 +247,8 @@ def load_checkpoint(path, dataset=None, backbone=None, hash_bit=None, experts=No
     head = int(head) if isinstance(head, str) and head.isdigit() else (head if head is not None else 0)
     network = build_network(spec, settings["hash_bit"], experts=settings["experts"], inference_head=head)
     load_network_weights(network, checkpoint, hint=API_HINT)
+    bits = code_length(checkpoint, bits, settings["hash_bit"])
+    network = network if bits == settings["hash_bit"] else OutputPrefix(network, bits)
     chosen = select_device(device) if isinstance(device, str) else device
     class_names = None
     if settings["dataset"] is not None:
@@ -226,5 +256,5 @@ def load_checkpoint(path, dataset=None, backbone=None, hash_bit=None, experts=No
             class_names = get_dataset_spec(settings["dataset"]).class_names
         except ValueError as exc:
             raise UserError(f"{checkpoint}: {exc}") from None
-    return CheckpointModel(network.to(chosen).eval(), spec, settings["hash_bit"], checkpoint, chosen,
-                           settings["dataset"], class_names, run, metrics)
+    return CheckpointModel(network.to(chosen).eval(), spec, bits, checkpoint, chosen, settings["dataset"],
+                           class_names, run, metrics, settings["nested_bits"])

@@ -52,6 +52,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from data.files import FORMATS_TEXT, TooManyPixels, decode_image
 from data.query_images import raw_image
 from utils.argtypes import int_in_range, positive_int
+from utils.checkpoint import NETWORK_BOUNDS
 from utils.errors import UserError, run_reporting_errors
 from utils.paths import read_file_bytes
 from utils.runlog import warn
@@ -148,8 +149,10 @@ class SearchService:
     def run_info(self):
         model, metrics = self.model, self.model.metrics or {}
         convention = metrics.get("convention") or {}
+        whole = (metrics.get("run") or {}).get("hash_bit") in (None, model.hash_bit)  # else a prefix: its own mAP
+        mean_ap = metrics.get("map") if whole else (metrics.get("map_by_bits") or {}).get(str(model.hash_bit))
         return {"dataset": model.dataset, "backbone": model.backbone.name, "hash_bit": model.hash_bit,
-                "loss": (metrics.get("run") or {}).get("loss") or model.run.get("loss"), "map": metrics.get("map"),
+                "loss": (metrics.get("run") or {}).get("loss") or model.run.get("loss"), "map": mean_ap,
                 "map_name": f"mAP@{metrics['map_topk']}" if "map_topk" in metrics else None,
                 "convention": convention, "checkpoint": str(model.checkpoint), "queries": len(self.codes.query_bits),
                 "database": len(self.codes.database_bits),
@@ -453,6 +456,8 @@ def get_args_parser():
     parser.add_argument("--backbone", default=None, help="the backbone, where the checkpoint does not say")
     parser.add_argument("--hash_bit", type=positive_int, default=None,
                         help="the bits, where the checkpoint does not say")
+    parser.add_argument("--prefix_bits", type=int_in_range(1, NETWORK_BOUNDS["hash_bit"]), default=None, metavar="B",
+                        help="search with the first B bits of every code (a nested run's B-bit code; default: all)")
     parser.add_argument("--host", default=LOCAL, help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int_in_range(0, 65535), default=8000,
                         help="port to listen on (0: any free port, which it prints)")
@@ -490,7 +495,7 @@ def main(args):
         warn(f"--host {args.host}: the search page is reachable from other machines on that network, without "
              "authentication")
     model = load_checkpoint(args.checkpoint, dataset=args.dataset, backbone=args.backbone, hash_bit=args.hash_bit,
-                            device=args.device)
+                            device=args.device, bits=args.prefix_bits)
     index = open_index(model, args)
     service = SearchService.for_model(model, args.data_root, index)
     sock = bound_socket(args.host, args.port)
