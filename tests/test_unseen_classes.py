@@ -19,7 +19,7 @@ from session.parts import build_criterion, given_hierarchy
 from utils.errors import UserError
 from utils.runlog import read_run_log
 
-from cli_runs import run_small_digits, small_digits_failure
+from cli_runs import load_script, run_small_digits, small_digits_failure
 
 DIGIT_NAMES = tuple(str(digit) for digit in range(10))
 
@@ -181,3 +181,21 @@ def test_no_save_still_reports_the_three_figures(tmp_path):
 def test_bad_values_are_one_line_errors(value, message, capsys, tmp_path):
     code, err = small_digits_failure(["--unseen_classes", value, "--output_dir", str(tmp_path)], capsys)
     assert code == 1 and message in err and err.strip().count("\n") == 0
+
+
+def test_the_comparison_harness_passes_the_flag_and_tabulates_the_three_figures(tmp_path):
+    compare = load_script("benchmarks/compare.py")
+    summary = compare.main(["--losses", "hyp2", "--bits", "16", "--seeds", "0", "--epochs", "1", "--subset", "200",
+                            "--device", "cpu", "--batch_size", "20", "--unseen_classes", "0.3",
+                            "--output_dir", str(tmp_path)])
+    row = summary["rows"][0]
+    runs = sorted((tmp_path / "compare_digits_small_unseen0.3").glob("*/*.jsonl"))
+    logged = [read_run_log(path) for path in runs]
+    assert len(logged) == 1 and all(record["args"]["unseen_classes"] == ["0.3"] for record in logged)
+    for name in ("seen", "unseen", "all"):
+        values = [record["class_split_map"][name]["map"] for record in logged]
+        assert row[f"{name}_map_mean"] == pytest.approx(values[0])
+    table = (tmp_path / "compare_digits_small_unseen0.3.md").read_text()
+    assert "| loss | 16 bits seen | 16 bits unseen | 16 bits all |" in table
+    assert (tmp_path / "compare_digits_small_unseen0.3.csv").read_text().splitlines()[0].endswith("all_map_std")
+    assert f"| hyp2 | {row['seen_map_mean']:.4f} | {row['unseen_map_mean']:.4f} | {row['all_map_mean']:.4f} |" in table
