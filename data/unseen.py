@@ -43,11 +43,13 @@ class ClassSplit(NamedTuple):
         return cls(seen, unseen)
 
 
-def _tokens(values):
-    """The flag's words, split further at commas: ["3,7", "9"] -> ["3", "7", "9"]."""
+def _tokens(values, class_names=()):
+    """The flag's words, split further at commas: ["3,7", "9"] -> ["3", "7", "9"]; a word that is a class name as
+    a whole stays one ("Ankle boot")."""
     if isinstance(values, str):
         values = [values]
-    return [token for value in values for token in str(value).replace(",", " ").split()]
+    return [token for value in map(str, values)
+            for token in ([value] if value in class_names else value.replace(",", " ").split())]
 
 
 def _fraction(tokens):
@@ -83,7 +85,7 @@ def drawn_classes(fraction, num_classes, seed):
 def resolve_unseen_classes(values, num_classes, class_names=(), seed=0):
     """The ClassSplit of the flag's value: one fraction F (0 < F < 1; the classes drawn with `seed`) or class
     names or indices. UserError naming the flag for an unknown class, no class or every class unseen."""
-    tokens = _tokens(values)
+    tokens = _tokens(values, tuple(class_names))
     if not tokens:
         raise UserError(f"{FLAG}: give a fraction such as 0.25 or class names or indices")
     if num_classes < 2:

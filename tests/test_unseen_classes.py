@@ -40,6 +40,7 @@ def test_the_same_seed_draws_the_same_classes_and_seeds_differ():
 def test_names_and_indices_comma_or_space_separated():
     split = resolve_unseen_classes(["b,3", "c"], 5, ("a", "b", "c", "d", "e"))
     assert split == ClassSplit((0, 4), (1, 2, 3))
+    assert resolve_unseen_classes(["Ankle boot", "0"], 3, ("T-shirt/top", "Bag", "Ankle boot")).unseen == (0, 2)
 
 
 def test_no_training_item_holds_an_unseen_class_and_every_unseen_class_can_be_scored(digits_splits):
