@@ -447,7 +447,8 @@ def class_split_table(options, variants, by_cell):
         mean, std = row.get(f"{name}_map_mean"), row.get(f"{name}_map_std")
         return "—" if mean is None else f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
     columns = [(bits, name) for bits in options.bits for name in DEFINITIONS]
-    lines = ["", f"mAP by relevance, unseen classes `{' '.join(options.unseen_classes)}` (docs/METHOD.md §13): "
+    lines = ["", "Under --unseen_classes the table above is the seen-class mAP, which training selects by (as "
+             "DSH_Analysis does).", "", f"mAP by relevance, unseen classes `{' '.join(options.unseen_classes)}` (docs/METHOD.md §13): "
              "seen = by the seen classes' labels only, unseen = by the unseen classes' only, all = every label"
              + (" (a fraction's classes are drawn per seed)" if len(options.unseen_classes) == 1
                 and "." in options.unseen_classes[0] else "") + ":", "",

@@ -70,7 +70,12 @@ class Run:
     @property
     def selection_score_name(self):
         """What --select compares: the validation mAP under --select val, else the test-query mAP."""
-        return f"val mAP@{self.validation_topk}" if self.select == "val" else self.map_name
+        return f"val mAP@{self.validation_topk}" if self.select == "val" else self.test_map_name
+
+    @property
+    def test_map_name(self):
+        """What training reports of the test queries: map_name, by the seen classes under --unseen_classes."""
+        return ("seen-class " if self.class_split is not None else "") + self.map_name
 
     @property
     def map_name(self):

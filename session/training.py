@@ -210,7 +210,7 @@ def summary_line(run, selected, progress, metrics, split_maps=None):
     val = f", {run.selection_score_name} {progress.best_map:.4f}" if run.select == "val" else ""
     best = "best " if run.select == "test" else ""
     tail_note = f", tail classes {tail:.4f}" if tail is not None else ""
-    return (f"{best}{run.map_name} {selected.map:.4f} at epoch {selected.epoch} (select {run.select}{val}"
+    return (f"{best}{run.test_map_name} {selected.map:.4f} at epoch {selected.epoch} (select {run.select}{val}"
             f"{tail_note}); checkpoint {run.files.checkpoint if run.saves else 'not saved (--no_save)'}; "
             f"training {progress.train_seconds:.1f}s"
             + (f"; {describe_class_split_maps(split_maps)}" if split_maps else ""))
