@@ -46,7 +46,7 @@ class ClassSplit(NamedTuple):
 def _tokens(values, class_names=()):
     """The flag's words, split further at commas: ["3,7", "9"] -> ["3", "7", "9"]; a word that is a class name as
     a whole stays one ("Ankle boot")."""
-    if isinstance(values, str):
+    if isinstance(values, (str, int, float)):  # one value, as a recipe file may give it
         values = [values]
     return [token for value in map(str, values)
             for token in ([value] if value in class_names else value.replace(",", " ").split())]
