@@ -188,13 +188,13 @@ def evaluate(network, loaders, device, topk, context=DistContext(), convention=C
     started = time.perf_counter()
     codes = encode_splits(network, loaders, device, context)
     encoded = time.perf_counter()
-    mean_ap = seen_class_map(codes, topk, convention, classes) if context.is_main else None
+    mean_ap = map_by_classes(codes, topk, convention, classes) if context.is_main else None
     if timings is not None:
         timings.update(encode_seconds=encoded - started, metric_seconds=time.perf_counter() - encoded)
     return broadcast_object(context, mean_ap), codes
 
 
-def seen_class_map(codes, topk, convention, classes=None):
+def map_by_classes(codes, topk, convention, classes=None):
     """map_of_codes, by the labels of `classes` only when given (0 when no query holds one of them)."""
     if classes is None:
         return map_of_codes(codes, topk, convention)
