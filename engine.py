@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from hashing.codes import CodeSet
 from hashing.evaluation.conventions import Convention
+from hashing.evaluation.class_split import restricted_codes
 from hashing.evaluation.metrics import map_by_bits, map_of_codes
 from utils.checkpoint import load_network_weights, non_finite_names, save_state_dict, save_train_state
 from utils.dist import (DistContext, all_true, broadcast_object, gather_rows, sum_over_ranks,
@@ -179,16 +180,26 @@ def encode_splits(network, loaders, device, context=DistContext()):
                                 *encode(network, loaders.database, device, context, "encode database"))
 
 
-def evaluate(network, loaders, device, topk, context=DistContext(), convention=Convention(), timings=None):
+def evaluate(network, loaders, device, topk, context=DistContext(), convention=Convention(), timings=None,
+             classes=None):
     """(mAP@topk of the queries against the database by Hamming ranking, the same on every rank; the
-    codes it was computed from). `timings`, a dict, receives encode_seconds and metric_seconds."""
+    codes it was computed from). `timings`, a dict, receives encode_seconds and metric_seconds. With `classes`
+    (--unseen_classes' seen classes) relevance counts those classes only (docs/METHOD.md §13)."""
     started = time.perf_counter()
     codes = encode_splits(network, loaders, device, context)
     encoded = time.perf_counter()
-    mean_ap = map_of_codes(codes, topk, convention) if context.is_main else None
+    mean_ap = map_by_classes(codes, topk, convention, classes) if context.is_main else None
     if timings is not None:
         timings.update(encode_seconds=encoded - started, metric_seconds=time.perf_counter() - encoded)
     return broadcast_object(context, mean_ap), codes
+
+
+def map_by_classes(codes, topk, convention, classes=None):
+    """map_of_codes, by the labels of `classes` only when given (0 when no query holds one of them)."""
+    if classes is None:
+        return map_of_codes(codes, topk, convention)
+    scored = restricted_codes(codes, classes)
+    return 0.0 if scored is None else map_of_codes(scored, topk, convention)
 
 
 def set_epoch(train_loader, criterion, seed, epoch):
@@ -226,7 +237,14 @@ def evaluate_for_selection(run, network, timings=None):
     if run.select == "val":
         return evaluate(network, run.validation, run.device, run.validation_topk, run.context, run.convention,
                         timings)[0], None
-    return evaluate(network, run.loaders, run.device, run.topk, run.context, run.convention, timings)
+    return evaluate(network, run.loaders, run.device, run.topk, run.context, run.convention, timings,
+                    seen_classes(run))
+
+
+def seen_classes(run):
+    """The classes the test-query mAP of training is judged by: under --unseen_classes the seen ones, as
+    DSH_Analysis selects its checkpoint by them (docs/METHOD.md §13); None (every class) otherwise."""
+    return None if run.class_split is None else run.class_split.seen
 
 
 def evaluate_selected(run, network, progress, best_state):
@@ -236,7 +254,8 @@ def evaluate_selected(run, network, progress, best_state):
         network.load_state_dict(best_state)
     else:
         load_network_weights(network, run.files.checkpoint)
-    test_map, codes = evaluate(network, run.loaders, run.device, run.topk, run.context, run.convention)
+    test_map, codes = evaluate(network, run.loaders, run.device, run.topk, run.context, run.convention,
+                               classes=seen_classes(run))
     return Selected(test_map, progress.best_epoch, codes)
 
 

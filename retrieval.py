@@ -74,6 +74,10 @@ def add_data_arguments(parser):
     group.add_argument("--imbalance", type=finite_float, default=1.0, metavar="RHO",
                        help="digits: long-tailed training set whose class frequencies decay exponentially from "
                             "the commonest to the rarest class, RHO times rarer; queries stay balanced; 1 = balanced")
+    group.add_argument("--unseen_classes", nargs="+", default=None, metavar="F|CLASS",
+                       help="hold classes out of training (docs/METHOD.md §13): a fraction F, 0 < F < 1, of the "
+                            "classes drawn with --seed, or class names or indices (comma or space separated); mAP is "
+                            "reported by seen-class, unseen-class and all-label relevance")
     group.add_argument("--skip_bad_images", action="store_true",
                        help="check every image once before training and leave out missing or undecodable ones "
                             "(default: stop at the first, naming the file)")

@@ -14,6 +14,10 @@ its own logs and checkpoint. A cell whose JSON log is finished with the same set
 interrupted or extended grid resumes instead of starting over. The tables are rewritten (atomically)
 after every cell.
 
+With `--unseen_classes` (retrieval of unseen classes, docs/METHOD.md §13) the grid and its tables are
+compare_{dataset}_{backbone}_unseen{classes}, and the tables add each cell's mAP by seen-class, unseen-class
+and all-label relevance.
+
 `--baseline_recipe authors` runs each baseline that has an authors' recipe (configs/authors/, see
 authors_recipe) with that file's flags, in rows labelled NAME_authors; `both` runs it both ways, so the
 table shows the two side by side. The recipe overrides the flags given to the whole grid; a loss's
@@ -44,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import retrieval  # noqa: E402
 from data import DataOptions  # noqa: E402
 from data.registry import check_available  # noqa: E402
+from hashing.evaluation.class_split import DEFINITIONS  # noqa: E402
 from loss import LOSSES, PROXY_LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.config import config_arguments, read_config  # noqa: E402
@@ -213,8 +218,15 @@ def refuse_grid_owned(options):
                         "--hash_bit and --seed per cell (use --losses, --bits, --seeds) and every cell trains")
 
 
+def grid_name(options):
+    """compare_{dataset}_{backbone}, with _unseen{classes} under --unseen_classes (another grid, other tables)."""
+    unseen = getattr(options, "unseen_classes", None)
+    held_out = "_unseen" + re.sub(r"[^A-Za-z0-9.]+", "-", " ".join(unseen).strip()) if unseen else ""
+    return f"compare_{options.dataset}_{options.backbone}{held_out}"
+
+
 def grid_root(options):
-    return Path(options.output_dir) / f"compare_{options.dataset}_{options.backbone}"
+    return Path(options.output_dir) / grid_name(options)
 
 
 def cell_args(options, label, bits, seed, extra=()):
@@ -412,8 +424,43 @@ def table_rows(options, variants, results):
                 row["train_seconds_mean"] = statistics.mean(r["train_seconds"] for r in records)
                 row["topk"] = records[0]["topk"]
                 row["data_files"] = data_files_text(records)
+                row.update(class_split_statistics(records))
             rows.append(row)
     return rows
+
+
+def class_split_statistics(records):
+    """{"seen_map_mean", "seen_map_std", "unseen_...", "all_...": ...} over the records of an --unseen_classes
+    grid (their "class_split_map"); {} when a record has none."""
+    split_maps = [record.get("class_split_map") for record in records]
+    if not all(isinstance(maps, dict) for maps in split_maps):
+        return {}
+    statistics_ = {}
+    for name in DEFINITIONS:
+        values = [maps.get(name, {}).get("map") for maps in split_maps]
+        values = [value for value in values if isinstance(value, numbers.Real)]
+        statistics_[f"{name}_map_mean"], statistics_[f"{name}_map_std"] = summarise(values) if values else (None, None)
+    return statistics_
+
+
+def class_split_table(options, variants, by_cell):
+    """The markdown lines of the seen / unseen / all-label mAPs of an --unseen_classes grid ([] otherwise)."""
+    if not any(by_cell[key].get("seen_map_mean") is not None for key in by_cell):
+        return []
+
+    def cell(row, name):
+        mean, std = row.get(f"{name}_map_mean"), row.get(f"{name}_map_std")
+        return "—" if mean is None else f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+    columns = [(bits, name) for bits in options.bits for name in DEFINITIONS]
+    lines = ["", "Under --unseen_classes the table above is the seen-class mAP, which training selects by (as "
+             "DSH_Analysis does).", "", f"mAP by relevance, unseen classes `{' '.join(options.unseen_classes)}` (docs/METHOD.md §13): "
+             "seen = by the seen classes' labels only, unseen = by the unseen classes' only, all = every label"
+             + (" (a fraction's classes are drawn per seed)" if len(options.unseen_classes) == 1
+                and "." in options.unseen_classes[0] else "") + ":", "",
+             "| loss | " + " | ".join(f"{bits} bits {name}" for bits, name in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join([variant] + [cell(by_cell[(variant, bits)], name) for bits, name in columns])
+                    + " |" for variant in variants]
 
 
 def format_map(row, best):
@@ -469,6 +516,7 @@ def render_markdown(options, variants, rows, command):
     lines += [header, rule]
     lines += ["| " + " | ".join([variant] + [format_map(by_cell[(variant, bits)], best[bits])
                                              for bits in options.bits]) + " |" for variant in variants]
+    lines += class_split_table(options, variants, by_cell)
     lines += ["", "Training seconds per run (mean over seeds; evaluation excluded):", "", header, rule]
     lines += ["| " + " | ".join([variant] + [f"{by_cell[(variant, bits)]['train_seconds_mean']:.1f}"
                                              if by_cell[(variant, bits)]["runs"] else "—"
@@ -478,14 +526,17 @@ def render_markdown(options, variants, rows, command):
 
 CSV_COLUMNS = ["loss", "hash_bit", "runs", "select", "map_mean", "map_std", "map_per_seed", "final_map_mean",
                "train_seconds_mean", "threads", "data_files", "topk", "paper_map"]
+# the columns an --unseen_classes grid adds
+CLASS_SPLIT_COLUMNS = [f"{name}_map_{part}" for name in DEFINITIONS for part in ("mean", "std")]
 
 
 def render_csv(rows):
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    columns = CSV_COLUMNS + (CLASS_SPLIT_COLUMNS if any("seen_map_mean" in row for row in rows) else [])
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        cells = {key: ("" if row.get(key) is None else row.get(key)) for key in CSV_COLUMNS}
+        cells = {key: ("" if row.get(key) is None else row.get(key)) for key in columns}
         cells["map_per_seed"] = ";".join(f"{value:.6f}" for value in row.get("map_per_seed", []))
         cells["threads"] = torch.get_num_threads()
         writer.writerow(cells)
@@ -494,9 +545,9 @@ def render_csv(rows):
 
 def write_tables(options, variants, cells, command):
     rows = table_rows(options, variants, collect(cells))
-    stem = Path(options.output_dir) / f"compare_{options.dataset}_{options.backbone}"
-    write_text(stem.with_suffix(".md"), render_markdown(options, variants, rows, command))
-    write_text(stem.with_suffix(".csv"), render_csv(rows))
+    stem = Path(options.output_dir) / grid_name(options)
+    write_text(stem.parent / f"{stem.name}.md", render_markdown(options, variants, rows, command))
+    write_text(stem.parent / f"{stem.name}.csv", render_csv(rows))
     return rows, stem
 
 

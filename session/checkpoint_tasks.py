@@ -22,6 +22,7 @@ from hashing import cache
 from hashing.evaluation import plots
 from hashing.search.api import CLI_HINT
 from hashing.codes import NonFiniteCodes, pack_signs
+from hashing.evaluation.class_split import class_split_maps, describe_class_split_maps
 from hashing.evaluation.metrics import BUCKETS, map_by_bits, metrics_of_codes
 from hashing.search.exact import search, write_index
 from utils.atomic import write_json
@@ -99,6 +100,9 @@ def checkpoint_metrics(run, codes, key, cached, selection=None):
                       "checkpoint": str(run.files.checkpoint), "checkpoint_sha256": key["checkpoint_sha256"],
                       "codes": str(run.files.codes), "codes_from_cache": cached, "selection": selection,
                       "data_files": described_data_files(run)}
+    if run.class_split is not None:
+        metrics["class_split"] = {**run.class_split.as_record(run.spec.class_names),
+                                  "map": class_split_maps(codes, run.class_split, run.topk, run.convention)}
     metrics["provenance"] = provenance(run.device)
     if run.writes:
         write_json(run.files.metrics, metrics)
@@ -118,6 +122,8 @@ def report_evaluation(run, metrics, codes):
         print(f"left out of the means (zero_hit=skip): {metrics['skipped_queries']} queries for mAP and WAP, "
               f"{metrics['ndcg_skipped_queries']} for NDCG")
     print(describe_buckets(metrics["long_tail"]["buckets"]))
+    if "class_split" in metrics:
+        print(describe_class_split_maps(metrics["class_split"]["map"], f"mAP@{metrics['map_topk']} by relevance:"))
     if run.saves:
         source = "reused (same checkpoint)" if metrics["run"]["codes_from_cache"] else "written"
         print(f"metrics {run.files.metrics}; codes {source} {metrics['run']['codes']}")

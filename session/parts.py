@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from data import DATASETS, DataOptions, get_dataset_spec
 from data.base import WithIndices
 from data.registry import build_splits as data_splits
+from data.unseen import ClassSplit, apply_class_split, resolve_unseen_classes
 from data.hierarchy_files import read_hierarchy
 from data.validation import hold_out_validation
 from engine import Loaders, Trainer
@@ -27,7 +28,7 @@ from network import DEFAULT_BACKBONE, build_network, get_backbone, hash_head, tr
 from utils.dist import barrier, shard_bounds
 from utils.errors import UserError
 from utils.reproducibility import loader_generator, seed_worker
-from utils.runlog import RunLog, warn
+from utils.runlog import RunLog, read_run_log, warn
 from utils.weights import pretrained_state_dict
 
 # --optimizer: the network's and the proxies' optimiser; --momentum is SGD's (RMSprop's and Adam's are
@@ -136,12 +137,39 @@ def validation_splits(run, splits):
     return splits._replace(train=validation.train), validation
 
 
+def recorded_class_split(run):
+    """The seen and unseen classes the run's training log records (None when it has none or no log)."""
+    try:
+        record = read_run_log(run.files.event_log).get("class_split")
+    except (OSError, UserError):
+        return None
+    if record is None:
+        return None
+    try:
+        return ClassSplit.from_record(record, run.spec.num_classes)
+    except ValueError as exc:
+        raise UserError(f"{run.files.event_log}: {exc}; give --unseen_classes as the run was trained") from None
+
+
+def class_split_of(run):
+    """--unseen_classes resolved for the dataset; without the flag, --test, --query and --export_index take the
+    classes the run was trained without from its log. None: every class is seen."""
+    args, spec = run.args, run.spec
+    if args.unseen_classes:
+        return resolve_unseen_classes(args.unseen_classes, spec.num_classes, spec.class_names, args.seed)
+    return None if run.trains else recorded_class_split(run)
+
+
 def prepare_run(run):
     """The Run with its data (prepared for run.backbone), K, loaders and log: what every later stage reads."""
     args = run.args
     spec = get_dataset_spec(args.dataset)
     splits = build_splits(spec, args, run.backbone.preprocessing)
     run = dataclasses.replace(run, spec=spec.with_classes_of(splits))
+    class_split = class_split_of(run)
+    if class_split is not None:
+        splits = apply_class_split(splits, class_split, run.spec.class_names)
+        run = dataclasses.replace(run, class_split=class_split)
     splits, validation = validation_splits(run, splits)
     if args.top_n:  # checked before training, not after it
         try:
@@ -212,23 +240,28 @@ def hyperparameter_values(args, owner, loss_class):
     return {h.name: getattr(args, h.dest(owner)) for h in loss_class.HYPERPARAMETERS}
 
 
-def given_hierarchy(args, spec):
-    """The coarse levels of --hierarchy_file, read for this dataset (None without the flag)."""
+def given_hierarchy(args, spec, seen=None):
+    """The coarse levels of --hierarchy_file, read for this dataset (None without the flag); with `seen` (the
+    seen classes of --unseen_classes) cut to those classes, their groups renumbered in order of appearance."""
     if not args.hierarchy_file:
         return None
     try:
-        return read_hierarchy(args.hierarchy_file, spec.num_classes, spec.class_names).levels
+        levels = read_hierarchy(args.hierarchy_file, spec.num_classes, spec.class_names).levels
     except ValueError as exc:
         raise UserError(f"--hierarchy_file: {exc}") from None
+    if seen is None:
+        return levels
+    kept = [[level[index] for index in seen] for level in levels]
+    return [[list(dict.fromkeys(groups)).index(group) for group in groups] for groups in kept]
 
 
-def zeta_of_length(args, spec, hash_bit, flag):
-    """The threshold zeta of --loss for codes of `hash_bit` bits (None for a loss without one); `flag` names
-    where the length came from in the error when the code table has no value."""
+def zeta_of_length(args, num_classes, hash_bit, flag):
+    """The threshold zeta of --loss for codes of `hash_bit` bits and `num_classes` classes (None for a loss
+    without one); `flag` names where the length came from in the error when the code table has no value."""
     if not LOSSES[args.loss].uses_zeta:
         return None
     try:
-        zeta, disagreement = codetable.resolve_zeta(hash_bit, spec.num_classes, args.zeta, args.codetable)
+        zeta, disagreement = codetable.resolve_zeta(hash_bit, num_classes, args.zeta, args.codetable)
     except ValueError as exc:
         from_workbook = args.codetable and args.zeta is None
         raise UserError(f"{f'--codetable {args.codetable}' if from_workbook else flag}: {exc}; or pass --zeta "
@@ -238,28 +271,30 @@ def zeta_of_length(args, spec, hash_bit, flag):
     return zeta
 
 
-def build_criterion(args, spec):
+def build_criterion(args, spec, seen=None):
     """The loss of --loss with its flags, wrapped in hierarchical proxies with --hierarchy K > 0 or
     --hierarchy_file, in collaborative experts with --experts E >= 2 (one such loss per head), and with
-    --nested_bits in NestedLoss (one such loss per prefix length, each with the zeta of its length)."""
+    --nested_bits in NestedLoss (one such loss per prefix length, each with the zeta of its length). With `seen`
+    (--unseen_classes' seen class indices) the loss knows those classes only: its labels are cut to them."""
     if not getattr(args, "nested_bits", None):  # harnesses may build flags without it
-        return criterion_of_length(args, spec, args.hash_bit, f"--hash_bit {args.hash_bit}")
+        return criterion_of_length(args, spec, args.hash_bit, f"--hash_bit {args.hash_bit}", seen)
     flag = f"--nested_bits {' '.join(map(str, args.nested_bits))}"
     try:
-        return build_nested_loss(args.nested_bits, lambda bits: criterion_of_length(args, spec, bits, flag),
+        return build_nested_loss(args.nested_bits, lambda bits: criterion_of_length(args, spec, bits, flag, seen),
                                  args.nested_weights)
     except ValueError as exc:
         raise UserError(f"{flag} with --loss {args.loss}: {exc}") from None
 
 
-def criterion_of_length(args, spec, hash_bit, length_flag):
+def criterion_of_length(args, spec, hash_bit, length_flag, seen=None):
     """build_criterion for codes of `hash_bit` bits, without nesting."""
     loss_class = LOSSES[args.loss]
-    zeta = zeta_of_length(args, spec, hash_bit, length_flag)
-    hierarchy = given_hierarchy(args, spec) or args.hierarchy
+    num_classes = spec.num_classes if seen is None else len(seen)
+    zeta = zeta_of_length(args, num_classes, hash_bit, length_flag)
+    hierarchy = given_hierarchy(args, spec, seen) or args.hierarchy
 
     def build_head():
-        return build_loss(args.loss, spec.num_classes, hash_bit, zeta=zeta, seed=args.seed, hierarchy=hierarchy,
+        return build_loss(args.loss, num_classes, hash_bit, zeta=zeta, seed=args.seed, hierarchy=hierarchy,
                           hierarchy_settings=hyperparameter_values(args, "hierarchy", HierarchicalProxyLoss),
                           **hyperparameter_values(args, args.loss, loss_class))
     try:

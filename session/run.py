@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from data import DatasetSpec, RetrievalSplits
+from data.unseen import ClassSplit
 from engine import Loaders
 from hashing.evaluation.conventions import Convention
 from network import BackboneSpec
@@ -39,6 +40,7 @@ class Run:
     convention: Convention = Convention()  # how mAP@K is computed (--map_normalize, --zero_hit, --ties)
     validation: Loaders = None  # --select val: the validation queries and their database (train unused)
     validation_topk: int = 0  # K of the validation mAP: K clamped to the validation database
+    class_split: ClassSplit = None  # --unseen_classes: the seen and unseen classes (data/unseen.py); None: all seen
     data_identity: dict = None  # what --resume checks the data against (session.training.data_identity)
 
     @classmethod
@@ -68,7 +70,12 @@ class Run:
     @property
     def selection_score_name(self):
         """What --select compares: the validation mAP under --select val, else the test-query mAP."""
-        return f"val mAP@{self.validation_topk}" if self.select == "val" else self.map_name
+        return f"val mAP@{self.validation_topk}" if self.select == "val" else self.test_map_name
+
+    @property
+    def test_map_name(self):
+        """What training reports of the test queries: map_name, by the seen classes under --unseen_classes."""
+        return ("seen-class " if self.class_split is not None else "") + self.map_name
 
     @property
     def map_name(self):

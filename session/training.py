@@ -12,6 +12,7 @@ from data.fingerprint import split_fingerprint
 from engine import HashingObjective, NonFiniteLoss, Progress, describe_nested_maps, nested_maps, restore_training_state
 from engine import train as train_epochs
 from hashing.codes import NonFiniteCodes
+from hashing.evaluation.class_split import class_split_maps, describe_class_split_maps
 from loss import LOSSES
 from utils.checkpoint import read_train_state
 from utils.config import read_config
@@ -49,9 +50,20 @@ def describe_training(run, trainer, lr):
               "convention": run.convention.as_dict(),
               "zeta": settings.get("zeta"), "device": str(run.device), "world_size": context.world_size,
               "amp": str(trainer.amp_dtype), "loss": {"name": label, **settings}, "sizes": sizes}
+    if run.class_split is not None:
+        record["class_split"] = run.class_split.as_record(run.spec.class_names)
+        header += "\n" + describe_unseen(run)
     if args.config:  # the file's own values; "args" holds the resolved ones, command line included
         record["config"] = {"file": args.config, "values": read_config(args.config)}
     return header, record
+
+
+def describe_unseen(run):
+    """The header's line on --unseen_classes: which classes training never sees."""
+    names, unseen = run.spec.class_names, run.class_split.unseen
+    listed = ", ".join(names[index] if names else str(index) for index in unseen)
+    return (f"unseen classes ({len(unseen)} of {run.spec.num_classes}, held out of training): {listed}; the loss "
+            f"knows the other {len(run.class_split.seen)}")
 
 
 def recipe_note(run):
@@ -80,7 +92,8 @@ def data_identity(run):
     return {"checkpoint": str(run.files.checkpoint.resolve()), "dataset": args.dataset,
             "data_root": str(Path(args.data_root).resolve()), "classes": run.spec.num_classes,
             **{f"{name} split": split_fingerprint(part, file_status=False)
-               for name, part in run.splits._asdict().items()}}
+               for name, part in run.splits._asdict().items()},
+            **({"unseen classes": list(run.class_split.unseen)} if run.class_split else {})}
 
 
 def resume(run, trainer):
@@ -123,7 +136,7 @@ def train_reporting_failures(run, trainer, progress, lr):
 
 def training_criterion(run):
     """The loss of the flags; a loss with a memory of the training items is given the training set's size."""
-    criterion = build_criterion(run.args, run.spec)
+    criterion = build_criterion(run.args, run.spec, run.class_split and run.class_split.seen)
     if getattr(criterion, "uses_item_indices", False):
         if run.context.world_size > 1:
             raise UserError(f"--{run.args.loss}_memory 1 keeps the training set's codes in one process; under "
@@ -173,26 +186,37 @@ def train(run, network):
         metrics = report_best_checkpoint(run, network, selected.codes, selection)
     # --nested_bits: each length's mAP (the last is the whole code's); the metrics have them when written
     by_bits = metrics.get("map_by_bits") if metrics else nested_maps(run, selected.codes)
-    run.log.say(summary_line(run, selected, progress, metrics) + describe_nested_maps(by_bits, "; "))
+    split_maps = (metrics or {}).get("class_split", {}).get("map") or unsaved_class_split_maps(run, selected)
+    run.log.say(summary_line(run, selected, progress, metrics, split_maps) + describe_nested_maps(by_bits, "; "))
     truncated = report_truncated_images(run)
     run.log.event("finish", best={"map": progress.best_map, "epoch": progress.best_epoch}, test_map=selected.map,
                   selection=selection, train_seconds=progress.train_seconds, truncated_images=truncated,
                   truncated_image_count=len(truncated), **({"map_by_bits": by_bits} if by_bits else {}),
+                  **({"class_split_map": split_maps} if split_maps else {}),
                   **({"rank_fingerprints": fingerprints} if run.context.enabled else {}))
     return {"map": selected.map, "epoch": selected.epoch, "topk": run.topk, "selection": selection,
             "train_seconds": progress.train_seconds, "long_tail": metrics and metrics["long_tail"],
-            "map_by_bits": by_bits}
+            "map_by_bits": by_bits, "class_split_map": split_maps}
 
 
-def summary_line(run, selected, progress, metrics):
-    """The run's last line: the kept checkpoint's mAP, how it was selected, where it is, the training time."""
+def unsaved_class_split_maps(run, selected):
+    """--unseen_classes under --no_save (no metrics file): the three mAPs of the kept codes; None otherwise."""
+    if run.class_split is None or selected.codes is None or not run.context.is_main:
+        return None
+    return class_split_maps(selected.codes, run.class_split, run.topk, run.convention)
+
+
+def summary_line(run, selected, progress, metrics, split_maps=None):
+    """The run's last line: the kept checkpoint's mAP, how it was selected, where it is, the training time; under
+    --unseen_classes (`split_maps`) the mAP by seen-class, unseen-class and all-label relevance."""
     tail = metrics and metrics["long_tail"]["buckets"]["tail"]["map"]
     val = f", {run.selection_score_name} {progress.best_map:.4f}" if run.select == "val" else ""
     best = "best " if run.select == "test" else ""
     tail_note = f", tail classes {tail:.4f}" if tail is not None else ""
-    return (f"{best}{run.map_name} {selected.map:.4f} at epoch {selected.epoch} (select {run.select}{val}"
+    return (f"{best}{run.test_map_name} {selected.map:.4f} at epoch {selected.epoch} (select {run.select}{val}"
             f"{tail_note}); checkpoint {run.files.checkpoint if run.saves else 'not saved (--no_save)'}; "
-            f"training {progress.train_seconds:.1f}s")
+            f"training {progress.train_seconds:.1f}s"
+            + (f"; {describe_class_split_maps(split_maps)}" if split_maps else ""))
 
 
 def report_truncated_images(run):

@@ -231,7 +231,7 @@ def test_the_memory_is_refused_under_torchrun_where_each_process_would_hold_its_
     args = retrieval.parse_args(["--dataset", "digits", "--backbone", "small", "--loss", "dpsh", "--dpsh_memory", "1",
                                  "--dpsh_gradient_factors", "1"])
     run = SimpleNamespace(args=args, spec=get_dataset_spec("digits"), context=SimpleNamespace(world_size=2),
-                          splits=SimpleNamespace(train=range(40)))
+                          splits=SimpleNamespace(train=range(40)), class_split=None)
     with pytest.raises(UserError, match="--dpsh_memory 1 keeps the training set's codes in one process"):
         training_criterion(run)
     run.context.world_size = 1
