@@ -228,3 +228,18 @@ def test_flags_that_cannot_work_are_refused(tmp_path, capsys, flags, message):
     flags = [str(tmp_path / "fc") if flag == "FC" else flag for flag in flags]
     code, err = small_digits_failure(flags + ["--output_dir", str(tmp_path)], capsys)
     assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_frozen_experts_train_every_head():
+    """--experts with --freeze_backbone: the trunk in evaluation mode, the heads training, one code per head."""
+    network = build_network("small", 8, experts=3)
+    network.eval()
+    network.heads.train()
+    images = torch.randn(4, 3, 32, 32)
+    outputs = network(images)
+    assert outputs.shape == (4, 3, 8)
+    with torch.no_grad():
+        features = network.trunk(images)
+    torch.testing.assert_close(outputs[:, 2], network.heads[2](features))
+    network.heads.eval()
+    assert network(images).shape == (4, 8)
