@@ -243,3 +243,16 @@ def test_frozen_experts_train_every_head():
     torch.testing.assert_close(outputs[:, 2], network.heads[2](features))
     network.heads.eval()
     assert network(images).shape == (4, 8)
+
+
+def test_the_benchmark_measures_both_epochs_and_the_sizes(tmp_path):
+    from benchmarks import bench_feature_cache
+    options = bench_feature_cache.get_args_parser().parse_args(
+        ["--backbones", "small", "--images", "16", "--batch_size", "8", "--repeats", "1", "--output_dir",
+         str(tmp_path)])
+    [row] = bench_feature_cache.main(options)
+    assert row["trunk_seconds"] > 0 and row["cache_seconds"] > 0 and row["features"] == 128
+    header = 128  # the .npy header of a small array, padded to a multiple of 64 bytes
+    assert row["bytes_float32"] == pytest.approx(128 * 4 + header / 16)
+    assert row["bytes_float16"] == pytest.approx(128 * 2 + header / 16)
+    assert "| small | 32 | 128 |" in (tmp_path / "bench_feature_cache.md").read_text()
