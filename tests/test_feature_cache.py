@@ -256,3 +256,11 @@ def test_the_benchmark_measures_both_epochs_and_the_sizes(tmp_path):
     assert row["bytes_float32"] == pytest.approx(128 * 4 + header / 16)
     assert row["bytes_float16"] == pytest.approx(128 * 2 + header / 16)
     assert "| small | 32 | 128 |" in (tmp_path / "bench_feature_cache.md").read_text()
+
+
+def test_a_closure_transform_is_described_by_what_it_closes_over():
+    from data.fashion import as_rgb_transform
+    from hashing.feature_cache import describe_transform
+    small, large = (describe_transform(as_rgb_transform(Preprocessing(size), False)) for size in (32, 64))
+    assert "size=32" in small and "size=64" in large and " at 0x" not in small
+    assert describe_transform(as_rgb_transform(Preprocessing(32), True)) != small  # the flip is part of it
