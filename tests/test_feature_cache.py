@@ -264,3 +264,11 @@ def test_a_closure_transform_is_described_by_what_it_closes_over():
     small, large = (describe_transform(as_rgb_transform(Preprocessing(size), False)) for size in (32, 64))
     assert "size=32" in small and "size=64" in large and " at 0x" not in small
     assert describe_transform(as_rgb_transform(Preprocessing(32), True)) != small  # the flip is part of it
+
+
+def test_a_symbolic_link_in_place_of_the_cache_is_refused(built, tmp_path):
+    npy = built[2]
+    target = tmp_path / "elsewhere.npy"
+    npy.rename(target)
+    npy.symlink_to(target)
+    refused(built, tmp_path, "symbolic link")
