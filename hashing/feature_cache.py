@@ -21,7 +21,6 @@ with the file an uninterrupted build writes. DIR/{same}.lock keeps a second buil
 their augmentation from a generator seeded per (seed, view, item), so no batch order or resume changes them.
 """
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -98,19 +97,6 @@ def base_dataset(dataset):
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     return dataset
-
-
-def with_transform(dataset, transform):
-    """`dataset` (through Subset wrappers) with its images prepared by `transform` instead; UserError for a
-    dataset whose transform cannot be replaced."""
-    if isinstance(dataset, Subset):
-        return Subset(with_transform(dataset.dataset, transform), dataset.indices)
-    if not hasattr(dataset, "transform"):
-        raise UserError(f"--feature_cache: the {type(dataset).__name__} images have no transform to replace; "
-                        "train without --feature_cache")
-    copied = copy.copy(dataset)
-    copied.transform = transform
-    return copied
 
 
 def feature_key(trunk_sha256, dataset, settings):

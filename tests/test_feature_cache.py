@@ -198,6 +198,23 @@ def checkpoint_state(folder):
     return state.get("state_dict", state)
 
 
+def test_a_head_selected_on_validation_from_the_cache_equals_one_with_the_frozen_trunk(tmp_path):
+    common = ["--epochs", "2", "--freeze_backbone", "--no_progress", "--data_root", str(tmp_path / "data"),
+              "--select", "val", "--val_size", "50"]
+    in_loop = run_small_digits(common + ["--output_dir", str(tmp_path / "loop")])
+    cached = run_small_digits(common + ["--output_dir", str(tmp_path / "cached"),
+                                        "--feature_cache", str(tmp_path / "features")])
+    loop_state, cached_state = checkpoint_state(tmp_path / "loop"), checkpoint_state(tmp_path / "cached")
+    for name in loop_state:
+        torch.testing.assert_close(cached_state[name], loop_state[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert cached["map"] == pytest.approx(in_loop["map"], abs=1e-6)
+    assert cached["selection"] == in_loop["selection"]
+    names = sorted(path.name.split("-")[0] for path in (tmp_path / "features").glob("*.npy"))
+    # the validation database is the remaining training split read without augmentation: one file for both
+    assert names == ["digits_small_database", "digits_small_query", "digits_small_train",
+                     "digits_small_validation_query"]
+
+
 def test_a_head_trained_from_the_cache_equals_one_trained_with_the_frozen_trunk(tmp_path):
     common = ["--epochs", "2", "--freeze_backbone", "--no_progress", "--data_root", str(tmp_path / "data")]
     in_loop = run_small_digits(common + ["--output_dir", str(tmp_path / "loop")])
@@ -221,7 +238,6 @@ def test_a_head_trained_from_the_cache_equals_one_trained_with_the_frozen_trunk(
 @pytest.mark.parametrize("flags, message", [
     (["--feature_cache", "FC"], "add --freeze_backbone"),
     (["--feature_views", "2"], "add --feature_cache"),
-    (["--feature_cache", "FC", "--freeze_backbone", "--select", "val"], "--select val"),
     (["--feature_cache", "FC", "--query", "digits:0"], "--query"),
 ])
 def test_flags_that_cannot_work_are_refused(tmp_path, capsys, flags, message):
