@@ -81,11 +81,11 @@ def test_reproduce_downloads_the_voc_archives_and_exits_non_zero_with_one_line_w
                                                                                             monkeypatch):
     asked = []
 
-    def offline(url, path):
-        asked.append(url)
+    def offline(request, timeout):
+        asked.append(request.full_url)
         raise urllib.error.URLError("no network here")
 
-    monkeypatch.setattr(archives, "download", offline)
+    monkeypatch.setattr(archives.urllib.request, "urlopen", offline)
     monkeypatch.setattr(retrieval, "main", lambda args: pytest.fail("trained without data"))
     code, out, err = exit_status(reproduce.cli, ["--table", "voc", "--bits", "16", "--losses", "hyp2",
                                                  "--data_root", str(tmp_path / "data"), "--output_dir",
@@ -203,12 +203,12 @@ def test_bench_search_without_methods_builds_no_hnsw(tmp_path):
 def test_bench_search_warns_before_an_hnsw_build_of_millions_of_codes(tmp_path, capsys, monkeypatch):
     built = []
 
-    def pretend(method, database, queries, single_queries, k, exact):
-        built.append((method, len(database)))
-        return {"method": method, "exact": "yes", "build_s": 0.0, "memory_mb": 0.0, "batch1_ms": 0.0, "batch_ms": 0.0,
-                "recall": 1.0, "same": 1.0}, exact
+    def pretend(methods, database, queries, single_queries, k, rounds):
+        built.extend((method, len(database)) for method in methods)
+        return [{"method": method, "exact": "yes", "build_s": 0.0, "memory_mib": 0.0, "batch1_ms": 0.0,
+                 "batch_ms": 0.0, "recall": 1.0, "same": 1.0} for method in methods]
 
-    monkeypatch.setattr(bench_search, "time_method", pretend)
+    monkeypatch.setattr(bench_search, "measure_methods", pretend)
     monkeypatch.setattr(bench_search, "synthetic_codes", lambda rng, kind, count, *rest: range(count))
     monkeypatch.setattr(bench_search, "markdown_table", lambda rows, args: "table")
     args = bench_search.get_args_parser().parse_args(["--sizes", "1000", "2000000", "--codes", "uniform",
