@@ -72,6 +72,12 @@ def _load(path, what, missing, unreadable, mmap=False):
                         f"corrupt or not a PyTorch checkpoint; {unreadable}") from None
 
 
+def read_saved(path, what, missing, unreadable):
+    """Whatever this tool saved at `path` (torch.save's format, read with weights_only=True), with the checks of
+    every checkpoint reader; `what` names the kind of file and `missing`/`unreadable` say what to do."""
+    return _load(path, what, missing, unreadable)
+
+
 def non_finite_names(state):
     """Names of a state_dict's floating-point tensors that hold a NaN or an infinity."""
     return [name for name, tensor in state.items()
