@@ -10,10 +10,9 @@ import math
 import numpy as np
 import torch
 
-from utils.checkpoint import content_digest, read_saved, require_finite, save
+from utils.checkpoint import SHALLOW_FORMAT, content_digest, read_saved, require_finite, save
 from utils.errors import UserError
 
-SHALLOW_FORMAT = "hyp2-retrieval/shallow-hasher/1"
 ITQ_ITERATIONS = 50  # Gong & Lazebnik's default (ITQ.m is called with n_iter = 50)
 
 
@@ -64,6 +63,7 @@ class ShallowHasher:
         self.hash_bit = hash_bit
         self.settings = {**self.defaults, **settings}
         self.state = None
+        self.record = None  # what a saved hasher was fitted on (save_shallow_hasher's record)
 
     def fit(self, train_features, seed):
         """Fit on the training split's (N, D) features with `seed`; returns self."""
@@ -200,9 +200,10 @@ def build_shallow_hasher(name, hash_bit, **settings):
     return SHALLOW_HASHERS[name](hash_bit, **settings)
 
 
-def save_shallow_hasher(hasher, path):
-    """The fitted hasher at `path` (written atomically), with the digest of its content that loading checks."""
-    state = hasher.state_dict()
+def save_shallow_hasher(hasher, path, record=None):
+    """The fitted hasher at `path` (written atomically), with `record` (a dict of plain values: what it was
+    fitted on) and the digest of its content that loading checks."""
+    state = {**hasher.state_dict(), "record": dict(record or {})}
     save({**state, "content_sha256": content_digest(state)}, path)
 
 
@@ -224,8 +225,9 @@ def load_shallow_hasher(path, what="shallow hasher"):
     recorded = state.pop("content_sha256", None)
     if recorded != content_digest(state):
         raise UserError(f"{path} is damaged: its content differs from the digest recorded when it was saved; {advice}")
-    name, hash_bit, arrays = state.get("name"), state.get("hash_bit"), state.get("state")
+    name, hash_bit, arrays, settings = (state.get(key) for key in ("name", "hash_bit", "state", "settings"))
     if name not in SHALLOW_HASHERS or not isinstance(hash_bit, int) or not isinstance(arrays, dict) \
+            or not isinstance(settings, dict) or set(settings) != set(SHALLOW_HASHERS[name].defaults) \
             or not isinstance(arrays.get("mean"), torch.Tensor) or arrays["mean"].ndim != 1:
         raise UserError(f"{path} has a damaged shallow-hasher record; {advice}")
     expected = _expected_shapes(name, hash_bit, len(arrays["mean"]))
@@ -233,4 +235,6 @@ def load_shallow_hasher(path, what="shallow hasher"):
     if found != expected:
         raise UserError(f"{path}: the {name} state holds {found}, not the shapes {expected} it needs; {advice}")
     require_finite(arrays, path, f"it is damaged; {advice}")
-    return build_shallow_hasher(name, hash_bit, **state.get("settings", {})).load_state_dict(state)
+    hasher = build_shallow_hasher(name, hash_bit, **settings).load_state_dict(state)
+    hasher.record = state.get("record")
+    return hasher
