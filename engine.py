@@ -102,7 +102,9 @@ class NonFiniteParameters(NonFiniteLoss):
 
 def to_device(images, device):
     images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+    # cached trunk features (--feature_cache) are (B, D): only image batches have a channels-last layout
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and images.ndim == 4 \
+        else images
 
 
 class EpochStats(NamedTuple):

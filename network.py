@@ -10,6 +10,7 @@ recipe file), all built by build_network:
   num_classes=0 (its pooled features) as the trunk, and the hash layer.
 Weights arrive as a state dict (read by utils/weights.py); nothing here reads a file.
 """
+import contextlib
 import difflib
 import logging
 from dataclasses import dataclass, field, replace
@@ -379,7 +380,10 @@ class HashExperts(nn.Module):
         self.inference_head = inference_head
 
     def forward(self, images):
-        features = self.trunk(images)
+        return self.from_features(self.trunk(images))
+
+    def from_features(self, features):
+        """The output for the trunk's features (B, F): what forward gives for the images behind them."""
         if self.training:
             return torch.stack([head(features) for head in self.heads], dim=1)
         if self.inference_head == "mean":
@@ -391,6 +395,28 @@ def hash_head(network, hash_layer):
     """The part that turns the trunk's features into codes: the hash layer `hash_layer`, or with
     --experts the heads."""
     return network.heads if isinstance(network, HashExperts) else network.get_submodule(hash_layer)
+
+
+@contextlib.contextmanager
+def trunk_only(network, hash_layer):
+    """The part of a hash network before its hash layer `hash_layer` (or, with --experts, its heads), for
+    the duration of the block: a module whose outputs are the pooled features (B, F) the head reads. The
+    network's own hash layer gives way to Identity meanwhile, so its state_dict holds the trunk's alone."""
+    if isinstance(network, HashExperts):
+        yield network.trunk
+        return
+    layer = replace_submodule(network, hash_layer, nn.Identity())
+    try:
+        yield network
+    finally:
+        replace_submodule(network, hash_layer, layer)
+
+
+def head_outputs(network, hash_layer, features):
+    """What `network` outputs for images whose trunk features (trunk_only) are `features`: its head alone."""
+    if isinstance(network, HashExperts):
+        return network.from_features(features)
+    return network.get_submodule(hash_layer)(features)
 
 
 def trunk_and_head_parameters(network, hash_layer):

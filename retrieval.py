@@ -23,7 +23,9 @@ from hashing.search.exact import MAX_K
 from hashing.shallow import SHALLOW_HASHERS
 from loss import LOSSES, PROXY_LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss
 from network import TIMM_SHORTCUTS, TORCHVISION_BACKBONES
+from session.cached_training import run_with_feature_cache
 from session.checkpoint_tasks import run_checkpoint_tasks
+from session.feature_cache import DTYPES
 from session.files import check_paths, guarded_run_files
 from session.parts import (DEFAULT_VAL_SIZE, OPTIMIZERS, backbone_of, make_network_on_every_rank, prepare_run,
                            resolve_backbone)
@@ -120,6 +122,15 @@ def add_model_arguments(parser):
                        help="no training: fit this shallow hasher (docs/METHOD.md §12) on the frozen trunk's pooled "
                             "features of the training split and evaluate it like a trained run; needs "
                             "--freeze_backbone")
+    group.add_argument("--feature_cache", default=None, metavar="DIR",
+                       help="with --freeze_backbone (or --test): compute each split's pooled trunk features once "
+                            "into DIR (memory-mapped, resumable, keyed by the trunk's weights, the preprocessing and "
+                            "the split) and train the hash head on them (docs/METHOD.md §11)")
+    group.add_argument("--feature_dtype", choices=DTYPES, default="float32",
+                       help="with --feature_cache: how the features are stored (float16 halves the files)")
+    group.add_argument("--feature_views", type=int_in_range(1, 64), default=1, metavar="V",
+                       help="with --feature_cache: V augmented views of each training image (the training "
+                            "transform, seeded), one drawn per image and epoch; 1 = the evaluation transform only")
     group.add_argument("--experts", type=int_in_range(1, NETWORK_BOUNDS["experts"]), default=1, metavar="E",
                        help="E >= 2 hash heads on the shared trunk, trained collaboratively (ECL); 1 = one head")
     group.add_argument("--inference_head", type=inference_head, default=0, metavar="HEAD",
@@ -267,6 +278,7 @@ def check_flags(args):
                         "family (see docs/DATASETS.md)")
     if args.hierarchy and args.hierarchy_file:
         raise UserError("--hierarchy K clusters the proxies and --hierarchy_file gives the groups: use one of them")
+    check_feature_cache_flags(args)
     if args.inference_head != 0 and args.experts == 1:
         raise UserError(f"--inference_head {args.inference_head} needs --experts E >= 2 (one head has nothing to "
                         "choose from)")
@@ -284,10 +296,25 @@ def check_hasher_flags(args):
     if not args.freeze_backbone:
         raise UserError(f"--hasher {args.hasher} fits on the frozen trunk's features: add --freeze_backbone")
     refused = [flag for flag, given in (("--experts", args.experts > 1), ("--resume", args.resume is not None),
-                                        ("--query", args.query), ("--select val", args.select == "val"))
-               if given]
+                                        ("--query", args.query), ("--select val", args.select == "val"),
+                                        ("--feature_views", args.feature_views > 1)) if given]
     if refused:
         raise UserError(f"--hasher {args.hasher} fits once, with one head and no training: drop {refused[0]}")
+
+
+def check_feature_cache_flags(args):
+    if not args.feature_cache:
+        if args.feature_views != 1 or args.feature_dtype != "float32":
+            raise UserError("--feature_views and --feature_dtype shape the --feature_cache: add --feature_cache DIR, "
+                            "or drop them")
+        return
+    if args.query:
+        raise UserError("--query images are not in the --feature_cache: drop one of them")
+    trains = not (args.test or args.export_index)
+    if trains and not args.freeze_backbone:
+        raise UserError("--feature_cache trains on the features of a frozen trunk: add --freeze_backbone")
+    if trains and args.select == "val":
+        raise UserError("--feature_cache does not hold the --select val splits: use --select test or last")
 
 
 # ============ main ============
@@ -299,6 +326,8 @@ def run_command(run):
         torch.backends.cudnn.benchmark = True
     run = prepare_run(run)
     network = make_network_on_every_rank(run)
+    if run.args.feature_cache and not run.args.hasher:  # a hasher reads the cache itself (session/shallow.py)
+        return run_with_feature_cache(run, network)
     if run.trains:
         return train(run, network)
     result = run_checkpoint_tasks(run, network)

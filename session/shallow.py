@@ -2,59 +2,49 @@
 network. It is fitted on the training split's features alone (the query and database splits are encoded only after
 fit() has returned), saved as the run's checkpoint with a digest of the trunk it was fitted on, and its codes go
 through the same evaluation, metrics file and codes cache as a trained network's."""
-import copy
 import time
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from hashing.codes import CodeSet
 from hashing.shallow import load_shallow_hasher, save_shallow_hasher
-from utils.checkpoint import content_digest
+from network import trunk_only
 from utils.errors import UserError
 from utils.runlog import progress_bar
 
+from .feature_cache import eval_transform, split_features, trunk_batch, trunk_digest, with_transform
 
-def evaluation_view(train, query):
-    """The training split with the query split's (evaluation) transform: the hasher fits on the features the
-    trunk gives un-augmented images, as the queries and the database are encoded."""
-    if isinstance(train, Subset):  # --subset
-        return Subset(evaluation_view(train.dataset, query.dataset if isinstance(query, Subset) else query),
-                      train.indices)
-    view = copy.copy(train)
-    view.transform = query.transform
-    return view
+
+def hasher_features(run, network, split_name):
+    """(features (N, D), labels (N, C)) of the run's split `split_name` through the frozen trunk: the training
+    split with the evaluation transform (the hasher fits on un-augmented images, as the queries and the database
+    are encoded). From --feature_cache when given (session/feature_cache.py), else computed in memory alike."""
+    if run.args.feature_cache:
+        split = split_features(run, network, split_name)
+        return split.features, split.labels
+    dataset = getattr(run.splits, split_name)
+    if split_name == "train":
+        dataset = with_transform(dataset, eval_transform(run.splits))
+    return trunk_features(run, network, dataset, split_name)
 
 
 @torch.inference_mode()
-def trunk_features(run, network, dataset, desc):
-    """(features (N, D) float32, labels (N, C)) of `dataset`: the inputs of the network's hash layer, i.e. the
-    trunk's pooled features, computed with the whole network in evaluation mode (BatchNorm statistics as loaded)."""
-    captured = []
-    hook = network.get_submodule(run.backbone.hash_layer).register_forward_pre_hook(
-        lambda _module, inputs: captured.append(inputs[0].flatten(1).float().cpu()))
+def trunk_features(run, network, dataset, split_name):
+    """(features, labels) of `dataset` through the trunk (network.trunk_only), the network in evaluation mode."""
+    features, labels = [], []
     network.eval()
-    labels = []
-    try:
+    with trunk_only(network, run.backbone.hash_layer) as trunk:
         loader = DataLoader(dataset, batch_size=run.args.batch_size, shuffle=False)
-        for images, targets in progress_bar(loader, desc=desc, unit="batch"):
-            network(images.to(run.device))
+        for images, targets in progress_bar(loader, desc=f"trunk features ({split_name})", unit="batch"):
+            features.append(trunk_batch(trunk, images, run.device))
             labels.append(targets.float())
-    finally:
-        hook.remove()
-    return torch.cat(captured), torch.cat(labels)
-
-
-def trunk_digest(network, hash_layer):
-    """SHA-256 of the trunk's weights (every tensor but the hash layer's): a fitted hasher is used with its trunk."""
-    return content_digest({name: tensor for name, tensor in network.state_dict().items()
-                           if not name.startswith(f"{hash_layer}.")})
+    return torch.cat(features), torch.cat(labels)
 
 
 def hasher_codes(run, network, hasher):
     """The CodeSet of the query set and the database under a fitted hasher."""
-    query = trunk_features(run, network, run.splits.query, "trunk features (queries)")
-    database = trunk_features(run, network, run.splits.database, "trunk features (database)")
+    query, database = (hasher_features(run, network, name) for name in ("query", "database"))
     return CodeSet.from_outputs(hasher.encode(query[0]), query[1], hasher.encode(database[0]), database[1])
 
 
@@ -65,8 +55,7 @@ def fit_hasher(run, network, hasher):
         raise UserError("--hasher fits in one process: run it without torchrun")
     args = run.args
     started = time.perf_counter()
-    features, _ = trunk_features(run, network, evaluation_view(run.splits.train, run.splits.query),
-                                 "trunk features (training split)")
+    features, _ = hasher_features(run, network, "train")
     hasher.fit(features, seed=args.seed)
     seconds = time.perf_counter() - started
     if run.writes:

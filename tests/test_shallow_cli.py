@@ -25,23 +25,23 @@ def test_a_hasher_run_fits_on_the_training_features_then_evaluates_and_test_relo
     trunk has computed the training features only, and the features it is given are the trunk's own, computed
     here independently from the network's layers."""
     requested = []
-    original_features, original_fit = session.shallow.trunk_features, ShallowHasher.fit
+    original_features, original_fit = session.shallow.hasher_features, ShallowHasher.fit
     fitted_on = []
 
-    def recording_features(run, network, dataset, desc):
-        requested.append(desc)
-        return original_features(run, network, dataset, desc)
+    def recording_features(run, network, split_name):
+        requested.append(split_name)
+        return original_features(run, network, split_name)
 
     def checked_fit(self, features, seed):
-        assert requested == ["trunk features (training split)"]  # no query or database features exist yet
-        fitted_on.append(features.numpy().copy())
+        assert requested == ["train"]  # no query or database features exist yet
+        fitted_on.append(features.clone().numpy())
         return original_fit(self, features, seed)
 
-    monkeypatch.setattr(session.shallow, "trunk_features", recording_features)
+    monkeypatch.setattr(session.shallow, "hasher_features", recording_features)
     monkeypatch.setattr(ShallowHasher, "fit", checked_fit)
     out = tmp_path / "out"
     summary = run_small_digits(HASHER_RUN + ["--hasher", "itq", "--output_dir", str(out)])
-    assert len(requested) == 3 and requested[0] == "trunk features (training split)"
+    assert requested == ["train", "query", "database"]
 
     # the same trunk, rebuilt (seed 0, as the run seeds it), on the training images with the evaluation transform
     torch.manual_seed(0)
@@ -74,6 +74,17 @@ def test_a_hasher_run_fits_on_the_training_features_then_evaluates_and_test_relo
     assert tested["map"] == pytest.approx(summary["map"], abs=1e-9)
 
 
+def test_a_hasher_on_the_feature_cache_gives_the_mAP_of_the_features_computed_in_memory(tmp_path):
+    in_memory = run_small_digits(HASHER_RUN + ["--hasher", "sh", "--output_dir", str(tmp_path / "a")])
+    cached = run_small_digits(HASHER_RUN + ["--hasher", "sh", "--output_dir", str(tmp_path / "b"),
+                                            "--feature_cache", str(tmp_path / "features")])
+    assert cached["map"] == pytest.approx(in_memory["map"], abs=1e-6)
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 3  # train, query, database
+    tested = run_small_digits(HASHER_RUN + ["--hasher", "sh", "--output_dir", str(tmp_path / "b"), "--test",
+                                            "--feature_cache", str(tmp_path / "features")])
+    assert tested["map"] == pytest.approx(in_memory["map"], abs=1e-6)
+
+
 def test_test_refuses_a_hasher_fitted_on_another_trunk(tmp_path, capsys):
     out = str(tmp_path)
     run_small_digits(HASHER_RUN + ["--hasher", "pcah", "--output_dir", out])
@@ -89,6 +100,7 @@ def test_test_refuses_a_hasher_fitted_on_another_trunk(tmp_path, capsys):
     (["--hasher", "lsh"], "add --freeze_backbone"),
     (["--hasher", "lsh", "--freeze_backbone", "--experts", "2"], "drop --experts"),
     (["--hasher", "lsh", "--freeze_backbone", "--select", "val"], "drop --select val"),
+    (["--hasher", "lsh", "--freeze_backbone", "--feature_cache", "c", "--feature_views", "2"], "drop --feature_views"),
     (["--hasher", "pcah", "--freeze_backbone", "--hash_bit", "200"], "--hash_bit 128 or fewer"),
     (["--trunk_from", "x.ckpt", "--no_pretrained"], "drop --weights / --no_pretrained"),
 ])

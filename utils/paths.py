@@ -162,18 +162,43 @@ def starts_with_line(path, line, max_bytes=64 * MiB):
 
 def _npy_header(handle, what):
     """(shape, dtype, header length) of the .npy stream at `handle`, read without reading the data."""
+    shape, _, dtype, length = _npy_header_fields(handle, what)
+    return shape, dtype, length
+
+
+def _npy_header_fields(handle, what):
+    """(shape, fortran order, dtype, header length) of the .npy stream at `handle`."""
     start = handle.tell()
     try:
         version = np.lib.format.read_magic(handle)
         reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
         if reader is None:
             raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported here")
-        shape, _, dtype = reader(handle)
+        shape, fortran_order, dtype = reader(handle)
     except (ValueError, EOFError, OSError, SyntaxError) as exc:
         raise UserError(f"{what} is not a readable .npy array ({exc})") from None
     if dtype.hasobject:
         raise UserError(f"{what} holds Python objects (a pickle), which are never loaded: save plain numbers")
-    return shape, dtype, handle.tell() - start
+    return shape, fortran_order, dtype, handle.tell() - start
+
+
+def open_npy_memmap(path, what, dtype, shape, mode="r", fix="delete it"):
+    """A .npy file as a memory map (mode "r" or "r+"), after checking that it is a regular file (a symbolic
+    link not followed) whose header declares a C-ordered `dtype` array of `shape` that its bytes hold exactly:
+    nothing is mapped before the size is known to fit. UserError naming `what`, the file and `fix` otherwise."""
+    with open_regular(path, what, missing=fix, follow_symlinks=False) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        found_shape, fortran_order, found_dtype, header = _npy_header_fields(handle, f"{what} {path}")
+    dtype, shape = np.dtype(dtype), tuple(shape)
+    if found_dtype != dtype or fortran_order or found_shape != shape:
+        raise UserError(f"{what} {path} holds a {found_dtype} array of shape {found_shape}, not the {dtype} "
+                        f"array of shape {shape} its header records: it is damaged; {fix}")
+    if size != header + math.prod(shape) * dtype.itemsize:
+        raise UserError(f"{what} {path} has {size:,} bytes, not the {header + math.prod(shape) * dtype.itemsize:,} "
+                        f"its {dtype} array of shape {shape} takes: it is truncated or damaged; {fix}")
+    if math.prod(shape) == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode=mode, offset=header, shape=shape)
 
 
 def _check_declared(shape, dtype, available, what):
