@@ -1,0 +1,44 @@
+"""benchmarks/compare.py --feature_cache DIR: the losses as heads on cached frozen-trunk features and the shallow
+hashers on the same features, in one table that says which rows trained."""
+import csv
+
+import pytest
+
+from tests.cli_runs import load_script
+from utils.errors import UserError
+from utils.runlog import read_run_log
+
+compare = load_script("benchmarks/compare.py")
+
+
+def test_losses_as_heads_and_shallow_hashers_share_one_feature_cache_and_one_table(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "features"
+    summary = compare.main(["--losses", "hyp2", "--hashers", "lsh", "itq", "--bits", "8", "--seeds", "0",
+                            "--epochs", "1", "--subset", "40", "--device", "cpu", "--output_dir", str(out),
+                            "--feature_cache", str(cache), "--batch_size", "20"])
+    assert summary["trained"] == 3 and not summary["failed"]
+    root = out / "compare_digits_small"
+    head = read_run_log(root / "hyp2_8bit_seed0" / "digits_small_8.jsonl")
+    itq = read_run_log(root / "itq_8bit_seed0" / "digits_small_8_itq.jsonl")
+    assert head["args"]["freeze_backbone"] and head["args"]["feature_cache"] == str(cache)
+    assert itq["trained"] is False and itq["hasher"]["hasher"] == "itq"
+    # one trunk, one cache: the three runs read the same train/query/database files
+    assert len(list(cache.glob("*.npy"))) == 3
+
+    with open(out / "compare_digits_small.csv") as handle:
+        rows = {row["loss"]: row for row in csv.DictReader(handle)}
+    assert {name: row["trained"] for name, row in rows.items()} == {
+        "hyp2": "yes (head only)", "lsh": "no (fit only)", "itq": "no (fit only)"}
+    assert float(rows["itq"]["map_mean"]) == pytest.approx(itq["test_map"])
+    table = (out / "compare_digits_small.md").read_text()
+    assert "| loss | trained | 8 bits |" in table
+    assert "| itq | no (fit only) | " in table and "| hyp2 | yes (head only) | " in table
+    assert "the shallow hashers (lsh, itq) are fitted on the training split's features" in table
+
+
+def test_hashers_without_a_frozen_trunk_are_refused(tmp_path):
+    with pytest.raises(UserError, match="add --freeze_backbone"):
+        compare.main(["--losses", "hyp2", "--hashers", "lsh", "--bits", "8", "--seeds", "0",
+                      "--output_dir", str(tmp_path)])
+    with pytest.raises(UserError, match="may not be given --hasher"):
+        compare.main(["--losses", "hyp2", "--hasher", "lsh", "--output_dir", str(tmp_path)])
