@@ -42,3 +42,18 @@ def test_hashers_without_a_frozen_trunk_are_refused(tmp_path):
                       "--output_dir", str(tmp_path)])
     with pytest.raises(UserError, match="may not be given --hasher"):
         compare.main(["--losses", "hyp2", "--hasher", "lsh", "--output_dir", str(tmp_path)])
+
+
+def test_the_frozen_features_study_puts_end_to_end_heads_and_hashers_in_one_table(tmp_path):
+    study = load_script("benchmarks/frozen_features_study.py")
+    rows = study.main(["--losses", "dpsh", "--hashers", "pcah", "--bits", "8", "--epochs", "1", "--subset", "40",
+                       "--output_dir", str(tmp_path), "--batch_size", "20", "--device", "cpu"])
+    kinds = [(kind, name, len(values[8])) for kind, name, _, values in rows]
+    assert kinds == [("end_to_end", "dpsh", 1), ("head", "dpsh", 1), ("hasher", "pcah", 1)]
+    trunk = tmp_path / "end_to_end" / "compare_digits_small" / "hyp2_8bit_seed0" / "digits_small_8.ckpt"
+    assert trunk.is_file()  # the trunk loss (hyp2) trains end to end even when --losses leaves it out
+    head = read_run_log(tmp_path / "frozen_seed0" / "compare_digits_small" / "dpsh_8bit_seed0" /
+                        "digits_small_8_dpsh.jsonl")
+    assert head["args"]["trunk_from"] == str(trunk) and head["args"]["freeze_backbone"]
+    table = (tmp_path / "frozen_features_digits.md").read_text()
+    assert "| pcah | hasher | no (fit only, frozen trunk) | " in table and "| dpsh | end-to-end | yes (whole" in table
