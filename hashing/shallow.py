@@ -14,6 +14,7 @@ from utils.checkpoint import SHALLOW_FORMAT, content_digest, read_saved, require
 from utils.errors import UserError
 
 ITQ_ITERATIONS = 50  # Gong & Lazebnik's default (ITQ.m is called with n_iter = 50)
+ROWS_AT_ONCE = 4096
 
 
 def as_float64(features, what="features"):
@@ -79,14 +80,16 @@ class ShallowHasher:
         return self
 
     def outputs(self, features):
-        """(N, hash_bit) real values whose signs are the codes."""
+        """(N, hash_bit) real values whose signs are the codes; computed ROWS_AT_ONCE rows at a time, so that a
+        large (memory-mapped) database is never held in float64 whole."""
         if self.state is None:
             raise RuntimeError(f"shallow hasher {self.name} is used before fit() or load_state_dict()")
-        features = as_float64(features)
-        if features.shape[1] != len(self.state["mean"]):
+        if features.ndim != 2 or features.shape[1] != len(self.state["mean"]):
             raise UserError(f"shallow hasher {self.name} was fitted on {len(self.state['mean'])}-dimensional "
-                            f"features, these have {features.shape[1]}: use the trunk it was fitted with")
-        return self._outputs(features - self.state["mean"])
+                            f"features, these have shape {tuple(features.shape)}: use the trunk it was fitted with")
+        return np.concatenate([self._outputs(as_float64(features[start:start + ROWS_AT_ONCE]) - self.state["mean"])
+                               for start in range(0, len(features), ROWS_AT_ONCE)] or
+                              [np.empty((0, self.hash_bit))])
 
     def encode(self, features):
         """(N, hash_bit) codes in {-1, +1} (float32), +1 for an output >= 0."""
@@ -188,7 +191,7 @@ class SpectralHashing(ShallowHasher):
     def _outputs(self, centred):
         shifted = centred @ self.state["pc"] - self.state["mn"]
         omegas = self.state["modes"] * np.pi / (self.state["mx"] - self.state["mn"])
-        return np.prod(np.sin(shifted[:, None, :] * omegas[None] + np.pi / 2), axis=2)
+        return np.stack([np.prod(np.sin(shifted * omega + np.pi / 2), axis=1) for omega in omegas], axis=1)
 
 
 SHALLOW_HASHERS = {cls.name: cls for cls in (LSH, PCAH, ITQ, SpectralHashing, PCARotation)}

@@ -263,3 +263,14 @@ def test_unknown_hasher_or_setting_is_refused():
         build_shallow_hasher("kmeans", 8)
     with pytest.raises(UserError, match="no setting"):
         build_shallow_hasher("lsh", 8, iterations=3)
+
+
+@pytest.mark.parametrize("name", list(SHALLOW_HASHERS))
+def test_encoding_in_blocks_of_rows_gives_the_codes_of_one_block(monkeypatch, name):
+    import hashing.shallow
+    features, queries = toy_features(seed=10), toy_features(seed=11, items=50)
+    hasher = build_shallow_hasher(name, BITS).fit(features, seed=0)
+    whole = hasher.encode(queries)
+    monkeypatch.setattr(hashing.shallow, "ROWS_AT_ONCE", 7)
+    assert torch.equal(hasher.encode(queries), whole)
+    assert hasher.encode(queries[:0]).shape == (0, BITS)
