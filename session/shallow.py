@@ -8,12 +8,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from hashing.codes import CodeSet
+from hashing.feature_cache import trunk_batch, trunk_digest, with_transform
 from hashing.shallow import load_shallow_hasher, save_shallow_hasher
 from network import trunk_only
 from utils.errors import UserError
 from utils.runlog import progress_bar
 
-from .feature_cache import eval_transform, split_features, trunk_batch, trunk_digest, with_transform
+from .feature_cache import eval_transform, split_features
 
 
 def hasher_features(run, network, split_name):

@@ -27,7 +27,7 @@ from data.base import DataOptions, UnreadableImage, split_labels
 from data.fingerprint import split_fingerprint
 from data.registry import build_splits, get_dataset_spec
 from data.transforms import image_transform
-from network import DEFAULT_BACKBONE, build_network, get_backbone
+from network import DEFAULT_BACKBONE, build_network, file_label, get_backbone, head_outputs
 from utils.checkpoint import (check_network_settings, check_weights_fit, load_network_weights, read_backbone_record,
                               require_checkpoint_file)
 from utils.device import select_device
@@ -37,6 +37,7 @@ from utils.runlog import progress_bar, read_run_log
 
 from hashing import cache
 from hashing.codes import CodeSet, NonFiniteCodes, pack_labels, pack_signs
+from hashing.feature_cache import CacheSettings, cached_features
 from hashing.search.stream import ImageItems, encode_to_file, image_paths
 
 __all__ = ["CheckpointModel", "UnreadableImage", "UserError", "load_checkpoint"]
@@ -65,19 +66,38 @@ class CheckpointModel:
         """PIL image -> normalised tensor, as the backbone's evaluation inputs."""
         return image_transform(self.backbone.preprocessing, train=False)
 
-    def encode(self, images, batch_size=64):
+    def encode(self, images, batch_size=64, feature_cache=None):
         """Packed codes (N, ceil(hash_bit / 8)) uint8 of `images`: image paths, a folder, PIL images or a
-        dataset split whose items are (image tensor, labels)."""
-        loader = DataLoader(_as_dataset(images, self.transform), batch_size=batch_size, shuffle=False)
-        outputs = []
-        with torch.inference_mode():
-            for batch in progress_bar(loader, desc="encode", unit="batch"):
-                pixels = batch[0] if isinstance(batch, (list, tuple)) else batch
-                outputs.append(self.network(pixels.to(self.device)).float().cpu().numpy())
+        dataset split whose items are (image tensor, labels). feature_cache: a folder where a split's trunk
+        features are cached (hashing/feature_cache.py, as --feature_cache): computed once, then only the hash
+        head runs."""
+        if feature_cache is not None:
+            outputs = self._outputs_from_features(images, batch_size, feature_cache)
+        else:
+            loader = DataLoader(_as_dataset(images, self.transform), batch_size=batch_size, shuffle=False)
+            outputs = []
+            with torch.inference_mode():
+                for batch in progress_bar(loader, desc="encode", unit="batch"):
+                    pixels = batch[0] if isinstance(batch, (list, tuple)) else batch
+                    outputs.append(self.network(pixels.to(self.device)).float().cpu().numpy())
         outputs = np.concatenate(outputs) if outputs else np.zeros((0, self.hash_bit), np.float32)
         if not np.isfinite(outputs).all():
             raise NonFiniteCodes(f"{self.checkpoint} gives NaN or infinite outputs")
         return pack_signs(outputs)
+
+    def _outputs_from_features(self, split, batch_size, folder):
+        """The network's outputs of a dataset split, batch by batch, from its cached trunk features."""
+        if not isinstance(split, Dataset):
+            raise UserError("feature_cache= caches the features of a dataset split (e.g. one of model.splits()); "
+                            "encode image files without it")
+        name = f"{self.dataset or 'split'}_{file_label(self.backbone.name)}"
+        features = cached_features(self.network, self.backbone.hash_layer, split, name,
+                                   CacheSettings(Path(folder), batch_size=batch_size, device=self.device)).features
+        with torch.inference_mode():
+            return [head_outputs(self.network, self.backbone.hash_layer,
+                                 torch.from_numpy(np.array(features[start:start + batch_size], dtype=np.float32))
+                                 .to(self.device)).float().cpu().numpy()
+                    for start in range(0, len(features), batch_size)]
 
     def encode_to_file(self, images, output, batch_size=64):
         """Encode a large collection (a folder or image paths) into a memory-mapped code file, resumably
