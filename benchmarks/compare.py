@@ -526,8 +526,8 @@ def render_markdown(options, variants, rows, command):
     return "\n".join(lines)
 
 
-CSV_COLUMNS = ["loss", "hash_bit", "runs", "select", "map_mean", "map_std", "map_per_seed", "final_map_mean",
-               "train_seconds_mean", "threads", "data_files", "topk", "paper_map", "trained"]
+CSV_COLUMNS = ["loss", "hash_bit", "runs", "trained", "select", "map_mean", "map_std", "map_per_seed",
+               "final_map_mean", "train_seconds_mean", "threads", "data_files", "topk", "paper_map"]
 
 
 def render_csv(rows):
