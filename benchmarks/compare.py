@@ -7,12 +7,17 @@ training run of retrieval.py, summarised in OUTPUT_DIR/compare_{dataset}_{backbo
         --eval_every 5 --losses hyp2 orthohash proxy_anchor idhn dhn
     python benchmarks/compare.py ... --lr 0.01 --hhf_alpha 8       # any retrieval.py flag goes to every cell
     python benchmarks/compare.py --losses dpsh dhn csq --bits 24 --seeds 0 1 2 --baseline_recipe both
+    python benchmarks/compare.py --feature_cache /tmp/features   # heads on a frozen trunk + the shallow hashers
 
 Losses are the names of `--loss`, or NAME_hplK for NAME with hierarchical proxies of K clusters. Each
 cell trains in-process into OUTPUT_DIR/compare_{dataset}_{backbone}/{loss}_{bits}bit_seed{seed}/ with
 its own logs and checkpoint. A cell whose JSON log is finished with the same settings is reused, so an
 interrupted or extended grid resumes instead of starting over. The tables are rewritten (atomically)
 after every cell.
+
+`--feature_cache DIR` compares on one frozen trunk (--freeze_backbone is added): every loss trains a hash head on
+the trunk's cached features, and every shallow hasher of --hashers (default: all) is fitted on the same training
+features (docs/METHOD.md §12), its own row; the tables' `trained` column tells the two apart.
 
 `--baseline_recipe authors` runs each baseline that has an authors' recipe (configs/authors/, see
 authors_recipe) with that file's flags, in rows labelled NAME_authors; `both` runs it both ways, so the
