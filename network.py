@@ -383,8 +383,9 @@ class HashExperts(nn.Module):
         return self.from_features(self.trunk(images))
 
     def from_features(self, features):
-        """The output for the trunk's features (B, F): what forward gives for the images behind them."""
-        if self.training:
+        """The output for the trunk's features (B, F): what forward gives for the images behind them. The heads'
+        mode decides (--freeze_backbone trains them with the trunk in evaluation mode)."""
+        if self.heads.training:
             return torch.stack([head(features) for head in self.heads], dim=1)
         if self.inference_head == "mean":
             return torch.stack([head(features) for head in self.heads]).mean(dim=0)

@@ -313,8 +313,6 @@ def check_feature_cache_flags(args):
     trains = not (args.test or args.export_index)
     if trains and not args.freeze_backbone:
         raise UserError("--feature_cache trains on the features of a frozen trunk: add --freeze_backbone")
-    if trains and args.select == "val":
-        raise UserError("--feature_cache does not hold the --select val splits: use --select test or last")
 
 
 # ============ main ============

@@ -111,19 +111,12 @@ def render(rows, options):
 def main(options):
     with tempfile.TemporaryDirectory(prefix="bench_feature_cache.") as folder:
         rows = [measure(name, options, folder) for name in options.backbones]
-    table = render(rows, options)
-    path = Path(options.output_dir) / "bench_feature_cache.md"
+    table, path = render(rows, options), Path(options.output_dir) / "bench_feature_cache.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, table)
-    print(table)
-    print(f"{len(rows)} backbone(s) measured; table in {path}", file=sys.stderr)
+    print(f"{table}\n{len(rows)} backbone(s) measured; table in {path}")
     return rows
 
 
-def cli(argv=None):
-    options = get_args_parser().parse_args(argv)
-    run_reporting_errors(lambda: main(options))
-
-
 if __name__ == "__main__":
-    cli()
+    run_reporting_errors(lambda: main(get_args_parser().parse_args()))

@@ -21,7 +21,6 @@ with the file an uninterrupted build writes. DIR/{same}.lock keeps a second buil
 their augmentation from a generator seeded per (seed, view, item), so no batch order or resume changes them.
 """
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -98,19 +97,6 @@ def base_dataset(dataset):
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     return dataset
-
-
-def with_transform(dataset, transform):
-    """`dataset` (through Subset wrappers) with its images prepared by `transform` instead; UserError for a
-    dataset whose transform cannot be replaced."""
-    if isinstance(dataset, Subset):
-        return Subset(with_transform(dataset.dataset, transform), dataset.indices)
-    if not hasattr(dataset, "transform"):
-        raise UserError(f"--feature_cache: the {type(dataset).__name__} images have no transform to replace; "
-                        "train without --feature_cache")
-    copied = copy.copy(dataset)
-    copied.transform = transform
-    return copied
 
 
 def feature_key(trunk_sha256, dataset, settings):
@@ -213,6 +199,8 @@ def cached_features(network, hash_layer, dataset, name, settings):
     npy, header_path = folder / f"{stem}.npy", folder / f"{stem}.json"
     for what, path in (("feature cache", npy), ("feature cache header", header_path)):
         check_output_target(path, what)
+        if path.is_symlink():  # written in place, so never followed to another file
+            raise UserError(f"{what} {path} is a symbolic link, which is never followed; delete it")
     with run_lock(folder / f"{stem}.lock", elsewhere="--feature_cache"):
         header = _read_header(header_path, npy)
         total = settings.views * len(dataset)
@@ -225,13 +213,12 @@ def cached_features(network, hash_layer, dataset, name, settings):
 
 
 def _view_loaders(dataset, settings, done):
-    """(view, first item, loader from it) for every view not yet complete after `done` final rows."""
+    """A loader of the items still to compute, for every view not yet complete after `done` final rows."""
     count = len(dataset)
     for view in range(done // count, settings.views):
         items = dataset if settings.views == 1 else SeededView(dataset, settings.seed, view)
-        start = max(0, done - view * count)
-        yield view, start, DataLoader(Subset(items, range(start, count)), batch_size=settings.batch_size,
-                                      num_workers=settings.workers)
+        yield DataLoader(Subset(items, range(max(0, done - view * count), count)), batch_size=settings.batch_size,
+                         num_workers=settings.workers)
 
 
 def _compute(network, hash_layer, dataset, files, key, header, settings):
@@ -259,7 +246,7 @@ def _compute(network, hash_layer, dataset, files, key, header, settings):
             stack.enter_context(torch.inference_mode())
             bar = stack.enter_context(progress_bar(total=total, initial=done, desc=f"caching {npy.name}",
                                                    unit="img"))
-            for view, start, loader in _view_loaders(dataset, settings, done):
+            for loader in _view_loaders(dataset, settings, done):
                 for images, *_ in loader:
                     batch = trunk_batch(trunk, images, settings.device).numpy().astype(key["dtype"])
                     if state["features"] is None:

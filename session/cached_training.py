@@ -16,13 +16,14 @@ import torch
 from torch.utils.data import Dataset
 
 from data.base import RetrievalSplits
+from data.validation import hold_out_validation
 from hashing.search.api import CLI_HINT
 from network import head_outputs
 from utils.checkpoint import load_network_weights
 
 from .checkpoint_tasks import run_checkpoint_tasks
-from .feature_cache import split_features
-from .parts import make_loaders
+from .feature_cache import dataset_features, split_features
+from .parts import make_loaders, validation_size
 from .training import report_truncated_images, train
 
 
@@ -76,6 +77,16 @@ def feature_loaders(run, train, query, database):
     return loaders
 
 
+def validation_loaders(run, network):
+    """--select val: the validation queries and their database as cached features (the validation split drawn
+    again from the whole training split, as session.parts.validation_splits drew it)."""
+    whole = run.splits._replace(train=run.splits.train.dataset)  # validation_splits left the rest as a Subset
+    validation = hold_out_validation(whole, validation_size(run.args), run.args.seed)
+    query, database = (FeatureDataset(dataset_features(run, network, part, f"validation_{name}"))
+                       for name, part in (("query", validation.query), ("database", validation.database)))
+    return feature_loaders(run, database, query, database)
+
+
 def run_with_feature_cache(run, network):
     """Train (--freeze_backbone) or run the checkpoint's tasks (--test, --export_index) on cached features: the
     trunk runs once per split and image, when its features are not in --feature_cache yet."""
@@ -86,6 +97,8 @@ def run_with_feature_cache(run, network):
     loaders = feature_loaders(run, features.get("train", features["database"]), features["query"],
                               features["database"])
     run = dataclasses.replace(run, loaders=loaders)
+    if run.validation is not None:
+        run = dataclasses.replace(run, validation=validation_loaders(run, network))
     with fed_with_features(network, run.backbone.hash_layer):
         if run.trains:
             return train(run, network)

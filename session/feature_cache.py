@@ -9,8 +9,8 @@ the hash network whose trunk computes the features, as it is now (pretrained, or
 from pathlib import Path
 
 from data.image_cache import decode_workers
-from hashing.feature_cache import (DTYPES, CacheSettings, FeatureSplit, base_dataset, cached_features,
-                                   with_transform)
+from data.validation import without_augmentation
+from hashing.feature_cache import DTYPES, CacheSettings, FeatureSplit, cached_features
 from network import file_label
 from utils.dist import barrier
 
@@ -20,30 +20,30 @@ __all__ = ["DTYPES", "SPLITS", "CacheSettings", "FeatureSplit", "cached_features
 SPLITS = ("train", "query", "database")
 
 
-def eval_transform(splits):
-    """The evaluation transform of a run's splits: the database's (no augmentation)."""
-    return base_dataset(splits.database).transform
-
-
 def split_features(run, network, split_name):
     """The FeatureSplit of the run's split `split_name` (train, query or database) through the trunk of `network`
     as it is now (pretrained, or a checkpoint's), cached under --feature_cache with --feature_dtype; the training
-    split in --feature_views views (1: the evaluation transform). Needs run.splits (session.parts.prepare_run).
+    split in --feature_views views (1: read without augmentation). Needs run.splits (session.parts.prepare_run).
     Under torchrun the main process computes, the others then read."""
-    args = run.args
     if split_name not in SPLITS:
         raise ValueError(f"unknown split {split_name!r}; one of {', '.join(SPLITS)}")
     split = getattr(run.splits, split_name)
-    views = args.feature_views if split_name == "train" else 1
+    views = run.args.feature_views if split_name == "train" else 1
     if split_name == "train" and views == 1:
-        split = with_transform(split, eval_transform(run.splits))
+        split = without_augmentation(split, run.splits.query)
+    return dataset_features(run, network, split, split_name, views)
+
+
+def dataset_features(run, network, dataset, split_name, views=1):
+    """The FeatureSplit of any `dataset` of the run (e.g. a --select val part), named after `split_name`."""
+    args = run.args
     workers = args.workers if args.workers >= 0 else (0 if run.spec.in_memory else decode_workers())
     settings = CacheSettings(Path(args.feature_cache), args.feature_dtype, views, args.seed, args.batch_size,
                              workers, run.device)
     name = f"{dataset_label(args)}_{file_label(run.backbone.name)}_{split_name}"
     if not run.context.is_main:
         barrier(run.context)
-    features = cached_features(network, run.backbone.hash_layer, split, name, settings)
+    features = cached_features(network, run.backbone.hash_layer, dataset, name, settings)
     if run.context.is_main:
         barrier(run.context)
     return features

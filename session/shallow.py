@@ -8,13 +8,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from hashing.codes import CodeSet
-from hashing.feature_cache import trunk_batch, trunk_digest, with_transform
+from data.validation import without_augmentation
+from hashing.feature_cache import trunk_batch, trunk_digest
 from hashing.shallow import load_shallow_hasher, save_shallow_hasher
 from network import trunk_only
 from utils.errors import UserError
 from utils.runlog import progress_bar
 
-from .feature_cache import eval_transform, split_features
+from .feature_cache import split_features
 
 
 def hasher_features(run, network, split_name):
@@ -26,7 +27,7 @@ def hasher_features(run, network, split_name):
         return split.features, split.labels
     dataset = getattr(run.splits, split_name)
     if split_name == "train":
-        dataset = with_transform(dataset, eval_transform(run.splits))
+        dataset = without_augmentation(dataset, run.splits.query)
     return trunk_features(run, network, dataset, split_name)
 
 

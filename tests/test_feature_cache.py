@@ -198,6 +198,23 @@ def checkpoint_state(folder):
     return state.get("state_dict", state)
 
 
+def test_a_head_selected_on_validation_from_the_cache_equals_one_with_the_frozen_trunk(tmp_path):
+    common = ["--epochs", "2", "--freeze_backbone", "--no_progress", "--data_root", str(tmp_path / "data"),
+              "--select", "val", "--val_size", "50"]
+    in_loop = run_small_digits(common + ["--output_dir", str(tmp_path / "loop")])
+    cached = run_small_digits(common + ["--output_dir", str(tmp_path / "cached"),
+                                        "--feature_cache", str(tmp_path / "features")])
+    loop_state, cached_state = checkpoint_state(tmp_path / "loop"), checkpoint_state(tmp_path / "cached")
+    for name in loop_state:
+        torch.testing.assert_close(cached_state[name], loop_state[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert cached["map"] == pytest.approx(in_loop["map"], abs=1e-6)
+    assert cached["selection"] == in_loop["selection"]
+    names = sorted(path.name.split("-")[0] for path in (tmp_path / "features").glob("*.npy"))
+    # the validation database is the remaining training split read without augmentation: one file for both
+    assert names == ["digits_small_database", "digits_small_query", "digits_small_train",
+                     "digits_small_validation_query"]
+
+
 def test_a_head_trained_from_the_cache_equals_one_trained_with_the_frozen_trunk(tmp_path):
     common = ["--epochs", "2", "--freeze_backbone", "--no_progress", "--data_root", str(tmp_path / "data")]
     in_loop = run_small_digits(common + ["--output_dir", str(tmp_path / "loop")])
@@ -221,10 +238,53 @@ def test_a_head_trained_from_the_cache_equals_one_trained_with_the_frozen_trunk(
 @pytest.mark.parametrize("flags, message", [
     (["--feature_cache", "FC"], "add --freeze_backbone"),
     (["--feature_views", "2"], "add --feature_cache"),
-    (["--feature_cache", "FC", "--freeze_backbone", "--select", "val"], "--select val"),
     (["--feature_cache", "FC", "--query", "digits:0"], "--query"),
 ])
 def test_flags_that_cannot_work_are_refused(tmp_path, capsys, flags, message):
     flags = [str(tmp_path / "fc") if flag == "FC" else flag for flag in flags]
     code, err = small_digits_failure(flags + ["--output_dir", str(tmp_path)], capsys)
     assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_frozen_experts_train_every_head():
+    """--experts with --freeze_backbone: the trunk in evaluation mode, the heads training, one code per head."""
+    network = build_network("small", 8, experts=3)
+    network.eval()
+    network.heads.train()
+    images = torch.randn(4, 3, 32, 32)
+    outputs = network(images)
+    assert outputs.shape == (4, 3, 8)
+    with torch.no_grad():
+        features = network.trunk(images)
+    torch.testing.assert_close(outputs[:, 2], network.heads[2](features))
+    network.heads.eval()
+    assert network(images).shape == (4, 8)
+
+
+def test_the_benchmark_measures_both_epochs_and_the_sizes(tmp_path):
+    from benchmarks import bench_feature_cache
+    options = bench_feature_cache.get_args_parser().parse_args(
+        ["--backbones", "small", "--images", "16", "--batch_size", "8", "--repeats", "1", "--output_dir",
+         str(tmp_path)])
+    [row] = bench_feature_cache.main(options)
+    assert row["trunk_seconds"] > 0 and row["cache_seconds"] > 0 and row["features"] == 128
+    header = 128  # the .npy header of a small array, padded to a multiple of 64 bytes
+    assert row["bytes_float32"] == pytest.approx(128 * 4 + header / 16)
+    assert row["bytes_float16"] == pytest.approx(128 * 2 + header / 16)
+    assert "| small | 32 | 128 |" in (tmp_path / "bench_feature_cache.md").read_text()
+
+
+def test_a_closure_transform_is_described_by_what_it_closes_over():
+    from data.fashion import as_rgb_transform
+    from hashing.feature_cache import describe_transform
+    small, large = (describe_transform(as_rgb_transform(Preprocessing(size), False)) for size in (32, 64))
+    assert "size=32" in small and "size=64" in large and " at 0x" not in small
+    assert describe_transform(as_rgb_transform(Preprocessing(32), True)) != small  # the flip is part of it
+
+
+def test_a_symbolic_link_in_place_of_the_cache_is_refused(built, tmp_path):
+    npy = built[2]
+    target = tmp_path / "elsewhere.npy"
+    npy.rename(target)
+    npy.symlink_to(target)
+    refused(built, tmp_path, "symbolic link")
