@@ -20,6 +20,7 @@ from engine import SELECTION_RULES
 from hashing.codetable import check_zeta
 from hashing.evaluation.conventions import NORMALIZE, TIES, ZERO_HIT
 from hashing.search.exact import MAX_K
+from hashing.shallow import SHALLOW_HASHERS
 from loss import LOSSES, PROXY_LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss
 from network import TIMM_SHORTCUTS, TORCHVISION_BACKBONES
 from session.cached_training import run_with_feature_cache
@@ -118,6 +119,13 @@ def add_model_arguments(parser):
     group.add_argument("--freeze_backbone", action="store_true",
                        help="train only the hash layer (or heads) and the loss's parameters; the trunk stays as "
                             "loaded, its BatchNorm statistics included")
+    group.add_argument("--trunk_from", default=None, metavar="CKPT",
+                       help="start the trunk from this checkpoint of a trained run (its hash layer is left out), "
+                            "e.g. to freeze a backbone trained end-to-end: --freeze_backbone --trunk_from R.ckpt")
+    group.add_argument("--hasher", default=None, choices=list(SHALLOW_HASHERS),
+                       help="no training: fit this shallow hasher (docs/METHOD.md §12) on the frozen trunk's pooled "
+                            "features of the training split and evaluate it like a trained run; needs "
+                            "--freeze_backbone")
     group.add_argument("--feature_cache", default=None, metavar="DIR",
                        help="with --freeze_backbone (or --test): compute each split's pooled trunk features once "
                             "into DIR (memory-mapped, resumable, keyed by the trunk's weights, the preprocessing and "
@@ -288,6 +296,7 @@ def check_flags(args):
     if args.inference_head != 0 and args.experts == 1:
         raise UserError(f"--inference_head {args.inference_head} needs --experts E >= 2 (one head has nothing to "
                         "choose from)")
+    check_hasher_flags(args)
     if args.inference_head not in ("mean", 0) and args.inference_head >= args.experts:
         raise UserError(f"--inference_head {args.inference_head}: the heads are 0 to {args.experts - 1}, or mean")
     check_nested_flags(args)
@@ -325,6 +334,21 @@ def check_code_lengths(args):
                         f"at most {args.hash_bit}")
 
 
+def check_hasher_flags(args):
+    """--hasher fits on a frozen trunk's features: what training or a network's outputs need is refused."""
+    if args.trunk_from and (args.weights or args.no_pretrained):
+        raise UserError("--trunk_from gives the trunk's weights: drop --weights / --no_pretrained")
+    if not args.hasher:
+        return
+    if not args.freeze_backbone:
+        raise UserError(f"--hasher {args.hasher} fits on the frozen trunk's features: add --freeze_backbone")
+    refused = [flag for flag, given in (("--experts", args.experts > 1), ("--resume", args.resume is not None),
+                                        ("--query", args.query), ("--select val", args.select == "val"),
+                                        ("--feature_views", args.feature_views > 1)) if given]
+    if refused:
+        raise UserError(f"--hasher {args.hasher} fits once, with one head and no training: drop {refused[0]}")
+
+
 def check_feature_cache_flags(args):
     if not args.feature_cache:
         if args.feature_views != 1 or args.feature_dtype != "float32":
@@ -347,7 +371,7 @@ def run_command(run):
         torch.backends.cudnn.benchmark = True
     run = prepare_run(run)
     network = make_network_on_every_rank(run)
-    if run.args.feature_cache:
+    if run.args.feature_cache and not run.args.hasher:  # a hasher reads the cache itself (session/shallow.py)
         return run_with_feature_cache(run, network)
     if run.trains:
         return train(run, network)

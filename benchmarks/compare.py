@@ -7,6 +7,7 @@ training run of retrieval.py, summarised in OUTPUT_DIR/compare_{dataset}_{backbo
         --eval_every 5 --losses hyp2 orthohash proxy_anchor idhn dhn
     python benchmarks/compare.py ... --lr 0.01 --hhf_alpha 8       # any retrieval.py flag goes to every cell
     python benchmarks/compare.py --losses dpsh dhn csq --bits 24 --seeds 0 1 2 --baseline_recipe both
+    python benchmarks/compare.py --feature_cache /tmp/features   # heads on a frozen trunk + the shallow hashers
 
 Losses are the names of `--loss`, or NAME_hplK for NAME with hierarchical proxies of K clusters. Each
 cell trains in-process into OUTPUT_DIR/compare_{dataset}_{backbone}/{loss}_{bits}bit_seed{seed}/ with
@@ -17,6 +18,10 @@ after every cell.
 With `--unseen_classes` (retrieval of unseen classes, docs/METHOD.md §13) the grid and its tables are
 compare_{dataset}_{backbone}_unseen{classes}, and the tables add each cell's mAP by seen-class, unseen-class
 and all-label relevance.
+
+`--feature_cache DIR` compares on one frozen trunk (--freeze_backbone is added): every loss trains a hash head on
+the trunk's cached features, and every shallow hasher of --hashers (default: all) is fitted on the same training
+features (docs/METHOD.md §12), its own row; the tables' `trained` column tells the two apart.
 
 `--baseline_recipe authors` runs each baseline that has an authors' recipe (configs/authors/, see
 authors_recipe) with that file's flags, in rows labelled NAME_authors; `both` runs it both ways, so the
@@ -49,6 +54,7 @@ import retrieval  # noqa: E402
 from data import DataOptions  # noqa: E402
 from data.registry import check_available  # noqa: E402
 from hashing.evaluation.class_split import DEFINITIONS  # noqa: E402
+from hashing.shallow import SHALLOW_HASHERS  # noqa: E402
 from loss import LOSSES, PROXY_LOSSES  # noqa: E402
 from utils.atomic import write_text  # noqa: E402
 from utils.config import config_arguments, read_config  # noqa: E402
@@ -79,7 +85,7 @@ PAPER = {
 }
 
 # The grid's own flags, which are not retrieval.py's.
-GRID_FLAGS = {"losses", "bits", "seeds", "loss_args", "baseline_recipe", "verbose"}
+GRID_FLAGS = {"losses", "bits", "seeds", "loss_args", "baseline_recipe", "verbose", "hashers"}
 
 AUTHORS_RECIPES = Path(__file__).resolve().parents[1] / "configs" / "authors"
 AUTHORS_SUFFIX = "_authors"  # the label of a row run with its authors' recipe: NAME_authors
@@ -160,7 +166,8 @@ def parse_variant(variant):
 
 
 # retrieval.py flags that the grid sets per cell (or that would stop a cell from training).
-GRID_OWNED = ("loss", "hierarchy", "hash_bit", "seed", "test", "no_save", "checkpoint", "query", "export_index")
+GRID_OWNED = ("loss", "hierarchy", "hash_bit", "seed", "test", "no_save", "checkpoint", "query", "export_index",
+              "hasher")
 
 
 def get_args_parser():
@@ -179,6 +186,10 @@ def get_args_parser():
     grid.add_argument("--baseline_recipe", choices=["ours", "authors", "both"], default="ours",
                       help="run the baselines with the project's defaults (ours), with their authors' recipe "
                            "files of configs/authors/ (authors, rows NAME_authors), or both side by side")
+    grid.add_argument("--hashers", nargs="*", choices=list(SHALLOW_HASHERS), default=None, metavar="HASHER",
+                      help="shallow hashers as rows besides the losses, fitted on the frozen trunk's training features "
+                           f"and not trained ({', '.join(SHALLOW_HASHERS)}); default: all of them with "
+                           "--feature_cache, none otherwise")
     grid.add_argument("--verbose", action="store_true", help="show each run's output")
     # The digits table's budget: 10 epochs, one evaluation at the end.
     parser.set_defaults(dataset="digits", backbone="small", epochs=10, eval_every=10,
@@ -246,6 +257,34 @@ def cell_args(options, label, bits, seed, extra=()):
                         "--export_index or what the grid sets (--loss, --hierarchy, --hash_bit, --seed: use --losses, "
                         "--bits, --seeds)")
     return args
+
+
+def hasher_cell_args(options, hasher, bits, seed):
+    """retrieval.py's parsed arguments for a shallow hasher's cell: fitted, not trained (--hasher)."""
+    output_dir = grid_root(options) / f"{hasher}_{bits}bit_seed{seed}"
+    owned = dict(hasher=hasher, hash_bit=bits, seed=seed, output_dir=str(output_dir), test=False, no_save=False,
+                 overwrite=True, checkpoint=None, query=None, export_index=None, loss="hyp2", hierarchy=0)
+    settings = {key: value for key, value in vars(options).items() if key not in GRID_FLAGS}
+    return argparse.Namespace(**{**settings, **owned})
+
+
+def shallow_rows(options):
+    """The shallow hashers the grid fits (--hashers; all with --feature_cache), with their flags checked; a
+    --feature_cache grid trains the losses as heads on the frozen trunk (--freeze_backbone)."""
+    hashers = options.hashers if options.hashers is not None else list(SHALLOW_HASHERS) if options.feature_cache else []
+    if options.feature_cache:
+        options.freeze_backbone = True
+    if hashers and not options.freeze_backbone:
+        raise UserError("--hashers fit on a frozen trunk's features: add --freeze_backbone (the losses then train "
+                        "heads on it too) or --feature_cache DIR")
+    return distinct(hashers, "--hashers")
+
+
+def trained_text(options, label):
+    """The table's `trained` cell: what a row's runs trained."""
+    if label in SHALLOW_HASHERS:
+        return "no (fit only)"
+    return "yes (head only)" if getattr(options, "freeze_backbone", False) else "yes"
 
 
 def distinct(values, flag):
@@ -316,7 +355,8 @@ def finished_record(args):
 
 def describe_cell(args):
     hierarchy = f"_hpl{args.hierarchy}" if getattr(args, "hierarchy", 0) else ""
-    return f"the cell {args.loss}{hierarchy} {args.hash_bit} bits seed {args.seed} ({args.output_dir})"
+    row = getattr(args, "hasher", None) or f"{args.loss}{hierarchy}"
+    return f"the cell {row} {args.hash_bit} bits seed {args.seed} ({args.output_dir})"
 
 
 def run_cell(args, verbose):
@@ -413,7 +453,7 @@ def table_rows(options, variants, results):
     for variant in variants:
         for bits in options.bits:
             records = results[(variant, bits)]
-            row = {"loss": variant, "hash_bit": bits, "runs": len(records),
+            row = {"loss": variant, "hash_bit": bits, "runs": len(records), "trained": trained_text(options, variant),
                    "select": getattr(options, "select", "test"),
                    "paper_map": paper_map(options.dataset, variant, bits)}
             if records:
@@ -485,14 +525,32 @@ def describe_recipes(options, labels):
     return list(dict.fromkeys(described))
 
 
+def frozen_trunk_lines(options, variants):
+    """What a grid over a frozen trunk trained, for the table's header: the heads and the fitted hashers."""
+    if not getattr(options, "freeze_backbone", False):
+        return []
+    source = f"cached in {options.feature_cache}" if options.feature_cache else "computed by the frozen trunk"
+    trunk = f", the trunk from {options.trunk_from}" if options.trunk_from else ""
+    hashers = [variant for variant in variants if variant in SHALLOW_HASHERS]
+    return [f"Frozen trunk{trunk}: the losses train the hash head alone on its pooled features ({source})"
+            + (f"; the shallow hashers ({', '.join(hashers)}) are fitted on the training split's features, "
+               "nothing trained (docs/METHOD.md §12); their seconds are the fit's" if hashers else "") + ".", ""]
+
+
 def render_markdown(options, variants, rows, command):
     by_cell = {(row["loss"], row["hash_bit"]): row for row in rows}
     done = [row for row in rows if row["runs"]]
     best = {bits: max((row["map_mean"] for row in done if row["hash_bit"] == bits), default=None)
             for bits in options.bits}
     topk = done[0]["topk"] if done else "K"
-    header = "| loss | " + " | ".join(f"{bits} bits" for bits in options.bits) + " |"
-    rule = "|---|" + "---|" * len(options.bits)
+    with_trained = any(variant in SHALLOW_HASHERS for variant in variants) or getattr(options, "freeze_backbone",
+                                                                                      False)
+    header = ("| loss | " + ("trained | " if with_trained else "") + " | ".join(f"{bits} bits" for bits in options.bits)
+              + " |")
+    rule = "|---|" + "---|" * (len(options.bits) + with_trained)
+
+    def first(variant):
+        return variant + (f" | {trained_text(options, variant)}" if with_trained else "")
     evaluated = describe_selection(options)
     seeds = f"seed{'s' if len(options.seeds) > 1 else ''} {' '.join(map(str, options.seeds))}"
     lines = [f"# Loss comparison: {options.dataset} / {options.backbone}", "",
@@ -508,24 +566,24 @@ def render_markdown(options, variants, rows, command):
     if options.loss_args:
         lines += ["Per-loss flags: " + "; ".join(f"{variant} `{shlex.join(flags)}`"
                                                  for variant, flags in options.loss_args) + ".", ""]
-    lines += data_files_lines(rows)
+    lines += data_files_lines(rows) + frozen_trunk_lines(options, variants)
     recipes = describe_recipes(options, variants)
     if recipes:
         lines += ["Rows NAME_authors: the loss as its authors ran it, with the flags of its recipe file in "
                   "configs/authors/ (docs/METHOD.md §6): " + "; ".join(recipes) + ".", ""]
     lines += [header, rule]
-    lines += ["| " + " | ".join([variant] + [format_map(by_cell[(variant, bits)], best[bits])
+    lines += ["| " + " | ".join([first(variant)] + [format_map(by_cell[(variant, bits)], best[bits])
                                              for bits in options.bits]) + " |" for variant in variants]
     lines += class_split_table(options, variants, by_cell)
     lines += ["", "Training seconds per run (mean over seeds; evaluation excluded):", "", header, rule]
-    lines += ["| " + " | ".join([variant] + [f"{by_cell[(variant, bits)]['train_seconds_mean']:.1f}"
+    lines += ["| " + " | ".join([first(variant)] + [f"{by_cell[(variant, bits)]['train_seconds_mean']:.1f}"
                                              if by_cell[(variant, bits)]["runs"] else "—"
                                              for bits in options.bits]) + " |" for variant in variants]
     return "\n".join(lines + [""] + generated_lines(command))
 
 
-CSV_COLUMNS = ["loss", "hash_bit", "runs", "select", "map_mean", "map_std", "map_per_seed", "final_map_mean",
-               "train_seconds_mean", "threads", "data_files", "topk", "paper_map"]
+CSV_COLUMNS = ["loss", "hash_bit", "runs", "trained", "select", "map_mean", "map_std", "map_per_seed",
+               "final_map_mean", "train_seconds_mean", "threads", "data_files", "topk", "paper_map"]
 # the columns an --unseen_classes grid adds
 CLASS_SPLIT_COLUMNS = [f"{name}_map_{part}" for name in DEFINITIONS for part in ("mean", "std")]
 
@@ -573,9 +631,13 @@ def main(argv=None):
     unused = set(per_loss) - set(variants)
     if unused:
         raise UserError(f"--loss_args names {', '.join(sorted(unused))}, which --losses does not include")
+    hashers = shallow_rows(options)
     labels = row_labels(variants, options.baseline_recipe)
     cells = {(label, bits, seed): cell_args(options, label, bits, seed, per_loss.get(split_label(label)[0], []))
              for seed in options.seeds for bits in options.bits for label in labels}
+    cells.update({(hasher, bits, seed): hasher_cell_args(options, hasher, bits, seed)
+                  for seed in options.seeds for bits in options.bits for hasher in hashers})
+    labels += hashers
     Path(options.output_dir).mkdir(parents=True, exist_ok=True)
     if not all(finished_record(args) for args in cells.values()):  # once, not as the same error in every cell
         check_available(options.dataset, options.data_root, DataOptions(split=options.split), options.seeds[0])

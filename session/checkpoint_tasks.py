@@ -34,6 +34,7 @@ from utils.runlog import read_run_log, warn
 
 from .files import dataset_label, run_loss_label
 from .parts import described_data_files
+from .shallow import hasher_codes, saved_hasher
 
 
 
@@ -61,6 +62,7 @@ def save_codes(run, codes, key):
 def checkpoint_codes(run, network, weights_loaded=False):
     """(CodeSet, cache key, whether it came from the cache) of the run's checkpoint. The cache is rewritten
     by rank 0 when the network had to encode, unless --no_save."""
+    hasher = saved_hasher(run, network) if run.args.hasher else None  # its trunk checked before cached codes count
     key = codes_key(run)
     codes = cache.load(run.files.codes, key)
     if broadcast_object(run.context, codes is not None):
@@ -68,10 +70,13 @@ def checkpoint_codes(run, network, weights_loaded=False):
     if run.files.codes.exists() and run.context.is_main:
         print(f"note: {run.files.codes} is damaged or was computed from another checkpoint or other data; "
               "encoding again", file=sys.stderr)
-    if not weights_loaded:
-        load_network_weights(network, run.files.checkpoint, hint=CLI_HINT)
     try:
-        codes = encode_splits(network, run.loaders, run.device, run.context)
+        if run.args.hasher:
+            codes = hasher_codes(run, network, hasher)
+        else:
+            if not weights_loaded:
+                load_network_weights(network, run.files.checkpoint, hint=CLI_HINT)
+            codes = encode_splits(network, run.loaders, run.device, run.context)
     except NonFiniteCodes as exc:
         raise UserError(f"checkpoint {run.files.checkpoint} gives unusable codes ({exc}); retrain it") from None
     if run.writes:

@@ -42,7 +42,10 @@ def loss_label(name, hierarchy=0, experts=1):
 
 
 def run_loss_label(args):
-    """loss_label of this run: the loss, its hierarchy (K clusters or the given file's name), its heads."""
+    """loss_label of this run: the loss, its hierarchy (K clusters or the given file's name), its heads; or the
+    shallow hasher's name (--hasher), which trains no loss."""
+    if getattr(args, "hasher", None):
+        return args.hasher
     hierarchy = Path(args.hierarchy_file).stem if args.hierarchy_file else args.hierarchy
     return loss_label(args.loss, hierarchy, args.experts)
 
@@ -142,6 +145,7 @@ def written_and_read(run):
     if files.index:  # last: checked against the run's own outputs too, it is refused naming the one it would hit
         written.append(("--export_index", files.index))
     read = [("--config", args.config), ("--weights", args.weights), ("--codetable", args.codetable),
+            ("--trunk_from", getattr(args, "trunk_from", None)),
             ("--resume", args.resume or None),
             # a path, not one of the shipped hierarchies' names
             ("--hierarchy_file", args.hierarchy_file if args.hierarchy_file and Path(args.hierarchy_file).exists()

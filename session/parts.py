@@ -26,6 +26,7 @@ from loss import (LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss, build
                   build_nested_loss)
 from network import DEFAULT_BACKBONE, build_network, get_backbone, hash_head, trunk_and_head_parameters
 from utils.dist import barrier, shard_bounds
+from utils.checkpoint import describe_mismatch, read_state_dict
 from utils.errors import UserError
 from utils.reproducibility import loader_generator, seed_worker
 from utils.runlog import RunLog, read_run_log, warn
@@ -199,7 +200,8 @@ def resolve_backbone(args):
     hashing.search.api.resolve_network rebuilds it (the checkpoint's record, else its run's log, else the flags: backbone,
     input size, bits and heads, checked against the weights' shapes); else --backbone, or googlenet, the paper's
     default. A flag that contradicts the checkpoint is a UserError; flags at their defaults count as not given."""
-    if not ((args.test or args.query or args.export_index) and args.checkpoint and Path(args.checkpoint).is_file()):
+    if args.hasher or not ((args.test or args.query or args.export_index) and args.checkpoint
+                           and Path(args.checkpoint).is_file()):  # a hasher's file records no network
         return argparse.Namespace(**{**vars(args), "backbone": args.backbone or DEFAULT_BACKBONE})
     defaults = {"backbone": DEFAULT_BACKBONE, "input_size": None, "hash_bit": 48, "experts": 1, "nested_bits": None}
     given = {flag: None if getattr(args, flag) == default else getattr(args, flag)
@@ -214,7 +216,10 @@ def make_network(run):
     if args.weights and not spec.pretrained_available:
         raise UserError(f"--weights: the {spec.name} backbone has no pretrained weights to load")
     heads = dict(experts=args.experts, inference_head=args.inference_head, nested_bits=args.nested_bits)
-    if not spec.pretrained_available or args.no_pretrained or not run.trains:
+    if args.trunk_from:
+        return load_trunk(build_network(spec, args.hash_bit, **heads), args.trunk_from, spec)
+    # a shallow hasher's --test needs its trunk as it was fitted on: the same pretrained weights again
+    if not spec.pretrained_available or args.no_pretrained or not (run.trains or args.hasher):
         return build_network(spec, args.hash_bit, **heads)
     state, source = pretrained_state_dict(spec, args.weights, show_progress=not args.no_progress)
     print(f"{spec.name}: pretrained weights from {source}")
@@ -222,6 +227,21 @@ def make_network(run):
         return build_network(spec, args.hash_bit, pretrained=state, **heads)
     except ValueError as exc:
         raise UserError(f"cannot use {source} for --backbone {spec.name}: {exc}") from None
+
+
+def load_trunk(network, path, spec):
+    """`network` with its trunk's weights from the checkpoint at `path` (--trunk_from), its hash layer as built:
+    the trunk parameters' names and shapes must be the checkpoint's."""
+    state = read_state_dict(path, "--trunk_from checkpoint", "train that run first or fix the path",
+                            "point --trunk_from to a good copy")
+    own = network.state_dict()
+    trunk = {name: tensor for name, tensor in own.items() if not name.startswith(f"{spec.hash_layer}.")}
+    mismatch = describe_mismatch(trunk, {name: tensor for name, tensor in state.items()
+                                         if not name.startswith(f"{spec.hash_layer}.")})
+    if mismatch:
+        raise UserError(f"--trunk_from {path} does not fit the trunk of --backbone {spec.name}: {mismatch}")
+    network.load_state_dict({**own, **{name: state[name] for name in trunk}})
+    return network
 
 
 def make_network_on_every_rank(run):

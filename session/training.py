@@ -13,6 +13,8 @@ from engine import HashingObjective, NonFiniteLoss, Progress, describe_nested_ma
 from engine import train as train_epochs
 from hashing.codes import NonFiniteCodes
 from hashing.evaluation.class_split import class_split_maps, describe_class_split_maps
+from hashing.evaluation.metrics import map_of_codes
+from hashing.shallow import build_shallow_hasher
 from loss import LOSSES
 from utils.checkpoint import read_train_state
 from utils.config import read_config
@@ -24,6 +26,7 @@ from utils.runlog import warn
 from .checkpoint_tasks import report_best_checkpoint
 from .files import dataset_label, run_loss_label
 from .parts import build_criterion, build_trainer, described_data_files
+from .shallow import fit_hasher, hasher_codes
 
 
 def describe_training(run, trainer, lr):
@@ -172,8 +175,50 @@ def start_training(run, network):
     return run, trainer, progress, lr
 
 
+def describe_fit(run, hasher):
+    """The header line and the record that start the logs of a --hasher run (describe_training's, without a loss
+    or an optimiser)."""
+    args = run.args
+    sizes = {name: len(part) for name, part in run.splits._asdict().items()}
+    described = ", ".join(f"{name} {value}" for name, value in hasher.settings.items())
+    header = (f"{dataset_label(args)} / {args.backbone} (frozen) / {args.hash_bit} bits: {sizes}, shallow hasher "
+              f"{hasher.name}{f' ({described})' if described else ''}, fitted on the training split's trunk features"
+              f", no training, device {run.device}")
+    origin = provenance(run.device)
+    record = {"args": vars(args), "provenance": origin, "num_classes": run.spec.num_classes, "topk": run.topk,
+              "data_files": described_data_files(run), "backbone": run.backbone.record(args.hash_bit),
+              "convention": run.convention.as_dict(), "device": str(run.device), "world_size": 1,
+              "hasher": hasher.describe(), "trained": False, "sizes": sizes}
+    return header + "\n" + describe_provenance(origin), record
+
+
+def fit_shallow_hasher(run, network):
+    """--hasher: fit on the training split's trunk features, then evaluate, log and report like a trained run
+    (its one evaluation logged as epoch 0, nothing trained); returns what train() returns."""
+    hasher = build_shallow_hasher(run.args.hasher, run.args.hash_bit)
+    header, record = describe_fit(run, hasher)
+    run.log.start(record)
+    run.log.say(header)
+    seconds = fit_hasher(run, network, hasher)
+    codes = hasher_codes(run, network, hasher)
+    mean_ap = map_of_codes(codes, run.topk, run.convention)
+    selection = {"select": "fit", "epoch": 0}
+    run.log.event("epoch", epoch=0, map=mean_ap, train_seconds=seconds, fit_seconds=seconds)
+    run.log.event("best", map=mean_ap, epoch=0, checkpoint=str(run.files.checkpoint), select="fit")
+    metrics = report_best_checkpoint(run, network, codes, selection) if run.saves else None
+    saved = run.files.checkpoint if run.saves else "not saved (--no_save)"
+    run.log.say(f"{run.map_name} {mean_ap:.4f} ({hasher.name} fitted on {len(run.splits.train)} training items' "
+                f"trunk features, no training); checkpoint {saved}; fit {seconds:.1f}s")
+    run.log.event("finish", best={"map": mean_ap, "epoch": 0}, test_map=mean_ap, selection=selection,
+                  train_seconds=seconds, trained=False)
+    return {"map": mean_ap, "epoch": 0, "topk": run.topk, "selection": selection, "train_seconds": seconds,
+            "trained": False, "long_tail": metrics and metrics["long_tail"]}
+
+
 def train(run, network):
     """Train, keep the checkpoint --select chooses, report it; returns what the run found."""
+    if run.args.hasher:
+        return fit_shallow_hasher(run, network)
     run, trainer, progress, lr = start_training(run, network)
     selected = train_reporting_failures(run, trainer, progress, lr)
     fingerprints = gather_objects(run.context, state_fingerprint(trainer.objective))

@@ -20,6 +20,7 @@ from .paths import MiB, open_regular, require_regular_file
 
 TRAIN_STATE_FORMAT = "hyp2-retrieval/train-state/1"
 NETWORK_FORMAT = "hyp2-retrieval/network/1"  # a checkpoint that records its backbone (save_state_dict)
+SHALLOW_FORMAT = "hyp2-retrieval/shallow-hasher/1"  # a fitted shallow hasher (hashing/shallow.py), not a network
 # Flags that define what is trained; a state saved under other values cannot be resumed.
 IDENTITY_FLAGS = ("dataset", "backbone", "hash_bit", "loss", "hierarchy", "hierarchy_file", "experts", "imbalance",
                   "select", "val_size", "input_size", "freeze_backbone", "backbone_lr_mult", "scheduler",
@@ -70,6 +71,12 @@ def _load(path, what, missing, unreadable, mmap=False):
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read {what} {path} ({type(exc).__name__}): the file is truncated, "
                         f"corrupt or not a PyTorch checkpoint; {unreadable}") from None
+
+
+def read_saved(path, what, missing, unreadable):
+    """Whatever this tool saved at `path` (torch.save's format, read with weights_only=True), with the checks of
+    every checkpoint reader; `what` names the kind of file and `missing`/`unreadable` say what to do."""
+    return _load(path, what, missing, unreadable)
 
 
 def non_finite_names(state):
@@ -152,6 +159,9 @@ def read_state_dict(path, what="checkpoint",
         state = state["network"]  # a .last.pt holds the network too
     elif isinstance(state, dict) and state.get("format") == NETWORK_FORMAT:
         state = state.get("state_dict")
+    elif isinstance(state, dict) and state.get("format") == SHALLOW_FORMAT:
+        raise UserError(f"{path} is a fitted shallow hasher ({state.get('name')}), not a network: use it with "
+                        f"--hasher {state.get('name')} --freeze_backbone")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} does not hold a network state_dict")
     if not mmap:
