@@ -22,11 +22,11 @@ SMOKE = ["--backbone", "small", "--epochs", "1", "--batch_size", "10", "--device
 @pytest.fixture(scope="module", autouse=True)
 def no_download():
     """The harness fetches VOC as a run does; the tests stay off the network (the archive cannot be had)."""
-    def offline(url, path):
+    def offline(request, timeout):
         raise urllib.error.URLError("no network in the tests")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(archives, "download", offline)
+        patch.setattr(archives.urllib.request, "urlopen", offline)
         yield
 
 
