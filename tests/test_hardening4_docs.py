@@ -212,7 +212,8 @@ def test_bench_search_warns_before_an_hnsw_build_of_millions_of_codes(tmp_path, 
     monkeypatch.setattr(bench_search, "synthetic_codes", lambda rng, kind, count, *rest: range(count))
     monkeypatch.setattr(bench_search, "markdown_table", lambda rows, args: "table")
     args = bench_search.get_args_parser().parse_args(["--sizes", "1000", "2000000", "--codes", "uniform",
-                                                      "--methods", "flat", "hnsw", "--output_dir", str(tmp_path)])
+                                                      "--methods", "flat", "hnsw", "--output_dir", str(tmp_path),
+                                                      "--threads", "0"])  # 0: leave the process's threads as they are
     bench_search.main(args)
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
