@@ -10,13 +10,12 @@ from pathlib import Path
 
 from data.image_cache import decode_workers
 from data.validation import without_augmentation
-from hashing.feature_cache import DTYPES, CacheSettings, FeatureSplit, cached_features
+from hashing.feature_cache import CacheSettings, cached_features
 from network import file_label
 from utils.dist import barrier
 
 from .files import dataset_label
 
-__all__ = ["DTYPES", "SPLITS", "CacheSettings", "FeatureSplit", "cached_features", "split_features"]
 SPLITS = ("train", "query", "database")
 
 
