@@ -305,13 +305,13 @@ def test_the_cache_reader_maps_the_file_it_checked(tmp_path, monkeypatch, mode):
     path, other = tmp_path / "checked.npy", tmp_path / "other.npy"
     np.save(path, np.full((3, 4), 1.0, dtype=np.float32))
     np.save(other, np.full((3, 4), 2.0, dtype=np.float32))
-    read_header = paths._npy_header_fields
+    read_header = paths._npy_header
 
     def replaced_after_the_check(handle, what):
         fields = read_header(handle, what)
         other.replace(path)
         return fields
 
-    monkeypatch.setattr(paths, "_npy_header_fields", replaced_after_the_check)
+    monkeypatch.setattr(paths, "_npy_header", replaced_after_the_check)
     mapped = paths.open_npy_memmap(path, "feature cache", "float32", (3, 4), mode)
     assert (np.asarray(mapped) == 1.0).all()

@@ -163,13 +163,7 @@ def starts_with_line(path, line, max_bytes=64 * MiB):
 # ============ .npy / .npz arrays ============
 
 def _npy_header(handle, what):
-    """(shape, dtype, header length) of the .npy stream at `handle`, read without reading the data."""
-    shape, _, dtype, length = _npy_header_fields(handle, what)
-    return shape, dtype, length
-
-
-def _npy_header_fields(handle, what):
-    """(shape, fortran order, dtype, header length) of the .npy stream at `handle`."""
+    """(shape, fortran order, dtype, header length) of the .npy stream at `handle`, read without reading the data."""
     start = handle.tell()
     try:
         version = np.lib.format.read_magic(handle)
@@ -191,7 +185,7 @@ def open_npy_memmap(path, what, dtype, shape, mode="r", fix="delete it"):
     `what`, the file and `fix` otherwise."""
     with open_regular(path, what, missing=fix, follow_symlinks=False, writable=mode == "r+") as handle:
         size = os.fstat(handle.fileno()).st_size
-        found_shape, fortran_order, found_dtype, header = _npy_header_fields(handle, f"{what} {path}")
+        found_shape, fortran_order, found_dtype, header = _npy_header(handle, f"{what} {path}")
         dtype, shape = np.dtype(dtype), tuple(shape)
         if found_dtype != dtype or fortran_order or found_shape != shape:
             raise UserError(f"{what} {path} holds a {found_dtype} array of shape {found_shape}, not the {dtype} "
@@ -225,7 +219,7 @@ def load_arrays(path, what, max_bytes):
         try:
             if not zipfile.is_zipfile(handle):
                 handle.seek(0)
-                shape, dtype, header = _npy_header(handle, f"{what} {path}")
+                shape, _, dtype, header = _npy_header(handle, f"{what} {path}")
                 _check_declared(shape, dtype, size - header, f"{what} {path}")
                 handle.seek(0)
                 return {"": np.load(handle, allow_pickle=False)}
@@ -248,7 +242,7 @@ def _load_npz(handle, what, max_bytes):
         for info in members:
             name = info.filename.removesuffix(".npy")
             with archive.open(info) as member:
-                shape, dtype, header = _npy_header(member, f"{what}, array {name!r},")
+                shape, _, dtype, header = _npy_header(member, f"{what}, array {name!r},")
                 _check_declared(shape, dtype, info.file_size - header, f"{what}, array {name!r},")
             with archive.open(info) as member:
                 arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
