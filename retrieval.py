@@ -19,13 +19,13 @@ from data import DATASETS, coco
 from engine import SELECTION_RULES
 from hashing.codetable import check_zeta
 from hashing.evaluation.conventions import NORMALIZE, TIES, ZERO_HIT
+from hashing.feature_cache import DTYPES
 from hashing.search.exact import MAX_K
 from hashing.shallow import SHALLOW_HASHERS
 from loss import LOSSES, PROXY_LOSSES, CollaborativeExpertsLoss, HierarchicalProxyLoss
 from network import TIMM_SHORTCUTS, TORCHVISION_BACKBONES
 from session.cached_training import run_with_feature_cache
 from session.checkpoint_tasks import run_checkpoint_tasks
-from session.feature_cache import DTYPES
 from session.files import check_paths, guarded_run_files
 from session.parts import (DEFAULT_VAL_SIZE, OPTIMIZERS, backbone_of, make_network_on_every_rank, prepare_run,
                            resolve_backbone)

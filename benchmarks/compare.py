@@ -261,11 +261,9 @@ def cell_args(options, label, bits, seed, extra=()):
 
 def hasher_cell_args(options, hasher, bits, seed):
     """retrieval.py's parsed arguments for a shallow hasher's cell: fitted, not trained (--hasher)."""
-    output_dir = grid_root(options) / f"{hasher}_{bits}bit_seed{seed}"
-    owned = dict(hasher=hasher, hash_bit=bits, seed=seed, output_dir=str(output_dir), test=False, no_save=False,
-                 overwrite=True, checkpoint=None, query=None, export_index=None, loss="hyp2", hierarchy=0)
-    settings = {key: value for key, value in vars(options).items() if key not in GRID_FLAGS}
-    return argparse.Namespace(**{**settings, **owned})
+    args = cell_args(options, "hyp2", bits, seed)
+    args.hasher, args.output_dir = hasher, str(grid_root(options) / f"{hasher}_{bits}bit_seed{seed}")
+    return args
 
 
 def shallow_rows(options):

@@ -10,13 +10,12 @@ from pathlib import Path
 
 from data.image_cache import decode_workers
 from data.validation import without_augmentation
-from hashing.feature_cache import DTYPES, CacheSettings, FeatureSplit, cached_features
+from hashing.feature_cache import CacheSettings, cached_features
 from network import file_label
 from utils.dist import barrier
 
 from .files import dataset_label
 
-__all__ = ["DTYPES", "SPLITS", "CacheSettings", "FeatureSplit", "cached_features", "split_features"]
 SPLITS = ("train", "query", "database")
 
 
@@ -25,13 +24,17 @@ def split_features(run, network, split_name):
     as it is now (pretrained, or a checkpoint's), cached under --feature_cache with --feature_dtype; the training
     split in --feature_views views (1: read without augmentation). Needs run.splits (session.parts.prepare_run).
     Under torchrun the main process computes, the others then read."""
+    views = run.args.feature_views if split_name == "train" else 1
+    return dataset_features(run, network, split_dataset(run, split_name, views), split_name, views)
+
+
+def split_dataset(run, split_name, views=1):
+    """The run's split `split_name` as its trunk features are computed: the training split of one view read
+    without augmentation (with the query split's transform)."""
     if split_name not in SPLITS:
         raise ValueError(f"unknown split {split_name!r}; one of {', '.join(SPLITS)}")
     split = getattr(run.splits, split_name)
-    views = run.args.feature_views if split_name == "train" else 1
-    if split_name == "train" and views == 1:
-        split = without_augmentation(split, run.splits.query)
-    return dataset_features(run, network, split, split_name, views)
+    return without_augmentation(split, run.splits.query) if split_name == "train" and views == 1 else split
 
 
 def dataset_features(run, network, dataset, split_name, views=1):

@@ -8,14 +8,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from hashing.codes import CodeSet
-from data.validation import without_augmentation
 from hashing.feature_cache import trunk_batch, trunk_digest
 from hashing.shallow import load_shallow_hasher, save_shallow_hasher
 from network import trunk_only
 from utils.errors import UserError
 from utils.runlog import progress_bar
 
-from .feature_cache import split_features
+from .feature_cache import split_dataset, split_features
 
 
 def hasher_features(run, network, split_name):
@@ -25,10 +24,7 @@ def hasher_features(run, network, split_name):
     if run.args.feature_cache:
         split = split_features(run, network, split_name)
         return split.features, split.labels
-    dataset = getattr(run.splits, split_name)
-    if split_name == "train":
-        dataset = without_augmentation(dataset, run.splits.query)
-    return trunk_features(run, network, dataset, split_name)
+    return trunk_features(run, network, split_dataset(run, split_name), split_name)
 
 
 @torch.inference_mode()

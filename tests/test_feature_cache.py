@@ -1,5 +1,6 @@
 """The feature cache of a frozen trunk (session/feature_cache.py, --feature_cache; docs/METHOD.md §11)."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from hashing import feature_cache
 from session.cached_training import FeatureDataset
 from hashing.feature_cache import CacheSettings, cached_features, feature_key, key_digest, trunk_digest
 from tests.cli_runs import run_small_digits, small_digits_failure
+from utils import paths
 from utils.errors import UserError
 
 
@@ -288,3 +290,28 @@ def test_a_symbolic_link_in_place_of_the_cache_is_refused(built, tmp_path):
     npy.rename(target)
     npy.symlink_to(target)
     refused(built, tmp_path, "symbolic link")
+
+
+def test_a_fifo_in_place_of_the_cache_is_refused(built, tmp_path):
+    npy = built[2]
+    npy.unlink()
+    os.mkfifo(npy)
+    refused(built, tmp_path, "FIFO")
+
+
+@pytest.mark.parametrize("mode", ["r", "r+"])
+def test_the_cache_reader_maps_the_file_it_checked(tmp_path, monkeypatch, mode):
+    """A file put in place of the checked one between the check and the mapping is never the one mapped."""
+    path, other = tmp_path / "checked.npy", tmp_path / "other.npy"
+    np.save(path, np.full((3, 4), 1.0, dtype=np.float32))
+    np.save(other, np.full((3, 4), 2.0, dtype=np.float32))
+    read_header = paths._npy_header
+
+    def replaced_after_the_check(handle, what):
+        fields = read_header(handle, what)
+        other.replace(path)
+        return fields
+
+    monkeypatch.setattr(paths, "_npy_header", replaced_after_the_check)
+    mapped = paths.open_npy_memmap(path, "feature cache", "float32", (3, 4), mode)
+    assert (np.asarray(mapped) == 1.0).all()

@@ -60,7 +60,9 @@ def check_inflation(path, what, unreadable):
                         f"tool, and inflating it could exhaust the memory; {unreadable}")
 
 
-def _load(path, what, missing, unreadable, mmap=False):
+def read_saved(path, what, missing, unreadable, mmap=False):
+    """Whatever this tool saved at `path` (torch.save's format, read with weights_only=True), with the checks of
+    every checkpoint reader; `what` names the kind of file and `missing`/`unreadable` say what to do."""
     if Path(path).exists():  # a FIFO would block torch.load forever, a device would be read without end
         require_regular_file(path, what)
         check_inflation(path, what, unreadable)
@@ -71,12 +73,6 @@ def _load(path, what, missing, unreadable, mmap=False):
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read {what} {path} ({type(exc).__name__}): the file is truncated, "
                         f"corrupt or not a PyTorch checkpoint; {unreadable}") from None
-
-
-def read_saved(path, what, missing, unreadable):
-    """Whatever this tool saved at `path` (torch.save's format, read with weights_only=True), with the checks of
-    every checkpoint reader; `what` names the kind of file and `missing`/`unreadable` say what to do."""
-    return _load(path, what, missing, unreadable)
 
 
 def non_finite_names(state):
@@ -137,8 +133,8 @@ def save_state_dict(module, path):
 def read_backbone_record(path):
     """The backbone record of a self-describing checkpoint, or None for a plain state_dict (the paper's
     backbones); UserError for an unreadable file. Memory-maps the file, so a large checkpoint is not read."""
-    state = _load(path, "checkpoint", "train first or pass --checkpoint PATH", "retrain or point --checkpoint to a "
-                  "good copy", mmap=True)
+    state = read_saved(path, "checkpoint", "train first or pass --checkpoint PATH",
+                       "retrain or point --checkpoint to a good copy", mmap=True)
     if isinstance(state, dict) and state.get("format") == NETWORK_FORMAT:
         record = state.get("backbone")
         if not isinstance(record, dict) or not isinstance(record.get("name"), str):
@@ -154,7 +150,7 @@ def read_state_dict(path, what="checkpoint",
     """The state_dict stored at `path`, with a UserError for a missing or unreadable file or one holding a NaN or
     an infinity (unless mmap: then only its tensors' shapes are looked at, nothing is read); `what` names
     the kind of file and `missing`/`unreadable` say what to do, in the messages."""
-    state = _load(path, what, missing, unreadable, mmap=mmap)
+    state = read_saved(path, what, missing, unreadable, mmap=mmap)
     if isinstance(state, dict) and state.get("format") == TRAIN_STATE_FORMAT:
         state = state["network"]  # a .last.pt holds the network too
     elif isinstance(state, dict) and state.get("format") == NETWORK_FORMAT:
@@ -293,8 +289,8 @@ def check_same_data(path, saved, current):
 def read_train_state(path, args, data=None):
     """The training state at `path`, refused (UserError) when it belongs to another experiment, or, when
     `data` (the run's data identity) is given, to other data or another run's files."""
-    state = _load(path, "training state", "nothing to resume (it is written after every epoch); start without "
-                  "--resume", "start without --resume")
+    state = read_saved(path, "training state", "nothing to resume (it is written after every epoch); start without "
+                       "--resume", "start without --resume")
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
         raise UserError(f"{path} is not a training state written by this tool; start without --resume")
     check_content(path, state)

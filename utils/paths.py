@@ -52,13 +52,15 @@ def require_regular_file(path, what, max_bytes=None, missing="check the path"):
     return path
 
 
-def open_regular(path, what, max_bytes=None, missing="check the path", follow_symlinks=True):
-    """A binary file object of `path`, refused (UserError) unless it is a regular file of at most `max_bytes`
-    (and, with follow_symlinks=False, not a symbolic link). The check is made on the opened descriptor (opened
-    without blocking, so a FIFO does not hang the open), so the file that is read is the file that was checked."""
+def open_regular(path, what, max_bytes=None, missing="check the path", follow_symlinks=True, writable=False):
+    """A binary file object of `path` (read-only, or read-write with writable=True), refused (UserError) unless
+    it is a regular file of at most `max_bytes` (and, with follow_symlinks=False, not a symbolic link). The check
+    is made on the opened descriptor (opened without blocking, so a FIFO does not hang the open), so the file
+    that is read is the file that was checked."""
     path = Path(path)
+    access = os.O_RDWR if writable else os.O_RDONLY
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW))
+        descriptor = os.open(path, access | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW))
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist: {missing}") from None
     except OSError as exc:
@@ -71,7 +73,7 @@ def open_regular(path, what, max_bytes=None, missing="check the path", follow_sy
             raise UserError(f"{what} {path} is {status.st_size / MiB:.1f} MiB, more than the {max_bytes / MiB:.1f} "
                             "MiB such a file can sensibly hold: is it the right file?")
         os.set_blocking(descriptor, True)
-        return os.fdopen(descriptor, "rb")
+        return os.fdopen(descriptor, "r+b" if writable else "rb")
     except BaseException:
         os.close(descriptor)
         raise
@@ -161,13 +163,7 @@ def starts_with_line(path, line, max_bytes=64 * MiB):
 # ============ .npy / .npz arrays ============
 
 def _npy_header(handle, what):
-    """(shape, dtype, header length) of the .npy stream at `handle`, read without reading the data."""
-    shape, _, dtype, length = _npy_header_fields(handle, what)
-    return shape, dtype, length
-
-
-def _npy_header_fields(handle, what):
-    """(shape, fortran order, dtype, header length) of the .npy stream at `handle`."""
+    """(shape, fortran order, dtype, header length) of the .npy stream at `handle`, read without reading the data."""
     start = handle.tell()
     try:
         version = np.lib.format.read_magic(handle)
@@ -185,20 +181,22 @@ def _npy_header_fields(handle, what):
 def open_npy_memmap(path, what, dtype, shape, mode="r", fix="delete it"):
     """A .npy file as a memory map (mode "r" or "r+"), after checking that it is a regular file (a symbolic
     link not followed) whose header declares a C-ordered `dtype` array of `shape` that its bytes hold exactly:
-    nothing is mapped before the size is known to fit. UserError naming `what`, the file and `fix` otherwise."""
-    with open_regular(path, what, missing=fix, follow_symlinks=False) as handle:
+    nothing is mapped before the size is known to fit. The checked descriptor is the one mapped. UserError naming
+    `what`, the file and `fix` otherwise."""
+    with open_regular(path, what, missing=fix, follow_symlinks=False, writable=mode == "r+") as handle:
         size = os.fstat(handle.fileno()).st_size
-        found_shape, fortran_order, found_dtype, header = _npy_header_fields(handle, f"{what} {path}")
-    dtype, shape = np.dtype(dtype), tuple(shape)
-    if found_dtype != dtype or fortran_order or found_shape != shape:
-        raise UserError(f"{what} {path} holds a {found_dtype} array of shape {found_shape}, not the {dtype} "
-                        f"array of shape {shape} its header records: it is damaged; {fix}")
-    if size != header + math.prod(shape) * dtype.itemsize:
-        raise UserError(f"{what} {path} has {size:,} bytes, not the {header + math.prod(shape) * dtype.itemsize:,} "
-                        f"its {dtype} array of shape {shape} takes: it is truncated or damaged; {fix}")
-    if math.prod(shape) == 0:
-        return np.zeros(shape, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode=mode, offset=header, shape=shape)
+        found_shape, fortran_order, found_dtype, header = _npy_header(handle, f"{what} {path}")
+        dtype, shape = np.dtype(dtype), tuple(shape)
+        if found_dtype != dtype or fortran_order or found_shape != shape:
+            raise UserError(f"{what} {path} holds a {found_dtype} array of shape {found_shape}, not the {dtype} "
+                            f"array of shape {shape} its header records: it is damaged; {fix}")
+        needed = header + math.prod(shape) * dtype.itemsize
+        if size != needed:
+            raise UserError(f"{what} {path} has {size:,} bytes, not the {needed:,} its {dtype} array of shape "
+                            f"{shape} takes: it is truncated or damaged; {fix}")
+        if math.prod(shape) == 0:
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(handle, dtype=dtype, mode=mode, offset=header, shape=shape)
 
 
 def _check_declared(shape, dtype, available, what):
@@ -221,7 +219,7 @@ def load_arrays(path, what, max_bytes):
         try:
             if not zipfile.is_zipfile(handle):
                 handle.seek(0)
-                shape, dtype, header = _npy_header(handle, f"{what} {path}")
+                shape, _, dtype, header = _npy_header(handle, f"{what} {path}")
                 _check_declared(shape, dtype, size - header, f"{what} {path}")
                 handle.seek(0)
                 return {"": np.load(handle, allow_pickle=False)}
@@ -244,7 +242,7 @@ def _load_npz(handle, what, max_bytes):
         for info in members:
             name = info.filename.removesuffix(".npy")
             with archive.open(info) as member:
-                shape, dtype, header = _npy_header(member, f"{what}, array {name!r},")
+                shape, _, dtype, header = _npy_header(member, f"{what}, array {name!r},")
                 _check_declared(shape, dtype, info.file_size - header, f"{what}, array {name!r},")
             with archive.open(info) as member:
                 arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
