@@ -4,6 +4,7 @@ round trip of its search structure (arrays/restore). Exact backends must equal b
 approximate ones return true distances in order and a recall floor. Milvus is tested when
 hashing.search.milvus and pymilvus are installed."""
 import importlib.util
+import os
 import struct
 
 import numpy as np
@@ -319,3 +320,17 @@ def test_the_cost_fit_recovers_known_coefficients_and_auto_reads_its_file(tmp_pa
             auto.coefficients()
     finally:
         auto.coefficients.cache_clear()
+
+
+def test_the_cost_fit_refuses_its_outputs_before_measuring(tmp_path, monkeypatch):
+    from benchmarks import fit_search_cost
+
+    monkeypatch.setattr(fit_search_cost, "measure", lambda args: pytest.fail("measured before checking the outputs"))
+    same = str(tmp_path / "cost.json")
+    fifo = tmp_path / "fifo.md"
+    os.mkfifo(fifo)
+    for output, table, message in ((same, same, "--table .*cost.json is also --output"),
+                                   (same, str(fifo), "--table .*fifo.md is a FIFO")):
+        args = fit_search_cost.get_args_parser().parse_args(["--output", output, "--table", table])
+        with pytest.raises(UserError, match=message):
+            fit_search_cost.main(args)
