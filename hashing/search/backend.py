@@ -209,8 +209,11 @@ class StoredBackend(SearchBackend):
         return int(len(keep) - keep.sum())
 
     def restore(self, codes, ids, arrays):
+        """Take the codes and ids; saved `arrays` do not fit a backend that saves none."""
+        if arrays:
+            return False
         self._store = SortedCodes(self.code_bytes, codes, ids)
-        return not arrays
+        return True
 
 
 def register_backend(cls):

@@ -41,8 +41,10 @@ class FaissApproximateBackend(StoredBackend):
         return removed
 
     def restore(self, codes, ids, arrays):
+        if not super().restore(codes, ids, arrays):
+            return False
         self.index = None
-        return super().restore(codes, ids, arrays)
+        return True
 
     def prepare(self):
         self.built()

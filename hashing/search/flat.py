@@ -77,9 +77,10 @@ class FlatBackend(StoredBackend):
         return removed
 
     def restore(self, codes, ids, arrays):
-        fits = super().restore(codes, ids, arrays)
+        if not super().restore(codes, ids, arrays):
+            return False  # nothing built: the caller restores again without the arrays
         self.faiss_index = faiss_flat_index(codes) if self.use_faiss else None
-        return fits
+        return True
 
     def _distance_chunks(self, queries):
         """The distances of one chunk of queries after another to every code: bounded memory per chunk."""

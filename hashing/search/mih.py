@@ -290,16 +290,17 @@ class MultiIndexBackend(StoredBackend):
         return self.built().arrays() if len(self) else {}
 
     def restore(self, codes, ids, arrays):
+        tables = None
+        if arrays:  # checked first: tables that do not fit change nothing (auto's FAISS copy is built once)
+            if not len(ids):
+                return False
+            try:
+                tables = MultiIndexTables.from_arrays(self.hash_bit, ids, arrays)
+            except (ValueError, TypeError):
+                return False
+            if self.options.get("substrings") not in (None, tables.substrings):
+                return False
         super().restore(codes, ids, {})
-        self.tables = None
-        if not arrays or not len(ids):
-            return not arrays
-        try:
-            tables = MultiIndexTables.from_arrays(self.hash_bit, ids, arrays)
-        except (ValueError, TypeError):
-            return False
-        if self.options.get("substrings") not in (None, tables.substrings):
-            return False
         self.tables = tables
         return True
 
