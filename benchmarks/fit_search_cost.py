@@ -34,6 +34,7 @@ from hashing.search.flat import FlatBackend  # noqa: E402
 from hashing.search.mih import MultiIndexBackend  # noqa: E402
 from utils.atomic import ensure_writable_dir, write_json, write_text  # noqa: E402
 from utils.errors import UserError, run_reporting_errors  # noqa: E402
+from utils.paths import check_output_target  # noqa: E402
 from utils.runlog import progress_bar  # noqa: E402
 
 
@@ -166,6 +167,9 @@ def main(args):
         raise UserError("--bits must be at least 8, --sizes at least 100, --queries at least 3 and --budget above 0")
     ensure_writable_dir(Path(args.output).parent, "--output")
     ensure_writable_dir(Path(args.table).parent, "--table")
+    # before the measurements (an hour for the full grid), not when writing after them
+    check_output_target(args.output, "--output")
+    check_output_target(args.table, "--table", inputs=[("--output", args.output)])
     if faiss_available():
         import_faiss().omp_set_num_threads(1)
     mih.THREADS = 1  # one thread each: the model prices one query on one core

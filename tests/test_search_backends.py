@@ -4,13 +4,15 @@ round trip of its search structure (arrays/restore). Exact backends must equal b
 approximate ones return true distances in order and a recall floor. Milvus is tested when
 hashing.search.milvus and pymilvus are installed."""
 import importlib.util
+import os
 import struct
 
 import numpy as np
 import pytest
 
 from hashing.codes import pack_signs
-from hashing.search.backend import BACKENDS, SearchBackend, open_backend, register_backend
+from hashing.search.backend import BACKENDS, SearchBackend, faiss_available, open_backend, register_backend
+from hashing.search.flat import faiss_flat_index
 from hashing.search.index import ALIGNMENT, MAGIC, HammingIndex
 from hashing.search.mih import MultiIndexTables
 from utils.errors import UserError
@@ -233,15 +235,20 @@ def test_saved_multi_index_tables_are_loaded_not_rebuilt_and_stay_exact(tmp_path
     np.testing.assert_array_equal(as_flat.search(queries, 30)[1], index.search(queries, 30)[1])
 
 
-def test_damaged_saved_tables_are_rebuilt_from_the_codes(tmp_path, data):
-    codes, ids, queries = data
-    HammingIndex.build(codes, ids, hash_bit=BITS, method="mih", substrings=4).save(tmp_path / "db.index")
-    raw = bytearray((tmp_path / "db.index").read_bytes())
+def damage_saved_tables(path, codes, ids):
+    """Make the first table's first bucket of a saved index end far outside the codes."""
+    raw = bytearray(path.read_bytes())
     length = struct.unpack("<I", raw[len(MAGIC):len(MAGIC) + 4])[0]
     offsets_start = -(-(len(MAGIC) + 4 + length + codes.size + 8 * len(ids)) // ALIGNMENT) * ALIGNMENT
     offsets_start = -(-(offsets_start + 8) // ALIGNMENT) * ALIGNMENT  # after the one-number "substrings" array
-    raw[offsets_start + 8:offsets_start + 16] = struct.pack("<q", 10 ** 12)  # a bucket ending far outside
-    (tmp_path / "db.index").write_bytes(bytes(raw))
+    raw[offsets_start + 8:offsets_start + 16] = struct.pack("<q", 10 ** 12)
+    path.write_bytes(bytes(raw))
+
+
+def test_damaged_saved_tables_are_rebuilt_from_the_codes(tmp_path, data):
+    codes, ids, queries = data
+    HammingIndex.build(codes, ids, hash_bit=BITS, method="mih", substrings=4).save(tmp_path / "db.index")
+    damage_saved_tables(tmp_path / "db.index", codes, ids)
     loaded = HammingIndex.load(tmp_path / "db.index")
     assert loaded.backend.tables is None  # refused, rebuilt at the first search
     for (distances, found), (true_distances, true_ids) in zip(zip(*loaded.search(queries, 20)),
@@ -319,3 +326,33 @@ def test_the_cost_fit_recovers_known_coefficients_and_auto_reads_its_file(tmp_pa
             auto.coefficients()
     finally:
         auto.coefficients.cache_clear()
+
+
+def test_the_cost_fit_refuses_its_outputs_before_measuring(tmp_path, monkeypatch):
+    from benchmarks import fit_search_cost
+
+    monkeypatch.setattr(fit_search_cost, "measure", lambda args: pytest.fail("measured before checking the outputs"))
+    same = str(tmp_path / "cost.json")
+    fifo = tmp_path / "fifo.md"
+    os.mkfifo(fifo)
+    for output, table, message in ((same, same, "--table .*cost.json is also --output"),
+                                   (same, str(fifo), "--table .*fifo.md is a FIFO")):
+        args = fit_search_cost.get_args_parser().parse_args(["--output", output, "--table", table])
+        with pytest.raises(UserError, match=message):
+            fit_search_cost.main(args)
+
+
+@pytest.mark.skipif(not faiss_available(), reason="needs FAISS")
+def test_auto_with_damaged_saved_tables_builds_its_faiss_copy_once(tmp_path, data, monkeypatch):
+    from hashing.search import flat
+
+    codes, ids, queries = data
+    index = HammingIndex.build(codes, ids, hash_bit=BITS, method="auto")
+    index.backend.built()
+    index.save(tmp_path / "db.index")
+    damage_saved_tables(tmp_path / "db.index", codes, ids)
+    builds = []
+    monkeypatch.setattr(flat, "faiss_flat_index", lambda bits: builds.append(len(bits)) or faiss_flat_index(bits))
+    loaded = HammingIndex.load(tmp_path / "db.index")
+    assert loaded.backend.tables is None and builds == [len(codes)]
+    np.testing.assert_array_equal(loaded.search(queries, 20)[1], index.search(queries, 20)[1])

@@ -20,17 +20,14 @@ file is absent. The multi-index tables are built the first time the model picks 
 """
 import functools
 import math
-import threading
 from pathlib import Path
-
-import numpy as np
 
 from utils.documents import read_json_file
 from utils.errors import UserError
 
-from hashing.search.backend import SearchBackend, numba_available, register_backend
+from hashing.search.backend import numba_available, register_backend
 from hashing.search.flat import FlatBackend
-from hashing.search.mih import MultiIndexTables, segments, default_substrings, substring_bounds
+from hashing.search.mih import MultiIndexBackend, default_substrings, substring_bounds
 
 COST_FILE = Path(__file__).with_name("search_cost.json")
 # Seconds; rough figures of a 2-core machine, replaced by the fitted ones of COST_FILE.
@@ -99,51 +96,20 @@ def choose(num_codes, hash_bit, substrings=None, k=None, radius=None):
 
 
 @register_backend
-class AutoBackend(SearchBackend):
-    """The flat scan, and multi-index tables over the same codes once the model first prefers them."""
+class AutoBackend(MultiIndexBackend, FlatBackend):
+    """The flat scan (FlatBackend: the codes, FAISS's copy) and multi-index tables over the same codes
+    (MultiIndexBackend: built once the model first prefers them, then changed with the codes); each search
+    runs the one of the two the model picks."""
 
     name = "auto"
-
-    def __init__(self, hash_bit, **options):
-        super().__init__(hash_bit, **options)
-        self.flat = FlatBackend(hash_bit)
-        self.tables = None
-        self._building = threading.Lock()
-
-    @property
-    def store(self):
-        return self.flat.store
-
-    def __len__(self):
-        return len(self.flat)
+    OPTIONS = {}
 
     @property
     def nbytes(self):
-        return self.flat.nbytes + (self.tables.nbytes if self.tables is not None else 0)
-
-    def add(self, codes, ids):
-        self.flat.add(codes, ids)
-        if self.tables is not None:
-            self.tables.add(codes, ids)
-
-    def remove(self, ids):
-        removed = self.flat.remove(ids)
-        if removed and self.tables is not None:
-            self.tables.remove(ids)
-        return removed
+        return FlatBackend.nbytes.fget(self) + (self.tables.nbytes if self.tables is not None else 0)
 
     def arrays(self):
         return self.tables.arrays() if self.tables is not None else {}
-
-    def restore(self, codes, ids, arrays):
-        self.flat.restore(codes, ids, {})
-        self.tables = None
-        if arrays:
-            try:
-                self.tables = MultiIndexTables.from_arrays(self.hash_bit, ids, arrays)
-            except (ValueError, TypeError):
-                return False
-        return True
 
     def method_for(self, k=None, radius=None):
         """The method a search of k nearest (or within radius) uses now."""
@@ -152,24 +118,12 @@ class AutoBackend(SearchBackend):
 
     def prepare(self):
         if self.method_for() == "mih":
-            self._tables()
-
-    def _tables(self):
-        with self._building:
-            if self.tables is None:
-                store = self.flat.store
-                self.tables = MultiIndexTables(store.codes, self.hash_bit, None, store.ids)
-            return self.tables
+            self.built()
 
     def search(self, queries, k):
-        k = min(int(k), len(self))
-        if k == 0 or not len(queries) or self.method_for(k=k) == "flat":
-            return self.flat.search(queries, k)
-        distances, ids, _ = self._tables().search(queries, k, self.hash_bit)
-        return distances.astype(np.int32).reshape(len(queries), k), ids.reshape(len(queries), k)
+        method = FlatBackend if self.method_for(k=min(int(k), len(self))) == "flat" else MultiIndexBackend
+        return method.search(self, queries, k)
 
     def search_radius(self, queries, radius):
-        radius = min(int(radius), self.hash_bit)
-        if not len(self) or self.method_for(radius=radius) == "flat":
-            return self.flat.search_radius(queries, radius)
-        return segments(*self._tables().search(queries, np.iinfo(np.int64).max, radius))
+        method = FlatBackend if self.method_for(radius=min(int(radius), self.hash_bit)) == "flat" else MultiIndexBackend
+        return method.search_radius(self, queries, radius)

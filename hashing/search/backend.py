@@ -200,6 +200,21 @@ class StoredBackend(SearchBackend):
     def __len__(self):
         return len(self._store)
 
+    def add(self, codes, ids):
+        """Insert the codes into the store; returns whether they went after the rows held (SortedCodes.insert)."""
+        return self._store.insert(codes, ids)
+
+    def remove(self, ids):
+        keep = self._store.delete(ids)
+        return int(len(keep) - keep.sum())
+
+    def restore(self, codes, ids, arrays):
+        """Take the codes and ids; saved `arrays` do not fit a backend that saves none."""
+        if arrays:
+            return False
+        self._store = SortedCodes(self.code_bytes, codes, ids)
+        return True
+
 
 def register_backend(cls):
     """Class decorator: make `cls` (a SearchBackend with a name) available to open_backend under cls.name."""

@@ -15,8 +15,8 @@ import threading
 
 import numpy as np
 
-from hashing.search.backend import (SortedCodes, StoredBackend, empty_result, import_faiss, no_matches,
-                                    order_by_distance_then_id, register_backend)
+from hashing.search.backend import (StoredBackend, empty_result, import_faiss, no_matches, order_by_distance_then_id,
+                                    register_backend)
 from hashing.search.flat import ids_of, ranked_range_result
 
 
@@ -31,20 +31,20 @@ class FaissApproximateBackend(StoredBackend):
         self._building = threading.Lock()  # concurrent first searches build the index once
 
     def add(self, codes, ids):
-        self._store.insert(codes, ids)
+        super().add(codes, ids)
         self.index = None
 
     def remove(self, ids):
-        keep = self._store.delete(ids)
-        removed = int(len(keep) - keep.sum())
+        removed = super().remove(ids)
         if removed:
             self.index = None
         return removed
 
     def restore(self, codes, ids, arrays):
-        self._store = SortedCodes(self.code_bytes, codes, ids)
+        if not super().restore(codes, ids, arrays):
+            return False
         self.index = None
-        return not arrays
+        return True
 
     def prepare(self):
         self.built()

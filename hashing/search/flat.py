@@ -14,8 +14,8 @@ import numpy as np
 
 from hashing.codes import hamming_distances, word_columns
 from hashing.evaluation.metrics import rank_top_k
-from hashing.search.backend import (SortedCodes, StoredBackend, empty_result, faiss_available, import_faiss,
-                                    no_matches, order_by_distance_then_id, register_backend)
+from hashing.search.backend import (StoredBackend, empty_result, faiss_available, import_faiss, no_matches,
+                                    order_by_distance_then_id, register_backend)
 
 # Query rows x database items per chunk of the NumPy scan: bounded memory, as in hashing.evaluation.metrics.
 _CHUNK_ELEMENTS = 1 << 20
@@ -53,7 +53,8 @@ class FlatBackend(StoredBackend):
 
     def __init__(self, hash_bit, **options):
         super().__init__(hash_bit, **options)
-        self.use_faiss = faiss_available() if self.options["use_faiss"] is None else bool(self.options["use_faiss"])
+        use_faiss = self.options.get("use_faiss")  # "auto" (a subclass) takes no options
+        self.use_faiss = faiss_available() if use_faiss is None else bool(use_faiss)
         self.faiss_index = None
 
     @property
@@ -61,7 +62,7 @@ class FlatBackend(StoredBackend):
         return self._store.nbytes + (self._store.codes.nbytes if self.use_faiss else 0)  # FAISS's copy
 
     def add(self, codes, ids):
-        appended = self._store.insert(codes, ids)
+        appended = super().add(codes, ids)
         if not self.use_faiss:
             return
         if appended and self.faiss_index is not None:
@@ -70,16 +71,16 @@ class FlatBackend(StoredBackend):
             self.faiss_index = faiss_flat_index(self._store.codes)
 
     def remove(self, ids):
-        keep = self._store.delete(ids)
-        removed = int(len(keep) - keep.sum())
+        removed = super().remove(ids)
         if removed and self.use_faiss:
             self.faiss_index = faiss_flat_index(self._store.codes)
         return removed
 
     def restore(self, codes, ids, arrays):
-        self._store = SortedCodes(self.code_bytes, codes, ids)
+        if not super().restore(codes, ids, arrays):
+            return False  # nothing built: the caller restores again without the arrays
         self.faiss_index = faiss_flat_index(codes) if self.use_faiss else None
-        return not arrays
+        return True
 
     def _distance_chunks(self, queries):
         """The distances of one chunk of queries after another to every code: bounded memory per chunk."""

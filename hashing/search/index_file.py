@@ -4,13 +4,14 @@ search structure) padded to a multiple of 64 bytes, the codes (rows x ceil(hash_
 little-endian int64), then each array of the structure from the next multiple of 64 bytes. Format 1 files
 (codes and ids only, no "structure") still load.
 
-read_index_file refuses anything but a regular file, checks the header (its method and options within bounds)
-and then its declared sizes against the file's size before reading any array, and reads or memory-maps the
-arrays; what they mean (ids increasing, padding bits 0, a structure that fits) HammingIndex.load and the
-backend check.
+read_index_file refuses anything but a regular file (checked on the descriptor it then reads and maps, so a
+file swapped in after the check is never read), checks the header (its method and options within bounds) and
+then its declared sizes against the file's size before reading any array, and reads or memory-maps the arrays;
+what they mean (ids increasing, padding bits 0, a structure that fits) HammingIndex.load and the backend check.
 """
 import json
 import math
+import os
 import struct
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from utils.atomic import atomic_write
 from utils.documents import parse_json
 from utils.errors import UserError
-from utils.paths import check_output_target, open_regular, require_regular_file
+from utils.paths import check_output_target, open_regular
 
 from hashing.search.options import MAX_HASH_BIT, METHODS, option_problem
 
@@ -57,9 +58,8 @@ def write_index_file(path, header, codes, ids, structure):
 def read_index_file(path, mmap=False):
     """(header, codes, ids, {name: array of the structure}) of the index file at `path`, read or memory-mapped;
     UserError for a file that is not a complete index."""
-    path = require_regular_file(path, "index file", missing="pass the path of a file written by HammingIndex.save")
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
+    with open_regular(path, "index file", missing="pass the path of a file written by HammingIndex.save") as handle:
+        size = os.fstat(handle.fileno()).st_size  # of the file opened, the one that is read or mapped
         header, data_offset = _read_header(handle, path)
         layout = _layout(header, data_offset)
         expected = layout[-1][1][1]
@@ -163,7 +163,7 @@ def _read_array(handle, path, offset, dtype, shape, mmap):
     if count == 0:
         return np.zeros(shape, dtype=dtype)
     if mmap:
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        return np.memmap(handle, dtype=dtype, mode="r", offset=offset, shape=shape)
     handle.seek(offset)
     array = np.fromfile(handle, dtype=dtype, count=count)
     if len(array) < count:  # the file shrank since its size was checked

@@ -39,7 +39,7 @@ import numpy as np
 
 from utils.errors import UserError
 
-from hashing.search.backend import SortedCodes, StoredBackend, empty_result, no_matches, register_backend
+from hashing.search.backend import StoredBackend, empty_result, no_matches, register_backend
 
 # A substring of 24 bits took 0.5 s a query over one code (2^24 buckets to probe): at most 23.
 MAX_SUBSTRING_BITS = 23
@@ -266,7 +266,7 @@ class MultiIndexBackend(StoredBackend):
 
     def __init__(self, hash_bit, **options):
         super().__init__(hash_bit, **options)
-        if self.options["substrings"] is not None:
+        if self.options.get("substrings") is not None:  # "auto" (a subclass) takes no options
             check_substrings(self.hash_bit, self.options["substrings"])
         self.tables = None
         self._building = threading.Lock()  # concurrent first searches build the tables once
@@ -276,30 +276,31 @@ class MultiIndexBackend(StoredBackend):
         return self._store.nbytes + (self.built().nbytes if len(self) else 0)
 
     def add(self, codes, ids):
-        self._store.insert(codes, ids)
+        super().add(codes, ids)
         if self.tables is not None:
             self.tables.add(codes, ids)
 
     def remove(self, ids):
-        keep = self._store.delete(ids)
-        if self.tables is not None and not keep.all():
+        removed = super().remove(ids)
+        if removed and self.tables is not None:
             self.tables.remove(ids)
-        return int(len(keep) - keep.sum())
+        return removed
 
     def arrays(self):
         return self.built().arrays() if len(self) else {}
 
     def restore(self, codes, ids, arrays):
-        self._store = SortedCodes(self.code_bytes, codes, ids)
-        self.tables = None
-        if not arrays or not len(ids):
-            return not arrays
-        try:
-            tables = MultiIndexTables.from_arrays(self.hash_bit, ids, arrays)
-        except (ValueError, TypeError):
-            return False
-        if self.options["substrings"] not in (None, tables.substrings):
-            return False
+        tables = None
+        if arrays:  # checked first: tables that do not fit change nothing (auto's FAISS copy is built once)
+            if not len(ids):
+                return False
+            try:
+                tables = MultiIndexTables.from_arrays(self.hash_bit, ids, arrays)
+            except (ValueError, TypeError):
+                return False
+            if self.options.get("substrings") not in (None, tables.substrings):
+                return False
+        super().restore(codes, ids, {})
         self.tables = tables
         return True
 
@@ -310,7 +311,7 @@ class MultiIndexBackend(StoredBackend):
     def built(self):
         with self._building:
             if self.tables is None:
-                self.tables = MultiIndexTables(self._store.codes, self.hash_bit, self.options["substrings"],
+                self.tables = MultiIndexTables(self._store.codes, self.hash_bit, self.options.get("substrings"),
                                                self._store.ids)
             return self.tables
 
