@@ -102,6 +102,10 @@ def refuses_other_inputs(collection, output, record):
     record_path.write_text(json.dumps(forged))
     with pytest.raises(UserError, match="says rows 32 to 47 of .*codes.npy.partial are final, but they are not"):
         encode_to_file(model.network, images, model.transform, output, workers=0)
+    for more in (5, None):  # not a list of runs: refused, not a TypeError
+        record_path.write_text(json.dumps({**record, "more": more}))
+        with pytest.raises(UserError, match="progress record .* is unreadable"):
+            encode_to_file(model.network, images, model.transform, output, workers=0)
     record_path.write_text(json.dumps(record))
 
 

@@ -139,8 +139,10 @@ def _recorded_runs(record):
     """The runs of final rows a record lists, [(start, stop, SHA-256 of their bytes)] in order: the first `done`
     rows, then the runs under "more" (those the other processes of a torchrun encoding finished). ValueError when
     they are malformed, overlap or lie outside the file."""
-    runs = [(0, record["done"], record.get("codes_sha256"))]
-    for run in record.get("more", []):
+    runs, more = [(0, record["done"], record.get("codes_sha256"))], record.get("more", [])
+    if not isinstance(more, list):
+        raise ValueError
+    for run in more:
         if not (isinstance(run, list) and len(run) == 3 and all(isinstance(value, int) for value in run[:2])
                 and isinstance(run[2], str) and runs[-1][1] <= run[0] < run[1] <= record["rows"]):
             raise ValueError
