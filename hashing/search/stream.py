@@ -50,7 +50,7 @@ from utils.dist import DistContext, all_true, barrier, broadcast_object, gather_
 from utils.documents import read_json_file
 from utils.errors import UserError
 from utils.lock import run_lock
-from utils.paths import check_output_target, require_regular_file
+from utils.paths import check_output_target, open_regular
 from utils.runlog import progress_bar
 
 from hashing.codes import NonFiniteCodes, pack_signs
@@ -154,10 +154,9 @@ def open_code_file(path, mode="r", shape=None):
     """The (N, B) uint8 array of a .npy code file as a memory map (mode "r" or "r+"), after checking that it is
     a regular file whose header declares a C-ordered uint8 matrix (of `shape`, when given) that the file holds
     exactly. UserError otherwise."""
-    path = require_regular_file(path, "code file")
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path, "code file") as handle:  # checked on the descriptor that is read
+            size = os.fstat(handle.fileno()).st_size
             version = np.lib.format.read_magic(handle)
             read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
