@@ -160,6 +160,12 @@ def test_one_process_encodes_a_list_file_in_its_order(collection, tmp_path, caps
     np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), model_of(collection).encode(paths)[::-1])
     code, _, err = exit_status(encode.cli, flags(collection, tmp_path / "other.npy", tmp_path / "absent.txt"), capsys)
     assert code == 1 and err.count("\n") == 1 and "--images list" in err and "absent.txt" in err
+    for suffix in (".lock", ".partial"):  # the lock is emptied and removed, an unrecorded partial file removed
+        (tmp_path / f"out.npy{suffix}").write_text(listed.read_text())
+        code, _, err = exit_status(encode.cli, flags(collection, tmp_path / "out.npy", tmp_path / f"out.npy{suffix}"),
+                                   capsys)
+        assert code == 1 and err.count("\n") == 1 and f"out.npy{suffix} is also --images" in err
+        assert (tmp_path / f"out.npy{suffix}").read_text() == listed.read_text()
 
 
 def test_the_missing_rows_are_cut_into_the_batches_of_one_process():

@@ -209,8 +209,9 @@ def _check_final_rows(record, codes, path, record_path):
     return runs
 
 
-def _check_target_files(files, paths):
-    """The writer rule for the four files of an encoding, and its folder, before anything is read or locked."""
+def _check_target_files(files, paths, inputs=()):
+    """The writer rule for the four files of an encoding, and its folder, before anything is read or locked: none
+    is an image or one of `inputs` ([(what, path)], the files the caller read)."""
     output, partial, record_path, lock_path = files
     if not output.parent.is_dir():
         raise UserError(f"the folder of the code file {output} does not exist; create it or choose another output")
@@ -219,7 +220,7 @@ def _check_target_files(files, paths):
     listed = set(paths)
     for what, path in (("code file", output), ("partial code file", partial), ("progress record", record_path),
                        ("encoding lock", lock_path)):  # the lock is emptied and removed: never an image
-        check_output_target(path, what)
+        check_output_target(path, what, inputs)
         if str(path) in listed:
             raise UserError(f"{what} {path} is one of the images to encode; choose another output")
 
@@ -249,18 +250,20 @@ def _image_list(images):
     return paths
 
 
-def encode_to_file(network, images, transform, output, batch_size=64, device=None, workers=None, context=None):
+def encode_to_file(network, images, transform, output, batch_size=64, device=None, workers=None, context=None,
+                   inputs=()):
     """Encode `images` (a folder or a sequence of image paths) with `network` after `transform` (an RGB PIL
     image -> (C, H, W) tensor) into the .npy code file `output`, resuming an interrupted run of the same call.
     Returns EncodedImages(codes: read-only memory map, paths, hash_bit). device: None = the network's;
     workers: DataLoader processes decoding images (None = a few, 0 = in this process); context: the
     utils.dist.DistContext of a torchrun job whose every process makes this same call, each then encoding its
-    share of the batches into the same file (None: this process alone)."""
+    share of the batches into the same file (None: this process alone); inputs: [(what, path)] of the files the
+    caller read (a checkpoint, a list of the images), which none of the encoding's files may be."""
     context = context or DistContext()
     paths, files = _image_list(images), EncodingFiles.of(output)
     provenance = _provenance(paths, network, transform)
     with contextlib.ExitStack() as held:  # process 0's lock and partial file, until the file is finished
-        plan, resumed = _on_main(context, lambda: _prepare(provenance, paths, files, held))
+        plan, resumed = _on_main(context, lambda: _prepare(provenance, paths, files, held, inputs))
         if plan["provenance"] != provenance:
             raise UserError(f"process {context.rank} of the torchrun job was given another "
                             f"{', '.join(_differences(plan['provenance'], provenance))} than process 0; start every "
@@ -291,11 +294,11 @@ def _on_main(context, prepare):
     return shared, kept
 
 
-def _prepare(provenance, paths, files, held):
+def _prepare(provenance, paths, files, held, inputs):
     """Process 0, before any encoding: check the files, take the lock (held until `held` closes), and find what is
     left to do. Returns ({finished, hash_bit, missing rows, provenance}, (final runs, locked partial file) or
     None)."""
-    _check_target_files(files, paths)
+    _check_target_files(files, paths, inputs)
     held.enter_context(run_lock(files.lock, elsewhere="output"))  # one encoding per output
     record = _read_record(files.record)
     differs = _differences(record, provenance) if record is not None else []
