@@ -183,3 +183,12 @@ def test_one_image_path_is_one_image(collection):
     assert model.encode(Path(path)).shape == (1, 2)
     with pytest.raises(UserError, match="missing.png"):
         model.encode(str(collection / "missing.png"))
+
+
+def test_the_api_refuses_an_encoding_file_that_is_its_checkpoint(collection, tmp_path):
+    checkpoint = tmp_path / "codes.npy.partial"  # an unrecorded partial file would be removed
+    checkpoint.write_bytes((collection / "small.ckpt").read_bytes())
+    model = load_checkpoint(checkpoint, backbone="small", hash_bit=16, device="cpu")
+    with pytest.raises(UserError, match="codes.npy.partial is also the checkpoint"):
+        model.encode_to_file(collection / "images", tmp_path / "codes.npy")
+    assert checkpoint.read_bytes() == (collection / "small.ckpt").read_bytes()
