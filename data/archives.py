@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.paths import check_output_target, require_regular_file
+from utils.paths import check_output_target, open_regular
 from utils.runlog import progress_bar
 
 CHUNK = 1 << 20
@@ -43,8 +43,9 @@ class Archive:
 
 
 def md5_of(path):
-    print(f"checking the md5 of {path} ({tqdm.format_sizeof(Path(path).stat().st_size, 'B')})")
-    with open(path, "rb") as handle:
+    """The md5 of the regular file `path` (open_regular: hashing a FIFO or a device would never end)."""
+    with open_regular(path, "the archive") as handle:
+        print(f"checking the md5 of {path} ({tqdm.format_sizeof(os.fstat(handle.fileno()).st_size, 'B')})")
         return hashlib.file_digest(handle, "md5").hexdigest()
 
 
@@ -131,7 +132,6 @@ def fetch(archive, root, how_to_fix=None):
     if not path.exists():
         download(archive, path, how_to_fix)
         return path
-    require_regular_file(path, "the archive")  # hashing a FIFO or a device would never end
     found = _checked_md5(path)
     if found != archive.md5:
         raise UserError(f"{path} has md5 {found}, expected {archive.md5}: the file is incomplete or not the "

@@ -60,7 +60,8 @@ def main(args):
     try:
         model = load_checkpoint(args.checkpoint, backbone=args.backbone, hash_bit=args.hash_bit, device=device)
         return encode_to_file(model.network, listed_images(args.images), model.transform, args.output,
-                              batch_size=args.batch_size, device=device, workers=args.workers, context=context)
+                              batch_size=args.batch_size, device=device, workers=args.workers, context=context,
+                              inputs=[("--checkpoint", args.checkpoint), ("--images", args.images)])
     finally:
         shutdown(context)
 

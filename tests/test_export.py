@@ -2,6 +2,7 @@
 folder: the collection holds the run's database codes, labels and ids; an interrupted export resumed leaves no
 duplicate and no gap; another checkpoint's collection is refused; --verify against a brute-force loop, also with a
 deliberately truncated engine answer; the FAISS file; an image folder."""
+import os
 import shutil
 
 import numpy as np
@@ -151,6 +152,11 @@ def test_the_faiss_file_holds_the_database_codes(run, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(export.UserError, match="notes.txt"):
         export.main(export_args(checkpoint, "--to", "faiss", "--output", str(tmp_path / "notes.txt")))
+    with pytest.raises(export.UserError, match="is also the checkpoint"):
+        export.main(export_args(checkpoint, "--to", "faiss", "--output", str(checkpoint)))
+    os.mkfifo(tmp_path / "pipe.faiss")
+    with pytest.raises(export.UserError, match="is a FIFO"):
+        export.main(export_args(checkpoint, "--to", "faiss", "--output", str(tmp_path / "pipe.faiss")))
 
 
 def test_an_image_folder_is_exported_with_its_paths(run, tmp_path):

@@ -1,6 +1,8 @@
 """The Milvus backend (hashing/search/milvus.py) on the real engine, Milvus Lite, in a temporary folder: rankings equal a
 brute-force loop (and the exact index) to the last tie, the engine's raw answers have the exact distance multiset at
 every k, radius search and removal; and --verify's figures (hashing/search/export_verify.py) on a hand-worked case."""
+import os
+
 import numpy as np
 import pytest
 
@@ -127,6 +129,13 @@ def test_a_bad_uri_or_collection_name_is_one_line(tmp_path):
         milvus.MilvusBackend(uri=str(tmp_path / "folder.db"), collection="x")
     with pytest.raises(UserError, match="collection name"):
         milvus.MilvusBackend(uri=str(tmp_path / "codes.db"), collection="1; drop")
+    os.mkfifo(tmp_path / "pipe.db")
+    with pytest.raises(UserError, match="is a FIFO"):
+        milvus.MilvusBackend(uri=str(tmp_path / "pipe.db"), collection="x")
+    (tmp_path / "weights.db").write_bytes(b"PK\x03\x04 a checkpoint")
+    with pytest.raises(UserError, match="weights.db exists and is not a Milvus Lite database"):
+        milvus.MilvusBackend(uri=str(tmp_path / "weights.db"), collection="x")
+    assert (tmp_path / "weights.db").read_bytes() == b"PK\x03\x04 a checkpoint"
 
 
 # ---------- --verify's figures on a hand-worked case ----------

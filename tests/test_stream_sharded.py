@@ -102,6 +102,10 @@ def refuses_other_inputs(collection, output, record):
     record_path.write_text(json.dumps(forged))
     with pytest.raises(UserError, match="says rows 32 to 47 of .*codes.npy.partial are final, but they are not"):
         encode_to_file(model.network, images, model.transform, output, workers=0)
+    for more in (5, None):  # not a list of runs: refused, not a TypeError
+        record_path.write_text(json.dumps({**record, "more": more}))
+        with pytest.raises(UserError, match="progress record .* is unreadable"):
+            encode_to_file(model.network, images, model.transform, output, workers=0)
     record_path.write_text(json.dumps(record))
 
 
@@ -156,6 +160,12 @@ def test_one_process_encodes_a_list_file_in_its_order(collection, tmp_path, caps
     np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), model_of(collection).encode(paths)[::-1])
     code, _, err = exit_status(encode.cli, flags(collection, tmp_path / "other.npy", tmp_path / "absent.txt"), capsys)
     assert code == 1 and err.count("\n") == 1 and "--images list" in err and "absent.txt" in err
+    for suffix in (".lock", ".partial"):  # the lock is emptied and removed, an unrecorded partial file removed
+        (tmp_path / f"out.npy{suffix}").write_text(listed.read_text())
+        code, _, err = exit_status(encode.cli, flags(collection, tmp_path / "out.npy", tmp_path / f"out.npy{suffix}"),
+                                   capsys)
+        assert code == 1 and err.count("\n") == 1 and f"out.npy{suffix} is also --images" in err
+        assert (tmp_path / f"out.npy{suffix}").read_text() == listed.read_text()
 
 
 def test_the_missing_rows_are_cut_into_the_batches_of_one_process():
@@ -173,3 +183,12 @@ def test_one_image_path_is_one_image(collection):
     assert model.encode(Path(path)).shape == (1, 2)
     with pytest.raises(UserError, match="missing.png"):
         model.encode(str(collection / "missing.png"))
+
+
+def test_the_api_refuses_an_encoding_file_that_is_its_checkpoint(collection, tmp_path):
+    checkpoint = tmp_path / "codes.npy.partial"  # an unrecorded partial file would be removed
+    checkpoint.write_bytes((collection / "small.ckpt").read_bytes())
+    model = load_checkpoint(checkpoint, backbone="small", hash_bit=16, device="cpu")
+    with pytest.raises(UserError, match="codes.npy.partial is also the checkpoint"):
+        model.encode_to_file(collection / "images", tmp_path / "codes.npy")
+    assert checkpoint.read_bytes() == (collection / "small.ckpt").read_bytes()

@@ -109,7 +109,8 @@ class CheckpointModel:
     def encode_to_file(self, images, output, batch_size=64):
         """Encode a large collection (a folder or image paths) into a memory-mapped code file, resumably
         (hashing/search/stream.py); returns its EncodedImages (codes, paths, hash_bit)."""
-        return encode_to_file(self.network, images, self.transform, output, batch_size=batch_size, device=self.device)
+        return encode_to_file(self.network, images, self.transform, output, batch_size=batch_size, device=self.device,
+                              inputs=[("the checkpoint", self.checkpoint)])
 
     def data_settings(self, data_root=None):
         settings = {**self.run, **{name: self.run.get(name, default) for name, default in DATA_SETTINGS.items()}}

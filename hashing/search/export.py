@@ -52,8 +52,8 @@ class Source(NamedTuple):
     num_classes: int = 0
 
 
-def database_source(model, data_root=None):
-    database = model.splits(data_root).database
+def database_source(model, data_root=None, splits=None):
+    database = (splits or model.splits(data_root)).database
     base, _ = unwrap_subset(database)
     names = item_names(database)
     paths = [names(i) for i in range(len(database))] if hasattr(base, "paths") else [""] * len(database)
@@ -132,16 +132,16 @@ def export_faiss(model, source, args):
     return {"output": str(output), "rows": len(source.paths)}
 
 
-def database_collection(model, uri, collection=None, token=None, nprobe=DEFAULT_NPROBE, data_root=None):
+def database_collection(model, uri, collection=None, token=None, nprobe=DEFAULT_NPROBE, data_root=None, splits=None):
     """The MilvusBackend of the collection holding `model`'s run's database codes (ids = database indices), after
     checking that its record names this checkpoint, bits and split and that it holds every row: what the search
-    page and --verify search.
+    page and --verify search. splits: the run's splits where the caller has built them (else from data_root).
 
         from hashing.search.export import database_collection
         backend = database_collection(model, "result/codes.db")     # model = hashing.search.api.load_checkpoint(...)
         distances, ids = backend.search(model.encode(["photo.jpg"]), k=10)
     """
-    source = database_source(model, data_root)
+    source = database_source(model, data_root, splits)
     collection = collection or collection_name(model.checkpoint)
     backend = MilvusBackend(uri=uri, collection=collection, token=token, nprobe=nprobe)
     backend.check_record(source_record(model, source))
@@ -155,8 +155,9 @@ def database_collection(model, uri, collection=None, token=None, nprobe=DEFAULT_
 
 def verify_collection(model, args):
     """--verify: search the collection with the run's queries and compare with the exact ranking."""
-    codes = model.split_codes(model.splits(args.data_root))
-    with database_collection(model, args.uri, args.collection, args.token, args.nprobe, args.data_root) as backend:
+    splits = model.splits(args.data_root)
+    codes = model.split_codes(splits)
+    with database_collection(model, args.uri, args.collection, args.token, args.nprobe, splits=splits) as backend:
         report = compare_with_exact(backend.search_raw(codes.query_bits, args.k), codes, args.k)
         report.update(collection=backend.collection, index_type=backend.index_type)
     print(f"{report['collection']} ({report['index_type']}, {len(codes.database_bits):,} codes) vs the exact ranking, "

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import UserError
-from utils.paths import check_output_target
+from utils.paths import check_output_target, open_regular
 
 from hashing.search.backend import SearchBackend, register_backend
 
@@ -53,6 +53,7 @@ CONNECT_TIMEOUT = 10.0
 NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _CONNECTIONS = itertools.count()
 SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://")
+SQLITE_MAGIC = b"SQLite format 3\0"
 
 
 def import_pymilvus():
@@ -91,8 +92,16 @@ def check_uri(uri):
                         "http://HOST:19530)")
     if not path.parent.is_dir():
         raise UserError(f"--uri {uri}: its folder {path.parent} does not exist; create it or choose another file")
-    check_output_target(path, "Milvus Lite database")
+    check_output_target(path, "Milvus Lite database",
+                        earlier_output=("a Milvus Lite database (SQLite)", _is_lite_file))
     return str(path.resolve())
+
+
+def _is_lite_file(path):
+    """Whether `path` is empty or an SQLite file (what Milvus Lite writes): any other file (a checkpoint named .db)
+    is refused in one line naming it, where the engine would fail with "Open local milvus failed"."""
+    with open_regular(path, "Milvus Lite database") as handle:
+        return handle.read(len(SQLITE_MAGIC)) in (b"", SQLITE_MAGIC)
 
 
 def collection_name(checkpoint):

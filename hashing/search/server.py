@@ -96,10 +96,11 @@ class SearchService:
     index: HammingIndex
 
     @classmethod
-    def for_model(cls, model, data_root=None, index=None):
+    def for_model(cls, model, data_root=None, index=None, splits=None):
         """index: a search backend over the database codes (ids = database indices; e.g. a Milvus collection,
-        hashing.search.export.database_collection); None = a HammingIndex built here."""
-        splits = model.splits(data_root)
+        hashing.search.export.database_collection); None = a HammingIndex built here. splits: the run's splits
+        where the caller has built them (else from data_root)."""
+        splits = splits or model.splits(data_root)
         codes = model.split_codes(splits)
         return cls(model, splits, codes, index if index is not None else
                    HammingIndex.build(codes.database_bits, hash_bit=codes.hash_bit))
@@ -482,12 +483,12 @@ def index_spec(text):
                                      "milvus:http://HOST:19530)")
 
 
-def open_index(model, args):
+def open_index(model, args, splits=None):
     """The search backend --index names, or None for the exact index built at start."""
     if args.index == "exact":
         return None
     return database_collection(model, args.index[len("milvus:"):], args.collection, args.token,
-                               data_root=args.data_root)
+                               data_root=args.data_root, splits=splits)
 
 
 def main(args):
@@ -496,8 +497,9 @@ def main(args):
              "authentication")
     model = load_checkpoint(args.checkpoint, dataset=args.dataset, backbone=args.backbone, hash_bit=args.hash_bit,
                             device=args.device, bits=args.prefix_bits)
-    index = open_index(model, args)
-    service = SearchService.for_model(model, args.data_root, index)
+    splits = model.splits(args.data_root)  # built once, for the collection's check and the service
+    index = open_index(model, args, splits)
+    service = SearchService.for_model(model, args.data_root, index, splits)
     sock = bound_socket(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"search page for {model.checkpoint} ({model.dataset}, {model.backbone.name}, {model.hash_bit} bits, "

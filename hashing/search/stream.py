@@ -50,7 +50,7 @@ from utils.dist import DistContext, all_true, barrier, broadcast_object, gather_
 from utils.documents import read_json_file
 from utils.errors import UserError
 from utils.lock import run_lock
-from utils.paths import check_output_target, require_regular_file
+from utils.paths import check_output_target, open_regular
 from utils.runlog import progress_bar
 
 from hashing.codes import NonFiniteCodes, pack_signs
@@ -139,8 +139,10 @@ def _recorded_runs(record):
     """The runs of final rows a record lists, [(start, stop, SHA-256 of their bytes)] in order: the first `done`
     rows, then the runs under "more" (those the other processes of a torchrun encoding finished). ValueError when
     they are malformed, overlap or lie outside the file."""
-    runs = [(0, record["done"], record.get("codes_sha256"))]
-    for run in record.get("more", []):
+    runs, more = [(0, record["done"], record.get("codes_sha256"))], record.get("more", [])
+    if not isinstance(more, list):
+        raise ValueError
+    for run in more:
         if not (isinstance(run, list) and len(run) == 3 and all(isinstance(value, int) for value in run[:2])
                 and isinstance(run[2], str) and runs[-1][1] <= run[0] < run[1] <= record["rows"]):
             raise ValueError
@@ -152,10 +154,9 @@ def open_code_file(path, mode="r", shape=None):
     """The (N, B) uint8 array of a .npy code file as a memory map (mode "r" or "r+"), after checking that it is
     a regular file whose header declares a C-ordered uint8 matrix (of `shape`, when given) that the file holds
     exactly. UserError otherwise."""
-    path = require_regular_file(path, "code file")
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path, "code file") as handle:  # checked on the descriptor that is read
+            size = os.fstat(handle.fileno()).st_size
             version = np.lib.format.read_magic(handle)
             read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
@@ -208,8 +209,9 @@ def _check_final_rows(record, codes, path, record_path):
     return runs
 
 
-def _check_target_files(files, paths):
-    """The writer rule for the four files of an encoding, and its folder, before anything is read or locked."""
+def _check_target_files(files, paths, inputs=()):
+    """The writer rule for the four files of an encoding, and its folder, before anything is read or locked: none
+    is an image or one of `inputs` ([(what, path)], the files the caller read)."""
     output, partial, record_path, lock_path = files
     if not output.parent.is_dir():
         raise UserError(f"the folder of the code file {output} does not exist; create it or choose another output")
@@ -218,7 +220,7 @@ def _check_target_files(files, paths):
     listed = set(paths)
     for what, path in (("code file", output), ("partial code file", partial), ("progress record", record_path),
                        ("encoding lock", lock_path)):  # the lock is emptied and removed: never an image
-        check_output_target(path, what)
+        check_output_target(path, what, inputs)
         if str(path) in listed:
             raise UserError(f"{what} {path} is one of the images to encode; choose another output")
 
@@ -248,18 +250,20 @@ def _image_list(images):
     return paths
 
 
-def encode_to_file(network, images, transform, output, batch_size=64, device=None, workers=None, context=None):
+def encode_to_file(network, images, transform, output, batch_size=64, device=None, workers=None, context=None,
+                   inputs=()):
     """Encode `images` (a folder or a sequence of image paths) with `network` after `transform` (an RGB PIL
     image -> (C, H, W) tensor) into the .npy code file `output`, resuming an interrupted run of the same call.
     Returns EncodedImages(codes: read-only memory map, paths, hash_bit). device: None = the network's;
     workers: DataLoader processes decoding images (None = a few, 0 = in this process); context: the
     utils.dist.DistContext of a torchrun job whose every process makes this same call, each then encoding its
-    share of the batches into the same file (None: this process alone)."""
+    share of the batches into the same file (None: this process alone); inputs: [(what, path)] of the files the
+    caller read (a checkpoint, a list of the images), which none of the encoding's files may be."""
     context = context or DistContext()
     paths, files = _image_list(images), EncodingFiles.of(output)
     provenance = _provenance(paths, network, transform)
     with contextlib.ExitStack() as held:  # process 0's lock and partial file, until the file is finished
-        plan, resumed = _on_main(context, lambda: _prepare(provenance, paths, files, held))
+        plan, resumed = _on_main(context, lambda: _prepare(provenance, paths, files, held, inputs))
         if plan["provenance"] != provenance:
             raise UserError(f"process {context.rank} of the torchrun job was given another "
                             f"{', '.join(_differences(plan['provenance'], provenance))} than process 0; start every "
@@ -290,11 +294,11 @@ def _on_main(context, prepare):
     return shared, kept
 
 
-def _prepare(provenance, paths, files, held):
+def _prepare(provenance, paths, files, held, inputs):
     """Process 0, before any encoding: check the files, take the lock (held until `held` closes), and find what is
     left to do. Returns ({finished, hash_bit, missing rows, provenance}, (final runs, locked partial file) or
     None)."""
-    _check_target_files(files, paths)
+    _check_target_files(files, paths, inputs)
     held.enter_context(run_lock(files.lock, elsewhere="output"))  # one encoding per output
     record = _read_record(files.record)
     differs = _differences(record, provenance) if record is not None else []
