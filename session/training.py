@@ -251,7 +251,8 @@ def kept_maps(run, selected, metrics):
     by_bits = nested_maps(run, selected.codes, selected.map)
     if run.class_split is None or selected.codes is None or not run.context.is_main:
         return by_bits, None
-    known = {"seen": selected.map, **({"all": by_bits[str(selected.codes.hash_bit)]} if by_bits else {})}
+    whole = (by_bits or {}).get(str(selected.codes.hash_bit))  # the whole code's, by every label
+    known = {"seen": selected.map, **({"all": whole} if whole is not None else {})}
     return by_bits, class_split_maps(selected.codes, run.class_split, run.topk, run.convention, known)
 
 
