@@ -268,13 +268,15 @@ class Kept(NamedTuple):
     state: dict = None
 
 
-def nested_maps(run, codes):
+def nested_maps(run, codes, test_map=None):
     """--nested_bits: {str(b): mAP of the b-bit prefixes} of the test-query codes (the last length is the whole
-    code, which --select compares); None without nesting or codes (docs/METHOD.md §14)."""
+    code, which --select compares); None without nesting or codes (docs/METHOD.md §14). `test_map`, the codes'
+    mAP as evaluate() measured it, is the whole code's unless --unseen_classes judged it by the seen classes."""
     lengths = getattr(run.args, "nested_bits", None)
     if not lengths or codes is None or not run.context.is_main:
         return None
-    return map_by_bits(codes, lengths, run.topk, run.convention)
+    whole_map = test_map if seen_classes(run) is None else None
+    return map_by_bits(codes, lengths, run.topk, run.convention, whole_map)
 
 
 def describe_nested_maps(by_bits, lead=", "):
@@ -291,7 +293,7 @@ def evaluate_and_keep(run, network, progress, epoch, kept, entry):
     timings = {}
     entry[key], codes = evaluate_for_selection(run, network, timings)
     entry["evaluation"] = timings
-    by_bits = nested_maps(run, codes)
+    by_bits = nested_maps(run, codes, entry[key])
     if by_bits:
         entry["map_by_bits"] = by_bits
     if run.select == "last" or entry[key] > progress.best_map:

@@ -601,7 +601,7 @@ def render_csv(rows):
 
 def write_tables(options, variants, cells, command):
     rows = table_rows(options, variants, collect(cells))
-    stem = Path(options.output_dir) / grid_name(options)
+    stem = grid_root(options)  # the tables sit beside the grid's folder, named after it
     write_text(stem.parent / f"{stem.name}.md", render_markdown(options, variants, rows, command))
     write_text(stem.parent / f"{stem.name}.csv", render_csv(rows))
     return rows, stem

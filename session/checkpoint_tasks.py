@@ -96,7 +96,7 @@ def checkpoint_metrics(run, codes, key, cached, selection=None):
         raise UserError(f"--top_n: {exc}") from None
     lengths = [bits for bits in args.nested_bits or () if bits <= codes.hash_bit]
     if lengths:  # each nested length's mAP, the shorter from the prefixes of these codes (docs/METHOD.md §14)
-        metrics["map_by_bits"] = map_by_bits(codes, lengths, run.topk, run.convention)
+        metrics["map_by_bits"] = map_by_bits(codes, lengths, run.topk, run.convention, metrics["map"])
     metrics["run"] = {"dataset": args.dataset, "backbone": args.backbone, "hash_bit": codes.hash_bit,
                       "loss": run_loss_label(args), "seed": args.seed, "subset": args.subset,
                       "imbalance": args.imbalance, "experts": args.experts,
@@ -107,7 +107,8 @@ def checkpoint_metrics(run, codes, key, cached, selection=None):
                       "data_files": described_data_files(run)}
     if run.class_split is not None:
         metrics["class_split"] = {**run.class_split.as_record(run.spec.class_names),
-                                  "map": class_split_maps(codes, run.class_split, run.topk, run.convention)}
+                                  "map": class_split_maps(codes, run.class_split, run.topk, run.convention,
+                                                          {"all": metrics["map"]})}
     metrics["provenance"] = provenance(run.device)
     if run.writes:
         write_json(run.files.metrics, metrics)

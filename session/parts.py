@@ -296,22 +296,24 @@ def build_criterion(args, spec, seen=None):
     --hierarchy_file, in collaborative experts with --experts E >= 2 (one such loss per head), and with
     --nested_bits in NestedLoss (one such loss per prefix length, each with the zeta of its length). With `seen`
     (--unseen_classes' seen class indices) the loss knows those classes only: its labels are cut to them."""
+    num_classes = spec.num_classes if seen is None else len(seen)
+    hierarchy = given_hierarchy(args, spec, seen) or args.hierarchy  # read once, whatever the prefix lengths
     if not getattr(args, "nested_bits", None):  # harnesses may build flags without it
-        return criterion_of_length(args, spec, args.hash_bit, f"--hash_bit {args.hash_bit}", seen)
+        return criterion_of_length(args, num_classes, hierarchy, args.hash_bit, f"--hash_bit {args.hash_bit}")
     flag = f"--nested_bits {' '.join(map(str, args.nested_bits))}"
     try:
-        return build_nested_loss(args.nested_bits, lambda bits: criterion_of_length(args, spec, bits, flag, seen),
+        return build_nested_loss(args.nested_bits,
+                                 lambda bits: criterion_of_length(args, num_classes, hierarchy, bits, flag),
                                  args.nested_weights)
     except ValueError as exc:
         raise UserError(f"{flag} with --loss {args.loss}: {exc}") from None
 
 
-def criterion_of_length(args, spec, hash_bit, length_flag, seen=None):
-    """build_criterion for codes of `hash_bit` bits, without nesting."""
+def criterion_of_length(args, num_classes, hierarchy, hash_bit, length_flag):
+    """build_criterion for codes of `hash_bit` bits, without nesting, over `num_classes` classes with the
+    `hierarchy` (--hierarchy_file's levels or --hierarchy's K) build_criterion resolved."""
     loss_class = LOSSES[args.loss]
-    num_classes = spec.num_classes if seen is None else len(seen)
     zeta = zeta_of_length(args, num_classes, hash_bit, length_flag)
-    hierarchy = given_hierarchy(args, spec, seen) or args.hierarchy
 
     def build_head():
         return build_loss(args.loss, num_classes, hash_bit, zeta=zeta, seed=args.seed, hierarchy=hierarchy,

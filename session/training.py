@@ -229,10 +229,8 @@ def train(run, network):
     metrics = None
     if progress.best_epoch and run.saves:
         metrics = report_best_checkpoint(run, network, selected.codes, selection)
-    # --nested_bits: each length's mAP (the last is the whole code's); the metrics have them when written
-    by_bits = metrics.get("map_by_bits") if metrics else nested_maps(run, selected.codes)
-    split_maps = (metrics or {}).get("class_split", {}).get("map") or unsaved_class_split_maps(run, selected)
-    run.log.say(summary_line(run, selected, progress, metrics, split_maps) + describe_nested_maps(by_bits, "; "))
+    by_bits, split_maps = kept_maps(run, selected, metrics)
+    run.log.say(summary_line(run, selected, progress, metrics, split_maps, by_bits))
     truncated = report_truncated_images(run)
     run.log.event("finish", best={"map": progress.best_map, "epoch": progress.best_epoch}, test_map=selected.map,
                   selection=selection, train_seconds=progress.train_seconds, truncated_images=truncated,
@@ -244,16 +242,24 @@ def train(run, network):
             "map_by_bits": by_bits, "class_split_map": split_maps}
 
 
-def unsaved_class_split_maps(run, selected):
-    """--unseen_classes under --no_save (no metrics file): the three mAPs of the kept codes; None otherwise."""
+def kept_maps(run, selected, metrics):
+    """(--nested_bits: each length's mAP, the last the whole code's; --unseen_classes: the mAP by seen-class,
+    unseen-class and all-label relevance) of the kept codes, each None without its flag: the metrics' when they
+    were written, else (--no_save) computed here, taking the mAP training measured (selected.map) as known."""
+    if metrics:
+        return metrics.get("map_by_bits"), metrics.get("class_split", {}).get("map")
+    by_bits = nested_maps(run, selected.codes, selected.map)
     if run.class_split is None or selected.codes is None or not run.context.is_main:
-        return None
-    return class_split_maps(selected.codes, run.class_split, run.topk, run.convention)
+        return by_bits, None
+    whole = (by_bits or {}).get(str(selected.codes.hash_bit))  # the whole code's, by every label
+    known = {"seen": selected.map, **({"all": whole} if whole is not None else {})}
+    return by_bits, class_split_maps(selected.codes, run.class_split, run.topk, run.convention, known)
 
 
-def summary_line(run, selected, progress, metrics, split_maps=None):
+def summary_line(run, selected, progress, metrics, split_maps=None, by_bits=None):
     """The run's last line: the kept checkpoint's mAP, how it was selected, where it is, the training time; under
-    --unseen_classes (`split_maps`) the mAP by seen-class, unseen-class and all-label relevance."""
+    --unseen_classes (`split_maps`) the mAP by seen-class, unseen-class and all-label relevance, and under
+    --nested_bits (`by_bits`) each length's."""
     tail = metrics and metrics["long_tail"]["buckets"]["tail"]["map"]
     val = f", {run.selection_score_name} {progress.best_map:.4f}" if run.select == "val" else ""
     best = "best " if run.select == "test" else ""
@@ -261,7 +267,8 @@ def summary_line(run, selected, progress, metrics, split_maps=None):
     return (f"{best}{run.test_map_name} {selected.map:.4f} at epoch {selected.epoch} (select {run.select}{val}"
             f"{tail_note}); checkpoint {run.files.checkpoint if run.saves else 'not saved (--no_save)'}; "
             f"training {progress.train_seconds:.1f}s"
-            + (f"; {describe_class_split_maps(split_maps)}" if split_maps else ""))
+            + (f"; {describe_class_split_maps(split_maps)}" if split_maps else "")
+            + describe_nested_maps(by_bits, "; "))
 
 
 def report_truncated_images(run):

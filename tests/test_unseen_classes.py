@@ -172,6 +172,15 @@ def test_no_save_still_reports_the_three_figures(tmp_path):
     assert summary["class_split_map"]["unseen"]["queries"] > 0
 
 
+def test_no_save_reports_the_figures_of_a_saved_run(tmp_path):
+    """Without a metrics file the finish takes the mAPs training measured; they are those --test's pass computes."""
+    flags = ["--epochs", "1", "--unseen_classes", "2", "5", "--nested_bits", "8", "16", "--no_progress"]
+    saved = run_small_digits(flags + ["--output_dir", str(tmp_path / "saved")])
+    unsaved = run_small_digits(flags + ["--no_save", "--output_dir", str(tmp_path / "unsaved")])
+    assert unsaved["class_split_map"] == saved["class_split_map"]
+    assert unsaved["map_by_bits"] == saved["map_by_bits"] and list(saved["map_by_bits"]) == ["8", "16"]
+
+
 @pytest.mark.parametrize("value, message", [
     ("1.5", "--unseen_classes 1.5: a fraction of the classes must lie strictly between 0 and 1"),
     ("0.0", "--unseen_classes 0.0: a fraction"),

@@ -26,11 +26,14 @@ def restricted_codes(codes, classes):
                    pack_labels(codes.database_label_matrix()[:, classes]), codes.hash_bit, len(classes))
 
 
-def class_split_maps(codes, class_split, topk=None, convention=Convention()):
-    """{"seen" | "unseen" | "all": {"map": mAP@topk (None without a query), "queries": how many}}."""
+def class_split_maps(codes, class_split, topk=None, convention=Convention(), known=None):
+    """{"seen" | "unseen" | "all": {"map": mAP@topk (None without a query), "queries": how many}}. `known`:
+    {definition: mAP} the caller has computed already (e.g. "all", the codes' own mAP), not computed again."""
+    known = known or {}
     parts = {"seen": restricted_codes(codes, class_split.seen), "unseen": restricted_codes(codes, class_split.unseen),
              "all": codes}
-    return {name: {"map": None if part is None else map_of_codes(part, topk, convention),
+    return {name: {"map": None if part is None else known[name] if name in known
+                   else map_of_codes(part, topk, convention),
                    "queries": 0 if part is None else len(part.query_bits)} for name, part in parts.items()}
 
 

@@ -499,10 +499,12 @@ def map_of_codes(codes, topk=None, convention=Convention()):
     return ranking_metrics_of_codes(codes, topk, convention)["map"]
 
 
-def map_by_bits(codes, lengths, topk=None, convention=Convention()):
+def map_by_bits(codes, lengths, topk=None, convention=Convention(), whole_map=None):
     """{str(b): map_of_codes of the first b bits of every code} for each prefix length b (nested codes,
-    docs/METHOD.md §14); JSON-ready keys."""
-    return {str(bits): map_of_codes(codes.prefix(bits), topk, convention) for bits in lengths}
+    docs/METHOD.md §14); JSON-ready keys. `whole_map`, the whole codes' mAP when the caller has it already, is
+    taken for the length of the whole code instead of being computed again."""
+    return {str(bits): whole_map if whole_map is not None and bits == codes.hash_bit
+            else map_of_codes(codes.prefix(bits), topk, convention) for bits in lengths}
 
 
 def precision_at_top_n(query_codes, query_labels, db_codes, db_labels, top_ns=PAPER_TOP_NS, threads=None):
